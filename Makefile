@@ -1,0 +1,30 @@
+# `make demo` and `make test` each set up .venv first when it is missing or older than requirements.txt.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is needed, found " + sys.version.split()[0])'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install -r requirements.txt
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/python demo.py
+
+bench: $(STAMP)
+	$(BIN)/python bench/dataloader.py
+	$(BIN)/python bench/pretokenize.py
+	$(BIN)/python bench/train_step.py
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

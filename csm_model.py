@@ -1,0 +1,394 @@
+"""Sesame's Conversational Speech Model (CSM) in plain PyTorch.
+
+A Llama-3.2 style *backbone* runs over frames (32 audio codebooks + 1 text token each) and a
+small *decoder* runs over the 32 codebooks of one frame. Parameter names and shapes match the
+official checkpoint (`sesame/csm-1b`) exactly, so its `model.safetensors` loads with strict=True;
+RoPE caches, KV caches and masks are non-persistent buffers and never reach a state dict.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """Shape of one Llama-3.2 style transformer (no token embeddings, no output layer)."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    embed_dim: int
+    intermediate_dim: int
+    max_seq_len: int = 2048
+    norm_eps: float = 1e-5
+    rope_base: float = 500_000.0
+    rope_scale_factor: float = 32.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+
+FLAVORS: dict[str, Flavor] = {
+    # The two of the released CSM-1B.
+    "llama-1B": Flavor(num_layers=16, num_heads=32, num_kv_heads=8, embed_dim=2048, intermediate_dim=8192),
+    "llama-100M": Flavor(num_layers=4, num_heads=8, num_kv_heads=2, embed_dim=1024, intermediate_dim=8192),
+    # Mid-size, for CPU benchmarks and quick experiments.
+    "llama-mid": Flavor(num_layers=4, num_heads=8, num_kv_heads=2, embed_dim=512, intermediate_dim=1536),
+    "llama-mid-decoder": Flavor(num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=256, intermediate_dim=768),
+    # Tiny, for tests and the offline demo.
+    "llama-tiny": Flavor(num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=128),
+    "llama-tiny-decoder": Flavor(num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, intermediate_dim=64),
+}
+
+
+@dataclass
+class ModelArgs:
+    """The fields of the official `config.json` (same names, so the files are interchangeable)."""
+
+    backbone_flavor: str = "llama-1B"
+    decoder_flavor: str = "llama-100M"
+    text_vocab_size: int = 128_256
+    audio_vocab_size: int = 2051
+    audio_num_codebooks: int = 32
+
+    def __post_init__(self):
+        for name in (self.backbone_flavor, self.decoder_flavor):
+            if name not in FLAVORS:
+                raise ValueError(f"unknown flavor {name!r}; known: {', '.join(FLAVORS)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back before the scale, as torchtune does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.scale
+
+
+def llama3_scaled_inv_freq(head_dim: int, base: float, scale_factor: float, low_freq_factor: float = 1.0,
+                           high_freq_factor: float = 4.0, old_context_len: int = 8192) -> torch.Tensor:
+    """Inverse RoPE frequencies with Llama-3's long-context scaling."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32)[: head_dim // 2] / head_dim))
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    mid = (1 - smooth) * inv_freq / scale_factor + smooth * inv_freq
+    return torch.where(wavelen < high_freq_wavelen, inv_freq,
+                       torch.where(wavelen > low_freq_wavelen, inv_freq / scale_factor, mid))
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE over adjacent pairs (x[..., 0::2], x[..., 1::2]), Meta's layout, not HF's rotate-half.
+
+    The cos/sin table is kept in float32 per device outside the module's buffers, so casting the
+    model to bf16 does not round it and it never appears in a state dict.
+    """
+
+    def __init__(self, flavor: Flavor):
+        super().__init__()
+        self.head_dim = flavor.head_dim
+        self.base = flavor.rope_base
+        self.scale_factor = flavor.rope_scale_factor
+        self.max_seq_len = flavor.max_seq_len
+        self._tables: dict[torch.device, torch.Tensor] = {}
+
+    def table(self, device: torch.device) -> torch.Tensor:
+        """[max_seq_len, head_dim/2, 2] cos/sin table on `device`."""
+        if device not in self._tables:
+            inv_freq = llama3_scaled_inv_freq(self.head_dim, self.base, self.scale_factor)
+            angles = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32), inv_freq)
+            self._tables[device] = torch.stack([angles.cos(), angles.sin()], dim=-1).to(device)
+        return self._tables[device]
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None) -> torch.Tensor:
+        """x: [b, s, heads, head_dim]; input_pos: [b, s] or None for positions 0..s-1."""
+        b, s = x.shape[:2]
+        table = self.table(x.device)
+        rope = table[:s].unsqueeze(0) if input_pos is None else table[input_pos]
+        rope = rope.view(rope.shape[0], s, 1, self.head_dim // 2, 2)
+        pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+        out = torch.stack([pairs[..., 0] * rope[..., 0] - pairs[..., 1] * rope[..., 1],
+                           pairs[..., 1] * rope[..., 0] + pairs[..., 0] * rope[..., 1]], dim=-1)
+        return out.flatten(3).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Keys and values of past positions for incremental decoding (positions shared across the batch)."""
+
+    def __init__(self, batch_size: int, max_seq_len: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None):
+        super().__init__()
+        shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def reset(self):
+        self.k.zero_()
+        self.v.zero_()
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store k/v ([b, kv_heads, s, head_dim]) at input_pos and return the filled prefix."""
+        pos = input_pos[0]
+        b = k.shape[0]
+        self.k[:b, :, pos] = k.to(self.k.dtype)
+        self.v[:b, :, pos] = v.to(self.v.dtype)
+        end = int(pos.max()) + 1
+        return self.k[:b, :, :end], self.v[:b, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, flavor: Flavor, rope: RotaryEmbedding):
+        super().__init__()
+        f = flavor
+        self.num_heads, self.num_kv_heads, self.head_dim = f.num_heads, f.num_kv_heads, f.head_dim
+        self.q_proj = nn.Linear(f.embed_dim, f.num_heads * f.head_dim, bias=False)
+        self.k_proj = nn.Linear(f.embed_dim, f.num_kv_heads * f.head_dim, bias=False)
+        self.v_proj = nn.Linear(f.embed_dim, f.num_kv_heads * f.head_dim, bias=False)
+        self.output_proj = nn.Linear(f.num_heads * f.head_dim, f.embed_dim, bias=False)
+        # A plain attribute (not a submodule) so the shared RoPE cache is not registered once per layer.
+        self._rope = [rope]
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, input_pos=None, mask=None):
+        b, s, _ = x.shape
+        rope = self._rope[0]
+        q = rope(self.q_proj(x).view(b, s, self.num_heads, self.head_dim), input_pos).transpose(1, 2)
+        k = rope(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim), input_pos).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if self.num_kv_heads != self.num_heads:
+            # Query head i reads kv head i // group, as in torchtune's GQA expansion.
+            group = self.num_heads // self.num_kv_heads
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, :, : k.shape[2]])
+        return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, flavor: Flavor, rope: RotaryEmbedding):
+        super().__init__()
+        self.sa_norm = RMSNorm(flavor.embed_dim, flavor.norm_eps)
+        self.attn = Attention(flavor, rope)
+        self.mlp_norm = RMSNorm(flavor.embed_dim, flavor.norm_eps)
+        self.mlp = FeedForward(flavor.embed_dim, flavor.intermediate_dim)
+
+    def forward(self, x, input_pos=None, mask=None):
+        h = x + self.attn(self.sa_norm(x), input_pos, mask)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Transformer(nn.Module):
+    """A stack of Llama layers and a final norm, over embeddings (torchtune's decoder minus its ends)."""
+
+    def __init__(self, flavor: Flavor):
+        super().__init__()
+        self.flavor = flavor
+        self.max_seq_len = flavor.max_seq_len
+        self.rope = RotaryEmbedding(flavor)
+        self.layers = nn.ModuleList(Layer(flavor, self.rope) for _ in range(flavor.num_layers))
+        self.norm = RMSNorm(flavor.embed_dim, flavor.norm_eps)
+        self.activation_checkpointing = False
+
+    def setup_caches(self, batch_size: int, dtype: torch.dtype, max_seq_len: int | None = None):
+        device = self.norm.scale.device
+        f = self.flavor
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(batch_size, max_seq_len or f.max_seq_len, f.num_kv_heads,
+                                          f.head_dim, dtype, device)
+
+    def caches_are_enabled(self) -> bool:
+        return self.layers[0].attn.kv_cache is not None
+
+    def reset_caches(self):
+        for layer in self.layers:
+            if layer.attn.kv_cache is not None:
+                layer.attn.kv_cache.reset()
+
+    def remove_caches(self):
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+
+    def forward(self, h: torch.Tensor, *, input_pos: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """h: [b, s, dim]. With mask None attention is causal over the s positions given."""
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, input_pos, mask, use_reentrant=False)
+            else:
+                h = layer(h, input_pos, mask)
+        return self.norm(h)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def sample_topk(logits: torch.Tensor, topk: int, temperature: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample one token per row from the top-k of logits / temperature; returns [b, 1] int."""
+    logits = logits.float() / max(temperature, 1e-5)
+    k = min(topk, logits.shape[-1])
+    threshold = torch.topk(logits, k).values[..., -1:]
+    probs = torch.softmax(logits.masked_fill(logits < threshold, float("-inf")), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).to(torch.int)
+
+
+def causal_mask(seq_len: int, device=None) -> torch.Tensor:
+    return torch.tril(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device))
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class CSM(nn.Module):
+    """The CSM: backbone over frames, decoder over codebooks, official parameter names."""
+
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.config = config
+        backbone, decoder = FLAVORS[config.backbone_flavor], FLAVORS[config.decoder_flavor]
+        self.backbone = Transformer(backbone)
+        self.decoder = Transformer(decoder)
+        self.text_embeddings = nn.Embedding(config.text_vocab_size, backbone.embed_dim)
+        self.audio_embeddings = nn.Embedding(config.audio_vocab_size * config.audio_num_codebooks, backbone.embed_dim)
+        self.projection = nn.Linear(backbone.embed_dim, decoder.embed_dim, bias=False)
+        self.codebook0_head = nn.Linear(backbone.embed_dim, config.audio_vocab_size, bias=False)
+        self.audio_head = nn.Parameter(torch.empty(config.audio_num_codebooks - 1, decoder.embed_dim,
+                                                   config.audio_vocab_size))
+        self.init_weights()
+
+    # -- initialisation ------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02):
+        """From-scratch init: N(0, std) for matrices and embeddings, residual outputs scaled by
+        1/sqrt(2 * layers) (GPT-2), norms at 1. Finetuning overwrites all of it."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                if module.weight.device.type != "meta":
+                    nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, RMSNorm):
+                module.scale.fill_(1.0)
+        for stack in (self.backbone, self.decoder):
+            for layer in stack.layers:
+                for w in (layer.attn.output_proj.weight, layer.mlp.w2.weight):
+                    if w.device.type != "meta":
+                        nn.init.normal_(w, 0.0, std / math.sqrt(2 * len(stack.layers)))
+        if self.audio_head.device.type != "meta":
+            nn.init.normal_(self.audio_head, 0.0, std)
+
+    def set_activation_checkpointing(self, enabled: bool):
+        self.backbone.activation_checkpointing = enabled
+        self.decoder.activation_checkpointing = enabled
+
+    # -- embeddings ----------------------------------------------------------------------
+    def _embed_audio(self, codebook: int, tokens: torch.Tensor) -> torch.Tensor:
+        return self.audio_embeddings(tokens + codebook * self.config.audio_vocab_size)
+
+    def _embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [b, s, K+1] -> per-entry embeddings [b, s, K+1, dim] (text last)."""
+        k = self.config.audio_num_codebooks
+        text = self.text_embeddings(tokens[:, :, -1]).unsqueeze(-2)
+        offsets = self.config.audio_vocab_size * torch.arange(k, device=tokens.device)
+        audio = self.audio_embeddings(tokens[:, :, :-1] + offsets)
+        return torch.cat([audio, text], dim=-2)
+
+    def embed_frames(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """A frame's embedding is the sum of the embeddings of its unmasked entries: [b, s, dim]."""
+        return (self._embed_tokens(tokens) * mask.unsqueeze(-1)).sum(dim=2)
+
+    # -- inference -----------------------------------------------------------------------
+    def setup_caches(self, max_batch_size: int):
+        dtype = next(self.parameters()).dtype
+        self.backbone.setup_caches(max_batch_size, dtype)
+        self.decoder.setup_caches(max_batch_size, dtype, max_seq_len=self.config.audio_num_codebooks)
+
+    def reset_caches(self):
+        self.backbone.reset_caches()
+        self.decoder.reset_caches()
+
+    def remove_caches(self):
+        self.backbone.remove_caches()
+        self.decoder.remove_caches()
+
+    def generate_frame(self, tokens: torch.Tensor, tokens_mask: torch.Tensor, input_pos: torch.Tensor,
+                       temperature: float, topk: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample the next audio frame after the given frames, through the KV caches.
+
+        tokens, tokens_mask: [b, s, K+1]; input_pos: [b, s]. Returns [b, K] int codes.
+        """
+        if not self.backbone.caches_are_enabled():
+            raise RuntimeError("call setup_caches(batch_size) before generate_frame")
+        dtype = next(self.parameters()).dtype
+        bb_mask = causal_mask(self.backbone.max_seq_len, tokens.device)[input_pos]
+        h = self.backbone(self.embed_frames(tokens, tokens_mask).to(dtype), input_pos=input_pos, mask=bb_mask)
+        last_h = h[:, -1, :]
+        sample = sample_topk(self.codebook0_head(last_h), topk, temperature, generator)
+        curr_h = torch.cat([last_h.unsqueeze(1), self._embed_audio(0, sample)], dim=1)
+        samples = [sample]
+        pos = torch.arange(curr_h.shape[1], device=tokens.device).unsqueeze(0).expand(curr_h.shape[0], -1)
+        dec_causal = causal_mask(self.config.audio_num_codebooks, tokens.device)
+        self.decoder.reset_caches()
+        for i in range(1, self.config.audio_num_codebooks):
+            dec_h = self.decoder(self.projection(curr_h), input_pos=pos, mask=dec_causal[pos])
+            logits = dec_h[:, -1, :] @ self.audio_head[i - 1]
+            sample = sample_topk(logits, topk, temperature, generator)
+            samples.append(sample)
+            curr_h = self._embed_audio(i, sample)
+            pos = pos[:, -1:] + 1
+        return torch.cat(samples, dim=1)
+
+    # -- training ------------------------------------------------------------------------
+    def decoder_logits(self, h_prev: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
+        """Logits for codebooks 1..K-1 of N frames given the backbone state before each.
+
+        h_prev: [N, dim] backbone outputs predicting the frames; target_codes: [N, K] codes.
+        The decoder sees [h, emb(c0), ..., emb(c_{K-2})] (teacher forcing). Returns [N, K-1, V].
+        """
+        k = self.config.audio_num_codebooks
+        offsets = self.config.audio_vocab_size * torch.arange(k - 1, device=target_codes.device)
+        code_embeds = self.audio_embeddings(target_codes[:, :-1] + offsets)
+        dec_in = torch.cat([h_prev.unsqueeze(1), code_embeds.to(h_prev.dtype)], dim=1)
+        dec_h = self.decoder(self.projection(dec_in))
+        return torch.einsum("nsd,sdv->nsv", dec_h[:, 1:, :], self.audio_head.to(dec_h.dtype))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
