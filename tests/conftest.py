@@ -36,3 +36,35 @@ def mimi(assets):
     import utils
 
     return utils.load_mimi(str(assets["mimi"]))
+
+
+def write_token_file(path, n_train=12, n_val=4, seed=0, codebooks=32, audio_frames=(6, 14), text_len=(3, 8),
+                     text_vocab=400, audio_dtype="int16", attrs=True):
+    """An HDF5 file in the SPEC §3 layout with random codes and text ids (what pretokenize.py writes)."""
+    import h5py
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "w") as f:
+        if attrs:
+            f.attrs.update(format_version=1, codebooks=codebooks, sample_rate=24000, frame_rate=12.5)
+        for split, n in (("train", n_train), ("val", n_val)):
+            if n == 0:
+                continue
+            g = f.create_group(split)
+            audio = g.create_dataset("audio", (n,), dtype=h5py.vlen_dtype(np.dtype(audio_dtype)))
+            text = g.create_dataset("text", (n,), dtype=h5py.vlen_dtype(np.dtype("int32")))
+            lengths = []
+            for i in range(n):
+                frames = int(rng.integers(*audio_frames, endpoint=True))
+                t = int(rng.integers(*text_len, endpoint=True))
+                audio[i] = rng.integers(0, 2048, size=codebooks * frames).astype(audio_dtype)
+                text[i] = np.concatenate([[0], rng.integers(2, text_vocab, size=t - 2), [1]]).astype("int32")
+                lengths.append(t + frames + 1)
+            g.create_dataset("length", data=np.array(lengths, dtype="int32"))
+    return path
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    return write_token_file(tmp_path / "tokens.hdf5")

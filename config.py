@@ -1,0 +1,236 @@
+"""The one typed training configuration: defaults, YAML + CLI overrides, validation before any work.
+
+Every key is documented here; the README's config reference is generated from these fields.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from utils import LR_DECAYS, PRECISIONS, UserError
+
+
+def _f(default, help: str, *, choices=None, min=None, max=None, gt=None, default_factory=None):
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "gt": gt}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- model
+    model: str = _f("sesame/csm-1b", "Weights to finetune: hub id, hub-layout directory, .safetensors or .pt checkpoint.")
+    train_from_scratch: bool = _f(False, "Ignore `model` and start from random weights (see README: initialisation).")
+    backbone_flavor: str = _f("llama-1B", "Backbone shape when training from scratch.")
+    decoder_flavor: str = _f("llama-100M", "Decoder shape when training from scratch.")
+    text_vocab_size: int = _f(128_256, "Text vocabulary size when training from scratch.", min=1)
+    official_model: bool = _f(False, "Use the official `Model` class from the clone in $CSM_REPO_PATH.")
+    text_tokenizer: str = _f("meta-llama/Llama-3.2-1B", "Tokenizer for the sample sentences (hub id or local dir).")
+    mimi_weights: str | None = _f(None, "Mimi weights for decoding samples (default: the moshi hub file).")
+    # --- batching
+    batch_size: int | None = _f(8, "Examples per micro-batch (the original's batching). Ignored when max_tokens is set.", min=1)
+    max_tokens: int | None = _f(None, "Padded frames per micro-batch (token-budget batching, far less padding). Overrides batch_size.", min=1)
+    grad_acc_steps: int = _f(1, "Micro-batches per optimizer step.", min=1)
+    max_seq_len: int = _f(2048, "Longest example in frames; longer ones are refused when the data opens.", min=2, max=2048)
+    partial_data_loading: bool = _f(False, "Read examples lazily from the HDF5 file instead of loading it into memory.")
+    num_workers: int = _f(0, "DataLoader worker processes.", min=0)
+    # --- optimisation
+    learning_rate: float = _f(3e-5, "Peak learning rate.", gt=0)
+    weight_decay: float = _f(0.002, "AdamW weight decay, applied to matrices only (not norms).", min=0)
+    adam_beta1: float = _f(0.9, "AdamW beta1.", min=0, max=1)
+    adam_beta2: float = _f(0.999, "AdamW beta2.", min=0, max=1)
+    adam_eps: float = _f(1e-8, "AdamW epsilon.", gt=0)
+    optimizer: str = _f("adamw", "adamw (fused on CUDA) or adamw8bit (bitsandbytes, CUDA only).", choices=("adamw", "adamw8bit"))
+    max_grad_norm: float = _f(1.3, "Clip the global gradient norm to this (0 disables clipping).", min=0)
+    warmup_steps: int = _f(1000, "Optimizer steps of linear warmup.", min=0)
+    lr_decay: str = _f("linear", "Decay after warmup, reaching its end value at the last step.", choices=LR_DECAYS)
+    min_lr_ratio: float = _f(0.0, "Final LR as a fraction of the peak (exponential uses 0.01 when this is 0).", min=0, max=1)
+    decoder_loss_weight: float = _f(0.5, "w in 2((1-w) c0_loss + w decoder_loss).", min=0, max=1)
+    decoder_fraction: float = _f(1 / 16, "Fraction of audio frames the decoder trains on (compute amortization).", gt=0, max=1)
+    precision: str = _f("auto", "auto = bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU.", choices=PRECISIONS)
+    activation_checkpointing: bool = _f(False, "Recompute layer activations in backward: less memory, ~30% slower.")
+    # --- length of the run
+    n_epochs: int = _f(25, "Epochs over the training split (the run length unless max_steps is set).", min=1)
+    max_steps: int | None = _f(None, "Optimizer steps; overrides n_epochs.", min=1)
+    seed: int = _f(42, "Seed for weights (from scratch), batching and the decoder's frame subset.")
+    # --- cadence, in optimizer steps
+    log_every: int = _f(10, "Log training metrics every N steps.", min=1)
+    val_every: int = _f(100, "Validation loss every N steps and at the end (0: only at the end).", min=0)
+    save_every: int = _f(1000, "Full checkpoint every N steps and at the end (0: only at the end).", min=0)
+    keep_checkpoints: int = _f(2, "How many of the latest step checkpoints to keep (best and final are kept apart).", min=1)
+    gen_every: int = _f(1000, "Audio samples every N steps (0: never).", min=0)
+    gen_sentences: list[str] = _f(None, "Sentences spoken in the samples.",
+                                  default_factory=lambda: ["Bird law in this country is not governed by reason."])
+    gen_speaker: int = _f(999, "Speaker id for the samples.", min=0)
+    gen_max_seconds: float = _f(10.0, "Longest sample, in seconds.", gt=0)
+    # --- safety
+    max_nonfinite_steps: int = _f(10, "Stop (with a checkpoint) after this many non-finite steps in a row.", min=1)
+    # --- tracking
+    wandb_project: str = _f("csm-finetune", "Weights & Biases project.")
+    wandb_name: str | None = _f(None, "W&B run name (default: derived from the output directory).")
+    wandb_group: str | None = _f(None, "W&B group (sweeps group trials by study).")
+    wandb_mode: str = _f("auto", "auto = online when an API key is configured, else offline; or online|offline|disabled.",
+                         choices=("auto", "online", "offline", "disabled"))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+CONFIG_KEYS = tuple(f.name for f in fields(TrainConfig))
+
+
+def _base_type(tp):
+    """The non-None type of an annotation such as `int | None` (annotations are strings here)."""
+    tp = eval(tp, vars(typing)) if isinstance(tp, str) else tp  # noqa: S307 - our own annotations
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    optional = type(None) in typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        tp = args[0]
+    return tp, optional
+
+
+def _coerce(key: str, value, tp, optional: bool):
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"config key {key!r} may not be empty")
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UserError(f"config key {key!r} must be a list of strings, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserError(f"config key {key!r} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+                                           or (isinstance(value, str) and value.strip().lstrip("-").isdigit())):
+            raise UserError(f"config key {key!r} must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"config key {key!r} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not math.isfinite(out):
+            raise UserError(f"config key {key!r} must be a finite number, got {value!r}")
+        return out
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UserError(f"config key {key!r} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _check_range(key: str, value, meta: dict):
+    if value is None:
+        return
+    if meta.get("choices") and value not in meta["choices"]:
+        raise UserError(f"config key {key!r} must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
+    if meta.get("min") is not None and value < meta["min"]:
+        raise UserError(f"config key {key!r} must be >= {meta['min']}, got {value!r}")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise UserError(f"config key {key!r} must be <= {meta['max']}, got {value!r}")
+    if meta.get("gt") is not None and value <= meta["gt"]:
+        raise UserError(f"config key {key!r} must be > {meta['gt']}, got {value!r}")
+
+
+# Names users bring from other tools, for the "did you mean" hint.
+_ALIASES = {"lr": "learning_rate", "epochs": "n_epochs", "num_epochs": "n_epochs", "warmup": "warmup_steps",
+            "grad_accum": "grad_acc_steps", "gradient_accumulation_steps": "grad_acc_steps", "bs": "batch_size",
+            "clip": "max_grad_norm", "grad_clip": "max_grad_norm", "wd": "weight_decay", "steps": "max_steps"}
+
+
+def unknown_key_error(key: str, source: str) -> UserError:
+    close = [_ALIASES[key]] if key in _ALIASES else difflib.get_close_matches(key, CONFIG_KEYS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return UserError(f"unknown config key {key!r} in {source}{hint}; known keys: {', '.join(CONFIG_KEYS)}")
+
+
+def make_config(values: dict, source: str = "config") -> TrainConfig:
+    """Validate a dict of keys (from YAML, CLI, a checkpoint) into a TrainConfig; one clear error per problem."""
+    from csm_model import FLAVORS
+
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in by_name:
+            raise unknown_key_error(key, source)
+        tp, optional = _base_type(by_name[key].type)
+        kwargs[key] = _coerce(key, value, tp, optional)
+        _check_range(key, kwargs[key], by_name[key].metadata)
+    cfg = TrainConfig(**kwargs)
+    for key in ("backbone_flavor", "decoder_flavor"):
+        if getattr(cfg, key) not in FLAVORS:
+            raise UserError(f"config key {key!r} must be one of {', '.join(FLAVORS)}; got {getattr(cfg, key)!r}")
+    if cfg.batch_size is None and cfg.max_tokens is None:
+        raise UserError("set either batch_size or max_tokens")
+    if cfg.max_tokens is not None and cfg.max_tokens < cfg.max_seq_len:
+        raise UserError(f"max_tokens ({cfg.max_tokens}) must be at least max_seq_len ({cfg.max_seq_len}) so every example fits")
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of key: value")
+    return data
+
+
+def parse_set(items: list[str]) -> dict:
+    """`--set key=value` pairs; values are parsed as YAML scalars (3e-5, true, null, [a, b])."""
+    out = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Defaults < YAML file < overrides (CLI flags and --set), validated together."""
+    values = read_yaml(path) if path else {}
+    source = str(path) if path else "config"
+    for key in values:
+        if key not in CONFIG_KEYS:
+            raise unknown_key_error(key, source)
+    values.update(overrides or {})
+    return make_config(values, source)
+
+
+def save_yaml(cfg: TrainConfig | dict, path: str | Path) -> None:
+    data = cfg.to_dict() if isinstance(cfg, TrainConfig) else cfg
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def config_reference_markdown() -> str:
+    """The README's config table, generated from the dataclass so they cannot drift apart."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for f in fields(TrainConfig):
+        default = f.default_factory() if f.default is MISSING else f.default
+        meta = f.metadata
+        extra = f" One of: {', '.join(map(str, meta['choices']))}." if meta.get("choices") else ""
+        rows.append(f"| `{f.name}` | `{default!r}` | {meta['help']}{extra} |")
+    return "\n".join(rows)
