@@ -1,0 +1,150 @@
+"""The whole workflow offline on CPU in a few minutes: pretokenize -> train -> generate -> sweep.
+
+    make demo            (or: .venv/bin/python demo.py [--quick] [--output_dir demo_out])
+
+It uses tiny stand-ins for CSM-1B, the Llama tokenizer and Mimi (random weights, saved in the real
+layouts) and the bundled espeak-ng clips in data/sample/. It shows every step working; the audio a
+tiny random model makes is noise, not speech.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+SAMPLE = ROOT / "data" / "sample"
+
+
+def banner(text: str) -> None:
+    print(f"\n=== {text} " + "=" * max(0, 70 - len(text)), flush=True)
+
+
+def plot_losses(metrics_path: Path, png: Path) -> None:
+    """Training and validation loss against optimizer steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(*zip(*train), label="train loss", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title("demo: tiny CSM on the bundled clips")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def plot_sweep(sweep_dir: Path, out_dir: Path) -> list[Path]:
+    """Static PNGs of the sweep (the HTML versions are in the sweep directory)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    study = optuna.load_study(study_name="csm-sweep", storage=f"sqlite:///{(sweep_dir / 'study.db').resolve()}")
+    written = []
+    for name, plot in (("sweep_history", ovm.plot_optimization_history), ("sweep_importances", ovm.plot_param_importances)):
+        try:
+            ax = plot(study)
+            ax.figure.set_size_inches(6, 3.5)
+            ax.figure.tight_layout()
+            ax.figure.savefig(out_dir / f"{name}.png", dpi=120)
+            plt.close(ax.figure)
+            written.append(out_dir / f"{name}.png")
+        except Exception as e:  # e.g. importances with too few finished trials
+            print(f"skipped {name}.png: {e}")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--output_dir", default=str(ROOT / "demo_out"))
+    p.add_argument("--quick", action="store_true", help="fewer steps and trials (what the test suite runs)")
+    args = p.parse_args(argv)
+
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import generate
+    import pretokenize
+    import sweep
+    import tiny_assets
+    import train
+
+    out = Path(args.output_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    steps, trials, trial_steps = (20, 3, 4) if args.quick else (300, 3, 40)
+    t0 = time.time()
+
+    banner("1/5 tiny model, tokenizer and Mimi (random weights, real file layouts)")
+    assets = tiny_assets.make_all(out / "assets")
+    for name, path in assets.items():
+        print(f"  {name}: {path}")
+    common = ["--text_tokenizer", str(assets["text_tokenizer"]), "--mimi_weights", str(assets["mimi"])]
+
+    banner("2/5 pretokenize the bundled clips")
+    data = out / "data.hdf5"
+    pretokenize.main(["--train_data", str(SAMPLE / "train.csv"), "--val_data", str(SAMPLE / "val.json"),
+                      "--output", str(data), "--device", "cpu", "--batch_size", "8", *common])
+
+    banner(f"3/5 train for {steps} steps (validation, samples, checkpoints)")
+    run = out / "run"
+    train.main(["--data", str(data), "--config", str(ROOT / "configs" / "finetune.yaml"), "--output_dir", str(run),
+                "--model", str(assets["model"]), "--max_steps", str(steps), "--device", "cpu",
+                "--val_every", str(max(steps // 6, 1)), "--save_every", str(max(steps // 3, 1)),
+                "--gen_every", str(steps), "--log_every", "1", "--gen_sentence", "Hello from the demo.",
+                "--wandb_mode", "disabled", "--set", "learning_rate=2e-3", "--set", "warmup_steps=10",
+                "--set", "batch_size=4", "--set", "gen_max_seconds=2", "--set", "lr_decay=cosine", *common])
+    plot_losses(run / "metrics.jsonl", out / "loss_curve.png")
+
+    banner("4/5 generate speech from the trained model")
+    wav = out / "generated.wav"
+    generate.main(["--model", str(run / "best"), "--text", "This is the tiny demo model speaking.",
+                   "--speaker", "0", "--output", str(wav), "--max_audio_seconds", "2", "--seed", "0",
+                   "--device", "cpu", *common])
+
+    banner(f"5/5 a {trials}-trial sweep on 2 CPU workers")
+    sweep_dir = out / "sweep"
+    sweep.main(["--data", str(data), "--sweep_config", str(ROOT / "configs" / "sweep.yaml"), "--output_dir", str(sweep_dir),
+                "--n_trials", str(trials), "--n_workers", "2", "--max_steps", str(trial_steps), "--model", str(assets["model"]),
+                "--wandb_mode", "disabled", "--sampler", "random", "--set", "val_every=" + str(max(trial_steps // 2, 1)),
+                "--set", "batch_size=4", "--set", f"text_tokenizer={assets['text_tokenizer']}",
+                "--set", f"mimi_weights={assets['mimi']}", "--set", "warmup_steps=2"])
+    plots = plot_sweep(sweep_dir, out)
+
+    banner(f"done in {time.time() - t0:.0f} s; outputs")
+    rows = [
+        ("pre-tokenized data", data), ("skipped-rows report (if any)", Path(str(data) + ".skipped.csv")),
+        ("training metrics", run / "metrics.jsonl"), ("loss curve", out / "loss_curve.png"),
+        ("checkpoints (full state, resumable)", run / "checkpoints"), ("best model (hub layout)", run / "best"),
+        ("final model (hub layout)", run / "final"), ("audio samples from training", run / "samples"),
+        ("generated speech", wav), ("sweep: best config", sweep_dir / "best_config.yaml"),
+        ("sweep: all trials", sweep_dir / "trials.csv"), ("sweep: plots (HTML)", sweep_dir),
+        *[(f"sweep plot {p.stem}", p) for p in plots],
+    ]
+    for label, path in rows:
+        if path.exists():
+            print(f"  {label:40s} {path}")
+    print("\nThe tiny random models make noise, not speech: see the README for finetuning the real CSM-1B.")
+    return 0
+
+
+if __name__ == "__main__":
+    from utils import run_cli
+
+    run_cli(main)
