@@ -16,9 +16,12 @@ import math
 import os
 import random
 import resource
+import secrets
 import signal
+import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -246,7 +249,7 @@ def make_tracker(cfg: TrainConfig, out: Path, rt: Runtime, resumed_step: int) ->
     import wandb
 
     id_file = out / "wandb_run_id.txt"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id)
     run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_name or out.name, group=cfg.wandb_group,
                      dir=str(out), mode=mode, id=run_id, resume="allow", config=cfg.to_dict())
@@ -385,7 +388,8 @@ class StopFlag:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         self.requested = True
-        print0(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping")
+        print0(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping",
+               file=sys.stderr)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -501,7 +505,10 @@ def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device:
             lr = optimizer.param_groups[0]["lr"]
             stats = train_step(loss_model, [next(batches) for _ in range(cfg.grad_acc_steps)], cfg, rt, precision,
                                optimizer, scaler, generator, k)
-            scheduler.step()
+            with warnings.catch_warnings():
+                # A skipped (non-finite) step still advances the schedule: it follows optimizer steps taken.
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                scheduler.step()
             step += 1
             streak = 0 if stats["finite"] else streak + 1
             dt = time.perf_counter() - t0

@@ -67,7 +67,9 @@ def test_accumulation_equals_one_big_batch(assets, token_file):
     results = []
     for sizes in ([4], [2, 2], [1, 3]):
         model = utils.load_model(assets["model"])
-        opt = train.make_optimizer(model, cfg, rt.device)
+        # Plain SGD makes the update the clipped gradient itself; Adam would turn float noise in
+        # near-zero gradients into full-size steps and hide what is being compared.
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         stats = train.train_step(train.LossModule(model), _micro_batches(token_file, sizes), cfg, rt, "fp32",
                                  opt, scaler, torch.Generator().manual_seed(0), 32)
@@ -77,7 +79,7 @@ def test_accumulation_equals_one_big_batch(assets, token_file):
         assert stats["loss"] == pytest.approx(ref_stats["loss"], rel=1e-6)
         assert stats["grad_norm"] == pytest.approx(ref_stats["grad_norm"], rel=1e-5)
         for k in ref:
-            torch.testing.assert_close(state[k], ref[k], rtol=1e-5, atol=1e-7, msg=k)
+            torch.testing.assert_close(state[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
     assert ref_stats["grad_norm"] > 0.5  # clipping was active
 
 
@@ -112,7 +114,12 @@ def test_resume_is_bit_exact(assets, tmp_path):
 
     a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(part / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert metrics(part) == metrics(full)
+    timing = {"tokens_per_s", "step_time", "peak_memory_gb"}
+
+    def logged(out):
+        return [{k: v for k, v in m.items() if k not in timing} for m in metrics(out)]
+
+    assert logged(part) == logged(full)
 
 
 def test_nan_guard_skips_then_stops_with_a_checkpoint(assets, token_file, tmp_path):

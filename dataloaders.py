@@ -1,0 +1,364 @@
+"""Pre-tokenized HDF5 examples (SPEC §3) -> padded (tokens, mask) batches (SPEC §2).
+
+- `CSMDataset`: one split of the file, held in memory as flat int16/int32 buffers plus offsets, or
+  read lazily row by row (`partial=True`) for data that does not fit in memory.
+- `LengthBucketSampler`: batches of similar-length examples, filled up to a padded-token budget
+  (or a fixed example count), re-formed every epoch from one seed, sharded over DDP ranks.
+- `collate`: the frame layout the model trains on.
+- `ResumableLoader`: a DataLoader that knows how many batches it has handed out, so a checkpoint
+  can resume mid-epoch with exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from utils import NUM_CODEBOOKS, UserError
+
+SPLIT_DATASETS = ("audio", "text", "length")
+AUDIO_VOCAB = 2048  # Mimi codes are in [0, 2048); the model's 3 extra ids are never stored
+_READ_BLOCK = 4096  # rows per h5py read when loading a split into memory
+
+
+class DataError(UserError):
+    """The token file is missing, malformed, or does not fit the training settings."""
+
+
+def _h5py():
+    import h5py
+
+    return h5py
+
+
+def open_splits(path: str | Path) -> dict[str, int]:
+    """Names and sizes of the splits in a token file; one clear error if it is not in the SPEC §3 layout."""
+    h5py = _h5py()
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (make one with pretokenize.py)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise DataError(f"{path} is not an HDF5 file ({e})") from e
+    with f:
+        splits = {}
+        for name, group in f.items():
+            if not isinstance(group, h5py.Group):
+                continue
+            missing = [d for d in SPLIT_DATASETS if d not in group]
+            if missing:
+                raise DataError(f"{path}: group '{name}' lacks dataset(s) {', '.join(missing)}; "
+                                f"expected /{name}/audio, /{name}/text, /{name}/length (see pretokenize.py)")
+            sizes = {d: len(group[d]) for d in SPLIT_DATASETS}
+            if len(set(sizes.values())) != 1:
+                raise DataError(f"{path}: '{name}' datasets differ in length {sizes}; the file is damaged, re-run pretokenize.py")
+            splits[name] = sizes["length"]
+        if not splits:
+            raise DataError(f"{path} holds no split groups (expected /train and/or /val with audio, text, length)")
+    return splits
+
+
+def _as_rows(values) -> list[np.ndarray]:
+    return [np.asarray(v) for v in values]
+
+
+class CSMDataset(Dataset):
+    """One split of a token file. Items are (audio codes [K, F], text ids [T]) as int64 tensors."""
+
+    def __init__(self, path: str | Path, split: str = "train", *, partial: bool = False, max_seq_len: int = 2048):
+        self.path, self.split, self.partial, self.max_seq_len = str(path), split, partial, max_seq_len
+        splits = open_splits(path)
+        if split not in splits:
+            raise DataError(f"{path} has no '{split}' split (found: {', '.join(splits)})")
+        h5py = _h5py()
+        with h5py.File(self.path, "r") as f:
+            group = f[split]
+            self.lengths = group["length"][:].astype(np.int64)
+            if len(self.lengths) == 0:
+                raise DataError(f"{path}: the '{split}' split is empty")
+            first_audio, first_text = np.asarray(group["audio"][0]), np.asarray(group["text"][0])
+            frames = int(self.lengths[0]) - len(first_text) - 1
+            if frames <= 0 or len(first_audio) % frames:
+                raise DataError(f"{path}: /{split}/length[0]={self.lengths[0]} does not match its text "
+                                f"({len(first_text)} ids) and audio ({len(first_audio)} codes)")
+            self.num_codebooks = len(first_audio) // frames
+            declared = f.attrs.get("codebooks")
+            if declared is not None and int(declared) != self.num_codebooks:
+                raise DataError(f"{path}: attribute codebooks={declared} but rows hold {self.num_codebooks} per frame")
+            self._check_lengths()
+            self._file = None
+            self._pid = None
+            if not partial:
+                self._audio, self._audio_offsets = self._read_flat(group["audio"], np.int16, "audio")
+                self._text, self._text_offsets = self._read_flat(group["text"], np.int32, "text")
+                self._check_consistency()
+
+    def _check_lengths(self) -> None:
+        too_long = self.lengths > self.max_seq_len
+        if too_long.any():
+            raise DataError(
+                f"{self.path}: {int(too_long.sum())} of {len(self.lengths)} '{self.split}' examples are longer than "
+                f"max_seq_len={self.max_seq_len} frames (longest {int(self.lengths.max())}). Re-run pretokenize.py "
+                f"with --max_seq_len {self.max_seq_len} to skip them (CSM's backbone cannot go past 2048)")
+
+    def _read_flat(self, dataset, dtype, what: str) -> tuple[np.ndarray, np.ndarray]:
+        """All rows of a vlen dataset as one flat buffer + offsets: ~2 bytes a code instead of a tensor each."""
+        n = len(dataset)
+        sizes = np.empty(n, dtype=np.int64)
+        chunks = []
+        for start in range(0, n, _READ_BLOCK):
+            rows = _as_rows(dataset[start:start + _READ_BLOCK])
+            sizes[start:start + len(rows)] = [len(r) for r in rows]
+            flat = np.concatenate(rows) if rows else np.empty(0, dtype)
+            if what == "audio" and flat.size and (flat.min() < 0 or flat.max() >= AUDIO_VOCAB):
+                raise DataError(f"{self.path}: /{self.split}/audio holds codes outside [0, {AUDIO_VOCAB}); "
+                                "is this a token file from pretokenize.py?")
+            chunks.append(flat.astype(dtype, copy=False))
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        return np.concatenate(chunks) if chunks else np.empty(0, dtype), offsets
+
+    def _check_consistency(self) -> None:
+        audio = np.diff(self._audio_offsets)
+        text = np.diff(self._text_offsets)
+        bad = np.flatnonzero((audio % self.num_codebooks != 0) | (text + audio // self.num_codebooks + 1 != self.lengths))
+        if bad.size:
+            raise DataError(f"{self.path}: {bad.size} '{self.split}' rows (first: {int(bad[0])}) have a length that is "
+                            f"not len(text) + frames + 1 with {self.num_codebooks} codebooks; re-run pretokenize.py")
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def _row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self.partial:
+            a = self._audio[self._audio_offsets[i]:self._audio_offsets[i + 1]]
+            t = self._text[self._text_offsets[i]:self._text_offsets[i + 1]]
+            return a, t
+        # One handle per process: h5py handles must not cross a fork into DataLoader workers.
+        if self._file is None or self._pid != os.getpid():
+            self._file, self._pid = _h5py().File(self.path, "r"), os.getpid()
+        group = self._file[self.split]
+        return np.asarray(group["audio"][i]), np.asarray(group["text"][i])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        audio, text = self._row(int(i))
+        frames = len(audio) // self.num_codebooks
+        if len(text) + frames + 1 != self.lengths[i]:
+            raise DataError(f"{self.path}: /{self.split} row {i} does not match its stored length; re-run pretokenize.py")
+        audio = torch.from_numpy(audio.astype(np.int64)).view(self.num_codebooks, frames)
+        return audio, torch.from_numpy(text.astype(np.int64))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_file"] = state["_pid"] = None
+        return state
+
+    def nbytes(self) -> int:
+        """Memory held for the examples (buffers and index), not counting Python object overhead."""
+        total = self.lengths.nbytes
+        if not self.partial:
+            total += self._audio.nbytes + self._audio_offsets.nbytes + self._text.nbytes + self._text_offsets.nbytes
+        return total
+
+
+
+def collate(batch: list[tuple[torch.Tensor, torch.Tensor]], num_codebooks: int = NUM_CODEBOOKS,
+            pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(audio [K, F], text [T]) examples -> tokens [B, S, K+1] int64 and mask [B, S, K+1] bool (SPEC §2).
+
+    Rows: T text frames, F audio frames, one all-zero EOS frame (a target), then right padding.
+    """
+    k = num_codebooks
+    lengths = [len(text) + audio.shape[1] + 1 for audio, text in batch]
+    seq = max(lengths) if pad_to is None else pad_to
+    tokens = torch.zeros(len(batch), seq, k + 1, dtype=torch.long)
+    mask = torch.zeros(len(batch), seq, k + 1, dtype=torch.bool)
+    for b, (audio, text) in enumerate(batch):
+        if audio.shape[0] != k:
+            raise ValueError(f"example {b} has {audio.shape[0]} codebooks, expected {k}")
+        t, f = len(text), audio.shape[1]
+        tokens[b, :t, k] = text
+        mask[b, :t, k] = True
+        tokens[b, t:t + f, :k] = audio.T
+        mask[b, t:t + f + 1, :k] = True  # the EOS frame's codes are zeros but real targets
+    return tokens, mask
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def _fill_by_budget(order: np.ndarray, lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Cut length-sorted indices into batches whose padded size (longest x count) stays within max_tokens."""
+    batches, start, longest = [], 0, 0
+    for pos, idx in enumerate(order):
+        new_longest = max(longest, int(lengths[idx]))
+        if pos > start and new_longest * (pos - start + 1) > max_tokens:
+            batches.append(order[start:pos])
+            start, new_longest = pos, int(lengths[idx])
+        longest = new_longest
+    if start < len(order):
+        batches.append(order[start:])
+    return batches
+
+
+def _balance_tail(batches: list[np.ndarray], lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Share the last, underfull batch's examples with the batches before it.
+
+    Greedy filling leaves one small batch at the end; re-splitting the last few batches into equal
+    counts keeps every batch within 1/1.5 of the budget instead of leaving a 1-example batch.
+    """
+    def padded(b):
+        return int(lengths[b].max()) * len(b)
+
+    if len(batches) < 2 or padded(batches[-1]) * 1.5 >= max_tokens:
+        return batches
+    for k in range(2, min(len(batches), 16) + 1):
+        tail = np.concatenate(batches[-k:])
+        groups = np.array_split(tail, k)
+        sizes = [padded(g) for g in groups]
+        if max(sizes) <= max_tokens and min(sizes) * 1.5 >= max_tokens:
+            return batches[:-k] + groups
+    return batches
+
+
+class LengthBucketSampler:
+    """Batches of indices of similar length, re-formed each epoch from (seed, epoch), sharded over ranks.
+
+    With `max_tokens` each batch is filled up to that many padded frames; with `batch_size` each
+    holds that many examples (the original's batching). Shuffling is within equal lengths, then
+    of batch order, so epochs differ but a run repeats exactly. Under DDP every rank gets the
+    same number of batches: when the epoch's batch count does not divide by the world size, the
+    leftover batches' examples are re-split into one smaller batch per rank (the "evening-out");
+    only a split with fewer leftover examples than ranks repeats examples, from the epoch's start.
+    """
+
+    def __init__(self, lengths, *, max_tokens: int | None = None, batch_size: int | None = None,
+                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if (max_tokens is None) == (batch_size is None):
+            raise ValueError("give exactly one of max_tokens and batch_size")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.max_tokens, self.batch_size = max_tokens, batch_size
+        self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
+        self.epoch = 0
+        self._cache: tuple[int, list[np.ndarray]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def global_batches(self, epoch: int | None = None) -> list[np.ndarray]:
+        """All ranks' batches of an epoch, in order (rank r takes r, r+W, ...)."""
+        epoch = self.epoch if epoch is None else epoch
+        n = len(self.lengths)
+        rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
+        tie = rng.permutation(n) if rng is not None else np.arange(n)
+        order = tie[np.argsort(self.lengths[tie], kind="stable")]
+        if self.max_tokens is not None:
+            batches = _balance_tail(_fill_by_budget(order, self.lengths, self.max_tokens), self.lengths, self.max_tokens)
+        else:
+            batches = [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+        if rng is not None:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return self._even_out(batches)
+
+    def _even_out(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        w = self.world_size
+        extra = len(batches) % w
+        if extra == 0:
+            return batches
+        leftover = np.concatenate(batches[-extra:])
+        if len(leftover) < w:  # tiny data: repeat examples from the start so no rank waits forever
+            leftover = np.concatenate([leftover, np.concatenate(batches)[:w - len(leftover)]])
+        leftover = leftover[np.argsort(self.lengths[leftover], kind="stable")]
+        return batches[:-extra] + np.array_split(leftover, w)
+
+    def rank_batches(self, epoch: int | None = None) -> list[list[int]]:
+        epoch = self.epoch if epoch is None else epoch
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, [b.tolist() for b in self.global_batches(epoch)[self.rank::self.world_size]])
+        return self._cache[1]
+
+    def __len__(self) -> int:
+        return len(self.rank_batches())
+
+    def __iter__(self):
+        return iter(self.rank_batches())
+
+
+class _Skip:
+    """A batch sampler that starts `start` batches into the epoch (for mid-epoch resume)."""
+
+    def __init__(self, sampler: LengthBucketSampler, start: int):
+        self.sampler, self.start = sampler, start
+
+    def __iter__(self):
+        return iter(self.sampler.rank_batches()[self.start:])
+
+    def __len__(self):
+        return max(0, len(self.sampler) - self.start)
+
+
+class ResumableLoader:
+    """Batches of (tokens, mask) that count what they handed out, so training can resume mid-epoch.
+
+    Iterating yields the rest of the current epoch; iterating a finished epoch moves to the next.
+    """
+
+    def __init__(self, dataset: CSMDataset, sampler: LengthBucketSampler, num_workers: int = 0,
+                 pin_memory: bool = False):
+        self.dataset, self.sampler = dataset, sampler
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.consumed = 0
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.consumed = 0
+
+    def __iter__(self):
+        if self.consumed >= len(self):
+            self.set_epoch(self.sampler.epoch + 1)
+        k = self.dataset.num_codebooks
+        loader = DataLoader(self.dataset, batch_sampler=_Skip(self.sampler, self.consumed),
+                            collate_fn=partial(collate, num_codebooks=k), num_workers=self.num_workers,
+                            pin_memory=self.pin_memory, persistent_workers=False)
+        for batch in loader:
+            self.consumed += 1  # counted as handed out, not as prefetched by workers
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "consumed": self.consumed, "seed": self.sampler.seed,
+                "num_batches": len(self)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.sampler.seed:
+            raise UserError(f"checkpoint's data order used seed {state['seed']}, this run {self.sampler.seed}; "
+                            "resume with the same seed")
+        self.set_epoch(int(state["epoch"]))
+        if len(self) != state["num_batches"]:
+            raise UserError(f"the checkpoint's epoch had {state['num_batches']} batches per process, this run has "
+                            f"{len(self)}: the data, batch settings or number of processes changed since it was saved")
+        self.consumed = int(state["consumed"])
+
+
+def make_loader(dataset: CSMDataset, *, max_tokens: int | None = None, batch_size: int | None = None,
+                shuffle: bool = True, seed: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1,
+                pin_memory: bool | None = None) -> ResumableLoader:
+    """A resumable loader over `dataset` with length-bucketed batches (pinned memory when CUDA is in use)."""
+    if max_tokens is not None:
+        batch_size = None
+    elif batch_size is None:
+        raise ValueError("give max_tokens or batch_size")
+    sampler = LengthBucketSampler(dataset.lengths, max_tokens=max_tokens, batch_size=batch_size, shuffle=shuffle,
+                                  seed=seed, rank=rank, world_size=world_size)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    return ResumableLoader(dataset, sampler, num_workers=num_workers, pin_memory=pin_memory)
