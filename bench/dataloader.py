@@ -1,0 +1,106 @@
+"""Batching and dataset benchmark on the reference length distribution (bench/lengths.py).
+
+1. Padding waste and padded-tokens-per-batch spread: fixed batch size (the original) vs token budget.
+2. Dataset memory per stored token: flat int16 buffers vs a list of int64 tensors (the original).
+3. Batches/s of in-memory and partial (lazy HDF5) loading with 0 and 2 workers.
+
+Usage: python bench/dataloader.py [--examples 2000] [--batch_size 8] [--max_tokens 4096]
+Prints markdown tables for the README.
+"""
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dataloaders import CSMDataset, LengthBucketSampler, make_loader  # noqa: E402
+from lengths import padding_waste, sample_lengths  # noqa: E402
+
+CODEBOOKS = 32
+
+
+def batching_table(batch_size: int, max_tokens: int) -> str:
+    _, _, lengths = sample_lengths()
+    rows = []
+    for name, kw in ((f"fixed batch_size={batch_size}, length-bucketed (original)", {"batch_size": batch_size}),
+                     (f"token budget max_tokens={max_tokens}", {"max_tokens": max_tokens})):
+        batches = LengthBucketSampler(lengths, seed=0, **kw).global_batches()
+        padded = np.array([int(lengths[b].max()) * len(b) for b in batches])
+        rows.append(f"| {name} | {len(batches)} | {padding_waste(batches, lengths):.2%} | "
+                    f"{padded.max() / padded.min():.1f}x | {padded.mean():.0f} |")
+    # The original shuffled examples into fixed-size batches with no length grouping at all.
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(len(lengths))
+    random_batches = [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
+    padded = np.array([int(lengths[b].max()) * len(b) for b in random_batches])
+    rows.insert(0, f"| random batch_size={batch_size}, no bucketing | {len(random_batches)} | "
+                   f"{padding_waste(random_batches, lengths):.2%} | {padded.max() / padded.min():.1f}x | {padded.mean():.0f} |")
+    head = ("| batching (20,000 reference utterances) | batches | padding waste | padded tokens/batch max/min "
+            "| mean padded tokens/batch |\n|---|---|---|---|---|")
+    return head + "\n" + "\n".join(rows)
+
+
+def write_reference_file(path: Path, n: int) -> None:
+    frames, text, lengths = sample_lengths(n, seed=1)
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        g = f.create_group("train")
+        audio = g.create_dataset("audio", (n,), dtype=h5py.vlen_dtype(np.dtype("int16")))
+        txt = g.create_dataset("text", (n,), dtype=h5py.vlen_dtype(np.dtype("int32")))
+        audio[:] = [rng.integers(0, 2048, CODEBOOKS * int(fr), dtype=np.int16) for fr in frames]
+        txt[:] = [rng.integers(0, 128256, int(t), dtype=np.int32) for t in text]
+        g.create_dataset("length", data=lengths.astype(np.int32))
+
+
+def memory_table(path: Path) -> str:
+    ds = CSMDataset(path, "train")
+    items = [ds[i] for i in range(len(ds))]
+    tokens = sum(a.numel() + t.numel() for a, t in items)
+    # The original kept two int64 tensors per example; count their data only (a lower bound).
+    original = sum(a.numel() * 8 + t.numel() * 8 for a, t in items)
+    return ("| dataset storage | bytes per stored token |\n|---|---|\n"
+            f"| list of int64 tensors (original; data only) | {original / tokens:.2f} |\n"
+            f"| flat int16 codes + int32 text + offsets (this) | {ds.nbytes() / tokens:.2f} |")
+
+
+def throughput_table(path: Path, max_tokens: int, seconds: float) -> str:
+    rows = []
+    for partial in (False, True):
+        for workers in (0, 2):
+            loader = make_loader(CSMDataset(path, "train", partial=partial), max_tokens=max_tokens, seed=0,
+                                 num_workers=workers, pin_memory=False)
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                for _ in loader:
+                    n += 1
+                    if time.perf_counter() - start >= seconds:
+                        break
+            rate = n / (time.perf_counter() - start)
+            rows.append(f"| {'partial (lazy HDF5)' if partial else 'in memory'} | {workers} | {rate:.0f} |")
+    return (f"| loading mode (max_tokens={max_tokens}) | workers | batches/s |\n|---|---|---|\n" + "\n".join(rows))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--examples", type=int, default=2000, help="examples in the generated file for parts 2-3")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_tokens", type=int, default=4096)
+    p.add_argument("--seconds", type=float, default=3.0, help="time per throughput measurement")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    print(batching_table(args.batch_size, args.max_tokens), end="\n\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "reference.hdf5"
+        write_reference_file(path, args.examples)
+        print(memory_table(path), end="\n\n")
+        print(throughput_table(path, args.max_tokens, args.seconds))
+
+
+if __name__ == "__main__":
+    main()
