@@ -567,6 +567,8 @@ CONFIG_FLAGS = {
     "seed": int, "batch_size": int, "max_tokens": int, "grad_acc_steps": int, "learning_rate": float,
     "model": str, "precision": str, "wandb_project": str, "wandb_name": str, "wandb_mode": str,
     "gen_speaker": int, "num_workers": int, "text_tokenizer": str, "mimi_weights": str,
+    "warmup_steps": int, "lr_decay": str, "weight_decay": float, "max_grad_norm": float,
+    "decoder_loss_weight": float, "keep_checkpoints": int,
 }
 
 

@@ -1,0 +1,55 @@
+"""torchrun with 2 CPU processes (gloo) trains like one process that sees the same global batches."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, write_token_file
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run(cmd, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _losses(out):
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [m["loss"] for m in lines if "loss" in m], [m["val_loss"] for m in lines if "val_loss" in m]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(assets, tmp_path):
+    data = write_token_file(tmp_path / "d.hdf5", n_train=16, n_val=4)
+    common = ["--data", str(data), "--model", str(assets["model"]), "--max_steps", "5", "--val_every", "2",
+              "--save_every", "0", "--gen_every", "0", "--log_every", "1", "--wandb_mode", "disabled",
+              "--device", "cpu", "--batch_size", "2", "--learning_rate", "1e-3", "--warmup_steps", "1",
+              "--set", "decoder_fraction=1.0", "--set", "precision=fp32"]
+    # One process, 2 micro-batches of 2 per step == 2 ranks x 1 micro-batch of 2 per step.
+    single = tmp_path / "single"
+    _run([sys.executable, "train.py", *common, "--grad_acc_steps", "2", "--output_dir", str(single)])
+    ddp = tmp_path / "ddp"
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+          "train.py", *common, "--grad_acc_steps", "1", "--output_dir", str(ddp)])
+
+    (train_1, val_1), (train_2, val_2) = _losses(single), _losses(ddp)
+    assert len(train_1) == len(train_2) == 5 and len(val_1) == len(val_2) == 3
+    assert train_2 == pytest.approx(train_1, rel=1e-5)
+    assert val_2 == pytest.approx(val_1, rel=1e-5)
+    a, b = load_file(str(single / "final" / "model.safetensors")), load_file(str(ddp / "final" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    # Only rank 0 writes: one metrics file, one set of checkpoints.
+    assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["step_0000005.pt"]
