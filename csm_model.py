@@ -35,6 +35,8 @@ class Flavor:
         return self.embed_dim // self.num_heads
 
 
+MIMI_CARDINALITY = 2048  # codes per Mimi codebook; the model's audio vocab (2051) has 3 more ids
+
 FLAVORS: dict[str, Flavor] = {
     # The two of the released CSM-1B.
     "llama-1B": Flavor(num_layers=16, num_heads=32, num_kv_heads=8, embed_dim=2048, intermediate_dim=8192),
@@ -262,9 +264,15 @@ class Transformer(nn.Module):
 
 
 def sample_topk(logits: torch.Tensor, topk: int, temperature: float,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample one token per row from the top-k of logits / temperature; returns [b, 1] int."""
+                generator: torch.Generator | None = None, max_token: int | None = None) -> torch.Tensor:
+    """Sample one token per row from the top-k of logits / temperature; returns [b, 1] int.
+
+    `max_token` excludes ids from there on (audio ids 2048-2050 exist but Mimi cannot decode them;
+    a trained model never picks them, an untrained or diverged one may).
+    """
     logits = logits.float() / max(temperature, 1e-5)
+    if max_token is not None:
+        logits[..., max_token:] = float("-inf")
     k = min(topk, logits.shape[-1])
     threshold = torch.topk(logits, k).values[..., -1:]
     probs = torch.softmax(logits.masked_fill(logits < threshold, float("-inf")), dim=-1)
@@ -360,7 +368,7 @@ class CSM(nn.Module):
         bb_mask = causal_mask(self.backbone.max_seq_len, tokens.device)[input_pos]
         h = self.backbone(self.embed_frames(tokens, tokens_mask).to(dtype), input_pos=input_pos, mask=bb_mask)
         last_h = h[:, -1, :]
-        sample = sample_topk(self.codebook0_head(last_h), topk, temperature, generator)
+        sample = sample_topk(self.codebook0_head(last_h), topk, temperature, generator, MIMI_CARDINALITY)
         curr_h = torch.cat([last_h.unsqueeze(1), self._embed_audio(0, sample)], dim=1)
         samples = [sample]
         pos = torch.arange(curr_h.shape[1], device=tokens.device).unsqueeze(0).expand(curr_h.shape[0], -1)
@@ -369,7 +377,7 @@ class CSM(nn.Module):
         for i in range(1, self.config.audio_num_codebooks):
             dec_h = self.decoder(self.projection(curr_h), input_pos=pos, mask=dec_causal[pos])
             logits = dec_h[:, -1, :] @ self.audio_head[i - 1]
-            sample = sample_topk(logits, topk, temperature, generator)
+            sample = sample_topk(logits, topk, temperature, generator, MIMI_CARDINALITY)
             samples.append(sample)
             curr_h = self._embed_audio(i, sample)
             pos = pos[:, -1:] + 1

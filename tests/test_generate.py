@@ -1,0 +1,130 @@
+"""generate.py on the tiny model: wav output, EOS stop, length cap, seeds, context, errors."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import generate
+import utils
+from conftest import ROOT
+from generate import Segment, synthesize
+
+SAMPLES_PER_FRAME = 1920  # 24 kHz / 12.5 Hz
+
+
+@pytest.fixture
+def model(assets):
+    return utils.load_model(str(assets["model"]))
+
+
+def _cli(assets, *args):
+    return ["--model", str(assets["model"]), "--text_tokenizer", str(assets["text_tokenizer"]),
+            "--mimi_weights", str(assets["mimi"]), "--device", "cpu", *args]
+
+
+def test_cli_writes_a_24khz_wav_within_the_cap(assets, tmp_path, capsys):
+    out = tmp_path / "sub" / "hello.wav"
+    assert generate.main(_cli(assets, "--text", "Hello there.", "--speaker", "3", "--output", str(out),
+                              "--max_audio_seconds", "0.4")) == 0
+    info = sf.info(str(out))
+    assert info.samplerate == 24000 and info.channels == 1
+    assert 0 < info.frames <= 5 * SAMPLES_PER_FRAME
+    assert "hello.wav" in capsys.readouterr().out
+
+
+def test_length_cap_without_eos(model, text_tokenizer, mimi):
+    audio, stopped = synthesize(model, text_tokenizer, mimi, "Hi.", 0, max_audio_seconds=0.4,
+                                generator=torch.Generator().manual_seed(0))
+    assert not stopped
+    assert audio.shape == (5 * SAMPLES_PER_FRAME,)
+
+
+class _Const(torch.nn.Module):
+    """Outputs a fixed vector whatever comes in (named `scale` so it can stand in for a norm)."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.scale = torch.nn.Parameter(value, requires_grad=False)
+
+    def forward(self, x):
+        return self.scale.to(x.dtype).expand(*x.shape[:-1], -1)
+
+
+def test_stops_at_the_eos_frame(model, text_tokenizer, mimi):
+    # Make code 0 the best candidate for every codebook: the first sampled frame is the EOS frame.
+    head = torch.zeros(model.config.audio_vocab_size)
+    head[0] = 10.0
+    model.codebook0_head = _Const(head)
+    model.decoder.norm = _Const(torch.ones(model.decoder.norm.scale.shape))  # decoder output = ones
+    with torch.no_grad():
+        model.audio_head.zero_()
+        model.audio_head[:, :, 0] = 1.0
+    audio, stopped = synthesize(model, text_tokenizer, mimi, "Hi.", 0, max_audio_seconds=2.0, topk=1)
+    assert stopped and audio.numel() == 0
+
+
+def test_seed_decides_the_output(model, text_tokenizer, mimi):
+    def run(seed):
+        return synthesize(model, text_tokenizer, mimi, "Same text.", 1, max_audio_seconds=0.32,
+                          generator=torch.Generator().manual_seed(seed))[0]
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_mode_and_caches_are_restored(model, text_tokenizer, mimi):
+    model.train()
+    synthesize(model, text_tokenizer, mimi, "Hi.", 0, max_audio_seconds=0.16)
+    assert model.training
+    assert not model.backbone.caches_are_enabled() and not model.decoder.caches_are_enabled()
+
+
+def test_context_turns_change_the_output(model, text_tokenizer, mimi):
+    rng = np.random.default_rng(0)
+    turn = Segment("Earlier words.", 2, torch.from_numpy(rng.normal(0, 0.1, 12000).astype(np.float32)))
+    tokens, mask = generate.build_prompt(text_tokenizer, mimi, [turn, Segment("Now.", 0)], 32, "cpu")
+    n_text0 = len(utils.encode_text(text_tokenizer, "Earlier words.", 2))
+    n_audio = 12000 // SAMPLES_PER_FRAME + 1  # ceil(0.5 s / 80 ms) frames, then the EOS frame
+    assert len(tokens) == n_text0 + n_audio + 1 + len(utils.encode_text(text_tokenizer, "Now.", 0))
+    eos = n_text0 + n_audio  # the context turn's EOS frame: zeros, audio entries real
+    assert not tokens[eos].any() and mask[eos, :32].all() and not mask[eos, 32]
+
+    def run(context):
+        return synthesize(model, text_tokenizer, mimi, "Now.", 0, context, max_audio_seconds=0.32,
+                          generator=torch.Generator().manual_seed(0))[0]
+
+    assert not torch.equal(run([turn]), run([]))
+
+
+def test_lines_file_writes_one_wav_per_line(assets, tmp_path):
+    lines = tmp_path / "lines.txt"
+    lines.write_text("First line.\n\nSecond line.\n")
+    generate.main(_cli(assets, "--lines", str(lines), "--output", str(tmp_path / "out.wav"),
+                       "--max_audio_seconds", "0.16"))
+    assert sorted(p.name for p in tmp_path.glob("out_*.wav")) == ["out_000.wav", "out_001.wav"]
+
+
+def test_user_errors(model, text_tokenizer, mimi):
+    with pytest.raises(utils.UserError, match="empty"):
+        synthesize(model, text_tokenizer, mimi, "  ", 0)
+    with pytest.raises(utils.UserError, match="2048-frame limit"):
+        synthesize(model, text_tokenizer, mimi, "Hi.", 0, max_audio_seconds=200)
+    with pytest.raises(utils.UserError, match="non-negative integer"):
+        generate.parse_speaker("abc")
+    with pytest.raises(utils.UserError, match="non-negative integer"):
+        generate.parse_speaker("-1")
+
+
+def test_cli_errors_are_one_line(assets, tmp_path):
+    proc = subprocess.run([sys.executable, "generate.py", "--model", str(tmp_path / "missing"), "--text", "Hi",
+                           "--device", "cpu"], cwd=ROOT, capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error:") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    proc = subprocess.run([sys.executable, "generate.py", *_cli(assets, "--text", "Hi", "--context_audio",
+                                                                  str(tmp_path / "none.wav"))],
+                          cwd=ROOT, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2 and "--context_text" in proc.stderr
