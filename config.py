@@ -55,7 +55,7 @@ class TrainConfig:
     decoder_loss_weight: float = _f(0.5, "w in 2((1-w) c0_loss + w decoder_loss).", min=0, max=1)
     decoder_fraction: float = _f(1 / 16, "Fraction of audio frames the decoder trains on (compute amortization).", gt=0, max=1)
     precision: str = _f("auto", "auto = bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU.", choices=PRECISIONS)
-    activation_checkpointing: bool = _f(False, "Recompute layer activations in backward: less memory, ~30% slower.")
+    activation_checkpointing: bool = _f(False, "Recompute layer activations in backward: less activation memory for extra compute.")
     # --- length of the run
     n_epochs: int = _f(25, "Epochs over the training split (the run length unless max_steps is set).", min=1)
     max_steps: int | None = _f(None, "Optimizer steps; overrides n_epochs.", min=1)
@@ -76,7 +76,7 @@ class TrainConfig:
     wandb_project: str = _f("csm-finetune", "Weights & Biases project.")
     wandb_name: str | None = _f(None, "W&B run name (default: derived from the output directory).")
     wandb_group: str | None = _f(None, "W&B group (sweeps group trials by study).")
-    wandb_mode: str = _f("auto", "auto = online when an API key is configured, else offline; or online|offline|disabled.",
+    wandb_mode: str = _f("auto", "auto = online when an API key is configured, else offline.",
                          choices=("auto", "online", "offline", "disabled"))
 
     def to_dict(self) -> dict:
@@ -234,3 +234,33 @@ def config_reference_markdown() -> str:
         extra = f" One of: {', '.join(map(str, meta['choices']))}." if meta.get("choices") else ""
         rows.append(f"| `{f.name}` | `{default!r}` | {meta['help']}{extra} |")
     return "\n".join(rows)
+
+
+README_MARKERS = ("<!-- config-table:start -->", "<!-- config-table:end -->")
+
+
+def replace_between(text: str, markers: tuple[str, str], body: str) -> str:
+    """`text` with what lies between the two marker lines replaced by `body`."""
+    start, end = markers
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Print the config reference, or write it into the README.")
+    p.add_argument("--markdown", action="store_true", help="print the config table as markdown")
+    p.add_argument("--update_readme", metavar="README", help="replace the table between the README's markers")
+    args = p.parse_args(argv)
+    if args.update_readme:
+        path = Path(args.update_readme)
+        path.write_text(replace_between(path.read_text(), README_MARKERS, config_reference_markdown()))
+    else:
+        print(config_reference_markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The README matches the code: its config table, its command lines, its images, its first commands."""
+import importlib
+import re
+import shlex
+
+import pytest
+
+import config
+from conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+SCRIPTS = ("pretokenize", "train", "sweep", "generate")
+
+
+def _command_lines() -> list[str]:
+    """Shell lines of the README's code blocks, with backslash continuations joined."""
+    lines = []
+    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", README, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if line:
+                lines.append(line)
+    return lines
+
+
+def _script_invocations() -> list[tuple[str, list[str]]]:
+    found = []
+    for line in _command_lines():
+        words = shlex.split(line)
+        for i, word in enumerate(words):
+            name = word.removesuffix(".py")
+            if word.endswith(".py") and name in SCRIPTS:
+                found.append((name, words[i + 1:]))
+    return found
+
+
+def test_first_commands_are_make_demo_and_make_test():
+    assert _command_lines()[:2] == ["make demo", "make test"]
+
+
+def test_config_table_matches_the_dataclass():
+    start, end = config.README_MARKERS
+    table = README.split(start, 1)[1].split(end, 1)[0].strip()
+    assert table == config.config_reference_markdown(), "run: python config.py --update_readme README.md"
+
+
+def test_every_script_is_shown():
+    assert {name for name, _ in _script_invocations()} == set(SCRIPTS)
+
+
+@pytest.mark.parametrize("name,args", _script_invocations(), ids=lambda x: x if isinstance(x, str) else None)
+def test_readme_command_lines_parse(name, args):
+    parser = importlib.import_module(name).build_parser()
+    parser.exit_on_error = False
+    parser.parse_args(args)  # raises SystemExit (or ArgumentError) on an unknown flag or a bad value
+
+
+def test_images_exist():
+    for path in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README):
+        assert (ROOT / path).is_file(), path
+
+
+def test_config_keys_named_in_the_readme_exist():
+    for key in re.findall(r"--set (\w+)=", README):
+        assert key == "key" or key in config.CONFIG_KEYS, key
