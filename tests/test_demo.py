@@ -1,0 +1,27 @@
+"""The demo's steps, shortened: pretokenize -> train -> generate -> sweep on the bundled clips."""
+import json
+
+import h5py
+import pytest
+import soundfile as sf
+import yaml
+
+import demo
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_step(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert demo.main(["--quick", "--output_dir", str(out)]) == 0
+    with h5py.File(out / "data.hdf5") as f:
+        assert len(f["train/length"]) >= 15 and len(f["val/length"]) >= 3
+    metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in m for m in metrics)
+    assert (out / "run" / "best" / "model.safetensors").is_file()
+    assert list((out / "run" / "samples").glob("*.wav"))
+    info = sf.info(str(out / "generated.wav"))
+    assert info.samplerate == 24000 and info.frames > 0
+    assert yaml.safe_load((out / "sweep" / "best_config.yaml").read_text())["learning_rate"] > 0
+    assert (out / "loss_curve.png").is_file()
+    printed = capsys.readouterr().out
+    assert "generated speech" in printed and "noise, not speech" in printed
