@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     banner("2/5 pretokenize the bundled clips")
     data = out / "data.hdf5"
     pretokenize.main(["--train_data", str(SAMPLE / "train.csv"), "--val_data", str(SAMPLE / "val.json"),
-                      "--output", str(data), "--device", "cpu", "--batch_size", "8", *common])
+                      "--output", str(data), "--device", "cpu", *common])
 
     banner(f"3/5 train for {steps} steps (validation, samples, checkpoints)")
     run = out / "run"

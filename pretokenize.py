@@ -406,8 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--omit_speaker_id", action="store_true", help="tokenize text without the [speaker] prefix")
     p.add_argument("--device", default="auto", help="where Mimi runs: auto, cpu, cuda, cuda:1")
     p.add_argument("--save_every", type=int, default=500, help="rows per committed chunk (the resume granularity)")
-    p.add_argument("--batch_size", type=int, default=16, help="clips encoded together")
-    p.add_argument("--num_workers", type=int, default=4, help="threads reading and resampling audio (0: inline)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="clips encoded together (default: 16 on CUDA, 1 on CPU, where batches measured slower)")
+    p.add_argument("--num_workers", type=int, default=None,
+                   help="threads reading and resampling audio ahead of the encoder (default: 4 on CUDA, 0 on CPU)")
     p.add_argument("--text_tokenizer", default=utils.DEFAULT_TEXT_TOKENIZER, help="hub id or local directory")
     p.add_argument("--mimi_weights", default=None, help="Mimi safetensors file or hub repo (default: moshi's)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
@@ -420,6 +422,13 @@ def main(argv: list[str] | None = None) -> int:
     metadata = {split: p for split, p in (("train", args.train_data), ("val", args.val_data)) if p}
     if not metadata:
         raise UserError("give --train_data and/or --val_data")
+    device = utils.resolve_device(args.device)
+    # On CPU, Mimi's convolutions are memory-bound: batches and reader threads competing for the
+    # cores measured slower there (bench/pretokenize.py), so they are GPU defaults only.
+    if args.batch_size is None:
+        args.batch_size = 16 if device.type == "cuda" else 1
+    if args.num_workers is None:
+        args.num_workers = 4 if device.type == "cuda" else 0
     for name, value in (("--save_every", args.save_every), ("--batch_size", args.batch_size),
                         ("--max_seq_len", args.max_seq_len)):
         if value < 1:
@@ -429,7 +438,6 @@ def main(argv: list[str] | None = None) -> int:
     frames = {split: read_metadata(p) for split, p in metadata.items()}
     output = Path(args.output)
     work = output.with_name(output.name + ".partial")
-    device = utils.resolve_device(args.device)
     tokenizer = utils.load_text_tokenizer(args.text_tokenizer)
     mimi = utils.load_mimi(args.mimi_weights, device=device, num_codebooks=NUM_CODEBOOKS)
     fp = fingerprint(args, tokenizer, mimi, metadata)
