@@ -182,16 +182,17 @@ def make_config(values: dict, source: str = "config") -> TrainConfig:
     return cfg
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, what: str = "config file") -> dict:
+    """A YAML mapping, or one clear error naming the file (`what` says which kind of file it is)."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"config file {path} not found")
+        raise UserError(f"{what} {path} not found")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        raise UserError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(data, dict):
-        raise UserError(f"config file {path} must be a mapping of key: value")
+        raise UserError(f"{what} {path} must be a mapping of key: value")
     return data
 
 

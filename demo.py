@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     banner(f"5/5 a {trials}-trial sweep on 2 CPU workers")
     sweep_dir = out / "sweep"
-    sweep.main(["--data", str(data), "--sweep_config", str(ROOT / "configs" / "sweep.yaml"), "--output_dir", str(sweep_dir),
+    sweep.main(["--data", str(data), "--sweep_config", str(ROOT / "configs" / "sweep_demo.yaml"), "--output_dir", str(sweep_dir),
                 "--n_trials", str(trials), "--n_workers", "2", "--max_steps", str(trial_steps), "--model", str(assets["model"]),
                 "--wandb_mode", "disabled", "--sampler", "random", "--set", "val_every=" + str(max(trial_steps // 2, 1)),
                 "--set", "batch_size=4", "--set", f"text_tokenizer={assets['text_tokenizer']}",

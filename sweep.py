@@ -56,14 +56,8 @@ def _number(key: str, spec: dict, name: str, cast):
 def load_space(path: str | Path, base: dict) -> dict[str, dict]:
     """Read and validate the search space: keys are training config keys, each type well formed, and
     every value it can produce passes the training config's own validation."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"sweep config {path} not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"sweep config {path} is not valid YAML: {str(e).splitlines()[0]}") from e
-    if not isinstance(raw, dict) or not raw:
+    raw = config_mod.read_yaml(path, "sweep config")
+    if not raw:
         raise UserError(f"sweep config {path} must map config keys to search entries")
     space = {}
     for key, spec in raw.items():
