@@ -371,6 +371,9 @@ def load_mimi(weights: str | Path | None = None, device="cpu", num_codebooks: in
         mimi = loaders.get_mimi(str(path), mimi_config=config, device=device, num_codebooks=num_codebooks)
     except (RuntimeError, KeyError) as e:
         raise UserError(f"{path} is not a Mimi checkpoint matching its config: {str(e).splitlines()[0]}") from e
+    # Mimi is only ever used as a frozen tokenizer; without this, a call outside inference_mode
+    # after one inside it trips over the codebook tensors cached during the first.
+    mimi.requires_grad_(False)
     n_q = mimi.quantizer.total_codebooks if hasattr(mimi.quantizer, "total_codebooks") else num_codebooks
     if num_codebooks > n_q:
         raise UserError(f"Mimi at {path} has {n_q} codebooks; {num_codebooks} were asked for")

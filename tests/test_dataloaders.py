@@ -1,5 +1,5 @@
 """The dataset, batching, sharding, resume and collate of dataloaders.py."""
-import sys
+import importlib.util
 
 import h5py
 import numpy as np
@@ -12,8 +12,17 @@ from conftest import ROOT, write_token_file
 from utils import UserError
 from dataloaders import CSMDataset, DataError, LengthBucketSampler, collate, make_loader, open_splits
 
-sys.path.insert(0, str(ROOT / "bench"))
-from lengths import padding_waste, sample_lengths  # noqa: E402
+
+def _bench_module(name):
+    """A module of bench/ loaded by path: putting bench/ on sys.path would shadow the scripts of the same name."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_lengths = _bench_module("lengths")
+padding_waste, sample_lengths = _lengths.padding_waste, _lengths.sample_lengths
 
 
 def _spread(batches, lengths):
