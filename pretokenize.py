@@ -227,7 +227,7 @@ def _chunk_path(work: Path, split: str, index: int) -> Path:
 
 
 def _save_chunk(path: Path, examples: list[tuple[int, np.ndarray, list[int], float]],
-                skipped: list[tuple[int, str, str]]) -> None:
+                skipped: list[tuple[int, str, str]]) -> dict:
     """One chunk's kept examples and skipped rows, written to a temp name then renamed (all or nothing)."""
     audio = [e[1].reshape(-1).astype(np.int16) for e in examples]
     text = [np.asarray(e[2], dtype=np.int32) for e in examples]
@@ -243,6 +243,7 @@ def _save_chunk(path: Path, examples: list[tuple[int, np.ndarray, list[int], flo
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
+    return {**arrays, "skipped": skipped}
 
 
 def _load_chunk(path: Path) -> dict:
@@ -250,14 +251,6 @@ def _load_chunk(path: Path) -> dict:
         chunk = {k: z[k] for k in z.files}
     chunk["skipped"] = json.loads(str(chunk["skipped"]))
     return chunk
-
-
-def _split_examples(chunk: dict, num_codebooks: int):
-    """(row, audio [K*F] int16, text int32) of a loaded chunk."""
-    a_off = np.concatenate([[0], np.cumsum(chunk["audio_sizes"])])
-    t_off = np.concatenate([[0], np.cumsum(chunk["text_sizes"])])
-    for i, row in enumerate(chunk["rows"]):
-        yield int(row), chunk["audio"][a_off[i]:a_off[i + 1]], chunk["text"][t_off[i]:t_off[i + 1]]
 
 
 # --------------------------------------------------------------------------- fingerprint
@@ -352,6 +345,11 @@ def _prepare(raw_item: tuple[int, dict]):
         return e
 
 
+def _ragged(flat: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+    """A flat buffer cut back into its rows."""
+    return np.split(flat, np.cumsum(sizes)[:-1])
+
+
 def write_output(output: Path, work: Path, plan: dict, fp: dict, args, tokenizer) -> None:
     """Assemble the chunks into <output>.tmp, then rename it onto the output."""
     import h5py
@@ -364,22 +362,29 @@ def write_output(output: Path, work: Path, plan: dict, fp: dict, args, tokenizer
                        mimi_weights=str(args.mimi_weights or "default"), omit_speaker_id=bool(args.omit_speaker_id),
                        max_seq_len=args.max_seq_len, fingerprint=json.dumps(fp, sort_keys=True))
         for split, n_chunks in plan.items():
-            chunks = [_load_chunk(_chunk_path(work, split, i)) for i in range(n_chunks)]
-            n = sum(len(c["rows"]) for c in chunks)
+            paths = [_chunk_path(work, split, i) for i in range(n_chunks)]
+            n = 0
+            for chunk_path in paths:  # npz members load lazily: this reads only the row ids
+                with np.load(chunk_path, allow_pickle=False) as z:
+                    n += len(z["rows"])
             g = f.create_group(split)
             audio = g.create_dataset("audio", (n,), dtype=h5py.vlen_dtype(np.dtype("int16")))
             text = g.create_dataset("text", (n,), dtype=h5py.vlen_dtype(np.dtype("int32")))
-            lengths = np.zeros(n, dtype=np.int32)
-            rows = np.zeros(n, dtype=np.int64)
-            i = 0
-            for chunk in chunks:
-                for row, a, t in _split_examples(chunk, NUM_CODEBOOKS):
-                    audio[i], text[i] = a, t
-                    lengths[i] = len(t) + len(a) // NUM_CODEBOOKS + 1
-                    rows[i] = row
-                    i += 1
-            g.create_dataset("length", data=lengths)
-            g.create_dataset("source_row", data=rows)
+            lengths = g.create_dataset("length", (n,), dtype=np.int32)
+            rows = g.create_dataset("source_row", (n,), dtype=np.int64)
+            start = 0
+            for chunk_path in paths:
+                chunk = _load_chunk(chunk_path)
+                m = len(chunk["rows"])
+                if m == 0:
+                    continue
+                # Row by row: h5py turns a slice of equal-length rows into a 2-D array and refuses it.
+                for j, (a, t) in enumerate(zip(_ragged(chunk["audio"], chunk["audio_sizes"]),
+                                               _ragged(chunk["text"], chunk["text_sizes"]))):
+                    audio[start + j], text[start + j] = a, t
+                lengths[start:start + m] = chunk["text_sizes"] + chunk["audio_sizes"] // NUM_CODEBOOKS + 1
+                rows[start:start + m] = chunk["rows"]
+                start += m
     os.replace(tmp, output)
 
 
@@ -496,8 +501,7 @@ def main(argv: list[str] | None = None) -> int:
             pending = submit(todo[n + 1]) if n + 1 < len(todo) else None
             clips = [f.result() for f in futures] if futures else [_prepare(r) for r in rows]
             examples, skipped = process_chunk(rows, clips, tokenizer, mimi, args, device, split)
-            _save_chunk(_chunk_path(work, split, i), examples, skipped)
-            chunk = _load_chunk(_chunk_path(work, split, i))
+            chunk = _save_chunk(_chunk_path(work, split, i), examples, skipped)
             stats[split].add_chunk(chunk)
             audio_s += float(chunk["seconds"].sum())
             bar.update(len(rows))

@@ -1,14 +1,19 @@
-"""Pretokenizing throughput: this tool end to end vs a bare loop that only reads and encodes clip by clip.
+"""Pretokenizing throughput: this tool end to end vs the bare loop of the original.
 
-The bare loop is the floor of what the original does (read, resample, `mimi.encode` one clip at a
-time, nothing written); this tool additionally tokenizes text, validates rows and writes the HDF5.
-Both run on the same generated clips (1-6 s, 44.1 kHz, so both must resample) in the same run.
+    python bench/pretokenize.py [--clips 48] [--mimi_weights FILE | --full_size] [--device cpu]
 
-Usage: python bench/pretokenize.py [--clips 32] [--mimi_weights FILE] [--device cpu]
-Without --mimi_weights a random Mimi of moshi's full-size architecture is built offline (codebooks
-filled so codes vary): the same computation as the real weights, which need a download.
+The bare loop is the floor of what the original does: load Mimi, then for each clip read it with
+soundfile, resample, `mimi.encode` it alone under inference_mode; nothing validated or written.
+The tool (`pretokenize.main`) additionally loads the text tokenizer, validates and tokenizes every
+row, fingerprints its inputs and writes the chunked, resumable HDF5 output. Both see the same
+seeded random clips (1-6 s at 24 kHz by default) after one warm-up pass each (file cache, imports).
+
+Mimi: the tiny one of tiny_assets by default (offline, seconds); --full_size builds moshi's
+full-size architecture with random weights (the real computation, no download); --mimi_weights
+takes the real safetensors file.
 """
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -25,26 +30,25 @@ import pretokenize  # noqa: E402
 import tiny_assets  # noqa: E402
 import utils  # noqa: E402
 
-SOURCE_RATE = 44100
 
-
-def make_clips(directory: Path, n: int) -> tuple[Path, float]:
-    rng = np.random.default_rng(0)
+def make_clips(directory: Path, n: int, rate: int, seed: int) -> tuple[Path, float]:
+    """n sine-plus-noise clips of 1-6 s and their metadata csv; returns (csv, total seconds)."""
+    rng = np.random.default_rng(seed)
     rows, seconds = [], 0.0
     for i in range(n):
         dur = float(rng.uniform(1.0, 6.0))
-        t = np.arange(int(dur * SOURCE_RATE)) / SOURCE_RATE
+        t = np.arange(int(dur * rate)) / rate
         wave = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 400) * t) + 0.05 * rng.standard_normal(len(t))
-        sf.write(directory / f"clip{i:04d}.wav", wave.astype(np.float32), SOURCE_RATE)
-        rows.append({"path": f"clip{i:04d}.wav", "text": f"Benchmark sentence {i}.", "speaker": 0})
-        seconds += dur
+        sf.write(directory / f"clip{i:04d}.wav", wave.astype(np.float32), rate)
+        rows.append({"path": f"clip{i:04d}.wav", "text": f"Benchmark sentence number {i}.", "speaker": i % 2})
+        seconds += len(t) / rate
     meta = directory / "meta.csv"
     pd.DataFrame(rows).to_csv(meta, index=False)
     return meta, seconds
 
 
 def full_size_random_mimi(path: Path) -> Path:
-    """moshi's default Mimi architecture with random weights, saved like the real file."""
+    """moshi's default Mimi architecture with random weights (codebooks filled), saved like the real file."""
     from moshi.models import loaders
     from safetensors.torch import save_file
 
@@ -59,54 +63,77 @@ def full_size_random_mimi(path: Path) -> Path:
     return path
 
 
-def bare_loop(meta: Path, mimi, device) -> None:
+def bare_loop(meta: Path, mimi_weights: str, device) -> None:
+    """Load Mimi, then read, resample and encode one clip at a time (the original's inner loop)."""
     import torchaudio
 
+    mimi = utils.load_mimi(mimi_weights, device=device)
     df = pd.read_csv(meta)
     with torch.inference_mode():
         for path in df["path"]:
-            data, rate = sf.read(str(meta.parent / path), dtype="float32")
-            audio = torchaudio.functional.resample(torch.from_numpy(data), rate, utils.MIMI_SAMPLE_RATE)
+            data, rate = sf.read(str(meta.parent / path), dtype="float32", always_2d=True)
+            audio = torch.from_numpy(data.mean(axis=1))
+            if rate != utils.MIMI_SAMPLE_RATE:
+                audio = torchaudio.functional.resample(audio, rate, utils.MIMI_SAMPLE_RATE)
             mimi.encode(audio.view(1, 1, -1).to(device))
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall time of `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--clips", type=int, default=32)
-    p.add_argument("--mimi_weights", help="real Mimi safetensors (default: full-size random Mimi)")
+    p.add_argument("--clips", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--source_rate", type=int, default=24000, help="sample rate of the generated clips")
+    p.add_argument("--mimi_weights", help="real Mimi safetensors (default: the tiny Mimi)")
+    p.add_argument("--full_size", action="store_true", help="moshi's full-size Mimi with random weights")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch_sizes", default="1,2,8", help="batch sizes to time the tool with")
-    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--configs", default="1:0,auto",
+                   help="tool settings to time, comma-separated BATCH:WORKERS pairs or 'auto' (the defaults)")
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     device = utils.resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         assets = tiny_assets.make_all(tmp / "assets")
-        mimi_weights = args.mimi_weights or str(full_size_random_mimi(tmp / "mimi-full-random.safetensors"))
-        meta, seconds = make_clips(tmp, args.clips)
-        mimi = utils.load_mimi(mimi_weights, device=device)
-        bare_loop(meta, mimi, device)  # warm-up: file cache and kernels, for both contenders
-        t0 = time.perf_counter()
-        bare_loop(meta, mimi, device)
-        bare = time.perf_counter() - t0
+        if args.mimi_weights:
+            mimi_weights, which = args.mimi_weights, f"Mimi {Path(args.mimi_weights).name}"
+        elif args.full_size:
+            mimi_weights, which = str(full_size_random_mimi(tmp / "mimi-full.safetensors")), "full-size Mimi, random weights"
+        else:
+            mimi_weights, which = str(assets["mimi"]), "tiny Mimi (tiny_assets)"
+        meta, seconds = make_clips(tmp, args.clips, args.source_rate, args.seed)
+        bare = timed(lambda: bare_loop(meta, mimi_weights, device), args.repeats)
         common = ["--train_data", str(meta), "--text_tokenizer", str(assets["text_tokenizer"]),
-                  "--mimi_weights", mimi_weights, "--device", str(device), "--save_every", "500"]
-        utils.load_text_tokenizer(str(assets["text_tokenizer"]))  # imports paid outside the timings
+                  "--mimi_weights", mimi_weights, "--device", str(device)]
         rows = []
-        runs = [(1, 0)] + [(int(b), args.num_workers) for b in args.batch_sizes.split(",")]
-        for batch, workers in runs:
-            out = tmp / f"out_{batch}_{workers}.hdf5"
-            t0 = time.perf_counter()
-            pretokenize.main([*common, "--output", str(out), "--batch_size", str(batch), "--num_workers", str(workers)])
-            rows.append((batch, workers, time.perf_counter() - t0))
-    which = "given Mimi weights" if args.mimi_weights else "full-size Mimi, random weights"
-    print(f"\n{args.clips} clips, {seconds / 60:.1f} min of 44.1 kHz audio, {which}, {device}, "
-          f"{torch.get_num_threads()} threads")
+        for n, config in enumerate(args.configs.split(",")):
+            extra = [] if config == "auto" else ["--batch_size", config.split(":")[0], "--num_workers", config.split(":")[1]]
+            out = tmp / f"out{n}.hdf5"
+
+            def tool():
+                out.unlink(missing_ok=True)  # else the second call is an up-to-date no-op
+                pretokenize.main([*common, "--output", str(out), *extra])
+
+            label = "defaults" if config == "auto" else f"--batch_size {extra[1]} --num_workers {extra[3]}"
+            rows.append((label, timed(tool, args.repeats)))
+    print(f"\n{args.clips} clips, {seconds / 60:.1f} min of {args.source_rate / 1000:g} kHz audio, {which}, {device}, "
+          f"{torch.get_num_threads()} torch threads, median of {args.repeats}")
     print("| pretokenizing | clips/s | audio s/s | vs bare loop |\n|---|---|---|---|")
-    print(f"| bare loop: read + resample + encode one clip at a time | {args.clips / bare:.1f} | {seconds / bare:.0f} | 1.00x |")
-    for batch, workers, t in rows:
-        print(f"| pretokenize.py --batch_size {batch} --num_workers {workers} (whole tool, writes the file) | "
-              f"{args.clips / t:.1f} | {seconds / t:.0f} | {bare / t:.2f}x |")
+    print(f"| bare loop: load Mimi, read + resample + encode one clip at a time | {args.clips / bare:.1f} | "
+          f"{seconds / bare:.0f} | 1.00x |")
+    for label, t in rows:
+        print(f"| pretokenize.py {label} (whole tool, writes the file) | {args.clips / t:.1f} | {seconds / t:.0f} | "
+              f"{bare / t:.2f}x |")
 
 
 if __name__ == "__main__":
