@@ -273,18 +273,18 @@ def peak_memory_bytes(device: torch.device) -> int:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _rng_state(generator: torch.Generator) -> dict:
+def _rng_state(generator_states: list[torch.Tensor]) -> dict:
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "python": random.getstate(),
-        "loss_generator": generator.get_state(),
+        "loss_generators": generator_states,  # one per rank
     }
 
 
-def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -292,7 +292,6 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    generator.set_state(state["loss_generator"])
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -305,7 +304,7 @@ def atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, loader, generator, cfg: TrainConfig,
+def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, loader, generator_states, cfg: TrainConfig,
                     step: int, best_val_loss: float, nonfinite_streak: int) -> None:
     model_args = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(vars(model.config))
     atomic_torch_save({
@@ -317,7 +316,7 @@ def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, loader, 
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "loader": loader.state_dict(),
-        "rng": _rng_state(generator),
+        "rng": _rng_state(generator_states),
         "config": cfg.to_dict(),
         "best_val_loss": best_val_loss,
         "nonfinite_streak": nonfinite_streak,
@@ -468,7 +467,11 @@ def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         train_loader.load_state_dict(state["loader"])
-        _set_rng_state(state["rng"], generator)
+        _set_rng_state(state["rng"])
+        if len(state["rng"]["loss_generators"]) != rt.world_size:
+            raise UserError(f"{resume_from} was saved by {len(state['rng']['loss_generators'])} process(es); "
+                            f"resume it with as many (this run has {rt.world_size})")
+        generator.set_state(state["rng"]["loss_generators"][rt.rank])
         step, best_val, streak = state["step"], state["best_val_loss"], state["nonfinite_streak"]
         changed = sorted(key for key, v in state["config"].items() if getattr(cfg, key, v) != v)
         print0(f"resumed from {resume_from} at step {step}" + (f" (config changed: {', '.join(changed)})" if changed else ""))
@@ -488,10 +491,15 @@ def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device:
             train_loader.set_epoch(train_loader.state_dict()["epoch"] + 1)
 
     def checkpoint(path: Path):
+        # Every rank draws its own decoder frames: keep each rank's generator, not just rank 0's.
+        generators = [generator.get_state()]
+        if rt.distributed:
+            generators = [None] * rt.world_size
+            dist.all_gather_object(generators, generator.get_state())
         if rt.is_main:
             save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                            loader=train_loader, generator=generator, cfg=cfg, step=step, best_val_loss=best_val,
-                            nonfinite_streak=streak)
+                            loader=train_loader, generator_states=generators, cfg=cfg, step=step,
+                            best_val_loss=best_val, nonfinite_streak=streak)
 
     print0(f"training {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) "
            f"on {rt.device} x{rt.world_size}, {precision}, {total_steps} steps, {len(train_set)} train examples")
