@@ -10,6 +10,7 @@ length cap is reached.
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ class Segment:
 def parse_speaker(value) -> int:
     """Speaker ids are the non-negative integers CSM was trained with ("[0]Hello")."""
     text = str(value).strip()
-    if not text.isdigit():
+    if not re.fullmatch(r"[0-9]+", text):  # not str.isdigit: it accepts "²", which int() rejects
         raise UserError(f"--speaker must be a non-negative integer id, got {value!r}")
     return int(text)
 
@@ -45,10 +46,14 @@ def _text_frames(tokenizer, text: str, speaker: int, k: int) -> tuple[torch.Tens
     return tokens, mask
 
 
-def _audio_frames(mimi, audio: torch.Tensor, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _mimi_device(mimi) -> torch.device:
+    return next(mimi.parameters()).device
+
+
+def _audio_frames(mimi, audio: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mimi codes of a context turn, plus the EOS frame that ended it in training data."""
     with torch.inference_mode():
-        codes = mimi.encode(audio.float().reshape(1, 1, -1).to(device))[0, :k].cpu()  # [K, F]
+        codes = mimi.encode(audio.float().reshape(1, 1, -1).to(_mimi_device(mimi)))[0, :k].cpu()  # [K, F]
     frames = codes.shape[1] + 1
     tokens = torch.zeros(frames, k + 1, dtype=torch.long)
     mask = torch.zeros(frames, k + 1, dtype=torch.bool)
@@ -57,17 +62,19 @@ def _audio_frames(mimi, audio: torch.Tensor, k: int, device) -> tuple[torch.Tens
     return tokens, mask
 
 
-def build_prompt(tokenizer, mimi, segments: list[Segment], k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def build_prompt(tokenizer, mimi, segments: list[Segment], k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Frames of the context turns and the text to speak: tokens, mask [S, K+1]."""
     parts = []
     for i, seg in enumerate(segments):
         parts.append(_text_frames(tokenizer, seg.text, seg.speaker, k))
         if seg.audio is not None and i < len(segments) - 1:
-            parts.append(_audio_frames(mimi, seg.audio, k, device))
+            parts.append(_audio_frames(mimi, seg.audio, k))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-@torch.inference_mode()
+# no_grad rather than inference_mode: tensors the model caches on first use (its RoPE tables) would
+# otherwise be inference tensors, and a training step after the first sample would fail on them.
+@torch.no_grad()
 def synthesize(model, text_tokenizer, mimi, text: str, speaker: int = 0, context: list[Segment] | tuple = (), *,
                max_audio_seconds: float = 10.0, temperature: float = 0.9, topk: int = 50,
                generator: torch.Generator | None = None, progress: bool = False) -> tuple[torch.Tensor, bool]:
@@ -80,7 +87,7 @@ def synthesize(model, text_tokenizer, mimi, text: str, speaker: int = 0, context
     speaker = parse_speaker(speaker)
     k = model.config.audio_num_codebooks
     device = next(model.parameters()).device
-    tokens, mask = build_prompt(text_tokenizer, mimi, [*context, Segment(text, speaker)], k, device)
+    tokens, mask = build_prompt(text_tokenizer, mimi, [*context, Segment(text, speaker)], k)
     max_frames = int(max_audio_seconds * MIMI_FRAME_RATE)
     limit = model.backbone.max_seq_len
     if max_frames < 1:
@@ -114,7 +121,8 @@ def synthesize(model, text_tokenizer, mimi, text: str, speaker: int = 0, context
     if not frames:
         return torch.zeros(0), stopped
     codes = torch.stack(frames, dim=-1)  # [1, K, F]
-    audio = mimi.decode(codes.to(device))[0, 0].float().cpu()
+    with torch.inference_mode():
+        audio = mimi.decode(codes.to(_mimi_device(mimi)))[0, 0].float().cpu()
     return audio, stopped
 
 
@@ -137,6 +145,7 @@ def read_audio(path: str | Path) -> torch.Tensor:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of generate.py."""
     p = argparse.ArgumentParser(description="Speech from a CSM checkpoint (hub id, directory in the hub layout, or .pt)")
     p.add_argument("--model", default=utils.DEFAULT_MODEL, help="hub id, directory (config.json + model.safetensors) or .pt")
     what = p.add_mutually_exclusive_group(required=True)
@@ -158,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Load model, tokenizers and context once, then write one wav per utterance."""
     args = build_parser().parse_args(argv)
     n = len(args.context_audio)
     if len(args.context_text) != n or len(args.context_speaker) != n:

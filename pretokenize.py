@@ -68,6 +68,11 @@ def read_metadata(path: str | Path):
             with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
                 df = pd.read_sql_query("SELECT * FROM data", con)
         elif suffix in (".hdf5", ".h5"):
+            try:
+                import tables  # noqa: F401  pandas reads HDF5 tables through PyTables
+            except ImportError:
+                raise UserError(f"{path}: reading {suffix} metadata needs the 'tables' package "
+                                "(pip install tables), or convert it to .csv/.parquet/.jsonl") from None
             df = pd.read_hdf(path)
         elif suffix == ".pkl":
             df = pd.read_pickle(path)
@@ -246,6 +251,12 @@ def _save_chunk(path: Path, examples: list[tuple[int, np.ndarray, list[int], flo
     return {**arrays, "skipped": skipped}
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _load_chunk(path: Path) -> dict:
     with np.load(path, allow_pickle=False) as z:
         chunk = {k: z[k] for k in z.files}
@@ -270,7 +281,9 @@ def fingerprint(args, tokenizer, mimi, metadata: dict) -> dict:
     mimi_state = hashlib.sha256()
     for name, tensor in sorted(mimi.state_dict().items()):
         mimi_state.update(name.encode())
-        mimi_state.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
+        # Shape plus the first 1024 values of each tensor: cheap, and another checkpoint differs there.
+        mimi_state.update(str(tuple(tensor.shape)).encode())
+        mimi_state.update(tensor.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
     return {
         "format_version": FORMAT_VERSION,
         "text_tokenizer": str(args.text_tokenizer),
@@ -412,9 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="where Mimi runs: auto, cpu, cuda, cuda:1")
     p.add_argument("--save_every", type=int, default=500, help="rows per committed chunk (the resume granularity)")
     p.add_argument("--batch_size", type=int, default=None,
-                   help="clips encoded together (default: 16 on CUDA, 1 on CPU, where batches measured slower)")
+                   help="clips encoded together, duration-sorted (default: 16 on CUDA, 4 on CPU)")
     p.add_argument("--num_workers", type=int, default=None,
-                   help="threads reading and resampling audio ahead of the encoder (default: 4 on CUDA, 0 on CPU)")
+                   help="threads reading and resampling audio ahead of the encoder (default: 4 on CUDA, 1 on CPU)")
     p.add_argument("--text_tokenizer", default=utils.DEFAULT_TEXT_TOKENIZER, help="hub id or local directory")
     p.add_argument("--mimi_weights", default=None, help="Mimi safetensors file or hub repo (default: moshi's)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
@@ -428,12 +441,13 @@ def main(argv: list[str] | None = None) -> int:
     if not metadata:
         raise UserError("give --train_data and/or --val_data")
     device = utils.resolve_device(args.device)
-    # On CPU, Mimi's convolutions are memory-bound: batches and reader threads competing for the
-    # cores measured slower there (bench/pretokenize.py), so they are GPU defaults only.
+    # On CPU the full-size Mimi's convolutions are memory-bound, so big batches stop paying off
+    # there (bench/pretokenize.py: 4 beat 1 with the full-size Mimi too); one reader thread is
+    # enough to keep the encoder fed without taking a core from it.
     if args.batch_size is None:
-        args.batch_size = 16 if device.type == "cuda" else 1
+        args.batch_size = 16 if device.type == "cuda" else 4
     if args.num_workers is None:
-        args.num_workers = 4 if device.type == "cuda" else 0
+        args.num_workers = 4 if device.type == "cuda" else 1
     for name, value in (("--save_every", args.save_every), ("--batch_size", args.batch_size),
                         ("--max_seq_len", args.max_seq_len)):
         if value < 1:
@@ -462,12 +476,15 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     manifest = work / "manifest.json"
     if manifest.exists():
-        old = json.loads(manifest.read_text())
+        try:
+            old = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            raise UserError(f"{manifest} is unreadable; delete {work} to start over") from None
         if old != json.loads(json.dumps(fp)):
             raise UserError(f"{work} holds a half-done run with other settings ({_describe_change(old, fp)} changed); "
                             f"delete {work} to start over, or choose another --output")
     else:
-        manifest.write_text(json.dumps(fp, indent=1, sort_keys=True))
+        _write_atomic(manifest, json.dumps(fp, indent=1, sort_keys=True))
 
     plan = {split: math.ceil(len(df) / args.save_every) for split, df in frames.items()}
     todo = [(split, i) for split, n in plan.items() for i in range(n) if not _chunk_path(work, split, i).exists()]
@@ -515,7 +532,11 @@ def main(argv: list[str] | None = None) -> int:
     report = Path(str(output) + ".skipped.csv")
     n_skipped = write_skipped_report(report, work, plan)
     write_output(output, work, plan, fp, args, tokenizer)
-    shutil.rmtree(work)
+    # Renamed first, so that a kill during the deletion cannot leave chunks without their manifest.
+    trash = work.with_name(work.name + ".delete")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(work, trash)
+    shutil.rmtree(trash)
     for split, s in stats.items():
         print(f"{split}: kept {s.kept}, skipped {s.skipped}, {s.seconds / 3600:.3f} h of audio, {s.tokens} tokens")
     print(f"wrote {output}" + (f"; {n_skipped} skipped rows listed in {report}" if n_skipped else ""))

@@ -68,7 +68,7 @@ def test_stops_at_the_eos_frame(model, text_tokenizer, mimi):
 
 def test_seed_decides_the_output(model, text_tokenizer, mimi):
     def run(seed):
-        return synthesize(model, text_tokenizer, mimi, "Same text.", 1, max_audio_seconds=0.32,
+        return synthesize(model, text_tokenizer, mimi, "Same text.", 1, max_audio_seconds=0.16,
                           generator=torch.Generator().manual_seed(seed))[0]
 
     assert torch.equal(run(1), run(1))
@@ -82,10 +82,40 @@ def test_mode_and_caches_are_restored(model, text_tokenizer, mimi):
     assert not model.backbone.caches_are_enabled() and not model.decoder.caches_are_enabled()
 
 
+def test_caches_removed_after_an_error(model, text_tokenizer, mimi, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(model, "generate_frame", fail)  # this instance only
+    model.train()
+    with pytest.raises(RuntimeError, match="boom"):
+        synthesize(model, text_tokenizer, mimi, "Hi.", 0, max_audio_seconds=0.16)
+    assert model.training and not model.backbone.caches_are_enabled()
+
+
+def test_training_works_after_sampling_a_fresh_model(model, text_tokenizer, mimi):
+    # Samples may come before the first training forward; nothing cached while sampling may break backward.
+    synthesize(model, text_tokenizer, mimi, "Hi.", 0, max_audio_seconds=0.16)
+    model.train()
+    tokens = torch.randint(0, 300, (1, 8, 33))
+    terms = utils.compute_loss(model, tokens, torch.ones(1, 8, 33, dtype=torch.bool))
+    (terms.c0_sum + terms.decoder_sum).backward()
+    assert model.codebook0_head.weight.grad is not None
+
+
+def test_read_audio_mixes_to_mono_and_resamples(tmp_path):
+    path = tmp_path / "stereo.wav"
+    sf.write(str(path), np.zeros((16000, 2), dtype=np.float32), 16000)  # 1 s at 16 kHz
+    audio = generate.read_audio(path)
+    assert audio.ndim == 1 and audio.shape[0] == 24000
+    with pytest.raises(utils.UserError, match="no such audio file"):
+        generate.read_audio(tmp_path / "missing.wav")
+
+
 def test_context_turns_change_the_output(model, text_tokenizer, mimi):
     rng = np.random.default_rng(0)
     turn = Segment("Earlier words.", 2, torch.from_numpy(rng.normal(0, 0.1, 12000).astype(np.float32)))
-    tokens, mask = generate.build_prompt(text_tokenizer, mimi, [turn, Segment("Now.", 0)], 32, "cpu")
+    tokens, mask = generate.build_prompt(text_tokenizer, mimi, [turn, Segment("Now.", 0)], 32)
     n_text0 = len(utils.encode_text(text_tokenizer, "Earlier words.", 2))
     n_audio = 12000 // SAMPLES_PER_FRAME + 1  # ceil(0.5 s / 80 ms) frames, then the EOS frame
     assert len(tokens) == n_text0 + n_audio + 1 + len(utils.encode_text(text_tokenizer, "Now.", 0))
@@ -93,7 +123,7 @@ def test_context_turns_change_the_output(model, text_tokenizer, mimi):
     assert not tokens[eos].any() and mask[eos, :32].all() and not mask[eos, 32]
 
     def run(context):
-        return synthesize(model, text_tokenizer, mimi, "Now.", 0, context, max_audio_seconds=0.32,
+        return synthesize(model, text_tokenizer, mimi, "Now.", 0, context, max_audio_seconds=0.16,
                           generator=torch.Generator().manual_seed(0))[0]
 
     assert not torch.equal(run([turn]), run([]))
@@ -102,8 +132,8 @@ def test_context_turns_change_the_output(model, text_tokenizer, mimi):
 def test_lines_file_writes_one_wav_per_line(assets, tmp_path):
     lines = tmp_path / "lines.txt"
     lines.write_text("First line.\n\nSecond line.\n")
-    generate.main(_cli(assets, "--lines", str(lines), "--output", str(tmp_path / "out.wav"),
-                       "--max_audio_seconds", "0.16"))
+    assert generate.main(_cli(assets, "--lines", str(lines), "--output", str(tmp_path / "out.wav"),
+                              "--max_audio_seconds", "0.16")) == 0
     assert sorted(p.name for p in tmp_path.glob("out_*.wav")) == ["out_000.wav", "out_001.wav"]
 
 
@@ -114,8 +144,10 @@ def test_user_errors(model, text_tokenizer, mimi):
         synthesize(model, text_tokenizer, mimi, "Hi.", 0, max_audio_seconds=200)
     with pytest.raises(utils.UserError, match="non-negative integer"):
         generate.parse_speaker("abc")
-    with pytest.raises(utils.UserError, match="non-negative integer"):
-        generate.parse_speaker("-1")
+    for bad in ("-1", "²", "1.5", ""):
+        with pytest.raises(utils.UserError, match="non-negative integer"):
+            generate.parse_speaker(bad)
+    assert generate.parse_speaker("12") == 12 and generate.parse_speaker(0) == 0
 
 
 def test_cli_errors_are_one_line(assets, tmp_path):
@@ -124,7 +156,5 @@ def test_cli_errors_are_one_line(assets, tmp_path):
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
     assert proc.stderr.startswith("error:") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    proc = subprocess.run([sys.executable, "generate.py", *_cli(assets, "--text", "Hi", "--context_audio",
-                                                                  str(tmp_path / "none.wav"))],
-                          cwd=ROOT, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 2 and "--context_text" in proc.stderr
+    with pytest.raises(utils.UserError, match="--context_text"):
+        generate.main(_cli(assets, "--text", "Hi", "--context_audio", str(tmp_path / "none.wav")))
