@@ -117,9 +117,12 @@ class RotaryEmbedding(nn.Module):
     def table(self, device: torch.device) -> torch.Tensor:
         """[max_seq_len, head_dim/2, 2] cos/sin table on `device`."""
         if device not in self._tables:
-            inv_freq = llama3_scaled_inv_freq(self.head_dim, self.base, self.scale_factor)
-            angles = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32), inv_freq)
-            self._tables[device] = torch.stack([angles.cos(), angles.sin()], dim=-1).to(device)
+            # Built as a normal tensor even when first asked for under inference_mode (e.g. a
+            # sample before any training step), so later training can save it for backward.
+            with torch.inference_mode(False):
+                inv_freq = llama3_scaled_inv_freq(self.head_dim, self.base, self.scale_factor)
+                angles = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32), inv_freq)
+                self._tables[device] = torch.stack([angles.cos(), angles.sin()], dim=-1).to(device)
         return self._tables[device]
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None) -> torch.Tensor:
