@@ -321,9 +321,23 @@ class Stats:
         self.seconds += float(chunk["seconds"].sum())
 
 
-def process_chunk(rows: list[tuple[int, dict]], clips: list, tokenizer, mimi, args, device, strict_label: str):
-    """Encode one chunk's loaded clips: returns kept examples and skipped rows."""
+def process_chunk(rows: list[tuple[int, dict]], clips, tokenizer, mimi, args, device, strict_label: str):
+    """Encode one chunk's clips (an iterable of _prepare results in row order, e.g. reader futures
+    resolving one by one): returns kept examples and skipped rows, both in row order."""
     examples, skipped, ready = [], [], []
+
+    def encode_ready():
+        # Duration-sorted batches keep padding small; results go back to metadata order at the end.
+        ready.sort(key=lambda r: len(r[1]))
+        for start in range(0, len(ready), args.batch_size):
+            batch = ready[start:start + args.batch_size]
+            for (index, audio, text), codes in zip(batch, encode_batch(mimi, [b[1] for b in batch], device)):
+                examples.append((index, codes, text, len(audio) / MIMI_SAMPLE_RATE))
+        ready.clear()
+
+    # Encoding a few batches' worth at a time lets the encoder start while the readers are still
+    # busy with the rest of the chunk; batching is exact, so the grouping does not change the codes.
+    window = 4 * args.batch_size
     for (index, raw), clip in zip(rows, clips):
         try:
             if isinstance(clip, SkipRow):
@@ -338,12 +352,9 @@ def process_chunk(rows: list[tuple[int, dict]], clips: list, tokenizer, mimi, ar
             if args.strict:
                 raise UserError(f"{strict_label} row {index} ({raw.get('path')}): {e} (--strict stops at the first bad row)")
             skipped.append((index, str(raw.get("path")), str(e)))
-    # Duration-sorted batches keep padding small; results go back to metadata order below.
-    ready.sort(key=lambda r: len(r[1]))
-    for start in range(0, len(ready), args.batch_size):
-        batch = ready[start:start + args.batch_size]
-        for (index, audio, text), codes in zip(batch, encode_batch(mimi, [b[1] for b in batch], device)):
-            examples.append((index, codes, text, len(audio) / MIMI_SAMPLE_RATE))
+        if len(ready) >= window:
+            encode_ready()
+    encode_ready()
     examples.sort(key=lambda e: e[0])
     return examples, skipped
 
@@ -425,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="where Mimi runs: auto, cpu, cuda, cuda:1")
     p.add_argument("--save_every", type=int, default=500, help="rows per committed chunk (the resume granularity)")
     p.add_argument("--batch_size", type=int, default=None,
-                   help="clips encoded together, duration-sorted (default: 16 on CUDA, 4 on CPU)")
+                   help="clips encoded together, duration-sorted (default: 16 on CUDA, 1 on CPU)")
     p.add_argument("--num_workers", type=int, default=None,
                    help="threads reading and resampling audio ahead of the encoder (default: 4 on CUDA, 1 on CPU)")
     p.add_argument("--text_tokenizer", default=utils.DEFAULT_TEXT_TOKENIZER, help="hub id or local directory")
@@ -445,9 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     # there (bench/pretokenize.py: 4 beat 1 with the full-size Mimi too); one reader thread is
     # enough to keep the encoder fed without taking a core from it.
     if args.batch_size is None:
-        args.batch_size = 16 if device.type == "cuda" else 4
+        args.batch_size = 16 if device.type == "cuda" else 1
     if args.num_workers is None:
-        args.num_workers = 4 if device.type == "cuda" else 1
+        args.num_workers = 4 if device.type == "cuda" else 0
     for name, value in (("--save_every", args.save_every), ("--batch_size", args.batch_size),
                         ("--max_seq_len", args.max_seq_len)):
         if value < 1:
@@ -516,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
             rows, futures = pending
             # Read the next chunk while this one is encoded.
             pending = submit(todo[n + 1]) if n + 1 < len(todo) else None
-            clips = [f.result() for f in futures] if futures else [_prepare(r) for r in rows]
+            clips = (f.result() for f in futures) if futures else (_prepare(r) for r in rows)
             examples, skipped = process_chunk(rows, clips, tokenizer, mimi, args, device, split)
             chunk = _save_chunk(_chunk_path(work, split, i), examples, skipped)
             stats[split].add_chunk(chunk)

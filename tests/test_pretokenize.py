@@ -62,11 +62,14 @@ def skipped(output):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("fmt", ["csv", "json", "jsonl", "parquet", "sql", "h5", "pkl"])
+@pytest.mark.parametrize("fmt", ["csv", "json", "jsonl", "json_lines_in_json", "parquet", "sql", "h5", "pkl"])
 def test_every_metadata_format_gives_the_same_file(assets, clips, tmp_path, fmt):
     df = pd.DataFrame(rows_of(clips))
     meta = tmp_path / f"meta.{fmt}"
-    if fmt == "csv":
+    if fmt == "json_lines_in_json":  # JSON Lines under a .json name is common; both are accepted
+        meta = tmp_path / "meta_lines.json"
+        df.to_json(meta, orient="records", lines=True)
+    elif fmt == "csv":
         df.to_csv(meta, index=False)
     elif fmt == "json":
         df.to_json(meta, orient="records")
@@ -200,6 +203,13 @@ def test_strict_stops_at_the_first_bad_row(assets, clips, tmp_path):
     with pytest.raises(utils.UserError, match=r"train row 1 .*audio file not found.*--strict"):
         run(assets, "--train_data", str(tmp_path / "m.csv"), "--output", str(tmp_path / "o.hdf5"), "--strict")
     assert not (tmp_path / "o.hdf5").exists()
+
+
+def test_h5_metadata_without_pytables_says_what_to_install(assets, clips, tmp_path, monkeypatch):
+    pd.DataFrame(rows_of(clips)).to_hdf(tmp_path / "m.h5", key="data")
+    monkeypatch.setitem(sys.modules, "tables", None)  # makes `import tables` raise ImportError
+    with pytest.raises(utils.UserError, match="needs the 'tables' package"):
+        run(assets, "--train_data", str(tmp_path / "m.h5"), "--output", str(tmp_path / "o.hdf5"))
 
 
 def test_bad_metadata_gets_one_clear_message(assets, tmp_path):
