@@ -30,13 +30,18 @@ def _losses(out):
     return [m["loss"] for m in lines if "loss" in m], [m["val_loss"] for m in lines if "val_loss" in m]
 
 
+def _train_args(data, model, max_steps, *extra):
+    """Flags every run here shares: tiny model, CPU, fp32, no tracking or samples, a loss logged each step."""
+    return ["--data", str(data), "--model", str(model), "--max_steps", str(max_steps), "--gen_every", "0",
+            "--log_every", "1", "--wandb_mode", "disabled", "--device", "cpu", "--batch_size", "2",
+            "--learning_rate", "1e-3", "--warmup_steps", "1", "--set", "precision=fp32", *extra]
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process(assets, tmp_path):
     data = write_token_file(tmp_path / "d.hdf5", n_train=16, n_val=4)
-    common = ["--data", str(data), "--model", str(assets["model"]), "--max_steps", "5", "--val_every", "2",
-              "--save_every", "0", "--gen_every", "0", "--log_every", "1", "--wandb_mode", "disabled",
-              "--device", "cpu", "--batch_size", "2", "--learning_rate", "1e-3", "--warmup_steps", "1",
-              "--set", "decoder_fraction=1.0", "--set", "precision=fp32"]
+    common = _train_args(data, assets["model"], 5, "--val_every", "2", "--save_every", "0",
+                         "--set", "decoder_fraction=1.0")
     # One process, 2 micro-batches of 2 per step == 2 ranks x 1 micro-batch of 2 per step.
     single = tmp_path / "single"
     _run([sys.executable, "train.py", *common, "--grad_acc_steps", "2", "--output_dir", str(single)])
@@ -61,10 +66,7 @@ def test_ddp_resume_matches_an_uninterrupted_ddp_run(assets, tmp_path):
     import shutil
 
     data = write_token_file(tmp_path / "d.hdf5", n_train=16, n_val=0)
-    common = ["--data", str(data), "--model", str(assets["model"]), "--max_steps", "4", "--save_every", "2",
-              "--gen_every", "0", "--log_every", "1", "--wandb_mode", "disabled", "--device", "cpu",
-              "--batch_size", "2", "--learning_rate", "1e-3", "--warmup_steps", "1", "--set", "precision=fp32",
-              "--keep_checkpoints", "5"]
+    common = _train_args(data, assets["model"], 4, "--save_every", "2", "--keep_checkpoints", "5")
 
     def torchrun(out, *extra):
         _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
