@@ -124,6 +124,9 @@ def _hub_error(what: str, source: str, err: Exception, local_hint: str) -> UserE
         why = "no such repository or file on the hub"
     else:
         why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    parent = Path(source).expanduser().parent
+    if parent != Path(".") and parent.is_dir():  # 'runs/best' with 'runs/' present: a mistyped local path
+        why += f"; nor is there a local {source!r} (the folder {str(parent)!r} has no such entry)"
     return UserError(f"could not load {what} {source!r}: {why}. {local_hint}")
 
 

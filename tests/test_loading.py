@@ -66,6 +66,17 @@ def test_unreachable_hub_id_is_one_clear_error(hub_cache):
         utils.load_model("sesame/csm-1b")
 
 
+def test_mistyped_relative_path_is_not_reported_as_only_a_hub_miss(hub_cache, tmp_path, monkeypatch):
+    """'runs/best' is also a valid hub id; with runs/ present the user most likely mistyped a path."""
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(utils.UserError, match="nor is there a local 'runs/best'"):
+        utils.load_model("runs/best")
+    with pytest.raises(utils.UserError) as err:
+        utils.load_model("sesame/csm-1b")  # no sesame/ folder here: a plain hub miss
+    assert "nor is there" not in str(err.value)
+
+
 def test_project_checkpoint_round_trip(assets, tmp_path):
     model = utils.load_model(assets["model"])
     path = tmp_path / "ckpt.pt"
