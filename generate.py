@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_audio_seconds", type=float, default=10.0, help="length cap if no EOS frame comes first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=utils.PRECISIONS,
+                   help="model weights: auto = bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU; Mimi stays fp32")
     p.add_argument("--text_tokenizer", default=utils.DEFAULT_TEXT_TOKENIZER, help="hub id or local directory")
     p.add_argument("--mimi_weights", default=None, help="Mimi safetensors file or hub repo (default: moshi's)")
     p.add_argument("--context_audio", action="append", default=[], help="wav of an earlier turn (repeatable)")
@@ -191,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     device = utils.resolve_device(args.device)
     context = [Segment(text, parse_speaker(spk), read_audio(wav))
                for wav, text, spk in zip(args.context_audio, args.context_text, args.context_speaker)]
-    model = utils.load_model(args.model, device=device)
+    precision = utils.resolve_precision(args.precision, device)
+    model = utils.load_model(args.model, device=device, dtype=utils.DTYPES[precision])
     tokenizer = utils.load_text_tokenizer(args.text_tokenizer)
     mimi = utils.load_mimi(args.mimi_weights, device=device, num_codebooks=model.config.audio_num_codebooks)
     generator = torch.Generator(device=device).manual_seed(args.seed)

@@ -102,12 +102,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def autocast(device: torch.device, precision: str):
     """The one place mixed precision is chosen: an autocast context for bf16/fp16, nothing for fp32."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
 
 
 # --------------------------------------------------------------------------- hub access

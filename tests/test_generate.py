@@ -35,6 +35,20 @@ def test_cli_writes_a_24khz_wav_within_the_cap(assets, tmp_path, capsys):
     assert "hello.wav" in capsys.readouterr().out
 
 
+def test_bf16_weights_generate(assets, tmp_path, monkeypatch):
+    """--precision bf16 loads the model in bf16 (the GPU default) and still writes a wav; Mimi stays fp32."""
+    loaded = []
+    real_load = utils.load_model
+    monkeypatch.setattr(utils, "load_model", lambda *a, **kw: loaded.append(real_load(*a, **kw)) or loaded[-1])
+    out = tmp_path / "bf16.wav"
+    assert generate.main(_cli(assets, "--text", "Hello.", "--output", str(out), "--max_audio_seconds", "0.4",
+                              "--precision", "bf16")) == 0
+    assert next(loaded[0].parameters()).dtype == torch.bfloat16
+    assert sf.info(str(out)).frames > 0
+    with pytest.raises(utils.UserError, match="fp16"):
+        generate.main(_cli(assets, "--text", "Hi.", "--precision", "fp16"))  # CPU: fp16 is refused
+
+
 def test_length_cap_without_eos(model, text_tokenizer, mimi):
     audio, stopped = synthesize(model, text_tokenizer, mimi, "Hi.", 0, max_audio_seconds=0.4,
                                 generator=torch.Generator().manual_seed(0))
