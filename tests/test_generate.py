@@ -36,7 +36,7 @@ def test_cli_writes_a_24khz_wav_within_the_cap(assets, tmp_path, capsys):
 
 
 def test_bf16_weights_generate(assets, tmp_path, monkeypatch):
-    """--precision bf16 loads the model in bf16 (the GPU default) and still writes a wav; Mimi stays fp32."""
+    """--precision bf16 loads the model in bf16 (the GPU default) and still writes a wav."""
     loaded = []
     real_load = utils.load_model
     monkeypatch.setattr(utils, "load_model", lambda *a, **kw: loaded.append(real_load(*a, **kw)) or loaded[-1])

@@ -242,13 +242,16 @@ def test_kill_and_resume_gives_an_identical_file(assets, tmp_path):
     # The reference runs as the same kind of process with the same thread count: a different number
     # of CPU threads changes float summation order, which can flip a near-tie code of the tiny Mimi.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def command(output):
+        return [sys.executable, "pretokenize.py", *args, "--output", str(output)]
+
     ref = tmp_path / "ref.hdf5"
-    done_ref = subprocess.run([sys.executable, "pretokenize.py", *args, "--output", str(ref)],
-                              cwd=ROOT, env=env, capture_output=True, text=True)
+    done_ref = subprocess.run(command(ref), cwd=ROOT, env=env, capture_output=True, text=True)
     assert done_ref.returncode == 0, done_ref.stderr
 
     out = tmp_path / "killed.hdf5"
-    cmd = [sys.executable, "pretokenize.py", *args, "--output", str(out)]
+    cmd = command(out)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     work = tmp_path / "killed.hdf5.partial"
     deadline = time.time() + 120
