@@ -13,7 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from utils import LR_DECAYS, PRECISIONS, UserError
+from optim import LR_DECAYS, OPTIMIZERS
+from tracking import WANDB_MODES
+from utils import PRECISIONS, UserError
 
 
 def _f(default, help: str, *, choices=None, min=None, max=None, gt=None, default_factory=None):
@@ -47,7 +49,7 @@ class TrainConfig:
     adam_beta1: float = _f(0.9, "AdamW beta1.", min=0, max=1)
     adam_beta2: float = _f(0.999, "AdamW beta2.", min=0, max=1)
     adam_eps: float = _f(1e-8, "AdamW epsilon.", gt=0)
-    optimizer: str = _f("adamw", "adamw (fused on CUDA) or adamw8bit (bitsandbytes, CUDA only).", choices=("adamw", "adamw8bit"))
+    optimizer: str = _f("adamw", "adamw (fused on CUDA) or adamw8bit (bitsandbytes, CUDA only).", choices=OPTIMIZERS)
     max_grad_norm: float = _f(1.3, "Clip the global gradient norm to this (0 disables clipping).", min=0)
     warmup_steps: int = _f(1000, "Optimizer steps of linear warmup.", min=0)
     lr_decay: str = _f("linear", "Decay after warmup, reaching its end value at the last step.", choices=LR_DECAYS)
@@ -77,7 +79,7 @@ class TrainConfig:
     wandb_name: str | None = _f(None, "W&B run name (default: derived from the output directory).")
     wandb_group: str | None = _f(None, "W&B group (sweeps group trials by study).")
     wandb_mode: str = _f("auto", "auto = online when an API key is configured, else offline.",
-                         choices=("auto", "online", "offline", "disabled"))
+                         choices=WANDB_MODES)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -286,6 +286,14 @@ def causal_mask(seq_len: int, device=None) -> torch.Tensor:
     return torch.tril(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device))
 
 
+def embed_frames(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A frame's embedding is the sum of the embeddings of its unmasked entries: [b, s, dim].
+
+    A function rather than a method so it serves the official `Model` too (it has `_embed_tokens`).
+    """
+    return (model._embed_tokens(tokens) * mask.unsqueeze(-1)).sum(dim=2)
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -341,10 +349,6 @@ class CSM(nn.Module):
         audio = self.audio_embeddings(tokens[:, :, :-1] + offsets)
         return torch.cat([audio, text], dim=-2)
 
-    def embed_frames(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """A frame's embedding is the sum of the embeddings of its unmasked entries: [b, s, dim]."""
-        return (self._embed_tokens(tokens) * mask.unsqueeze(-1)).sum(dim=2)
-
     # -- inference -----------------------------------------------------------------------
     def setup_caches(self, max_batch_size: int):
         dtype = next(self.parameters()).dtype
@@ -369,7 +373,7 @@ class CSM(nn.Module):
             raise RuntimeError("call setup_caches(batch_size) before generate_frame")
         dtype = next(self.parameters()).dtype
         bb_mask = causal_mask(self.backbone.max_seq_len, tokens.device)[input_pos]
-        h = self.backbone(self.embed_frames(tokens, tokens_mask).to(dtype), input_pos=input_pos, mask=bb_mask)
+        h = self.backbone(embed_frames(self, tokens, tokens_mask).to(dtype), input_pos=input_pos, mask=bb_mask)
         last_h = h[:, -1, :]
         sample = sample_topk(self.codebook0_head(last_h), topk, temperature, generator, MIMI_CARDINALITY)
         curr_h = torch.cat([last_h.unsqueeze(1), self._embed_audio(0, sample)], dim=1)
@@ -385,20 +389,6 @@ class CSM(nn.Module):
             curr_h = self._embed_audio(i, sample)
             pos = pos[:, -1:] + 1
         return torch.cat(samples, dim=1)
-
-    # -- training ------------------------------------------------------------------------
-    def decoder_logits(self, h_prev: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
-        """Logits for codebooks 1..K-1 of N frames given the backbone state before each.
-
-        h_prev: [N, dim] backbone outputs predicting the frames; target_codes: [N, K] codes.
-        The decoder sees [h, emb(c0), ..., emb(c_{K-2})] (teacher forcing). Returns [N, K-1, V].
-        """
-        k = self.config.audio_num_codebooks
-        offsets = self.config.audio_vocab_size * torch.arange(k - 1, device=target_codes.device)
-        code_embeds = self.audio_embeddings(target_codes[:, :-1] + offsets)
-        dec_in = torch.cat([h_prev.unsqueeze(1), code_embeds.to(h_prev.dtype)], dim=1)
-        dec_h = self.decoder(self.projection(dec_in))
-        return torch.einsum("nsd,sdv->nsv", dec_h[:, 1:, :], self.audio_head.to(dec_h.dtype))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,10 +1,11 @@
-"""Pre-tokenized HDF5 examples (SPEC §3) -> padded (tokens, mask) batches (SPEC §2).
+"""Token-file examples -> padded (tokens, mask) training batches, in a resumable order.
 
-- `CSMDataset`: one split of the file, held in memory as flat int16/int32 buffers plus offsets, or
-  read lazily row by row (`partial=True`) for data that does not fit in memory.
+- `CSMDataset`: one split of a token file (read through token_file.py), held in memory as flat
+  int16/int32 buffers plus offsets, or read lazily row by row (`partial=True`) for data that does
+  not fit in memory.
 - `LengthBucketSampler`: batches of similar-length examples, filled up to a padded-token budget
   (or a fixed example count), re-formed every epoch from one seed, sharded over DDP ranks.
-- `collate`: the frame layout the model trains on.
+- `collate`: padded batches of turns laid out by frames.py.
 - `ResumableLoader`: a DataLoader that knows how many batches it has handed out, so a checkpoint
   can resume mid-epoch with exactly the batches an uninterrupted run would have seen.
 """
@@ -18,53 +19,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from utils import NUM_CODEBOOKS, UserError
-
-SPLIT_DATASETS = ("audio", "text", "length")
-AUDIO_VOCAB = 2048  # Mimi codes are in [0, 2048); the model's 3 extra ids are never stored
-_READ_BLOCK = 4096  # rows per h5py read when loading a split into memory
-
-
-class DataError(UserError):
-    """The token file is missing, malformed, or does not fit the training settings."""
-
-
-def _h5py():
-    import h5py
-
-    return h5py
-
-
-def open_splits(path: str | Path) -> dict[str, int]:
-    """Names and sizes of the splits in a token file; one clear error if it is not in the SPEC §3 layout."""
-    h5py = _h5py()
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file (make one with pretokenize.py)")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise DataError(f"{path} is not an HDF5 file ({e})") from e
-    with f:
-        splits = {}
-        for name, group in f.items():
-            if not isinstance(group, h5py.Group):
-                continue
-            missing = [d for d in SPLIT_DATASETS if d not in group]
-            if missing:
-                raise DataError(f"{path}: group '{name}' lacks dataset(s) {', '.join(missing)}; "
-                                f"expected /{name}/audio, /{name}/text, /{name}/length (see pretokenize.py)")
-            sizes = {d: len(group[d]) for d in SPLIT_DATASETS}
-            if len(set(sizes.values())) != 1:
-                raise DataError(f"{path}: '{name}' datasets differ in length {sizes}; the file is damaged, re-run pretokenize.py")
-            splits[name] = sizes["length"]
-        if not splits:
-            raise DataError(f"{path} holds no split groups (expected /train and/or /val with audio, text, length)")
-    return splits
-
-
-def _as_rows(values) -> list[np.ndarray]:
-    return [np.asarray(v) for v in values]
+import token_file
+from frames import turn_frames
+from token_file import DataError
+from tokenization import NUM_CODEBOOKS
+from utils import UserError
 
 
 class CSMDataset(Dataset):
@@ -72,30 +31,17 @@ class CSMDataset(Dataset):
 
     def __init__(self, path: str | Path, split: str = "train", *, partial: bool = False, max_seq_len: int = 2048):
         self.path, self.split, self.partial, self.max_seq_len = str(path), split, partial, max_seq_len
-        splits = open_splits(path)
+        splits = token_file.open_splits(path)
         if split not in splits:
             raise DataError(f"{path} has no '{split}' split (found: {', '.join(splits)})")
-        h5py = _h5py()
-        with h5py.File(self.path, "r") as f:
-            group = f[split]
-            self.lengths = group["length"][:].astype(np.int64)
-            if len(self.lengths) == 0:
-                raise DataError(f"{path}: the '{split}' split is empty")
-            first_audio, first_text = np.asarray(group["audio"][0]), np.asarray(group["text"][0])
-            frames = int(self.lengths[0]) - len(first_text) - 1
-            if frames <= 0 or len(first_audio) % frames:
-                raise DataError(f"{path}: /{split}/length[0]={self.lengths[0]} does not match its text "
-                                f"({len(first_text)} ids) and audio ({len(first_audio)} codes)")
-            self.num_codebooks = len(first_audio) // frames
-            declared = f.attrs.get("codebooks")
-            if declared is not None and int(declared) != self.num_codebooks:
-                raise DataError(f"{path}: attribute codebooks={declared} but rows hold {self.num_codebooks} per frame")
+        with token_file.open_token_file(self.path) as f:
+            self.lengths, self.num_codebooks = token_file.read_split_index(f, path, split)
             self._check_lengths()
             self._file = None
             self._pid = None
             if not partial:
-                self._audio, self._audio_offsets = self._read_flat(group["audio"], np.int16, "audio")
-                self._text, self._text_offsets = self._read_flat(group["text"], np.int32, "text")
+                self._audio, self._audio_offsets = token_file.read_flat(f, path, split, "audio")
+                self._text, self._text_offsets = token_file.read_flat(f, path, split, "text")
                 self._check_consistency()
 
     def _check_lengths(self) -> None:
@@ -105,23 +51,6 @@ class CSMDataset(Dataset):
                 f"{self.path}: {int(too_long.sum())} of {len(self.lengths)} '{self.split}' examples are longer than "
                 f"max_seq_len={self.max_seq_len} frames (longest {int(self.lengths.max())}). Re-run pretokenize.py "
                 f"with --max_seq_len {self.max_seq_len} to skip them (CSM's backbone cannot go past 2048)")
-
-    def _read_flat(self, dataset, dtype, what: str) -> tuple[np.ndarray, np.ndarray]:
-        """All rows of a vlen dataset as one flat buffer + offsets: ~2 bytes a code instead of a tensor each."""
-        n = len(dataset)
-        sizes = np.empty(n, dtype=np.int64)
-        chunks = []
-        for start in range(0, n, _READ_BLOCK):
-            rows = _as_rows(dataset[start:start + _READ_BLOCK])
-            sizes[start:start + len(rows)] = [len(r) for r in rows]
-            flat = np.concatenate(rows) if rows else np.empty(0, dtype)
-            if what == "audio" and flat.size and (flat.min() < 0 or flat.max() >= AUDIO_VOCAB):
-                raise DataError(f"{self.path}: /{self.split}/audio holds codes outside [0, {AUDIO_VOCAB}); "
-                                "is this a token file from pretokenize.py?")
-            chunks.append(flat.astype(dtype, copy=False))
-        offsets = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(sizes, out=offsets[1:])
-        return np.concatenate(chunks) if chunks else np.empty(0, dtype), offsets
 
     def _check_consistency(self) -> None:
         audio = np.diff(self._audio_offsets)
@@ -141,9 +70,8 @@ class CSMDataset(Dataset):
             return a, t
         # One handle per process: h5py handles must not cross a fork into DataLoader workers.
         if self._file is None or self._pid != os.getpid():
-            self._file, self._pid = _h5py().File(self.path, "r"), os.getpid()
-        group = self._file[self.split]
-        return np.asarray(group["audio"][i]), np.asarray(group["text"][i])
+            self._file, self._pid = token_file.open_token_file(self.path), os.getpid()
+        return token_file.read_row(self._file, self.split, i)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         audio, text = self._row(int(i))
@@ -166,26 +94,21 @@ class CSMDataset(Dataset):
         return total
 
 
-
 def collate(batch: list[tuple[torch.Tensor, torch.Tensor]], num_codebooks: int = NUM_CODEBOOKS,
             pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(audio [K, F], text [T]) examples -> tokens [B, S, K+1] int64 and mask [B, S, K+1] bool (SPEC §2).
 
-    Rows: T text frames, F audio frames, one all-zero EOS frame (a target), then right padding.
+    Each example is one turn laid out by `frames.turn_frames` (text, audio, EOS frame), then right padding.
     """
     k = num_codebooks
     lengths = [len(text) + audio.shape[1] + 1 for audio, text in batch]
     seq = max(lengths) if pad_to is None else pad_to
     tokens = torch.zeros(len(batch), seq, k + 1, dtype=torch.long)
     mask = torch.zeros(len(batch), seq, k + 1, dtype=torch.bool)
-    for b, (audio, text) in enumerate(batch):
+    for b, ((audio, text), n) in enumerate(zip(batch, lengths)):
         if audio.shape[0] != k:
             raise ValueError(f"example {b} has {audio.shape[0]} codebooks, expected {k}")
-        t, f = len(text), audio.shape[1]
-        tokens[b, :t, k] = text
-        mask[b, :t, k] = True
-        tokens[b, t:t + f, :k] = audio.T
-        mask[b, t:t + f + 1, :k] = True  # the EOS frame's codes are zeros but real targets
+        tokens[b, :n], mask[b, :n] = turn_frames(text, audio, k)
     return tokens, mask
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from csm_model import CSM, ModelArgs
-from utils import MIMI_CONFIG_NAME, save_pretrained
+from tokenization import MIMI_CONFIG_NAME
+from weights import save_pretrained
 
 TEXT_VOCAB_SIZE = 512
 TINY_MODEL_ARGS = ModelArgs(backbone_flavor="llama-tiny", decoder_flavor="llama-tiny-decoder",

@@ -13,13 +13,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dataloaders import CSMDataset, LengthBucketSampler, make_loader  # noqa: E402
+from token_file import write_token_file  # noqa: E402
 from lengths import padding_waste, sample_lengths  # noqa: E402
 
 CODEBOOKS = 32
@@ -47,15 +47,13 @@ def batching_table(batch_size: int, max_tokens: int) -> str:
 
 
 def write_reference_file(path: Path, n: int) -> None:
+    """A token file (original layout: no attributes) of n random examples with the reference lengths."""
     frames, text, lengths = sample_lengths(n, seed=1)
     rng = np.random.default_rng(0)
-    with h5py.File(path, "w") as f:
-        g = f.create_group("train")
-        audio = g.create_dataset("audio", (n,), dtype=h5py.vlen_dtype(np.dtype("int16")))
-        txt = g.create_dataset("text", (n,), dtype=h5py.vlen_dtype(np.dtype("int32")))
-        audio[:] = [rng.integers(0, 2048, CODEBOOKS * int(fr), dtype=np.int16) for fr in frames]
-        txt[:] = [rng.integers(0, 128256, int(t), dtype=np.int32) for t in text]
-        g.create_dataset("length", data=lengths.astype(np.int32))
+    audio = [rng.integers(0, 2048, CODEBOOKS * int(fr), dtype=np.int16) for fr in frames]
+    txt = [rng.integers(0, 128256, int(t), dtype=np.int32) for t in text]
+    with write_token_file(path, None, num_codebooks=CODEBOOKS) as out:
+        out.split("train", n, source_rows=False).write(0, audio, txt)
 
 
 def memory_table(path: Path) -> str:

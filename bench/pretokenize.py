@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import pretokenize  # noqa: E402
 import tiny_assets  # noqa: E402
+import tokenization  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -53,7 +54,7 @@ def full_size_random_mimi(path: Path) -> Path:
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    mimi = loaders.get_mimi(None, device="cpu", num_codebooks=utils.NUM_CODEBOOKS)
+    mimi = loaders.get_mimi(None, device="cpu", num_codebooks=tokenization.NUM_CODEBOOKS)
     for module in mimi.modules():
         if type(module).__name__ == "EuclideanCodebook":
             module.embedding_sum.normal_(0.0, 1.0)
@@ -67,14 +68,14 @@ def bare_loop(meta: Path, mimi_weights: str, device) -> None:
     """Load Mimi, then read, resample and encode one clip at a time (the original's inner loop)."""
     import torchaudio
 
-    mimi = utils.load_mimi(mimi_weights, device=device)
+    mimi = tokenization.load_mimi(mimi_weights, device=device)
     df = pd.read_csv(meta)
     with torch.inference_mode():
         for path in df["path"]:
             data, rate = sf.read(str(meta.parent / path), dtype="float32", always_2d=True)
             audio = torch.from_numpy(data.mean(axis=1))
-            if rate != utils.MIMI_SAMPLE_RATE:
-                audio = torchaudio.functional.resample(audio, rate, utils.MIMI_SAMPLE_RATE)
+            if rate != tokenization.MIMI_SAMPLE_RATE:
+                audio = torchaudio.functional.resample(audio, rate, tokenization.MIMI_SAMPLE_RATE)
             mimi.encode(audio.view(1, 1, -1).to(device))
 
 

@@ -1,6 +1,6 @@
-"""Training-step throughput (and, on a GPU, peak memory) of train.py's step on reference-length batches.
+"""Training-step throughput (and, on a GPU, peak memory) of the training loop's step on reference-length batches.
 
-Every row runs the real `train.train_step` (loss, accumulation, clipping, optimizer) on batches
+Every row runs the real `training.train_step` (loss, accumulation, clipping, optimizer) on batches
 drawn by `dataloaders.make_loader` from a generated file with the reference length distribution.
 The baseline is the first row of each table, measured in the same run.
 
@@ -23,8 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import config  # noqa: E402
-import train  # noqa: E402
+import optim  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
+import weights  # noqa: E402
 from csm_model import ModelArgs  # noqa: E402
 from dataloaders import CSMDataset, make_loader  # noqa: E402
 from dataloader import write_reference_file  # noqa: E402
@@ -36,18 +38,18 @@ def measure(data: Path, device: torch.device, args: ModelArgs, steps: int, **set
                               "decoder_flavor": args.decoder_flavor, "text_vocab_size": args.text_vocab_size,
                               "learning_rate": 1e-4, "warmup_steps": 0, "wandb_mode": "disabled", **settings})
     torch.manual_seed(0)
-    model = utils.build_model(args, device=device)
+    model = weights.build_model(args, device=device)
     model.set_activation_checkpointing(cfg.activation_checkpointing)
     model.train()
     precision = utils.resolve_precision(cfg.precision, device)
-    optimizer = train.make_optimizer(model, cfg, device)
+    optimizer = optim.make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loader = make_loader(CSMDataset(data, "train"), max_tokens=cfg.max_tokens,
                          batch_size=None if cfg.max_tokens else cfg.batch_size, seed=0)
     batches = iter(loader)
-    rt = train.Runtime(device)
+    rt = utils.Runtime(device)
     generator = torch.Generator().manual_seed(0)
-    loss_model = train.LossModule(model)
+    loss_model = training.LossModule(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     frames, elapsed = 0, 0.0
@@ -56,7 +58,7 @@ def measure(data: Path, device: torch.device, args: ModelArgs, steps: int, **set
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        stats = train.train_step(loss_model, micro, cfg, rt, precision, optimizer, scaler, generator,
+        stats = training.train_step(loss_model, micro, cfg, rt, precision, optimizer, scaler, generator,
                                  args.audio_num_codebooks)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

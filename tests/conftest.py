@@ -26,42 +26,39 @@ def assets(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def text_tokenizer(assets):
-    import utils
+    import tokenization
 
-    return utils.load_text_tokenizer(str(assets["text_tokenizer"]))
+    return tokenization.load_text_tokenizer(str(assets["text_tokenizer"]))
 
 
 @pytest.fixture(scope="session")
 def mimi(assets):
-    import utils
+    import tokenization
 
-    return utils.load_mimi(str(assets["mimi"]))
+    return tokenization.load_mimi(str(assets["mimi"]))
 
 
 def write_token_file(path, n_train=12, n_val=4, seed=0, codebooks=32, audio_frames=(6, 14), text_len=(3, 8),
                      text_vocab=400, audio_dtype="int16", attrs=True):
-    """An HDF5 file in the SPEC §3 layout with random codes and text ids (what pretokenize.py writes)."""
-    import h5py
+    """A token file (SPEC §3) of random codes and text ids, written by token_file.py as pretokenize.py writes
+    it; `attrs=False` and `audio_dtype="int32"` give a file like the original tool's."""
     import numpy as np
 
+    import token_file
+
     rng = np.random.default_rng(seed)
-    with h5py.File(path, "w") as f:
-        if attrs:
-            f.attrs.update(format_version=1, codebooks=codebooks, sample_rate=24000, frame_rate=12.5)
+    meta = dict(codebooks=codebooks, sample_rate=24000, frame_rate=12.5) if attrs else None
+    with token_file.write_token_file(path, meta, num_codebooks=codebooks, audio_dtype=audio_dtype) as out:
         for split, n in (("train", n_train), ("val", n_val)):
             if n == 0:
                 continue
-            g = f.create_group(split)
-            audio = g.create_dataset("audio", (n,), dtype=h5py.vlen_dtype(np.dtype(audio_dtype)))
-            text = g.create_dataset("text", (n,), dtype=h5py.vlen_dtype(np.dtype("int32")))
-            lengths = []
-            for i in range(n):
+            audio, text = [], []
+            for _ in range(n):
                 frames = int(rng.integers(*audio_frames, endpoint=True))
                 t = int(rng.integers(*text_len, endpoint=True))
-                audio[i] = rng.integers(0, 2048, size=codebooks * frames).astype(audio_dtype)
-                text[i] = np.concatenate([[0], rng.integers(2, text_vocab, size=t - 2), [1]]).astype("int32")
-                lengths.append(t + frames + 1)
-            g.create_dataset("length", data=np.array(lengths, dtype="int32"))
+                audio.append(rng.integers(0, 2048, size=codebooks * frames).astype(audio_dtype))
+                text.append(np.concatenate([[0], rng.integers(2, text_vocab, size=t - 2), [1]]).astype("int32"))
+            out.split(split, n, source_rows=False).write(0, audio, text)
     return path
 
 

@@ -10,7 +10,8 @@ import torch.multiprocessing as mp
 
 from conftest import ROOT, write_token_file
 from utils import UserError
-from dataloaders import CSMDataset, DataError, LengthBucketSampler, collate, make_loader, open_splits
+from dataloaders import CSMDataset, LengthBucketSampler, collate, make_loader
+from token_file import DataError, open_splits
 
 
 def _bench_module(name):
@@ -234,3 +235,16 @@ def test_bad_files_get_one_clear_message(tmp_path):
         f["train/length"][3] += 1
     with pytest.raises(DataError, match="not len\\(text\\) \\+ frames \\+ 1"):
         CSMDataset(path, "train")
+
+
+def test_a_newer_token_file_format_is_refused_with_a_clear_error(tmp_path):
+    path = write_token_file(tmp_path / "t.hdf5")
+    with h5py.File(path, "a") as f:
+        f.attrs["format_version"] = 99
+    with pytest.raises(DataError, match="format version 99; this csm-train reads versions up to 1"):
+        open_splits(path)
+    with pytest.raises(DataError, match="format version 99"):
+        CSMDataset(path, "train")
+    # The original tool wrote no attributes at all: that still reads.
+    plain = write_token_file(tmp_path / "plain.hdf5", attrs=False, audio_dtype="int32")
+    assert open_splits(plain) == {"train": 12, "val": 4}

@@ -9,15 +9,20 @@ import torch
 
 import generate
 import utils
+import weights
+from audio_io import read_audio
 from conftest import ROOT
-from generate import Segment, synthesize
+from frames import Segment
+from loss import compute_loss
+from synthesis import build_prompt, parse_speaker, synthesize
+from tokenization import encode_text
 
 SAMPLES_PER_FRAME = 1920  # 24 kHz / 12.5 Hz
 
 
 @pytest.fixture
 def model(assets):
-    return utils.load_model(str(assets["model"]))
+    return weights.load_model(str(assets["model"]))
 
 
 def _cli(assets, *args):
@@ -38,8 +43,8 @@ def test_cli_writes_a_24khz_wav_within_the_cap(assets, tmp_path, capsys):
 def test_bf16_weights_generate(assets, tmp_path, monkeypatch):
     """--precision bf16 loads the model in bf16 (the GPU default) and still writes a wav."""
     loaded = []
-    real_load = utils.load_model
-    monkeypatch.setattr(utils, "load_model", lambda *a, **kw: loaded.append(real_load(*a, **kw)) or loaded[-1])
+    real_load = weights.load_model
+    monkeypatch.setattr(generate, "load_model", lambda *a, **kw: loaded.append(real_load(*a, **kw)) or loaded[-1])
     out = tmp_path / "bf16.wav"
     assert generate.main(_cli(assets, "--text", "Hello.", "--output", str(out), "--max_audio_seconds", "0.4",
                               "--precision", "bf16")) == 0
@@ -112,7 +117,7 @@ def test_training_works_after_sampling_a_fresh_model(model, text_tokenizer, mimi
     synthesize(model, text_tokenizer, mimi, "Hi.", 0, max_audio_seconds=0.16)
     model.train()
     tokens = torch.randint(0, 300, (1, 8, 33))
-    terms = utils.compute_loss(model, tokens, torch.ones(1, 8, 33, dtype=torch.bool))
+    terms = compute_loss(model, tokens, torch.ones(1, 8, 33, dtype=torch.bool))
     (terms.c0_sum + terms.decoder_sum).backward()
     assert model.codebook0_head.weight.grad is not None
 
@@ -120,19 +125,19 @@ def test_training_works_after_sampling_a_fresh_model(model, text_tokenizer, mimi
 def test_read_audio_mixes_to_mono_and_resamples(tmp_path):
     path = tmp_path / "stereo.wav"
     sf.write(str(path), np.zeros((16000, 2), dtype=np.float32), 16000)  # 1 s at 16 kHz
-    audio = generate.read_audio(path)
+    audio = torch.from_numpy(read_audio(path))
     assert audio.ndim == 1 and audio.shape[0] == 24000
-    with pytest.raises(utils.UserError, match="no such audio file"):
-        generate.read_audio(tmp_path / "missing.wav")
+    with pytest.raises(utils.UserError, match="audio file not found"):
+        read_audio(tmp_path / "missing.wav")
 
 
 def test_context_turns_change_the_output(model, text_tokenizer, mimi):
     rng = np.random.default_rng(0)
     turn = Segment("Earlier words.", 2, torch.from_numpy(rng.normal(0, 0.1, 12000).astype(np.float32)))
-    tokens, mask = generate.build_prompt(text_tokenizer, mimi, [turn, Segment("Now.", 0)], 32)
-    n_text0 = len(utils.encode_text(text_tokenizer, "Earlier words.", 2))
+    tokens, mask = build_prompt(text_tokenizer, mimi, [turn, Segment("Now.", 0)], 32)
+    n_text0 = len(encode_text(text_tokenizer, "Earlier words.", 2))
     n_audio = 12000 // SAMPLES_PER_FRAME + 1  # ceil(0.5 s / 80 ms) frames, then the EOS frame
-    assert len(tokens) == n_text0 + n_audio + 1 + len(utils.encode_text(text_tokenizer, "Now.", 0))
+    assert len(tokens) == n_text0 + n_audio + 1 + len(encode_text(text_tokenizer, "Now.", 0))
     eos = n_text0 + n_audio  # the context turn's EOS frame: zeros, audio entries real
     assert not tokens[eos].any() and mask[eos, :32].all() and not mask[eos, 32]
 
@@ -157,11 +162,11 @@ def test_user_errors(model, text_tokenizer, mimi):
     with pytest.raises(utils.UserError, match="2048-frame limit"):
         synthesize(model, text_tokenizer, mimi, "Hi.", 0, max_audio_seconds=200)
     with pytest.raises(utils.UserError, match="non-negative integer"):
-        generate.parse_speaker("abc")
+        parse_speaker("abc")
     for bad in ("-1", "²", "1.5", ""):
         with pytest.raises(utils.UserError, match="non-negative integer"):
-            generate.parse_speaker(bad)
-    assert generate.parse_speaker("12") == 12 and generate.parse_speaker(0) == 0
+            parse_speaker(bad)
+    assert parse_speaker("12") == 12 and parse_speaker(0) == 0
 
 
 def test_cli_errors_are_one_line(assets, tmp_path):

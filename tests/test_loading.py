@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import hub
+import tokenization
 import utils
+import weights
 from csm_model import CSM
 from tiny_assets import TINY_MODEL_ARGS
 
@@ -44,26 +47,26 @@ def hub_cache(tmp_path, monkeypatch):
 
 
 def test_local_hub_layout_round_trip(assets, tmp_path):
-    model = utils.load_model(assets["model"])
+    model = weights.load_model(assets["model"])
     assert isinstance(model, CSM) and model.config == TINY_MODEL_ARGS
-    out = utils.save_pretrained(model, tmp_path / "saved")
+    out = weights.save_pretrained(model, tmp_path / "saved")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert json.loads((out / "config.json").read_text()) == TINY_MODEL_ARGS.to_dict()
-    assert same_weights(utils.load_model(out), model)
+    assert same_weights(weights.load_model(out), model)
     # A bare .safetensors file with its config beside it loads too.
-    assert same_weights(utils.load_model(out / "model.safetensors"), model)
+    assert same_weights(weights.load_model(out / "model.safetensors"), model)
 
 
 def test_hub_id_loads_from_the_cache(assets, hub_cache):
     hub_cache("sesame/csm-1b", {"config.json": assets["model"] / "config.json",
                                 "model.safetensors": assets["model"] / "model.safetensors"})
-    model = utils.load_model("sesame/csm-1b")
-    assert same_weights(model, utils.load_model(assets["model"]))
+    model = weights.load_model("sesame/csm-1b")
+    assert same_weights(model, weights.load_model(assets["model"]))
 
 
 def test_unreachable_hub_id_is_one_clear_error(hub_cache):
     with pytest.raises(utils.UserError, match="cannot be reached.*local directory"):
-        utils.load_model("sesame/csm-1b")
+        weights.load_model("sesame/csm-1b")
 
 
 def test_mistyped_relative_path_is_not_reported_as_only_a_hub_miss(hub_cache, tmp_path, monkeypatch):
@@ -71,22 +74,22 @@ def test_mistyped_relative_path_is_not_reported_as_only_a_hub_miss(hub_cache, tm
     (tmp_path / "runs").mkdir()
     monkeypatch.chdir(tmp_path)
     with pytest.raises(utils.UserError, match="nor is there a local 'runs/best'"):
-        utils.load_model("runs/best")
+        weights.load_model("runs/best")
     with pytest.raises(utils.UserError) as err:
-        utils.load_model("sesame/csm-1b")  # no sesame/ folder here: a plain hub miss
+        weights.load_model("sesame/csm-1b")  # no sesame/ folder here: a plain hub miss
     assert "nor is there" not in str(err.value)
 
 
 def test_project_checkpoint_round_trip(assets, tmp_path):
-    model = utils.load_model(assets["model"])
+    model = weights.load_model(assets["model"])
     path = tmp_path / "ckpt.pt"
     torch.save({"model": model.state_dict(), "model_args": TINY_MODEL_ARGS.to_dict(), "step": 3}, path)
-    assert same_weights(utils.load_model(path), model)
+    assert same_weights(weights.load_model(path), model)
 
 
 def test_original_repo_checkpoint_loads(assets, tmp_path):
     """The original saved {"model": ..., "args": argparse.Namespace(...), ...} with torch.compile prefixes."""
-    model = utils.load_model(assets["model"])
+    model = weights.load_model(assets["model"])
     state = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
     ckpt = {
         "model": state,
@@ -98,31 +101,31 @@ def test_original_repo_checkpoint_loads(assets, tmp_path):
     }
     path = tmp_path / "model_bestval.pt"
     torch.save(ckpt, path)
-    loaded = utils.load_model(path)  # no config in the file: inferred from the weight shapes
+    loaded = weights.load_model(path)  # no config in the file: inferred from the weight shapes
     assert loaded.config == TINY_MODEL_ARGS
     assert same_weights(loaded, model)
 
 
 def test_mismatched_weights_name_what_differs(assets, tmp_path):
-    model = utils.load_model(assets["model"])
+    model = weights.load_model(assets["model"])
     state = model.state_dict()
     state.pop("audio_head")
     state["extra.weight"] = torch.zeros(1)
     path = tmp_path / "bad.pt"
     torch.save({"model": state, "model_args": TINY_MODEL_ARGS.to_dict()}, path)
     with pytest.raises(utils.UserError, match=r"1 missing \(e.g. audio_head\); 1 unexpected \(e.g. extra.weight\)"):
-        utils.load_model(path)
+        weights.load_model(path)
 
 
 def test_missing_sources_are_clear_errors(tmp_path):
     with pytest.raises(utils.UserError, match="not found"):
-        utils.load_model(str(tmp_path / "nope.pt"))
+        weights.load_model(str(tmp_path / "nope.pt"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(utils.UserError, match="no model.safetensors"):
-        utils.load_model(tmp_path / "empty")
+        weights.load_model(tmp_path / "empty")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(utils.UserError, match="could not read checkpoint"):
-        utils.load_model(tmp_path / "junk.pt")
+        weights.load_model(tmp_path / "junk.pt")
 
 
 def test_official_model_from_a_clone(assets, tmp_path, monkeypatch):
@@ -135,23 +138,23 @@ def test_official_model_from_a_clone(assets, tmp_path, monkeypatch):
     )
     monkeypatch.setenv("CSM_REPO_PATH", str(clone))
     monkeypatch.setattr(sys, "path", list(sys.path))
-    model = utils.load_model(assets["model"], use_official=True)
+    model = weights.load_model(assets["model"], use_official=True)
     assert getattr(model, "official", False)
-    assert same_weights(model, utils.load_model(assets["model"]))
+    assert same_weights(model, weights.load_model(assets["model"]))
     sys.modules.pop("models", None)
 
 
 def test_official_model_without_clone_is_a_clear_error(assets, monkeypatch):
     monkeypatch.delenv("CSM_REPO_PATH", raising=False)
     with pytest.raises(utils.UserError, match="CSM_REPO_PATH is not set"):
-        utils.load_model(assets["model"], use_official=True)
+        weights.load_model(assets["model"], use_official=True)
 
 
 def test_text_tokenizer_wraps_in_bos_eos(text_tokenizer):
-    ids = utils.encode_text(text_tokenizer, "Hello there.", speaker=3)
+    ids = tokenization.encode_text(text_tokenizer, "Hello there.", speaker=3)
     assert ids[0] == text_tokenizer.bos_token_id and ids[-1] == text_tokenizer.eos_token_id
     assert text_tokenizer.decode(ids[1:-1]) == "[3]Hello there."
-    assert text_tokenizer.decode(utils.encode_text(text_tokenizer, "Hi", None)[1:-1]) == "[999]Hi"
+    assert text_tokenizer.decode(tokenization.encode_text(text_tokenizer, "Hi", None)[1:-1]) == "[999]Hi"
 
 
 def test_unreachable_text_tokenizer_is_one_clear_error(monkeypatch):
@@ -159,13 +162,13 @@ def test_unreachable_text_tokenizer_is_one_clear_error(monkeypatch):
 
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     with pytest.raises(utils.UserError, match="--text_tokenizer"):
-        utils.load_text_tokenizer("meta-llama/Llama-3.2-1B")
+        tokenization.load_text_tokenizer("meta-llama/Llama-3.2-1B")
 
 
 def test_gated_repo_message_says_how_to_fix():
     from huggingface_hub.errors import GatedRepoError
 
-    err = utils._hub_error("text tokenizer", "meta-llama/Llama-3.2-1B",
+    err = hub.hub_error("text tokenizer", "meta-llama/Llama-3.2-1B",
                            GatedRepoError("Access to model meta-llama/Llama-3.2-1B is restricted."), "hint")
     assert "huggingface-cli login" in str(err) and "HF_TOKEN" in str(err)
 
@@ -181,13 +184,13 @@ def test_mimi_loads_from_a_local_file_with_distinct_codes(mimi):
 
 def test_mimi_default_offline_is_a_clear_error(hub_cache):
     with pytest.raises(utils.UserError, match="--mimi_weights"):
-        utils.load_mimi(None)
+        tokenization.load_mimi(None)
 
 
 def test_import_does_no_work():
     """Importing the project needs no clone, no network, no CUDA and leaves sys.path alone."""
     code = ("import sys; before = list(sys.path); "
-            "import csm_model, utils, tiny_assets; "
+            "import csm_model, utils, tiny_assets, weights, tokenization, training, synthesis, encode_dataset, optuna_sweep; "
             "assert sys.path == before; "
             "import torch; assert not torch.cuda.is_initialized()")
     env = {k: v for k, v in os.environ.items() if k not in ("CSM_REPO_PATH", "WANDB_API_KEY")}

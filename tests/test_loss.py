@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import utils
-from csm_model import CSM
+from loss import SequenceTooLongError, combine_loss, compute_loss, count_targets, decoder_frame_count
+from optim import lr_multiplier
+from csm_model import CSM, embed_frames
 from tiny_assets import TINY_MODEL_ARGS
 
 K = TINY_MODEL_ARGS.audio_num_codebooks
@@ -45,7 +46,7 @@ def hand_loss(model, tokens, mask):
     c0, dec, n0, nd = 0.0, 0.0, 0, 0
     for b in range(tokens.shape[0]):
         length = int(mask[b].any(-1).sum())
-        h = model.backbone(model.embed_frames(tokens[b:b + 1, :length], mask[b:b + 1, :length]))[0]
+        h = model.backbone(embed_frames(model, tokens[b:b + 1, :length], mask[b:b + 1, :length]))[0]
         for r in range(1, length):
             if not mask[b, r, 0]:
                 continue
@@ -65,12 +66,12 @@ def hand_loss(model, tokens, mask):
 @torch.no_grad()
 def test_loss_equals_hand_computed_cross_entropy(model):
     tokens, mask = pad_batch([example(4, 6, 0), example(3, 9, 1)])
-    terms = utils.compute_loss(model, tokens, mask, decoder_fraction=1.0)
+    terms = compute_loss(model, tokens, mask, decoder_fraction=1.0)
     c0, dec, n0, nd = hand_loss(model, tokens, mask)
     assert (terms.n_c0, terms.n_decoder) == (n0, nd) == (6 + 1 + 9 + 1, (6 + 1 + 9 + 1) * (K - 1))
     assert terms.c0_sum.item() == pytest.approx(c0, rel=1e-5)
     assert terms.decoder_sum.item() == pytest.approx(dec, rel=1e-5)
-    loss = utils.combine_loss(terms, terms.n_c0, terms.n_decoder, decoder_loss_weight=0.5)
+    loss = combine_loss(terms, terms.n_c0, terms.n_decoder, decoder_loss_weight=0.5)
     assert loss.item() == pytest.approx(2 * (0.5 * c0 / n0 + 0.5 * dec / nd), rel=1e-5)
     # An untrained model is near-uniform over the 2051 audio tokens.
     assert abs(c0 / n0 - math.log(2051)) < 0.5
@@ -80,48 +81,48 @@ def test_loss_equals_hand_computed_cross_entropy(model):
 def test_padded_batch_gives_the_same_per_example_losses(model):
     examples = [example(4, 5, 0), example(6, 17, 1), example(3, 2, 2)]
     tokens, mask = pad_batch(examples)
-    batch = utils.compute_loss(model, tokens, mask, decoder_fraction=1.0)
-    alone = [utils.compute_loss(model, t[None], m[None], decoder_fraction=1.0) for t, m in examples]
+    batch = compute_loss(model, tokens, mask, decoder_fraction=1.0)
+    alone = [compute_loss(model, t[None], m[None], decoder_fraction=1.0) for t, m in examples]
     assert batch.n_c0 == sum(a.n_c0 for a in alone)
     assert batch.c0_sum.item() == pytest.approx(sum(a.c0_sum.item() for a in alone), rel=1e-5)
     assert batch.decoder_sum.item() == pytest.approx(sum(a.decoder_sum.item() for a in alone), rel=1e-5)
     # Garbage in the padding must not change anything.
     garbage = tokens.clone()
     garbage[~mask] = 7
-    again = utils.compute_loss(model, garbage, mask, decoder_fraction=1.0)
+    again = compute_loss(model, garbage, mask, decoder_fraction=1.0)
     assert again.c0_sum.item() == pytest.approx(batch.c0_sum.item(), rel=1e-6)
 
 
 @torch.no_grad()
 def test_eos_frame_is_a_target(model):
     tokens, mask = pad_batch([example(3, 4, 0)])
-    terms = utils.compute_loss(model, tokens, mask, decoder_fraction=1.0)
+    terms = compute_loss(model, tokens, mask, decoder_fraction=1.0)
     assert terms.n_c0 == 5  # 4 audio frames + the EOS frame
     # Changing the EOS frame's (all-zero) targets changes the loss: it is really predicted.
     changed = tokens.clone()
     changed[0, -1, :K] = 5
-    other = utils.compute_loss(model, changed, mask, decoder_fraction=1.0)
+    other = compute_loss(model, changed, mask, decoder_fraction=1.0)
     assert other.c0_sum.item() != pytest.approx(terms.c0_sum.item(), rel=1e-6)
 
 
 def test_decoder_fraction_is_reproducible_and_at_least_one_frame(model):
     tokens, mask = pad_batch([example(3, 40, 0), example(3, 3, 1)])
-    assert utils.count_targets(mask, 1 / 16, K) == (45, 2 * (K - 1))
-    a = utils.compute_loss(model, tokens, mask, generator=torch.Generator().manual_seed(5))
-    b = utils.compute_loss(model, tokens, mask, generator=torch.Generator().manual_seed(5))
-    c = utils.compute_loss(model, tokens, mask, generator=torch.Generator().manual_seed(6))
+    assert count_targets(mask, 1 / 16, K) == (45, 2 * (K - 1))
+    a = compute_loss(model, tokens, mask, generator=torch.Generator().manual_seed(5))
+    b = compute_loss(model, tokens, mask, generator=torch.Generator().manual_seed(5))
+    c = compute_loss(model, tokens, mask, generator=torch.Generator().manual_seed(6))
     assert a.n_decoder == 2 * (K - 1)
     assert a.decoder_sum.item() == b.decoder_sum.item()
     assert a.decoder_sum.item() != c.decoder_sum.item()
-    assert utils.decoder_frame_count(3, 1 / 16) == 1
-    assert utils.decoder_frame_count(0, 1 / 16) == 0
+    assert decoder_frame_count(3, 1 / 16) == 1
+    assert decoder_frame_count(0, 1 / 16) == 0
 
 
 def test_too_long_sequence_is_a_clear_error(model):
     tokens = torch.zeros(1, model.backbone.max_seq_len + 1, K + 1, dtype=torch.long)
     mask = torch.zeros_like(tokens, dtype=torch.bool)
-    with pytest.raises(utils.SequenceTooLongError, match="at most 2048"):
-        utils.compute_loss(model, tokens, mask)
+    with pytest.raises(SequenceTooLongError, match="at most 2048"):
+        compute_loss(model, tokens, mask)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -132,8 +133,8 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.manual_seed(0)
         model = CSM(TINY_MODEL_ARGS).train()
         model.set_activation_checkpointing(checkpointing)
-        terms = utils.compute_loss(model, tokens, mask, decoder_fraction=1.0)
-        utils.combine_loss(terms, terms.n_c0, terms.n_decoder, 0.5).backward()
+        terms = compute_loss(model, tokens, mask, decoder_fraction=1.0)
+        combine_loss(terms, terms.n_c0, terms.n_decoder, 0.5).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     plain, ckpt = grads(False), grads(True)
@@ -144,14 +145,14 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 def test_lr_schedule_boundaries():
     kw = dict(warmup_steps=10, total_steps=110)
-    assert utils.lr_multiplier(0, decay="linear", **kw) == pytest.approx(0.1)
-    assert utils.lr_multiplier(9, decay="linear", **kw) == pytest.approx(1.0)
-    assert utils.lr_multiplier(10, decay="linear", **kw) == pytest.approx(1.0)
+    assert lr_multiplier(0, decay="linear", **kw) == pytest.approx(0.1)
+    assert lr_multiplier(9, decay="linear", **kw) == pytest.approx(1.0)
+    assert lr_multiplier(10, decay="linear", **kw) == pytest.approx(1.0)
     for decay, final in (("linear", 0.0), ("cosine", 0.0), ("exponential", 0.01), ("constant", 1.0)):
-        assert utils.lr_multiplier(109, decay=decay, **kw) == pytest.approx(final), decay
-    assert utils.lr_multiplier(59, decay="linear", **kw) == pytest.approx(0.5, abs=0.01)
-    assert utils.lr_multiplier(59, decay="cosine", **kw) == pytest.approx(0.5, abs=0.02)
-    assert utils.lr_multiplier(109, decay="cosine", min_lr_ratio=0.1, **kw) == pytest.approx(0.1)
-    assert utils.lr_multiplier(0, warmup_steps=0, total_steps=5, decay="linear") == pytest.approx(1.0)
+        assert lr_multiplier(109, decay=decay, **kw) == pytest.approx(final), decay
+    assert lr_multiplier(59, decay="linear", **kw) == pytest.approx(0.5, abs=0.01)
+    assert lr_multiplier(59, decay="cosine", **kw) == pytest.approx(0.5, abs=0.02)
+    assert lr_multiplier(109, decay="cosine", min_lr_ratio=0.1, **kw) == pytest.approx(0.1)
+    assert lr_multiplier(0, warmup_steps=0, total_steps=5, decay="linear") == pytest.approx(1.0)
     with pytest.raises(ValueError):
-        utils.lr_multiplier(0, warmup_steps=0, total_steps=5, decay="step")
+        lr_multiplier(0, warmup_steps=0, total_steps=5, decay="step")

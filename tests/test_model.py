@@ -1,7 +1,7 @@
 """The built-in CSM: official key layout, KV-cache decoding equals the full forward."""
 import torch
 
-from csm_model import CSM, FLAVORS, ModelArgs, causal_mask
+from csm_model import CSM, FLAVORS, ModelArgs, causal_mask, embed_frames
 from tiny_assets import TINY_MODEL_ARGS
 
 
@@ -69,7 +69,7 @@ def test_kv_cache_backbone_equals_full_causal_forward():
     torch.manual_seed(0)
     model = CSM(TINY_MODEL_ARGS).eval()
     tokens, mask = _random_frames(2, 12, TINY_MODEL_ARGS)
-    h = model.embed_frames(tokens, mask)
+    h = embed_frames(model, tokens, mask)
     full = model.backbone(h)
 
     model.setup_caches(2)
@@ -91,7 +91,7 @@ def test_generate_frame_greedy_equals_full_forward_argmax():
     tokens, mask = _random_frames(1, 9, args, seed=3)
 
     # Reference without caches: full causal backbone, then the decoder re-run on the growing prefix.
-    h_last = model.backbone(model.embed_frames(tokens, mask))[:, -1]
+    h_last = model.backbone(embed_frames(model, tokens, mask))[:, -1]
     codes = [int(model.codebook0_head(h_last).argmax(-1))]
     for i in range(1, args.audio_num_codebooks):
         prefix = torch.tensor([codes]) + args.audio_vocab_size * torch.arange(i)

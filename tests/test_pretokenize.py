@@ -19,6 +19,9 @@ import pretokenize
 import utils
 from conftest import ROOT
 from dataloaders import CSMDataset
+from encode_dataset import load_clip
+from metadata import check_row
+from tokenization import encode_audio, encode_text
 
 RATE = 24000
 
@@ -108,7 +111,7 @@ def test_output_layout_and_attributes(assets, clips, tmp_path, text_tokenizer):
     train = data["train"]
     assert train["source_row"] == list(range(6))
     for i in range(6):
-        assert train["text"][i] == utils.encode_text(text_tokenizer, f"Sentence number {i}.", i % 2)
+        assert train["text"][i] == encode_text(text_tokenizer, f"Sentence number {i}.", i % 2)
         frames = len(train["audio"][i]) // 32
         assert frames == int(np.ceil((0.3 + 0.15 * i) * RATE / 1920))
         assert train["length"][i] == len(train["text"][i]) + frames + 1
@@ -119,7 +122,7 @@ def test_output_layout_and_attributes(assets, clips, tmp_path, text_tokenizer):
     run(assets, "--train_data", str(tmp_path / "n.csv"), "--output", str(tmp_path / "s.hdf5"))
     ids = text_tokenizer.encode("Hi.", add_special_tokens=False)
     assert read(tmp_path / "n.hdf5")["train"]["text"][0] == [text_tokenizer.bos_token_id, *ids, text_tokenizer.eos_token_id]
-    assert read(tmp_path / "s.hdf5")["train"]["text"][0] == utils.encode_text(text_tokenizer, "Hi.", 999)
+    assert read(tmp_path / "s.hdf5")["train"]["text"][0] == encode_text(text_tokenizer, "Hi.", 999)
     # The training loader reads it.
     assert len(CSMDataset(out, "val")) == 6
 
@@ -140,9 +143,9 @@ def test_resampling_and_stereo(assets, tmp_path, mimi):
     sf.write(tmp_path / "a24.wav", mono24, RATE)
     stereo44 = tone(1.0, rate=44100, seed=3, channels=2)
     sf.write(tmp_path / "b44.wav", stereo44, 44100)
-    row = pretokenize.check_row(0, {"path": str(tmp_path / "b44.wav"), "text": "x", "start": None, "end": None,
+    row = check_row(0, {"path": str(tmp_path / "b44.wav"), "text": "x", "start": None, "end": None,
                                     "speaker": None})
-    audio = pretokenize.load_clip(row)
+    audio = load_clip(row)
     assert audio.ndim == 1 and abs(len(audio) - RATE) <= 1
     pd.DataFrame([{"path": "b44.wav", "text": "x"}]).to_csv(tmp_path / "m.csv", index=False)
     run(assets, "--train_data", str(tmp_path / "m.csv"), "--output", str(tmp_path / "o.hdf5"))
@@ -153,8 +156,8 @@ def test_resampling_and_stereo(assets, tmp_path, mimi):
 def test_batched_encoding_equals_one_clip_at_a_time(mimi):
     rng = np.random.default_rng(0)
     clips = [(0.2 * rng.standard_normal(int(s * RATE))).astype(np.float32) for s in (0.3, 1.1, 0.75, 2.0, 0.5)]
-    batched = pretokenize.encode_batch(mimi, clips, "cpu")
-    single = [pretokenize.encode_batch(mimi, [c], "cpu")[0] for c in clips]
+    batched = encode_audio(mimi, clips)
+    single = [encode_audio(mimi, [c])[0] for c in clips]
     total = sum(s.size for s in single)
     mismatched = sum(int((b != s).sum()) for b, s in zip(batched, single))
     for b, s in zip(batched, single):

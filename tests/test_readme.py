@@ -63,3 +63,13 @@ def test_images_exist():
 def test_config_keys_named_in_the_readme_exist():
     for key in re.findall(r"--set (\w+)=", README):
         assert key == "key" or key in config.CONFIG_KEYS, key
+
+
+def test_file_table_lists_every_top_level_module_with_a_docstring():
+    """The Development table names each top-level .py file once, and each opens by saying what it owns."""
+    table = README.split("<!-- files:start -->", 1)[1].split("<!-- files:end -->", 1)[0]
+    listed = re.findall(r"^\| `([\w.]+\.py)` \|", table, flags=re.M)
+    on_disk = sorted(p.name for p in ROOT.glob("*.py"))
+    assert sorted(listed) == on_disk
+    for name in on_disk:
+        assert (ROOT / name).read_text().startswith('"""'), f"{name} has no module docstring"

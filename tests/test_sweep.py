@@ -7,6 +7,7 @@ import yaml
 from optuna.trial import TrialState
 
 import config
+import optuna_sweep
 import sweep
 import train
 from utils import UserError
@@ -83,7 +84,7 @@ def test_best_config_trains(assets, token_file, tmp_path):
                                               value=1.0))
     base = config.make_config({"model": str(assets["model"]), "max_steps": 2, "batch_size": 4, "val_every": 0,
                                "gen_every": 0, "wandb_mode": "disabled", "precision": "fp32"}).to_dict()
-    sweep.write_reports(study, tmp_path, base)
+    optuna_sweep.write_reports(study, tmp_path, base)
     assert train.main(["--data", str(token_file), "--config", str(tmp_path / "best_config.yaml"),
                        "--output_dir", str(tmp_path / "run"), "--device", "cpu"]) == 0
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
@@ -103,11 +104,11 @@ def test_best_config_trains(assets, token_file, tmp_path):
 def test_bad_sweep_yaml_is_one_clear_message(tmp_path, text, message):
     path = write_space(tmp_path / "s.yaml", text)
     with pytest.raises(UserError, match=message):
-        sweep.load_space(path, config.TrainConfig().to_dict())
+        optuna_sweep.load_space(path, config.TrainConfig().to_dict())
 
 
 def test_shipped_space_is_valid_and_matches_the_reference():
-    space = sweep.load_space(ROOT / "configs" / "sweep.yaml", config.TrainConfig().to_dict())
+    space = optuna_sweep.load_space(ROOT / "configs" / "sweep.yaml", config.TrainConfig().to_dict())
     assert space["batch_size"]["values"] == [8, 16, 32]
     assert (space["learning_rate"]["min"], space["learning_rate"]["max"], space["learning_rate"]["log"]) == (1e-6, 1e-2, True)
     assert space["lr_decay"]["values"] == ["linear", "cosine", "constant", "exponential"]

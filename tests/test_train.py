@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 import config
-import train
+import tracking
+import training
 import utils
+import weights
 from conftest import write_token_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +43,7 @@ def test_tiny_model_overfits_a_tiny_dataset(assets, tmp_path):
     data = write_token_file(tmp_path / "d.hdf5", n_train=4, n_val=2, audio_frames=(4, 6), text_len=(3, 4))
     cfg = tiny_cfg(assets, max_steps=60, learning_rate=3e-3, warmup_steps=5, lr_decay="constant",
                    decoder_fraction=1.0, val_every=0, save_every=0, log_every=1)
-    train.train(cfg, data, tmp_path / "out", device="cpu", progress=False)
+    training.train(cfg, data, tmp_path / "out", device="cpu", progress=False)
     losses = train_losses(tmp_path / "out")
     first, last = losses[1], losses[60]
     assert first > 7.0  # ~ln(2051) at random init
@@ -63,15 +65,15 @@ def _micro_batches(token_file, sizes):
 def test_accumulation_equals_one_big_batch(assets, token_file):
     """B x 1 and B/2 x 2 (and uneven splits) give the same update when the decoder sees every frame."""
     cfg = tiny_cfg(assets, decoder_fraction=1.0, max_grad_norm=0.5)
-    rt = train.Runtime(torch.device("cpu"))
+    rt = utils.Runtime(torch.device("cpu"))
     results = []
     for sizes in ([4], [2, 2], [1, 3]):
-        model = utils.load_model(assets["model"])
+        model = weights.load_model(assets["model"])
         # Plain SGD makes the update the clipped gradient itself; Adam would turn float noise in
         # near-zero gradients into full-size steps and hide what is being compared.
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        stats = train.train_step(train.LossModule(model), _micro_batches(token_file, sizes), cfg, rt, "fp32",
+        stats = training.train_step(training.LossModule(model), _micro_batches(token_file, sizes), cfg, rt, "fp32",
                                  opt, scaler, torch.Generator().manual_seed(0), 32)
         results.append((stats, {k: v.clone() for k, v in model.state_dict().items()}))
     (ref_stats, ref), others = results[0], results[1:]
@@ -86,7 +88,7 @@ def test_accumulation_equals_one_big_batch(assets, token_file):
 def test_schedule_counts_optimizer_steps_and_ends_at_the_last_one(assets, token_file, tmp_path):
     cfg = tiny_cfg(assets, grad_acc_steps=2, max_steps=None, n_epochs=2, warmup_steps=2, val_every=0,
                    save_every=0, learning_rate=1e-3)
-    result = train.train(cfg, token_file, tmp_path / "out", device="cpu", progress=False)
+    result = training.train(cfg, token_file, tmp_path / "out", device="cpu", progress=False)
     # 12 examples / batch 4 = 3 micro-batches per epoch; 2 epochs = 6 micro-batches = 3 optimizer steps.
     assert result.step == 3
     lrs = {m["step"]: m["lr"] for m in metrics(tmp_path / "out") if "lr" in m}
@@ -98,7 +100,7 @@ def test_resume_is_bit_exact(assets, tmp_path):
     data = write_token_file(tmp_path / "d.hdf5", n_train=10, n_val=3)
     cfg = tiny_cfg(assets, grad_acc_steps=2, batch_size=3, max_steps=6, save_every=3, val_every=2)
     full, part = tmp_path / "full", tmp_path / "part"
-    train.train(cfg, data, full, device="cpu", progress=False)
+    training.train(cfg, data, full, device="cpu", progress=False)
 
     # The interrupted run: what the full run had on disk after step 3 (10 examples / 3 = 4 batches per
     # epoch, so step 3 ends in the middle of epoch 2).
@@ -110,7 +112,7 @@ def test_resume_is_bit_exact(assets, tmp_path):
     assert state["loader"]["epoch"] == 1 and state["step"] == 3
     (part / "metrics.jsonl").write_text("".join(
         json.dumps(m) + "\n" for m in metrics(full) if m["step"] <= 3) + json.dumps({"step": 4, "loss": -1}) + "\n")
-    train.train(cfg, data, part, device="cpu", resume="auto", progress=False)
+    training.train(cfg, data, part, device="cpu", resume="auto", progress=False)
 
     a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(part / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -123,14 +125,14 @@ def test_resume_is_bit_exact(assets, tmp_path):
 
 
 def test_nan_guard_skips_then_stops_with_a_checkpoint(assets, token_file, tmp_path):
-    model = utils.load_model(assets["model"])
+    model = weights.load_model(assets["model"])
     with torch.no_grad():
         model.codebook0_head.weight[0, 0] = float("nan")
     bad = tmp_path / "nan.pt"
     torch.save({"model": model.state_dict(), "model_args": model.config.to_dict()}, bad)
     cfg = tiny_cfg(assets, model=str(bad), max_steps=20, max_nonfinite_steps=3, val_every=0, save_every=0)
-    with pytest.raises(train.TrainingStopped, match="3 non-finite steps in a row at step 3"):
-        train.train(cfg, token_file, tmp_path / "out", device="cpu", progress=False)
+    with pytest.raises(training.TrainingStopped, match="3 non-finite steps in a row at step 3"):
+        training.train(cfg, token_file, tmp_path / "out", device="cpu", progress=False)
     assert (tmp_path / "out" / "checkpoints" / "step_0000003.pt").exists()
     logged = metrics(tmp_path / "out")
     assert [m["step"] for m in logged] == [1, 2, 3]
@@ -160,21 +162,21 @@ def test_sigterm_saves_a_checkpoint_then_exits(assets, token_file, tmp_path):
 
 def test_validation_is_deterministic_and_best_is_kept(assets, token_file, tmp_path):
     cfg = tiny_cfg(assets, max_steps=4, val_every=2)
-    result = train.train(cfg, token_file, tmp_path / "out", device="cpu", progress=False)
+    result = training.train(cfg, token_file, tmp_path / "out", device="cpu", progress=False)
     vals = [m["val_loss"] for m in metrics(tmp_path / "out") if "val_loss" in m]
     assert len(vals) == 2 and result.best_val_loss == min(vals)
     from dataloaders import CSMDataset, make_loader
 
-    model = utils.load_model(tmp_path / "out" / "best")
+    model = weights.load_model(tmp_path / "out" / "best")
     loader = make_loader(CSMDataset(str(token_file), "val"), batch_size=4, shuffle=False)
-    rt = train.Runtime(torch.device("cpu"))
-    again = [train.evaluate(model, loader, cfg, rt, "fp32") for _ in range(2)]
+    rt = utils.Runtime(torch.device("cpu"))
+    again = [training.evaluate(model, loader, cfg, rt, "fp32") for _ in range(2)]
     assert again[0] == again[1] == pytest.approx(min(vals), rel=1e-6)
 
 
 def test_checkpoints_are_complete_and_pruned(assets, token_file, tmp_path):
     cfg = tiny_cfg(assets, max_steps=6, save_every=1, keep_checkpoints=2, val_every=0)
-    train.train(cfg, token_file, tmp_path / "out", device="cpu", progress=False)
+    training.train(cfg, token_file, tmp_path / "out", device="cpu", progress=False)
     names = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
     assert names == ["step_0000005.pt", "step_0000006.pt"]
     state = torch.load(tmp_path / "out" / "checkpoints" / "step_0000006.pt", weights_only=True)
@@ -182,14 +184,14 @@ def test_checkpoints_are_complete_and_pruned(assets, token_file, tmp_path):
     assert isinstance(state["config"], dict) and state["config"]["max_steps"] == 6
     # The final model is in the hub layout and loads anywhere the official one does.
     assert sorted(p.name for p in (tmp_path / "out" / "final").iterdir()) == ["config.json", "model.safetensors"]
-    utils.load_model(tmp_path / "out" / "final")
-    utils.load_model(tmp_path / "out" / "checkpoints" / "step_0000006.pt")
+    weights.load_model(tmp_path / "out" / "final")
+    weights.load_model(tmp_path / "out" / "checkpoints" / "step_0000006.pt")
 
 
 def test_samples_and_offline_wandb(assets, token_file, tmp_path):
     cfg = tiny_cfg(assets, max_steps=2, gen_every=2, gen_max_seconds=0.5, val_every=2, wandb_mode="offline",
                    gen_sentences=["Hello there.", "Second one."])
-    train.train(cfg, token_file, tmp_path / "out", device="cpu", progress=False)
+    training.train(cfg, token_file, tmp_path / "out", device="cpu", progress=False)
     wavs = sorted(p.name for p in (tmp_path / "out" / "samples").iterdir())
     assert wavs == ["step_0000002_0.wav", "step_0000002_1.wav"]
     run_dirs = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
@@ -209,20 +211,20 @@ def test_online_wandb_without_a_key_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     with pytest.raises(utils.UserError, match="W&B online needs an API key"):
-        train.wandb_mode("online")
-    assert train.wandb_mode("auto") == "offline"
+        tracking.wandb_mode("online")
+    assert tracking.wandb_mode("auto") == "offline"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert train.wandb_mode("auto") == "online"
+    assert tracking.wandb_mode("auto") == "online"
 
 
 def test_train_from_scratch_uses_the_configured_flavors(token_file, tmp_path, assets):
     cfg = tiny_cfg(assets, train_from_scratch=True, backbone_flavor="llama-tiny", decoder_flavor="llama-tiny-decoder",
                    text_vocab_size=512, max_steps=2, val_every=0)
-    train.train(cfg, token_file, tmp_path / "out", device="cpu", progress=False)
-    model = utils.load_model(tmp_path / "out" / "final")
+    training.train(cfg, token_file, tmp_path / "out", device="cpu", progress=False)
+    model = weights.load_model(tmp_path / "out" / "final")
     assert model.config.backbone_flavor == "llama-tiny" and model.config.text_vocab_size == 512
 
 
 def test_missing_data_file_is_a_clear_error(assets, tmp_path):
     with pytest.raises(utils.UserError, match="no such file"):
-        train.train(tiny_cfg(assets), tmp_path / "nope.hdf5", tmp_path / "out", device="cpu")
+        training.train(tiny_cfg(assets), tmp_path / "nope.hdf5", tmp_path / "out", device="cpu")

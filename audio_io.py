@@ -1,0 +1,61 @@
+"""Reading audio files: a time window without decoding the rest, mixed to mono, resampled to Mimi's
+24 kHz, as float32. Every failure is an AudioError carrying a short reason.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tokenization import MIMI_SAMPLE_RATE
+from utils import UserError
+
+WINDOW_TOLERANCE_S = 0.05  # an `end` this far past the file's end is rounding, not a bad window
+
+
+class AudioError(UserError):
+    """An audio file that cannot be used; `reason` is the short why (for skipped-row reports)."""
+
+    def __init__(self, path, reason: str):
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+def resample(audio: np.ndarray, rate: int, target: int = MIMI_SAMPLE_RATE) -> np.ndarray:
+    """1-D float32 audio from `rate` to `target` Hz (torchaudio's sinc interpolation)."""
+    if rate == target:
+        return audio
+    import torchaudio
+
+    return torchaudio.functional.resample(torch.from_numpy(audio), rate, target).numpy()
+
+
+def read_audio(path: str | Path, start: float | None = None, end: float | None = None) -> np.ndarray:
+    """The [start, end) seconds of an audio file (the whole file without them) as float32 mono at 24 kHz.
+
+    Only the window is read. An `end` up to WINDOW_TOLERANCE_S past the file's end is clipped to it.
+    """
+    import soundfile as sf
+
+    path = str(path)
+    if not Path(path).is_file():
+        raise AudioError(path, "audio file not found")
+    try:
+        info = sf.info(path)
+    except Exception as e:  # libsndfile reports every format problem as a RuntimeError with its text
+        raise AudioError(path, f"unreadable audio ({str(e).splitlines()[0]})") from None
+    rate, total = info.samplerate, info.frames
+    first, stop = 0, total
+    if start is not None:
+        first, stop = round(start * rate), round(end * rate)
+        if first >= total:
+            raise AudioError(path, f"window starts at {start:g} s, past the end of the file ({total / rate:.2f} s)")
+        if stop > total + WINDOW_TOLERANCE_S * rate:
+            raise AudioError(path, f"window ends at {end:g} s, past the end of the file ({total / rate:.2f} s)")
+        stop = min(stop, total)
+    try:
+        data, _ = sf.read(path, start=first, stop=stop, dtype="float32", always_2d=True)
+    except Exception as e:
+        raise AudioError(path, f"unreadable audio ({str(e).splitlines()[0]})") from None
+    return np.ascontiguousarray(resample(data.mean(axis=1), rate), dtype=np.float32)

@@ -1,0 +1,120 @@
+"""Training-state checkpoints: one save/restore pair holding the model, optimizer, schedule, GradScaler,
+every RNG (each rank's decoder-frame generator too), the data loader's position, the config and the
+loop counters; written atomically, read with `torch.load(weights_only=True)`, found and pruned here.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from utils import Runtime, UserError, atomic_path, print0
+from weights import check_keys, clean_state_dict, model_config_dict, read_pt
+
+CHECKPOINT_FORMAT = "csm-train/1"
+STEP_GLOB = "step_*.pt"
+
+
+@dataclass
+class LoopState:
+    """The training loop's own counters, saved with every checkpoint."""
+
+    step: int = 0
+    best_val_loss: float = float("inf")
+    nonfinite_streak: int = 0
+
+
+def step_path(directory: Path, step: int) -> Path:
+    return directory / f"step_{step:07d}.pt"
+
+
+def _rng_state(generator_states: list[torch.Tensor]) -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+        "loss_generators": generator_states,  # one per rank
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, loader, generator: torch.Generator,
+                    cfg, loop: LoopState, rt: Runtime) -> None:
+    """Write the full training state to `path` (rank 0 writes; every rank must call it)."""
+    # Every rank draws its own decoder frames: keep each rank's generator, not just rank 0's.
+    generators = [generator.get_state()]
+    if rt.distributed:
+        generators = [None] * rt.world_size
+        dist.all_gather_object(generators, generator.get_state())
+    if not rt.is_main:
+        return
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "step": loop.step,
+        "model": model.state_dict(),
+        "model_args": model_config_dict(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "loader": loader.state_dict(),
+        "rng": _rng_state(generators),
+        "config": cfg.to_dict(),
+        "best_val_loss": loop.best_val_loss,
+        "nonfinite_streak": loop.nonfinite_streak,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def restore_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, loader, generator: torch.Generator,
+                       cfg, rt: Runtime) -> LoopState:
+    """Put every piece of a saved training state back; returns the loop counters to continue from."""
+    state = read_pt(path)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a full training checkpoint of this tool (use --model to finetune from it)")
+    check_keys(model, clean_state_dict(state["model"]), path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    loader.load_state_dict(state["loader"])
+    _set_rng_state(state["rng"])
+    if len(state["rng"]["loss_generators"]) != rt.world_size:
+        raise UserError(f"{path} was saved by {len(state['rng']['loss_generators'])} process(es); "
+                        f"resume it with as many (this run has {rt.world_size})")
+    generator.set_state(state["rng"]["loss_generators"][rt.rank])
+    changed = sorted(key for key, v in state["config"].items() if getattr(cfg, key, v) != v)
+    print0(f"resumed from {path} at step {state['step']}" + (f" (config changed: {', '.join(changed)})" if changed else ""))
+    return LoopState(state["step"], state["best_val_loss"], state["nonfinite_streak"])
+
+
+def find_resume_checkpoint(resume: str, directory: Path) -> Path | None:
+    """`resume` is a checkpoint path, or 'auto' for the newest step checkpoint in `directory` (None if none)."""
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_file():
+            raise UserError(f"--resume {resume}: no such checkpoint file")
+        return path
+    found = sorted(directory.glob(STEP_GLOB))
+    return found[-1] if found else None
+
+
+def prune_checkpoints(directory: Path, keep: int) -> None:
+    """Delete all but the newest `keep` step checkpoints."""
+    for old in sorted(directory.glob(STEP_GLOB))[:-keep]:
+        old.unlink()

@@ -1,0 +1,319 @@
+"""Metadata rows -> Mimi codes and text ids -> one token file, crash-safe and resumable.
+
+Clips are read (only their start-end window) by a thread pool while Mimi encodes the previous chunk
+in padded, duration-sorted batches. Rows that cannot be used are skipped and listed in
+<output>.skipped.csv with the reason. Work is committed in chunks of --save_every rows under
+<output>.partial/; a killed run resumes when the same command is run again, and the output file
+appears (atomically) only once every chunk is done. pretokenize.py is the command line of `run`.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from audio_io import AudioError, read_audio
+from metadata import Row, SkipRow, check_row, read_metadata
+from token_file import FORMAT_VERSION, write_token_file
+from tokenization import (MIMI_FRAME_RATE, MIMI_SAMPLE_RATE, NUM_CODEBOOKS, SAMPLES_PER_FRAME, encode_audio, encode_text,
+                          frames_of, load_mimi, load_text_tokenizer)
+from utils import UserError, atomic_path, resolve_device, write_text_atomic
+
+SILENCE_PEAK = 1e-4
+
+
+# --------------------------------------------------------------------------- audio
+
+
+def load_clip(row: Row) -> np.ndarray:
+    """The row's audio window as float32 mono at 24 kHz; SkipRow for anything unusable."""
+    try:
+        audio = read_audio(row.path, row.start, row.end)
+    except AudioError as e:
+        raise SkipRow(e.reason) from None
+    if len(audio) < SAMPLES_PER_FRAME:
+        raise SkipRow(f"clip shorter than one 80 ms frame ({len(audio) / MIMI_SAMPLE_RATE * 1000:.0f} ms)")
+    if not np.isfinite(audio).all():
+        raise SkipRow("audio holds NaN or infinite samples")
+    if np.abs(audio).max() < SILENCE_PEAK:
+        raise SkipRow("silent clip")
+    return audio
+
+
+# --------------------------------------------------------------------------- chunks on disk
+
+
+def _chunk_path(work: Path, split: str, index: int) -> Path:
+    return work / f"{split}_{index:06d}.npz"
+
+
+def _save_chunk(path: Path, examples: list[tuple[int, np.ndarray, list[int], float]],
+                skipped: list[tuple[int, str, str]]) -> dict:
+    """One chunk's kept examples and skipped rows, written to a temp name then renamed (all or nothing)."""
+    audio = [e[1].reshape(-1).astype(np.int16) for e in examples]
+    text = [np.asarray(e[2], dtype=np.int32) for e in examples]
+    arrays = {
+        "rows": np.array([e[0] for e in examples], dtype=np.int64),
+        "audio": np.concatenate(audio) if audio else np.zeros(0, np.int16),
+        "audio_sizes": np.array([len(a) for a in audio], dtype=np.int64),
+        "text": np.concatenate(text) if text else np.zeros(0, np.int32),
+        "text_sizes": np.array([len(t) for t in text], dtype=np.int64),
+        "seconds": np.array([e[3] for e in examples], dtype=np.float64),
+        "skipped": np.array(json.dumps(skipped)),
+    }
+    with atomic_path(path, suffix=".tmp.npz") as tmp:
+        np.savez(tmp, **arrays)
+    return {**arrays, "skipped": skipped}
+
+
+def _load_chunk(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        chunk = {k: z[k] for k in z.files}
+    chunk["skipped"] = json.loads(str(chunk["skipped"]))
+    return chunk
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def fingerprint(args, tokenizer, mimi, metadata: dict) -> dict:
+    """Everything that decides the output's content; a resumed run must match it exactly."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+    mimi_state = hashlib.sha256()
+    for name, tensor in sorted(mimi.state_dict().items()):
+        mimi_state.update(name.encode())
+        # Shape plus the first 1024 values of each tensor: cheap, and another checkpoint differs there.
+        mimi_state.update(str(tuple(tensor.shape)).encode())
+        mimi_state.update(tensor.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
+    return {
+        "format_version": FORMAT_VERSION,
+        "text_tokenizer": str(args.text_tokenizer),
+        "text_tokenizer_vocab": hashlib.sha256(vocab).hexdigest()[:16],
+        "mimi": mimi_state.hexdigest()[:16],
+        "codebooks": NUM_CODEBOOKS,
+        "max_seq_len": args.max_seq_len,
+        "omit_speaker_id": bool(args.omit_speaker_id),
+        "save_every": args.save_every,
+        "metadata": {split: {"path": str(Path(p).resolve()), "digest": _file_digest(Path(p))}
+                     for split, p in metadata.items()},
+    }
+
+
+def _describe_change(old: dict, new: dict) -> str:
+    changed = [k for k in new if old.get(k) != new[k]]
+    names = {"text_tokenizer_vocab": "text tokenizer", "text_tokenizer": "text tokenizer", "mimi": "Mimi weights/config",
+             "metadata": "metadata files", "max_seq_len": "--max_seq_len", "omit_speaker_id": "--omit_speaker_id",
+             "save_every": "--save_every", "codebooks": "codebooks", "format_version": "format version"}
+    return ", ".join(dict.fromkeys(names.get(k, k) for k in changed))
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Stats:
+    def __init__(self):
+        self.kept = self.skipped = self.tokens = 0
+        self.seconds = 0.0
+
+    def add_chunk(self, chunk: dict) -> None:
+        self.kept += len(chunk["rows"])
+        self.skipped += len(chunk["skipped"])
+        self.tokens += int(chunk["audio"].size + chunk["text"].size)
+        self.seconds += float(chunk["seconds"].sum())
+
+
+def process_chunk(rows: list[tuple[int, dict]], clips, tokenizer, mimi, args, strict_label: str):
+    """Encode one chunk's clips (an iterable of _prepare results in row order, e.g. reader futures
+    resolving one by one): returns kept examples and skipped rows, both in row order."""
+    examples, skipped, ready = [], [], []
+
+    def encode_ready():
+        # Duration-sorted batches keep padding small; results go back to metadata order at the end.
+        ready.sort(key=lambda r: len(r[1]))
+        for start in range(0, len(ready), args.batch_size):
+            batch = ready[start:start + args.batch_size]
+            for (index, audio, text), codes in zip(batch, encode_audio(mimi, [b[1] for b in batch], NUM_CODEBOOKS)):
+                examples.append((index, codes, text, len(audio) / MIMI_SAMPLE_RATE))
+        ready.clear()
+
+    # Encoding a few batches' worth at a time lets the encoder start while the readers are still
+    # busy with the rest of the chunk; batching is exact, so the grouping does not change the codes.
+    window = 4 * args.batch_size
+    for (index, raw), clip in zip(rows, clips):
+        try:
+            if isinstance(clip, SkipRow):
+                raise clip
+            row, audio = clip
+            text = encode_text(tokenizer, row.text, row.speaker, omit_speaker_id=args.omit_speaker_id)
+            length = len(text) + frames_of(len(audio)) + 1
+            if length > args.max_seq_len:
+                raise SkipRow(f"too long: {length} frames (text + audio + EOS) > max_seq_len {args.max_seq_len}")
+            ready.append((index, audio, text))
+        except SkipRow as e:
+            if args.strict:
+                raise UserError(f"{strict_label} row {index} ({raw.get('path')}): {e} (--strict stops at the first bad row)")
+            skipped.append((index, str(raw.get("path")), str(e)))
+        if len(ready) >= window:
+            encode_ready()
+    encode_ready()
+    examples.sort(key=lambda e: e[0])
+    return examples, skipped
+
+
+def _prepare(raw_item: tuple[int, dict]):
+    """Validate and read one row (runs in the reader threads)."""
+    index, raw = raw_item
+    try:
+        row = check_row(index, raw)
+        return row, load_clip(row)
+    except SkipRow as e:
+        return e
+
+
+def _ragged(flat: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+    """A flat buffer cut back into its rows."""
+    return np.split(flat, np.cumsum(sizes)[:-1])
+
+
+def write_output(output: Path, work: Path, plan: dict, fp: dict, args, tokenizer) -> None:
+    """Assemble the chunks into the token file (written beside it, then renamed onto it)."""
+    attrs = dict(text_tokenizer=str(args.text_tokenizer), text_vocab_size=len(tokenizer), bos_id=tokenizer.bos_token_id,
+                 eos_id=tokenizer.eos_token_id, codebooks=NUM_CODEBOOKS, sample_rate=MIMI_SAMPLE_RATE,
+                 frame_rate=MIMI_FRAME_RATE, mimi_weights=str(args.mimi_weights or "default"),
+                 omit_speaker_id=bool(args.omit_speaker_id), max_seq_len=args.max_seq_len,
+                 fingerprint=json.dumps(fp, sort_keys=True))
+    with write_token_file(output, attrs, num_codebooks=NUM_CODEBOOKS) as out:
+        for split, n_chunks in plan.items():
+            paths = [_chunk_path(work, split, i) for i in range(n_chunks)]
+            n = 0
+            for chunk_path in paths:  # npz members load lazily: this reads only the row ids
+                with np.load(chunk_path, allow_pickle=False) as z:
+                    n += len(z["rows"])
+            writer, start = out.split(split, n), 0
+            for chunk_path in paths:  # one chunk in memory at a time
+                chunk = _load_chunk(chunk_path)
+                start = writer.write(start, _ragged(chunk["audio"], chunk["audio_sizes"]),
+                                     _ragged(chunk["text"], chunk["text_sizes"]), chunk["rows"])
+
+
+def write_skipped_report(path: Path, work: Path, plan: dict) -> int:
+    count = 0
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["split", "row", "path", "reason"])
+        for split, n_chunks in plan.items():
+            for i in range(n_chunks):
+                for row, p, reason in _load_chunk(_chunk_path(work, split, i))["skipped"]:
+                    w.writerow([split, row, p, reason])
+                    count += 1
+    return count
+
+
+def run(args) -> int:
+    """Metadata files -> token file, for pretokenize.py's (already validated) arguments; resumable."""
+    metadata = {split: p for split, p in (("train", args.train_data), ("val", args.val_data)) if p}
+    device = resolve_device(args.device)
+    frames = {split: read_metadata(p) for split, p in metadata.items()}
+    output = Path(args.output)
+    work = output.with_name(output.name + ".partial")
+    tokenizer = load_text_tokenizer(args.text_tokenizer)
+    mimi = load_mimi(args.mimi_weights, device=device, num_codebooks=NUM_CODEBOOKS)
+    fp = fingerprint(args, tokenizer, mimi, metadata)
+
+    if output.exists() and not work.exists():
+        import h5py
+
+        try:
+            with h5py.File(output, "r") as f:
+                previous = json.loads(f.attrs.get("fingerprint", "{}"))
+        except OSError:
+            previous = {}
+        if previous == json.loads(json.dumps(fp)):
+            print(f"{output} is up to date (same metadata and settings); nothing to do")
+            return 0
+        print(f"{output} exists and will be replaced when this run finishes")
+    work.mkdir(parents=True, exist_ok=True)
+    manifest = work / "manifest.json"
+    if manifest.exists():
+        try:
+            old = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            raise UserError(f"{manifest} is unreadable; delete {work} to start over") from None
+        if old != json.loads(json.dumps(fp)):
+            raise UserError(f"{work} holds a half-done run with other settings ({_describe_change(old, fp)} changed); "
+                            f"delete {work} to start over, or choose another --output")
+    else:
+        write_text_atomic(manifest, json.dumps(fp, indent=1, sort_keys=True))
+
+    plan = {split: math.ceil(len(df) / args.save_every) for split, df in frames.items()}
+    todo = [(split, i) for split, n in plan.items() for i in range(n) if not _chunk_path(work, split, i).exists()]
+    stats = {split: Stats() for split in plan}
+    for split, n in plan.items():
+        for i in range(n):
+            if (split, i) not in todo:
+                stats[split].add_chunk(_load_chunk(_chunk_path(work, split, i)))
+    done_rows = sum(stats[s].kept + stats[s].skipped for s in plan)
+    if done_rows:
+        print(f"resuming: {done_rows} rows already done in {work}")
+
+    def rows_of(split: str, i: int) -> list[tuple[int, dict]]:
+        df = frames[split].iloc[i * args.save_every:(i + 1) * args.save_every]
+        return [(int(idx), rec) for idx, rec in zip(df.index, df.to_dict("records"))]
+
+    total = sum(len(df) for df in frames.values())
+    bar = tqdm(total=total, initial=done_rows, unit="clip", desc="pretokenize", dynamic_ncols=True)
+    t0, audio_s = time.perf_counter(), 0.0
+    pool = ThreadPoolExecutor(args.num_workers) if args.num_workers else None
+
+    def submit(item):
+        rows = rows_of(*item)
+        return rows, ([pool.submit(_prepare, r) for r in rows] if pool else None)
+
+    try:
+        pending = submit(todo[0]) if todo else None
+        for n, (split, i) in enumerate(todo):
+            rows, futures = pending
+            # Read the next chunk while this one is encoded.
+            pending = submit(todo[n + 1]) if n + 1 < len(todo) else None
+            clips = (f.result() for f in futures) if futures else (_prepare(r) for r in rows)
+            examples, skipped = process_chunk(rows, clips, tokenizer, mimi, args, split)
+            chunk = _save_chunk(_chunk_path(work, split, i), examples, skipped)
+            stats[split].add_chunk(chunk)
+            audio_s += float(chunk["seconds"].sum())
+            bar.update(len(rows))
+            bar.set_postfix(audio_h_per_s=f"{audio_s / 3600 / max(time.perf_counter() - t0, 1e-9):.4f}",
+                            skipped=sum(s.skipped for s in stats.values()))
+    finally:
+        if pool:
+            pool.shutdown(wait=False, cancel_futures=True)
+        bar.close()
+
+    report = Path(str(output) + ".skipped.csv")
+    n_skipped = write_skipped_report(report, work, plan)
+    write_output(output, work, plan, fp, args, tokenizer)
+    # Renamed first, so that a kill during the deletion cannot leave chunks without their manifest.
+    trash = work.with_name(work.name + ".delete")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(work, trash)
+    shutil.rmtree(trash)
+    for split, s in stats.items():
+        print(f"{split}: kept {s.kept}, skipped {s.skipped}, {s.seconds / 3600:.3f} h of audio, {s.tokens} tokens")
+    print(f"wrote {output}" + (f"; {n_skipped} skipped rows listed in {report}" if n_skipped else ""))
+    return 0

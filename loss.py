@@ -1,0 +1,101 @@
+"""The training objective of SPEC §2 as pure functions of (model, batch): summed cross-entropies and
+their target counts, the one implementation of the teacher-forced decoder logits, and the original
+weighting 2((1-w) c0 + w dec) normalised by the target count of the whole accumulated step.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from csm_model import embed_frames
+from utils import UserError
+
+
+class SequenceTooLongError(UserError):
+    """A batch is longer than the backbone's context."""
+
+
+class LossTerms(NamedTuple):
+    """Summed losses and their target counts for one micro-batch (so accumulation can normalise exactly)."""
+
+    c0_sum: torch.Tensor       # cross-entropy of codebook 0, summed over audio target frames
+    decoder_sum: torch.Tensor  # cross-entropy of codebooks 1..K-1, summed over the decoder's frames
+    n_c0: int                  # audio target frames (EOS frames included)
+    n_decoder: int             # decoder targets: frames given to the decoder x (K-1)
+
+
+def decoder_frame_count(n_frames: int, fraction: float) -> int:
+    """Frames the decoder trains on: a fraction of the audio frames, at least one (when there are any)."""
+    if n_frames == 0:
+        return 0
+    return min(n_frames, max(1, int(n_frames * fraction)))
+
+
+def count_targets(mask: torch.Tensor, decoder_fraction: float, num_codebooks: int) -> tuple[int, int]:
+    """(n_c0, n_decoder) that compute_loss will report for this mask, known before the forward."""
+    n = int(mask[:, 1:, 0].sum())
+    return n, decoder_frame_count(n, decoder_fraction) * (num_codebooks - 1)
+
+
+def compute_loss(model, tokens: torch.Tensor, mask: torch.Tensor, *, decoder_fraction: float = 1 / 16,
+                 generator: torch.Generator | None = None) -> LossTerms:
+    """Summed training losses of a right-padded batch (SPEC §2).
+
+    The backbone output at row r predicts the audio frame at row r+1: codebook 0 through
+    `codebook0_head` on every audio target frame, codebooks 1..K-1 through the decoder on a random
+    `decoder_fraction` of them ("compute amortization"), drawn from `generator`. Padding rows are
+    never targets and, with right padding under a causal mask, never attended to by real rows.
+    """
+    b, s, _ = tokens.shape
+    max_len = model.backbone.max_seq_len
+    if s > max_len:
+        raise SequenceTooLongError(f"batch has sequences of {s} frames; the backbone takes at most {max_len}")
+    dtype = next(model.parameters()).dtype
+    h = model.backbone(embed_frames(model, tokens, mask).to(dtype)).to(dtype)
+
+    is_target = mask[:, 1:, 0]                      # rows 1.. that hold an audio frame (EOS included)
+    h_prev = h[:, :-1][is_target]                   # [N, D] the state that predicts each target frame
+    targets = tokens[:, 1:, :-1][is_target]         # [N, K]
+    n = targets.shape[0]
+    c0_logits = model.codebook0_head(h_prev)
+    c0_sum = F.cross_entropy(c0_logits.float(), targets[:, 0], reduction="sum")
+
+    k = decoder_frame_count(n, decoder_fraction)
+    if k == 0:
+        return LossTerms(c0_sum, c0_sum.new_zeros(()), 0, 0)
+    if k < n:
+        idx = torch.randperm(n, generator=generator)[:k].to(h_prev.device)
+        h_prev, targets = h_prev[idx], targets[idx]
+    logits = decoder_logits(model, h_prev, targets)
+    dec_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1), reduction="sum")
+    return LossTerms(c0_sum, dec_sum, n, k * (targets.shape[1] - 1))
+
+
+def decoder_logits(model, h_prev: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced decoder logits for codebooks 1..K-1 of N frames given the backbone state before each.
+
+    The decoder sees [h, emb(c0), ..., emb(c_{K-2})]; h_prev [N, D], codes [N, K] -> [N, K-1, V].
+    """
+    k = codes.shape[1]
+    vocab = model.config.audio_vocab_size
+    offsets = vocab * torch.arange(k - 1, device=codes.device)
+    code_embeds = model.audio_embeddings(codes[:, :-1] + offsets).to(h_prev.dtype)
+    dec_h = model.decoder(model.projection(torch.cat([h_prev.unsqueeze(1), code_embeds], dim=1)))
+    dec_h = dec_h.to(h_prev.dtype)
+    return torch.einsum("nsd,sdv->nsv", dec_h[:, 1:, :], model.audio_head.to(dec_h.dtype))
+
+
+def combine_loss(terms: LossTerms, n_c0_total: int, n_decoder_total: int, decoder_loss_weight: float) -> torch.Tensor:
+    """The original objective 2((1-w) c0 + w dec), each term normalised by the step's total target count.
+
+    Summing this over the micro-batches of an accumulated step gives the loss of the whole step.
+    """
+    return weighted_loss(terms.c0_sum / max(n_c0_total, 1), terms.decoder_sum / max(n_decoder_total, 1),
+                         decoder_loss_weight)
+
+
+def weighted_loss(c0_mean, decoder_mean, decoder_loss_weight: float):
+    """2((1-w) c0 + w dec) of two normalised means (tensors or floats)."""
+    return 2 * ((1 - decoder_loss_weight) * c0_mean + decoder_loss_weight * decoder_mean)

@@ -1,0 +1,132 @@
+"""Metadata tables (path, text, optional start/end/speaker), in every format we read: one DataFrame
+with absolute audio paths, and the validation of one row's fields.
+"""
+from __future__ import annotations
+
+import math
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils import UserError
+
+METADATA_FORMATS = (".json", ".jsonl", ".csv", ".parquet", ".sql", ".hdf5", ".h5", ".pkl")
+REQUIRED_COLUMNS = ("path", "text")
+OPTIONAL_COLUMNS = ("start", "end", "speaker")
+
+
+class SkipRow(Exception):
+    """This metadata row cannot become an example; the message is the reason in the report."""
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def read_metadata(path: str | Path):
+    """A metadata file as a DataFrame with path, text, start, end, speaker; paths made absolute."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"metadata file {path} not found")
+    suffix = path.suffix.lower()
+    accepted = ", ".join(METADATA_FORMATS)
+    try:
+        if suffix in (".json", ".jsonl"):
+            text = path.read_text(encoding="utf-8").lstrip()
+            df = pd.read_json(path, lines=not text.startswith("["))
+        elif suffix == ".csv":
+            df = pd.read_csv(path)
+        elif suffix == ".parquet":
+            df = pd.read_parquet(path)
+        elif suffix == ".sql":
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
+                df = pd.read_sql_query("SELECT * FROM data", con)
+        elif suffix in (".hdf5", ".h5"):
+            try:
+                import tables  # noqa: F401  pandas reads HDF5 tables through PyTables
+            except ImportError:
+                raise UserError(f"{path}: reading {suffix} metadata needs the 'tables' package "
+                                "(pip install tables), or convert it to .csv/.parquet/.jsonl") from None
+            df = pd.read_hdf(path)
+        elif suffix == ".pkl":
+            df = pd.read_pickle(path)
+        else:
+            raise UserError(f"{path}: unknown metadata format '{suffix}'; accepted: {accepted}")
+    except UserError:
+        raise
+    except Exception as e:  # each reader has its own exception types; the message is what matters
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: cannot read it as {suffix} metadata ({first}); accepted: {accepted}") from e
+    if not isinstance(df, pd.DataFrame):
+        raise UserError(f"{path} does not hold a table")
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise UserError(f"{path} lacks column(s) {', '.join(missing)}; columns are path, text and optionally "
+                        f"start, end (seconds), speaker (found: {', '.join(map(str, df.columns))})")
+    df = df.reset_index(drop=True)
+    for column in OPTIONAL_COLUMNS:
+        if column not in df.columns:
+            df[column] = None
+    df = df[list(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)].astype(object)
+    df["path"] = [_resolve(p, path.parent) for p in df["path"]]
+    return df
+
+
+def _resolve(value, base: Path):
+    """Relative audio paths are relative to the metadata file (then to the working directory)."""
+    if not isinstance(value, str) or not value:
+        return value
+    p = Path(value).expanduser()
+    if p.is_absolute() or not (base / p).exists() and p.exists():
+        return str(p)
+    return str(base / p)
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+@dataclass
+class Row:
+    index: int
+    path: str
+    text: str
+    start: float | None
+    end: float | None
+    speaker: int | None
+
+
+def check_row(index: int, raw: dict) -> Row:
+    """Validate one metadata row's fields (not its audio)."""
+    path, text = raw["path"], raw["text"]
+    if _missing(path) or not str(path).strip():
+        raise SkipRow("missing path")
+    if _missing(text) or not str(text).strip():
+        raise SkipRow("empty or missing text")
+    start, end = raw["start"], raw["end"]
+    if _missing(start) and _missing(end):
+        start = end = None
+    else:
+        try:
+            start, end = float(start), float(end)
+        except (TypeError, ValueError):
+            raise SkipRow(f"start/end not numbers ({start!r}, {end!r})") from None
+        if math.isnan(start) or math.isnan(end):
+            raise SkipRow("start or end is NaN")
+        if start < 0 or end < 0:
+            raise SkipRow(f"negative start/end ({start}, {end})")
+        if end <= start:
+            raise SkipRow(f"end {end} is not after start {start}")
+    speaker = raw["speaker"]
+    if _missing(speaker):
+        speaker = None
+    else:
+        try:
+            as_float = float(speaker)
+        except (TypeError, ValueError):
+            raise SkipRow(f"speaker {speaker!r} is not an integer id") from None
+        if not as_float.is_integer() or as_float < 0:
+            raise SkipRow(f"speaker {speaker!r} is not a non-negative integer id")
+        speaker = int(as_float)
+    return Row(index, str(path), str(text).strip(), start, end, speaker)

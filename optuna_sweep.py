@@ -1,0 +1,361 @@
+"""The Optuna side of sweep.py: the YAML search space (validated against the training config), the
+study and its storage, one worker process per GPU running training.train() per trial, failed and
+interrupted trials recorded with their reason, and the reports (best_config.yaml, trials.csv, plots).
+"""
+from __future__ import annotations
+
+import gc
+import math
+import multiprocessing
+import os
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import config as config_mod
+from tracking import last_logged
+from utils import UserError
+
+PARAM_TYPES = ("categorical", "float", "int", "fixed")
+METRICS = ("val_loss", "final_val_loss", "train_loss")
+
+
+# --------------------------------------------------------------------------- the search space
+
+
+def _entry_dict(key: str, spec) -> dict:
+    """Accept the original's list-of-single-key-dicts form as well as a plain mapping."""
+    if isinstance(spec, list) and all(isinstance(x, dict) for x in spec):
+        merged = {}
+        for part in spec:
+            merged.update(part)
+        return merged
+    if isinstance(spec, dict):
+        return dict(spec)
+    raise UserError(f"sweep entry {key!r} must be a mapping like {{type: float, min: 1e-5, max: 1e-3, log: true}}, got {spec!r}")
+
+
+def _number(key: str, spec: dict, name: str, cast):
+    if name not in spec:
+        raise UserError(f"sweep entry {key!r} ({spec.get('type')}) needs '{name}'")
+    try:
+        return cast(float(spec[name])) if cast is int else cast(spec[name])
+    except (TypeError, ValueError):
+        raise UserError(f"sweep entry {key!r}: '{name}' must be a number, got {spec[name]!r}") from None
+
+
+def load_space(path: str | Path, base: dict) -> dict[str, dict]:
+    """Read and validate the search space: keys are training config keys, each type well formed, and
+    every value it can produce passes the training config's own validation."""
+    raw = config_mod.read_yaml(path, "sweep config")
+    if not raw:
+        raise UserError(f"sweep config {path} must map config keys to search entries")
+    space = {}
+    for key, spec in raw.items():
+        if key not in config_mod.CONFIG_KEYS:
+            raise config_mod.unknown_key_error(key, str(path))
+        spec = _entry_dict(key, spec)
+        kind = spec.get("type")
+        if kind not in PARAM_TYPES:
+            raise UserError(f"sweep entry {key!r}: type must be one of {', '.join(PARAM_TYPES)}, got {kind!r}")
+        known = {"categorical": {"type", "values"}, "float": {"type", "min", "max", "log", "step"},
+                 "int": {"type", "min", "max", "log", "step"}, "fixed": {"type", "value"}}[kind]
+        extra = set(spec) - known
+        if extra:
+            raise UserError(f"sweep entry {key!r} ({kind}) has unknown field(s) {', '.join(sorted(extra))}; "
+                            f"allowed: {', '.join(sorted(known))}")
+        if kind == "categorical":
+            values = spec.get("values")
+            if not isinstance(values, list) or not values:
+                raise UserError(f"sweep entry {key!r} (categorical) needs a non-empty list 'values'")
+            candidates = values
+        elif kind == "fixed":
+            if "value" not in spec:
+                raise UserError(f"sweep entry {key!r} (fixed) needs 'value'")
+            candidates = [spec["value"]]
+        else:
+            cast = float if kind == "float" else int
+            lo, hi = _number(key, spec, "min", cast), _number(key, spec, "max", cast)
+            if lo > hi:
+                raise UserError(f"sweep entry {key!r}: min ({lo}) is greater than max ({hi})")
+            if not isinstance(spec.get("log", False), bool):
+                raise UserError(f"sweep entry {key!r}: 'log' must be true or false")
+            if spec.get("log") and lo <= 0:
+                raise UserError(f"sweep entry {key!r}: a log range needs min > 0, got {lo}")
+            spec.update(min=lo, max=hi, log=bool(spec.get("log", False)))
+            candidates = [lo, hi]
+        for value in candidates:
+            try:
+                config_mod.make_config({**base, key: value}, str(path))
+            except UserError as e:
+                raise UserError(f"sweep entry {key!r} can produce a bad value: {e}") from None
+        space[key] = spec
+    return space
+
+
+def suggest(trial, space: dict[str, dict]) -> dict:
+    params = {}
+    for key, spec in space.items():
+        kind = spec["type"]
+        if kind == "categorical":
+            params[key] = trial.suggest_categorical(key, spec["values"])
+        elif kind == "float":
+            params[key] = trial.suggest_float(key, spec["min"], spec["max"], log=spec["log"], step=spec.get("step"))
+        elif kind == "int":
+            params[key] = trial.suggest_int(key, spec["min"], spec["max"], log=spec["log"], step=spec.get("step", 1))
+        else:
+            params[key] = spec["value"]
+    return params
+
+
+# --------------------------------------------------------------------------- storage and study
+
+
+def storage_for(url: str):
+    """An Optuna storage: SQLAlchemy URLs (sqlite://, postgresql://, ...) or a journal file (*.log,
+    journal:PATH) that several machines can share over a network file system."""
+    import optuna
+
+    if url.startswith("journal:") or url.endswith((".log", ".journal")):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    except Exception as e:  # SQLAlchemy raises driver-specific types for a bad URL or a missing driver
+        raise UserError(f"--storage {url}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def make_study(args, storage):
+    import optuna
+
+    sampler = (optuna.samplers.TPESampler(seed=args.seed) if args.sampler == "tpe"
+               else optuna.samplers.RandomSampler(seed=args.seed))
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) if args.pruner == "median" \
+        else optuna.pruners.NopPruner()
+    return optuna.create_study(study_name=args.study_name, storage=storage, direction="minimize",
+                               sampler=sampler, pruner=pruner, load_if_exists=True)
+
+
+def budget_used(study) -> int:
+    """Trials that count toward --n_trials: all but those a killed run left behind (they are redone)."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("interrupted"))
+
+
+def mark_interrupted_trials(study) -> int:
+    """Trials still RUNNING from a process on this host that no longer exists were killed: fail them."""
+    import optuna
+    from optuna.trial import TrialState
+
+    host, n = socket.gethostname(), 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = t.user_attrs.get("pid")
+        if t.user_attrs.get("host") != host or pid is None or _alive(pid):
+            continue
+        trial = optuna.trial.Trial(study, t._trial_id)
+        trial.set_user_attr("interrupted", True)
+        trial.set_user_attr("fail_reason", "interrupted: its process ended before the trial finished")
+        study.tell(trial, state=TrialState.FAIL)
+        n += 1
+    return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def run_trial(trial, args, base: dict, space: dict, device: str) -> float:
+    """One trial: the base config plus the suggested values, trained by train.train()."""
+    import optuna
+
+    from training import train
+
+    params = suggest(trial, space)
+    values = {**base, **params, "wandb_group": args.study_name, "wandb_name": f"{args.study_name}-trial-{trial.number}"}
+    cfg = config_mod.make_config(values, "sweep")
+    out = Path(args.output_dir) / "trials" / f"trial_{trial.number:04d}"
+
+    def report(step: int, val_loss: float):
+        trial.report(val_loss, step)
+        if not math.isfinite(val_loss):
+            raise optuna.TrialPruned(f"val loss is {val_loss} at step {step}")
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step} (val loss {val_loss:.4f})")
+
+    result = train(cfg, args.data, out, device=device, on_eval=report, progress=False)
+    if args.metric == "val_loss":
+        value = result.best_val_loss
+    elif args.metric == "final_val_loss":
+        value = result.final_val_loss
+    else:
+        value = last_logged(out, "loss")
+    if value is None or not math.isfinite(value):
+        raise RuntimeError(f"metric {args.metric} is {value}")
+    return value
+
+
+def worker(index: int, args, base: dict, space: dict, lock) -> None:
+    """Take trials from the shared study until --n_trials have been started, recording each outcome."""
+    if args.n_gpus:
+        # Before anything touches CUDA: this process sees one GPU.
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(index % args.n_gpus)
+    import optuna
+    import torch
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    device = "cuda" if args.n_gpus else "cpu"
+    if not args.n_gpus:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, args.n_workers)))
+    args.seed = args.seed + index  # workers must not draw the same random samples
+    study = make_study(args, storage_for(args.storage))
+    while True:
+        if args.deadline is not None and time.time() > args.deadline:
+            return
+        with lock:
+            if budget_used(study) >= args.n_trials:
+                return
+            trial = study.ask()
+            trial.set_user_attr("host", socket.gethostname())
+            trial.set_user_attr("pid", os.getpid())
+        try:
+            value = run_trial(trial, args, base, space, device)
+        except optuna.TrialPruned as e:
+            trial.set_user_attr("fail_reason", str(e) or "pruned")
+            study.tell(trial, state=TrialState.PRUNED)
+            print(f"[worker {index}] trial {trial.number} pruned: {e}", flush=True)
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)
+            study.tell(trial, state=TrialState.FAIL)
+            return
+        except Exception as e:  # any failure ends this trial only (OOM, NaN, bad value, bug)
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            trial.set_user_attr("fail_reason", reason)
+            study.tell(trial, state=TrialState.FAIL)
+            print(f"[worker {index}] trial {trial.number} failed: {reason}", flush=True)
+            if not isinstance(e, UserError):
+                traceback.print_exc()
+        else:
+            study.tell(trial, value)
+            print(f"[worker {index}] trial {trial.number} done: {args.metric} = {value:.4f}", flush=True)
+        finally:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def write_reports(study, out: Path, base: dict) -> list[Path]:
+    """best_config.yaml (usable with train.py --config), trials.csv and HTML plots."""
+    from optuna.trial import TrialState
+
+    written = []
+    df = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
+    df.to_csv(out / "trials.csv", index=False)
+    written.append(out / "trials.csv")
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    if complete:
+        best = study.best_trial
+        cfg = config_mod.make_config({**base, **best.params}, "best trial")
+        config_mod.save_yaml(cfg, out / "best_config.yaml")
+        written.append(out / "best_config.yaml")
+    import optuna.visualization as vis
+
+    plots = {"optimization_history": vis.plot_optimization_history, "param_importances": vis.plot_param_importances,
+             "parallel_coordinate": vis.plot_parallel_coordinate}
+    for name, plot in plots.items():
+        try:
+            plot(study).write_html(str(out / f"{name}.html"))
+            written.append(out / f"{name}.html")
+        except Exception as e:  # e.g. importances need >= 2 complete trials with varying params
+            print(f"skipped {name}.html: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    return written
+
+
+# --------------------------------------------------------------------------- the whole sweep
+
+
+def base_values(args) -> dict:
+    """The training config every trial starts from: --base_config plus the sweep's flags and --set."""
+    overrides = {k: getattr(args, k) for k in ("n_epochs", "max_steps", "model", "wandb_project", "wandb_mode")
+                 if getattr(args, k) is not None}
+    overrides.setdefault("gen_every", 0)  # samples would only slow trials down; --set gen_every=N to keep them
+    overrides.setdefault("save_every", 0)
+    overrides.update(config_mod.parse_set(args.set))
+    return config_mod.load_config(args.base_config, overrides).to_dict()
+
+
+def run_sweep(args) -> int:
+    """Run (or continue) the study for sweep.py's arguments until --n_trials are done; write the reports."""
+    out = Path(args.output_dir)
+    if args.n_trials < 1:
+        raise UserError("--n_trials must be at least 1")
+    base = base_values(args)
+    space = load_space(args.sweep_config, base)
+    if not Path(args.data).is_file():
+        raise UserError(f"--data {args.data}: no such file (make one with pretokenize.py)")
+    from token_file import open_splits
+
+    if args.metric != "train_loss" and "val" not in open_splits(args.data):
+        raise UserError(f"{args.data} has no 'val' split; give pretokenize.py --val_data or use --metric train_loss")
+    import torch
+
+    if args.n_gpus is None:
+        args.n_gpus = torch.cuda.device_count()
+    if args.n_gpus > torch.cuda.device_count():
+        raise UserError(f"--n_gpus {args.n_gpus}, but {torch.cuda.device_count()} GPU(s) are visible")
+    out.mkdir(parents=True, exist_ok=True)
+    args.storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    args.output_dir = str(out)
+    args.deadline = time.time() + args.timeout if args.timeout else None
+    study = make_study(args, storage_for(args.storage))
+    if mark_interrupted_trials(study):
+        print("trials left running by a killed earlier run were marked failed; they will be redone")
+    done = budget_used(study)
+    print(f"study {args.study_name!r} in {args.storage}: {done} of {args.n_trials} trials already done")
+
+    n_workers = args.n_gpus * args.trials_per_gpu if args.n_gpus else args.n_workers
+    n_workers = max(1, min(n_workers, args.n_trials - done)) if done < args.n_trials else 0
+    ctx = multiprocessing.get_context("spawn")
+    lock = ctx.Lock()
+    procs = [ctx.Process(target=worker, args=(i, args, base, space, lock), daemon=False) for i in range(n_workers)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        print("interrupted; run the same command again to continue the study", file=sys.stderr)
+        return 130
+
+    study = make_study(args, storage_for(args.storage))
+    written = write_reports(study, out, base)
+    from optuna.trial import TrialState
+
+    states = [t.state for t in study.trials]
+    summary = ", ".join(f"{states.count(s)} {s.name.lower()}" for s in TrialState if states.count(s))
+    print(f"{len(states)} trials: {summary}")
+    for t in study.trials:
+        if t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"):
+            print(f"  trial {t.number} failed: {t.user_attrs.get('fail_reason', '?')}")
+    if any(s == TrialState.COMPLETE for s in states):
+        print(f"best: trial {study.best_trial.number}, {args.metric} = {study.best_value:.4f}, {study.best_params}")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+

@@ -1,0 +1,86 @@
+"""Speech from a model: the generation prompt (context turns, then the text to speak) and the
+frame-by-frame sampling loop through the KV caches, stopping at the EOS frame or a length cap.
+Used by generate.py and by the samples written during training.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from tqdm import tqdm
+
+from frames import Segment, audio_frames, next_input_frames, text_frames
+from tokenization import MIMI_FRAME_RATE, decode_audio, encode_audio, encode_text
+from utils import UserError
+
+
+def parse_speaker(value) -> int:
+    """Speaker ids are the non-negative integers CSM was trained with ("[0]Hello")."""
+    text = str(value).strip()
+    if not re.fullmatch(r"[0-9]+", text):  # not str.isdigit: it accepts "²", which int() rejects
+        raise UserError(f"--speaker must be a non-negative integer id, got {value!r}")
+    return int(text)
+
+
+def build_prompt(tokenizer, mimi, segments: list[Segment], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames of the context turns and the text to speak: tokens, mask [S, K+1].
+
+    As the official generator: every context turn gives its text frames, then its audio frames and
+    the EOS frame that ended it in training data; the turn to speak gives its text frames only.
+    """
+    parts = []
+    for i, seg in enumerate(segments):
+        parts.append(text_frames(encode_text(tokenizer, seg.text, seg.speaker), k))
+        if seg.audio is not None and i < len(segments) - 1:
+            codes = encode_audio(mimi, [seg.audio.float().reshape(-1).cpu().numpy()], k)[0]
+            parts.append(audio_frames(codes, k))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+# no_grad rather than inference_mode: tensors the model caches on first use (its RoPE tables) would
+# otherwise be inference tensors, and a training step after the first sample would fail on them.
+@torch.no_grad()
+def synthesize(model, text_tokenizer, mimi, text: str, speaker: int = 0, context: list[Segment] | tuple = (), *,
+               max_audio_seconds: float = 10.0, temperature: float = 0.9, topk: int = 50,
+               generator: torch.Generator | None = None, progress: bool = False) -> tuple[torch.Tensor, bool]:
+    """Speak `text` as `speaker` after the `context` turns. Returns (1-D float CPU audio, stopped at EOS).
+
+    The model's train/eval mode is restored and its caches removed afterwards, so training can call this.
+    """
+    if not text or not text.strip():
+        raise UserError("the text to speak is empty")
+    speaker = parse_speaker(speaker)
+    k = model.config.audio_num_codebooks
+    device = next(model.parameters()).device
+    tokens, mask = build_prompt(text_tokenizer, mimi, [*context, Segment(text, speaker)], k)
+    max_frames = int(max_audio_seconds * MIMI_FRAME_RATE)
+    limit = model.backbone.max_seq_len
+    if max_frames < 1:
+        raise UserError(f"max_audio_seconds={max_audio_seconds} allows no audio frame (one frame is 80 ms)")
+    if len(tokens) + max_frames > limit:
+        raise UserError(f"the text and context take {len(tokens)} frames and {max_audio_seconds:g} s of audio "
+                        f"{max_frames} more, over the model's {limit}-frame limit; shorten the text or context, "
+                        "or lower --max_audio_seconds")
+
+    was_training = model.training
+    model.eval()
+    try:
+        model.setup_caches(1)
+        curr_tokens, curr_mask = tokens.unsqueeze(0).to(device), mask.unsqueeze(0).to(device)
+        curr_pos = torch.arange(len(tokens), device=device).unsqueeze(0)
+        frames, stopped = [], False
+        for _ in tqdm(range(max_frames), disable=not progress, desc="frames", unit="frame", leave=False):
+            frame = model.generate_frame(curr_tokens, curr_mask, curr_pos, temperature, topk, generator)
+            if not frame.any():
+                stopped = True
+                break
+            frames.append(frame)
+            curr_tokens, curr_mask = next_input_frames(frame)
+            curr_pos = curr_pos[:, -1:] + 1
+    finally:
+        model.remove_caches()
+        model.train(was_training)
+    if not frames:
+        return torch.zeros(0), stopped
+    codes = torch.stack(frames, dim=-1)[0]  # [K, F]
+    return decode_audio(mimi, codes), stopped

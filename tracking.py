@@ -1,0 +1,88 @@
+"""Where metrics go: metrics.jsonl always, Weights & Biases when enabled (offline without an API key),
+and a silent tracker on ranks other than 0, so the training loop has no `if wandb:` branches.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+
+from utils import Runtime, UserError, write_text_atomic
+
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+METRICS_NAME = "metrics.jsonl"
+
+
+class Tracker:
+    """metrics.jsonl always; W&B too when enabled. Rank 0 only: other ranks get a silent one."""
+
+    def __init__(self, path: Path | None, run=None):
+        self.path, self.run = path, run
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def log_audio(self, key: str, audio: np.ndarray, sample_rate: int, step: int, caption: str) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Audio(audio, sample_rate=sample_rate, caption=caption)}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def _wandb_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def wandb_mode(requested: str) -> str:
+    """Resolve 'auto'; online without a key is a user error, not a prompt or a crash."""
+    if requested == "auto":
+        return "online" if _wandb_key_configured() else "offline"
+    if requested == "online" and not _wandb_key_configured():
+        raise UserError("W&B online needs an API key: set WANDB_API_KEY in .env or run `wandb login`, "
+                        "or use --wandb_mode offline (sync later with `wandb sync`) or disabled")
+    return requested
+
+
+def make_tracker(cfg, out: Path, rt: Runtime, resumed_step: int) -> Tracker:
+    """The run's tracker; a resumed run first drops logged lines past the step it resumes from."""
+    if not rt.is_main:
+        return Tracker(None)
+    metrics = out / METRICS_NAME
+    if metrics.exists():
+        # Drop lines past the resumed step, so a resumed run's log reads like an uninterrupted one.
+        keep = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_step]
+        write_text_atomic(metrics, "".join(line + "\n" for line in keep))
+    mode = wandb_mode(cfg.wandb_mode)
+    if mode == "disabled":
+        return Tracker(metrics)
+    import wandb
+
+    id_file = out / "wandb_run_id.txt"
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+    write_text_atomic(id_file, run_id)
+    run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_name or out.name, group=cfg.wandb_group,
+                     dir=str(out), mode=mode, id=run_id, resume="allow", config=cfg.to_dict())
+    return Tracker(metrics, run)
+
+
+def last_logged(output_dir: str | Path, key: str) -> float | None:
+    """The last value of `key` in a run's metrics.jsonl."""
+    value = None
+    for line in (Path(output_dir) / METRICS_NAME).read_text().splitlines():
+        value = json.loads(line).get(key, value)
+    return value

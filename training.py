@@ -1,0 +1,324 @@
+"""The training loop, read top to bottom: one optimizer step over accumulated micro-batches, validation,
+samples, checkpoints. Every count (schedule, logging, eval, saving) is in optimizer steps; the loss of
+a step is normalised by its true number of targets over all micro-batches and ranks. `train()` is what
+train.py and every sweep trial run.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+import config as config_mod
+from checkpoint import (LoopState, find_resume_checkpoint, prune_checkpoints, restore_checkpoint, save_checkpoint,
+                        step_path)
+from config import TrainConfig
+from csm_model import ModelArgs, count_parameters
+from loss import combine_loss, compute_loss, count_targets, weighted_loss
+from optim import make_optimizer, make_scheduler
+from tracking import Tracker, make_tracker
+from utils import (Runtime, UserError, all_reduce_sum, autocast, compute_init, peak_memory_bytes, print0,
+                   resolve_precision, seed_everything)
+from weights import build_model, load_model, save_pretrained
+
+
+class TrainingStopped(UserError):
+    """Training could not go on (e.g. the loss kept diverging); a checkpoint was saved first."""
+
+
+# --------------------------------------------------------------------------- model
+
+
+class LossModule(nn.Module):
+    """Wraps the CSM so that DDP sees the whole loss computation as one forward call."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, mask, decoder_fraction: float, generator: torch.Generator | None):
+        return compute_loss(self.model, tokens, mask, decoder_fraction=decoder_fraction, generator=generator)
+
+
+def build_or_load_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    if cfg.train_from_scratch:
+        args = ModelArgs(backbone_flavor=cfg.backbone_flavor, decoder_flavor=cfg.decoder_flavor,
+                         text_vocab_size=cfg.text_vocab_size)
+        torch.manual_seed(cfg.seed)
+        return build_model(args, device=device)
+    return load_model(cfg.model, device=device, use_official=cfg.official_model)
+
+
+# --------------------------------------------------------------------------- one optimizer step
+
+
+def train_step(loss_model: nn.Module, micro_batches: list, cfg: TrainConfig, rt: Runtime, precision: str,
+               optimizer, scaler, generator, num_codebooks: int) -> dict:
+    """Forward/backward over the micro-batches of one step, normalised by the step's total targets
+    (summed over micro-batches and ranks), then clip and step. Returns the step's metrics."""
+    counts = [count_targets(mask, cfg.decoder_fraction, num_codebooks) for _, mask in micro_batches]
+    n_c0, n_dec = all_reduce_sum([sum(c[0] for c in counts), sum(c[1] for c in counts)], rt)
+    sums = torch.zeros(3, dtype=torch.float64)
+    real = padded = 0
+    for i, (tokens, mask) in enumerate(micro_batches):
+        tokens, mask = tokens.to(rt.device, non_blocking=True), mask.to(rt.device, non_blocking=True)
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or not rt.distributed else loss_model.no_sync()
+        with sync:
+            with autocast(rt.device, precision):
+                terms = loss_model(tokens, mask, cfg.decoder_fraction, generator)
+            loss = combine_loss(terms, int(n_c0), int(n_dec), cfg.decoder_loss_weight)
+            # DDP averages gradients over ranks; the loss is already a share of the global sum.
+            scaler.scale(loss * rt.world_size).backward()
+        sums += torch.tensor([loss.item(), terms.c0_sum.item() / max(n_c0, 1), terms.decoder_sum.item() / max(n_dec, 1)],
+                             dtype=torch.float64)
+        real += int(mask.any(-1).sum())
+        padded += mask.shape[0] * mask.shape[1]
+    loss, c0, dec, real, padded = all_reduce_sum([*sums.tolist(), real, padded], rt)
+
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+    finite = math.isfinite(loss) and (math.isfinite(grad_norm) or scaler.is_enabled())
+    if finite:
+        # With fp16 the scaler itself skips steps whose gradients overflowed and lowers the scale.
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss, "c0_loss": c0, "decoder_loss": dec, "grad_norm": grad_norm, "finite": finite,
+            "frames": real, "padding_fraction": 1 - real / max(padded, 1)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, cfg: TrainConfig, rt: Runtime, precision: str) -> float:
+    """Validation loss with the decoder on every frame: deterministic, never NaN for small batches."""
+    was_training = model.training
+    model.eval()
+    c0 = dec = n_c0 = n_dec = 0.0
+    for tokens, mask in loader:
+        with autocast(rt.device, precision):
+            terms = compute_loss(model, tokens.to(rt.device), mask.to(rt.device), decoder_fraction=1.0)
+        c0, dec = c0 + terms.c0_sum.item(), dec + terms.decoder_sum.item()
+        n_c0, n_dec = n_c0 + terms.n_c0, n_dec + terms.n_decoder
+    c0, dec, n_c0, n_dec = all_reduce_sum([c0, dec, n_c0, n_dec], rt)
+    model.train(was_training)
+    return weighted_loss(c0 / max(n_c0, 1), dec / max(n_dec, 1), cfg.decoder_loss_weight)
+
+
+# --------------------------------------------------------------------------- samples
+
+
+class SampleWriter:
+    """Speech for the configured sentences, written under samples/ and sent to the tracker."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, device: torch.device):
+        self.cfg, self.dir, self.device = cfg, out / "samples", device
+        self._tokenizer = self._mimi = None
+
+    def __call__(self, model: nn.Module, step: int, tracker: Tracker) -> None:
+        import soundfile as sf
+
+        from synthesis import synthesize
+        from tokenization import MIMI_SAMPLE_RATE, load_mimi, load_text_tokenizer
+
+        if self._tokenizer is None:
+            self._tokenizer = load_text_tokenizer(self.cfg.text_tokenizer)
+            self._mimi = load_mimi(self.cfg.mimi_weights, device=self.device,
+                                   num_codebooks=model.config.audio_num_codebooks)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for i, sentence in enumerate(self.cfg.gen_sentences):
+            generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + step + i)
+            audio, _ = synthesize(model, self._tokenizer, self._mimi, sentence, self.cfg.gen_speaker,
+                                  max_audio_seconds=self.cfg.gen_max_seconds, generator=generator)
+            audio = audio.float().cpu().numpy()
+            sf.write(self.dir / f"step_{step:07d}_{i}.wav", audio, MIMI_SAMPLE_RATE)
+            tracker.log_audio(f"sample_{i}", audio, MIMI_SAMPLE_RATE, step, sentence)
+
+
+# --------------------------------------------------------------------------- stop requests
+
+
+class StopFlag:
+    """SIGTERM or the first Ctrl-C asks the loop to save and stop at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.requested = True
+        print0(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping",
+               file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainResult:
+    step: int
+    best_val_loss: float
+    final_val_loss: float | None
+    output_dir: Path
+    stopped_early: bool
+
+
+def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device: str | None = "auto",
+          resume: str | None = None, on_eval: Callable[[int, float], None] | None = None,
+          progress: bool = True) -> TrainResult:
+    """Run (or resume) one training run. `on_eval(step, val_loss)` may raise to stop it (sweep pruning)."""
+    from dataloaders import CSMDataset, make_loader
+    from token_file import open_splits
+
+    rt = compute_init(device)
+    out = Path(output_dir)
+    ckpt_dir = out / "checkpoints"
+    if rt.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        config_mod.save_yaml(cfg, out / "config.yaml")
+    precision = resolve_precision(cfg.precision, rt.device)
+    seed_everything(cfg.seed)
+
+    # Data first: a bad file fails before minutes of model loading.
+    data = str(data)
+    if not Path(data).is_file():
+        raise UserError(f"--data {data}: no such file (make one with pretokenize.py)")
+    splits = open_splits(data)
+    if "train" not in splits:
+        raise UserError(f"{data} has no 'train' split (found: {', '.join(splits) or 'nothing'})")
+    train_set = CSMDataset(data, "train", partial=cfg.partial_data_loading, max_seq_len=cfg.max_seq_len)
+    val_set = CSMDataset(data, "val", partial=cfg.partial_data_loading, max_seq_len=cfg.max_seq_len) if "val" in splits else None
+    batching = dict(max_tokens=cfg.max_tokens, batch_size=None if cfg.max_tokens else cfg.batch_size)
+    shard = dict(rank=rt.rank, world_size=rt.world_size)
+    train_loader = make_loader(train_set, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers, **batching, **shard)
+    val_loader = make_loader(val_set, shuffle=False, num_workers=cfg.num_workers, **batching, **shard) if val_set else None
+    if len(train_loader) == 0:
+        raise UserError(f"{data}: the train split gives no batches on {rt.world_size} process(es)")
+
+    model = build_or_load_model(cfg, rt.device)
+    k = model.config.audio_num_codebooks
+    if train_set.num_codebooks != k:
+        raise UserError(f"{data} has {train_set.num_codebooks} codebooks per frame; the model expects {k}")
+    if hasattr(model, "set_activation_checkpointing"):
+        model.set_activation_checkpointing(cfg.activation_checkpointing)
+    model.train()
+    optimizer = make_optimizer(model, cfg, rt.device)
+    total_steps = cfg.max_steps or math.ceil(cfg.n_epochs * len(train_loader) / cfg.grad_acc_steps)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=precision == "fp16")
+    generator = torch.Generator().manual_seed(cfg.seed + rt.rank)  # the decoder's frame subset
+    state = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, loader=train_loader,
+                 generator=generator, cfg=cfg, rt=rt)
+
+    loop = LoopState()
+    resume_from = find_resume_checkpoint(resume, ckpt_dir) if resume else None
+    if resume and resume_from is None:
+        print0(f"--resume auto: no checkpoint in {ckpt_dir}, starting fresh")
+    if resume_from is not None:
+        loop = restore_checkpoint(resume_from, **state)
+
+    loss_model = LossModule(model)
+    if rt.distributed:
+        loss_model = nn.parallel.DistributedDataParallel(
+            loss_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    tracker = make_tracker(cfg, out, rt, loop.step)
+    samples = SampleWriter(cfg, out, rt.device)
+
+    def micro_batches():
+        """Micro-batches forever, crossing epochs; the loader's state says where we are."""
+        while True:
+            for batch in train_loader:
+                yield batch
+            train_loader.set_epoch(train_loader.state_dict()["epoch"] + 1)
+
+    print0(f"training {type(model).__name__} ({count_parameters(model) / 1e6:.1f}M params) "
+           f"on {rt.device} x{rt.world_size}, {precision}, {total_steps} steps, {len(train_set)} train examples")
+    batches = micro_batches()
+    final_val = None
+    stopped_early = False
+    pbar = tqdm(total=total_steps, initial=loop.step, disable=not (rt.is_main and progress), desc="train", unit="step")
+    with StopFlag() as stop:
+        while loop.step < total_steps:
+            t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            stats = train_step(loss_model, [next(batches) for _ in range(cfg.grad_acc_steps)], cfg, rt, precision,
+                               optimizer, scaler, generator, k)
+            with warnings.catch_warnings():
+                # A skipped (non-finite) step still advances the schedule: it follows optimizer steps taken.
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                scheduler.step()
+            loop.step += 1
+            step = loop.step
+            loop.nonfinite_streak = 0 if stats["finite"] else loop.nonfinite_streak + 1
+            dt = time.perf_counter() - t0
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
+            last = step == total_steps
+            if not stats["finite"]:
+                print0(f"warning: step {step}: non-finite loss or gradient (loss={stats['loss']}, "
+                       f"grad_norm={stats['grad_norm']}); update skipped ({loop.nonfinite_streak} in a row)")
+            if step % cfg.log_every == 0 or last or not stats["finite"]:
+                tracker.log({"loss": stats["loss"], "c0_loss": stats["c0_loss"], "decoder_loss": stats["decoder_loss"],
+                             "lr": lr, "grad_norm": stats["grad_norm"], "tokens_per_s": stats["frames"] / dt,
+                             "step_time": dt, "peak_memory_gb": peak_memory_bytes(rt.device) / 2**30,
+                             "padding_fraction": stats["padding_fraction"],
+                             "epoch": train_loader.state_dict()["epoch"]}, step)
+            if loop.nonfinite_streak >= cfg.max_nonfinite_steps:
+                save_checkpoint(step_path(ckpt_dir, step), loop=loop, **state)
+                tracker.finish()
+                raise TrainingStopped(f"{loop.nonfinite_streak} non-finite steps in a row at step {step}; checkpoint "
+                                      f"saved in {ckpt_dir}. Lower learning_rate, raise warmup_steps or use bf16/fp32.")
+            if val_loader is not None and ((cfg.val_every and step % cfg.val_every == 0) or last):
+                final_val = evaluate(model, val_loader, cfg, rt, precision)
+                tracker.log({"val_loss": final_val}, step)
+                pbar.set_postfix(loss=f"{stats['loss']:.4f}", val=f"{final_val:.4f}")
+                if final_val < loop.best_val_loss:
+                    loop.best_val_loss = final_val
+                    if rt.is_main:
+                        save_pretrained(model, out / "best")
+                if on_eval is not None:
+                    on_eval(step, final_val)
+            if rt.is_main and cfg.gen_every and step % cfg.gen_every == 0:
+                samples(model, step, tracker)
+            if (cfg.save_every and step % cfg.save_every == 0) or last or stop.requested:
+                save_checkpoint(step_path(ckpt_dir, step), loop=loop, **state)
+                if rt.is_main:
+                    prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+            if stop.requested:
+                stopped_early = not last
+                break
+    pbar.close()
+    if rt.is_main and not stopped_early:
+        save_pretrained(model, out / "final")
+    tracker.finish()
+    if rt.distributed:
+        dist.barrier()
+    best = loop.best_val_loss
+    print0(f"{'stopped' if stopped_early else 'done'} at step {loop.step}; outputs in {out}"
+           + (f"; best val loss {best:.4f}" if math.isfinite(best) else ""))
+    return TrainResult(loop.step, best, final_val, out, stopped_early)
