@@ -28,14 +28,16 @@ def _f(default, help: str, *, choices=None, min=None, max=None, gt=None, default
 @dataclass
 class TrainConfig:
     # --- model
-    model: str = _f("sesame/csm-1b", "Weights to finetune: hub id, hub-layout directory, .safetensors or .pt checkpoint.")
+    model: str = _f("sesame/csm-1b", "Weights to finetune: hub id, directory (official or transformers layout), .safetensors or .pt.")
+    model_revision: str | None = _f(None, "Branch, tag or commit of a hub `model` (default: main).")
     train_from_scratch: bool = _f(False, "Ignore `model` and start from random weights (see README: initialisation).")
     backbone_flavor: str = _f("llama-1B", "Backbone shape when training from scratch.")
     decoder_flavor: str = _f("llama-100M", "Decoder shape when training from scratch.")
     text_vocab_size: int = _f(128_256, "Text vocabulary size when training from scratch.", min=1)
-    official_model: bool = _f(False, "Use the official `Model` class from the clone in $CSM_REPO_PATH.")
-    text_tokenizer: str = _f("meta-llama/Llama-3.2-1B", "Tokenizer for the sample sentences (hub id or local dir).")
+    text_tokenizer: str | None = _f(None, "Tokenizer for the sample sentences (hub id or dir; default: the model's own, else meta-llama/Llama-3.2-1B).")
     mimi_weights: str | None = _f(None, "Mimi weights for decoding samples (default: the moshi hub file).")
+    export_hf: bool = _f(False, "Also write best_hf/ and final_hf/: the transformers CsmForConditionalGeneration layout.")
+    export_codec: str | None = _f(None, "Mimi (MimiModel layout) for export_hf: a transformers CSM or kyutai/mimi (default: the model's own, else kyutai/mimi).")
     # --- batching
     batch_size: int | None = _f(8, "Examples per micro-batch (the original's batching). Ignored when max_tokens is set.", min=1)
     max_tokens: int | None = _f(None, "Padded frames per micro-batch (token-budget batching, far less padding). Overrides batch_size.", min=1)
@@ -150,12 +152,18 @@ def _check_range(key: str, value, meta: dict):
 
 
 # Names users bring from other tools, for the "did you mean" hint.
+# Keys that existed once, with what to do instead.
+_REMOVED = {"official_model": "the official model class was removed: the built-in model matches it bit for bit in fp32 "
+                              "and loads the same weights; delete the key"}
+
 _ALIASES = {"lr": "learning_rate", "epochs": "n_epochs", "num_epochs": "n_epochs", "warmup": "warmup_steps",
             "grad_accum": "grad_acc_steps", "gradient_accumulation_steps": "grad_acc_steps", "bs": "batch_size",
             "clip": "max_grad_norm", "grad_clip": "max_grad_norm", "wd": "weight_decay", "steps": "max_steps"}
 
 
 def unknown_key_error(key: str, source: str) -> UserError:
+    if key in _REMOVED:
+        return UserError(f"config key {key!r} in {source}: {_REMOVED[key]}")
     close = [_ALIASES[key]] if key in _ALIASES else difflib.get_close_matches(key, CONFIG_KEYS, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return UserError(f"unknown config key {key!r} in {source}{hint}; known keys: {', '.join(CONFIG_KEYS)}")

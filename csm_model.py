@@ -50,23 +50,54 @@ FLAVORS: dict[str, Flavor] = {
 }
 
 
+CUSTOM_FLAVOR = "custom"  # the flavor name of dimensions that match no named flavor
+
+
+def flavor_name(dims: Flavor) -> str:
+    """The name of the flavor with exactly these dimensions, or 'custom'."""
+    return next((name for name, f in FLAVORS.items() if f == dims), CUSTOM_FLAVOR)
+
+
 @dataclass
 class ModelArgs:
-    """The fields of the official `config.json` (same names, so the files are interchangeable)."""
+    """The fields of the official `config.json` (same names, so the files are interchangeable), plus the
+    dimensions themselves, so a model of any size can be described (flavor names cannot say them).
+
+    `backbone`/`decoder` default to the named flavors' dimensions; given explicitly (as a Flavor or a
+    dict of its fields) they win, and the name is only a label ('custom' when no named flavor matches).
+    """
 
     backbone_flavor: str = "llama-1B"
     decoder_flavor: str = "llama-100M"
     text_vocab_size: int = 128_256
     audio_vocab_size: int = 2051
     audio_num_codebooks: int = 32
+    backbone: Flavor | None = None
+    decoder: Flavor | None = None
 
     def __post_init__(self):
-        for name in (self.backbone_flavor, self.decoder_flavor):
-            if name not in FLAVORS:
-                raise ValueError(f"unknown flavor {name!r}; known: {', '.join(FLAVORS)}")
+        for part in ("backbone", "decoder"):
+            dims, name = getattr(self, part), getattr(self, f"{part}_flavor")
+            if dims is None:
+                if name not in FLAVORS:
+                    raise ValueError(f"unknown {part} flavor {name!r} and no dimensions given; "
+                                     f"named flavors: {', '.join(FLAVORS)}")
+                dims = FLAVORS[name]
+            elif isinstance(dims, dict):
+                dims = Flavor(**dims)
+            if dims.embed_dim % dims.num_heads or dims.num_heads % dims.num_kv_heads or dims.head_dim % 2:
+                raise ValueError(f"{part}: dim {dims.embed_dim}, {dims.num_heads} heads and {dims.num_kv_heads} "
+                                 "kv heads do not divide into whole, even-sized heads")
+            setattr(self, part, dims)
+            setattr(self, f"{part}_flavor", name if FLAVORS.get(name) == dims else flavor_name(dims))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The official config.json fields; the dimensions too when a flavor is not one of the named ones."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("backbone", "decoder")}
+        for part in ("backbone", "decoder"):
+            if getattr(self, f"{part}_flavor") == CUSTOM_FLAVOR:
+                out[part] = asdict(getattr(self, part))
+        return out
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -303,7 +334,7 @@ class CSM(nn.Module):
     def __init__(self, config: ModelArgs):
         super().__init__()
         self.config = config
-        backbone, decoder = FLAVORS[config.backbone_flavor], FLAVORS[config.decoder_flavor]
+        backbone, decoder = config.backbone, config.decoder
         self.backbone = Transformer(backbone)
         self.decoder = Transformer(decoder)
         self.text_embeddings = nn.Embedding(config.text_vocab_size, backbone.embed_dim)

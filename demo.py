@@ -102,14 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     pretokenize.main(["--train_data", str(SAMPLE / "train.csv"), "--val_data", str(SAMPLE / "val.json"),
                       "--output", str(data), "--device", "cpu", *common])
 
-    banner(f"3/5 train for {steps} steps (validation, samples, checkpoints)")
+    banner(f"3/5 train for {steps} steps (validation, samples, checkpoints, transformers export)")
     run = out / "run"
     train.main(["--data", str(data), "--config", str(ROOT / "configs" / "finetune.yaml"), "--output_dir", str(run),
                 "--model", str(assets["model"]), "--max_steps", str(steps), "--device", "cpu",
                 "--val_every", str(max(steps // 6, 1)), "--save_every", str(max(steps // 3, 1)),
                 "--gen_every", str(steps), "--log_every", "1", "--gen_sentence", "Hello from the demo.",
                 "--wandb_mode", "disabled", "--set", "learning_rate=2e-3", "--set", "warmup_steps=10",
-                "--set", "batch_size=4", "--set", "gen_max_seconds=2", "--set", "lr_decay=cosine", *common])
+                "--set", "batch_size=4", "--set", "gen_max_seconds=2", "--set", "lr_decay=cosine",
+                "--export_hf", "--export_codec", str(assets["codec"]), *common])
     plot_losses(run / "metrics.jsonl", out / "loss_curve.png")
 
     banner("4/5 generate speech from the trained model")
@@ -131,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("pre-tokenized data", data), ("skipped-rows report (if any)", Path(str(data) + ".skipped.csv")),
         ("training metrics", run / "metrics.jsonl"), ("loss curve", out / "loss_curve.png"),
-        ("checkpoints (full state, resumable)", run / "checkpoints"), ("best model (hub layout)", run / "best"),
-        ("final model (hub layout)", run / "final"), ("audio samples from training", run / "samples"),
+        ("checkpoints (full state, resumable)", run / "checkpoints"), ("best model (official layout)", run / "best"),
+        ("final model (official layout)", run / "final"),
+        ("best model, transformers layout", run / "best_hf"), ("audio samples from training", run / "samples"),
         ("generated speech", wav), ("sweep: best config", sweep_dir / "best_config.yaml"),
         ("sweep: all trials", sweep_dir / "trials.csv"), ("sweep: plots (HTML)", sweep_dir),
         *[(f"sweep plot {p.stem}", p) for p in plots],

@@ -15,7 +15,7 @@ import torch
 from audio_io import read_audio
 from frames import Segment
 from synthesis import parse_speaker, synthesize
-from tokenization import DEFAULT_TEXT_TOKENIZER, MIMI_SAMPLE_RATE, load_mimi, load_text_tokenizer
+from tokenization import MIMI_SAMPLE_RATE, load_mimi, load_text_tokenizer, resolve_text_tokenizer
 from utils import DTYPES, PRECISIONS, UserError, resolve_device, resolve_precision, run_cli
 from weights import DEFAULT_MODEL, load_model
 
@@ -23,7 +23,7 @@ from weights import DEFAULT_MODEL, load_model
 def build_parser() -> argparse.ArgumentParser:
     """The command line of generate.py."""
     p = argparse.ArgumentParser(description="Speech from a CSM checkpoint (hub id, directory in the hub layout, or .pt)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, directory (config.json + model.safetensors) or .pt")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, directory (official or transformers layout), .safetensors or .pt")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="what to say")
     what.add_argument("--lines", help="text file, one utterance per line; writes <output>_000.wav, _001.wav, ...")
@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="model weights: auto = bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU; Mimi stays fp32")
-    p.add_argument("--text_tokenizer", default=DEFAULT_TEXT_TOKENIZER, help="hub id or local directory")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a hub --model (default: main)")
+    p.add_argument("--text_tokenizer", default=None,
+                   help="hub id or local directory (default: the model's own tokenizer files, else meta-llama/Llama-3.2-1B)")
     p.add_argument("--mimi_weights", default=None, help="Mimi safetensors file or hub repo (default: moshi's)")
     p.add_argument("--context_audio", action="append", default=[], help="wav of an earlier turn (repeatable)")
     p.add_argument("--context_text", action="append", default=[], help="its transcript (one per --context_audio)")
@@ -70,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     context = [Segment(text, parse_speaker(spk), torch.from_numpy(read_audio(wav)))
                for wav, text, spk in zip(args.context_audio, args.context_text, args.context_speaker)]
     precision = resolve_precision(args.precision, device)
-    model = load_model(args.model, device=device, dtype=DTYPES[precision])
-    tokenizer = load_text_tokenizer(args.text_tokenizer)
+    model = load_model(args.model, device=device, dtype=DTYPES[precision], revision=args.revision)
+    tokenizer = load_text_tokenizer(resolve_text_tokenizer(args.text_tokenizer, args.model, args.revision))
     mimi = load_mimi(args.mimi_weights, device=device, num_codebooks=model.config.audio_num_codebooks)
     generator = torch.Generator(device=device).manual_seed(args.seed)
 

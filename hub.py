@@ -1,5 +1,5 @@
-"""Hugging Face hub access: fetch one file of a repo, tell a hub id from a local path, and turn the
-hub's many failure types into one line that says what to do.
+"""Hugging Face hub access: fetch one file or the needed files of a repo (at a pinned revision), tell a
+hub id from a local path, and turn the hub's many failure types into one line that says what to do.
 """
 from __future__ import annotations
 
@@ -11,8 +11,13 @@ from utils import UserError
 
 def hub_error(what: str, source: str, err: Exception, local_hint: str) -> UserError:
     """One clear line for a hub failure: gated, unreachable, missing, or something else (named)."""
+    from huggingface_hub import errors
+
     text = str(err).lower()
-    if "gated" in text or "401" in text or "403" in text or "restricted" in text:
+    if isinstance(err, errors.RevisionNotFoundError) or "revision not found" in text \
+            or "invalid rev id" in text or "not a valid git revision" in text:
+        why = "no such revision (branch, tag or commit) in that repository"
+    elif isinstance(err, errors.GatedRepoError) or "gated" in text or "401" in text or "403" in text or "restricted" in text:
         why = "it is gated: accept its licence on huggingface.co, then `huggingface-cli login` or set HF_TOKEN in .env"
     elif "offline" in text or "connect" in text or "resolve" in text or "network" in text or "not found in the cache" in text \
             or "cannot find the requested files" in text or "outgoing traffic has been disabled" in text:
@@ -27,13 +32,24 @@ def hub_error(what: str, source: str, err: Exception, local_hint: str) -> UserEr
     return UserError(f"could not load {what} {source!r}: {why}. {local_hint}")
 
 
-def hub_file(repo_id: str, filename: str, what: str, local_hint: str) -> Path:
+def hub_file(repo_id: str, filename: str, what: str, local_hint: str, revision: str | None = None) -> Path:
     """Download (or take from the cache) one file of a hub repo, with a clear error when that fails."""
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo_id, filename))
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
     except Exception as e:  # the hub raises many unrelated types (HTTP, offline, gated, OSError)
+        raise hub_error(what, repo_id, e, local_hint) from e
+
+
+def hub_snapshot(repo_id: str, patterns: list[str], what: str, local_hint: str, revision: str | None = None) -> Path:
+    """The files of a hub repo that match `patterns` (and only those), downloaded or from the cache, at
+    `revision` (a branch, tag or commit; default main). Returns the local snapshot directory."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as e:  # see hub_file
         raise hub_error(what, repo_id, e, local_hint) from e
 
 

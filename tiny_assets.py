@@ -2,7 +2,9 @@
 
 - a byte-level BPE text tokenizer saved as an AutoTokenizer directory (like meta-llama/Llama-3.2-1B),
 - a small Mimi with random but non-empty codebooks, saved as safetensors (+ mimi_config.json),
-- a tiny CSM saved in the hub layout (config.json + model.safetensors, like sesame/csm-1b).
+- a tiny CSM saved in the official layout (config.json + model.safetensors, as sesame/csm-1b was released),
+- a tiny CSM in the transformers layout, built and saved by transformers itself (CsmForConditionalGeneration
+  with a tiny MimiModel, tokenizer and processor, as sesame/csm-1b and its finetunes are served today).
 
 They are loaded by exactly the code that loads the real ones. Audio they produce is not speech.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -35,13 +38,16 @@ def make_text_tokenizer(directory: str | Path, vocab_size: int = TEXT_VOCAB_SIZE
     from transformers import PreTrainedTokenizerFast
 
     bos, eos = "<|begin_of_text|>", "<|end_of_text|>"  # the Llama-3 names
+    # CSM's own tokenizers name two special tokens for audio placeholders (Llama-3 reserves their ids).
+    audio, audio_eos = "<|AUDIO|>", "<|audio_eos|>"
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[bos, eos], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[bos, eos, audio, audio_eos], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos,
+                                   additional_special_tokens=[audio, audio_eos])
     directory = Path(directory)
     fast.save_pretrained(str(directory))
     return directory
@@ -82,16 +88,99 @@ def make_mimi(path: str | Path, seed: int = 0) -> Path:
 
 
 def make_csm(directory: str | Path, args: ModelArgs = TINY_MODEL_ARGS, seed: int = 0) -> Path:
-    """Save a randomly initialised CSM in the hub layout."""
+    """Save a randomly initialised CSM in the official layout."""
     torch.manual_seed(seed)
     return save_pretrained(CSM(args), directory)
 
 
 def make_all(directory: str | Path, seed: int = 0) -> dict[str, Path]:
-    """All three assets under one directory; returns their paths (model dir, tokenizer dir, Mimi file)."""
+    """All assets under one directory: the model (official layout), the text tokenizer, moshi's Mimi
+    (for pretokenizing and generating) and transformers' MimiModel (the codec of transformers exports)."""
     directory = Path(directory)
     return {
         "model": make_csm(directory / "csm-tiny", seed=seed),
         "text_tokenizer": make_text_tokenizer(directory / "tokenizer"),
         "mimi": make_mimi(directory / "mimi" / "mimi-tiny.safetensors", seed=seed),
+        "codec": make_hf_mimi(directory / "mimi-hf", seed=seed),
     }
+
+
+# --------------------------------------------------------------------------- the transformers layout
+
+TINY_HF_ROPE = {  # CSM's Llama-3 RoPE scaling as the official transformers checkpoint writes it
+    "backbone": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 0.125, "high_freq_factor": 0.5,
+                 "original_max_position_embeddings": 1024},
+    "decoder": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1 / 512, "high_freq_factor": 1 / 128,
+                "original_max_position_embeddings": 16},
+}
+# The official transformers chat template's behaviour, for the fixture: BOS [speaker]text EOS per turn.
+TINY_CHAT_TEMPLATE = ("{%- for m in messages -%}{{- bos_token + '[' + m['role'] + ']' + m['content'][0]['text'] + eos_token -}}"
+                      "{%- if m['content'] | length > 1 -%}{{- '<|AUDIO|><|audio_eos|>' -}}{%- endif -%}{%- endfor -%}")
+
+
+def tiny_hf_mimi_config():
+    """transformers' MimiConfig shrunk (24 kHz in, 12.5 Hz out, 32 codebooks of 2048)."""
+    from transformers import MimiConfig
+
+    return MimiConfig(hidden_size=32, num_filters=4, codebook_dim=16, num_hidden_layers=1, intermediate_size=64,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=16, vector_quantization_hidden_dimension=16,
+                      upsample_groups=32)
+
+
+def make_hf_mimi(directory: str | Path, seed: int = 0) -> Path:
+    """A tiny random MimiModel saved by transformers, like kyutai/mimi (the codec of transformers exports)."""
+    from transformers import MimiModel
+
+    torch.manual_seed(seed)
+    directory = Path(directory)
+    MimiModel(tiny_hf_mimi_config()).save_pretrained(str(directory))
+    return directory
+
+
+def tiny_hf_config(args: ModelArgs = TINY_MODEL_ARGS, **overrides):
+    """A CsmConfig of the tiny dimensions, written field by field as a user of transformers would."""
+    from transformers import CsmConfig, CsmDepthDecoderConfig
+
+    b, d = args.backbone, args.decoder
+    decoder = CsmDepthDecoderConfig(num_codebooks=args.audio_num_codebooks, backbone_hidden_size=b.embed_dim,
+                                    vocab_size=args.audio_vocab_size, hidden_size=d.embed_dim,
+                                    intermediate_size=d.intermediate_dim, num_hidden_layers=d.num_layers,
+                                    num_attention_heads=d.num_heads, num_key_value_heads=d.num_kv_heads,
+                                    max_position_embeddings=args.audio_num_codebooks + 1,
+                                    rope_scaling=dict(TINY_HF_ROPE["decoder"]))
+    values = dict(num_codebooks=args.audio_num_codebooks, vocab_size=args.audio_vocab_size,
+                  text_vocab_size=args.text_vocab_size, hidden_size=b.embed_dim, intermediate_size=b.intermediate_dim,
+                  num_hidden_layers=b.num_layers, num_attention_heads=b.num_heads, num_key_value_heads=b.num_kv_heads,
+                  max_position_embeddings=b.max_seq_len, depth_decoder_config=decoder, codec_config=tiny_hf_mimi_config(),
+                  rope_scaling=dict(TINY_HF_ROPE["backbone"]), bos_token_id=0, pad_token_id=2, audio_token_id=2,
+                  audio_eos_token_id=3)
+    values.update(overrides)
+    return CsmConfig(**values)
+
+
+def make_hf_csm(directory: str | Path, seed: int = 0, dtype=torch.float32, tokenizer_dir: str | Path | None = None,
+                **save_kwargs) -> Path:
+    """A randomly initialised CsmForConditionalGeneration saved by transformers (plus tokenizer and processor),
+    with codebook ids 2048-2050 made unlikely so greedy decoding never picks codes Mimi cannot decode."""
+    from transformers import CsmForConditionalGeneration, CsmProcessor, EncodecFeatureExtractor, PreTrainedTokenizerFast
+    from tokenizers.processors import TemplateProcessing
+
+    torch.manual_seed(seed)
+    model = CsmForConditionalGeneration(tiny_hf_config()).to(dtype)
+    with torch.no_grad():
+        model.lm_head.weight[2048:] = 0
+        model.depth_decoder.codebooks_head.weight[..., 2048:] = 0
+    directory = Path(directory)
+    model.save_pretrained(str(directory), **save_kwargs)
+    if tokenizer_dir is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            tok = PreTrainedTokenizerFast.from_pretrained(str(make_text_tokenizer(tmp)))
+    else:
+        tok = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single=f"{tok.bos_token}:0 $A:0 {tok.eos_token}:0", special_tokens=[(tok.bos_token, tok.bos_token_id),
+                                                                          (tok.eos_token, tok.eos_token_id)])
+    tok.pad_token = tok.eos_token  # as the official transformers tokenizer has it
+    features = EncodecFeatureExtractor(feature_size=1, sampling_rate=24000)
+    CsmProcessor(feature_extractor=features, tokenizer=tok, chat_template=TINY_CHAT_TEMPLATE).save_pretrained(str(directory))
+    return directory

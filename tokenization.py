@@ -26,13 +26,27 @@ MIMI_CONFIG_NAME = "mimi_config.json"
 # --------------------------------------------------------------------------- text
 
 
-def load_text_tokenizer(name_or_path: str = DEFAULT_TEXT_TOKENIZER):
-    """The Llama-3.2 tokenizer (or any AutoTokenizer) from a hub id or a local directory."""
+def resolve_text_tokenizer(explicit: str | None, model: str | Path | None = None, revision: str | None = None) -> str:
+    """The tokenizer to use: the one asked for; else the model source's own tokenizer files (the
+    transformers layout carries them, so the gated Llama repo is not needed); else Llama-3.2's."""
+    if explicit:
+        return str(explicit)
+    if model is not None:
+        from weights import model_tokenizer_dir
+
+        found = model_tokenizer_dir(model, revision)
+        if found is not None:
+            return str(found)
+    return DEFAULT_TEXT_TOKENIZER
+
+
+def load_text_tokenizer(name_or_path: str = DEFAULT_TEXT_TOKENIZER, revision: str | None = None):
+    """The Llama-3.2 tokenizer (or any AutoTokenizer: a CSM repo's own too) from a hub id or a local directory."""
     from transformers import AutoTokenizer
 
     hint = "Or pass --text_tokenizer a local directory holding the tokenizer files."
     try:
-        tok = AutoTokenizer.from_pretrained(str(name_or_path))
+        tok = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision)
     except Exception as e:  # transformers wraps hub failures in OSError/ValueError with prose
         raise hub_error("text tokenizer", str(name_or_path), e, hint) from e
     if tok.bos_token_id is None or tok.eos_token_id is None:
@@ -43,7 +57,8 @@ def load_text_tokenizer(name_or_path: str = DEFAULT_TEXT_TOKENIZER):
 def encode_text(tokenizer, text: str, speaker: int | str | None = DEFAULT_SPEAKER, *,
                 omit_speaker_id: bool = False) -> list[int]:
     """Token ids of `[speaker]text` (or of `text` alone with omit_speaker_id), wrapped in BOS ... EOS
-    as CSM was trained. A missing speaker is 999, as in the original."""
+    as CSM was trained. A missing speaker is 999, as in the original. BOS and EOS are added here, not
+    by the tokenizer's post-processor, so every tokenizer (Llama's, a CSM repo's) gives the same ids."""
     if speaker is None:
         speaker = DEFAULT_SPEAKER
     body = text if omit_speaker_id else f"[{speaker}]{text}"

@@ -24,7 +24,7 @@ CONFIG_FLAGS = {
     "model": str, "precision": str, "wandb_project": str, "wandb_name": str, "wandb_mode": str,
     "gen_speaker": int, "num_workers": int, "text_tokenizer": str, "mimi_weights": str,
     "warmup_steps": int, "lr_decay": str, "weight_decay": float, "max_grad_norm": float,
-    "decoder_loss_weight": float, "keep_checkpoints": int,
+    "decoder_loss_weight": float, "keep_checkpoints": int, "model_revision": str, "export_codec": str,
 }
 
 
@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     p.add_argument("--train_from_scratch", action="store_true", default=None, help="random init instead of --model")
     p.add_argument("--partial_data_loading", action="store_true", default=None, help="read examples lazily from disk")
+    p.add_argument("--export_hf", action="store_true", default=None,
+                   help="also write best_hf/ and final_hf/ in the transformers layout (config key export_hf)")
     p.add_argument("--gen_sentence", action="append", dest="gen_sentences", metavar="TEXT",
                    help="sentence for audio samples (repeat for several, or give a .txt file with one per line)")
     p.add_argument("--use_amp", action="store_true", help="compatibility with the original: same as --precision auto")
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {key: getattr(args, key) for key in CONFIG_FLAGS if getattr(args, key) is not None}
-    for key in ("train_from_scratch", "partial_data_loading"):
+    for key in ("train_from_scratch", "partial_data_loading", "export_hf"):
         if getattr(args, key):
             overrides[key] = True
     if args.use_amp:

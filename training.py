@@ -58,7 +58,7 @@ def build_or_load_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
                          text_vocab_size=cfg.text_vocab_size)
         torch.manual_seed(cfg.seed)
         return build_model(args, device=device)
-    return load_model(cfg.model, device=device, use_official=cfg.official_model)
+    return load_model(cfg.model, device=device, revision=cfg.model_revision)
 
 
 # --------------------------------------------------------------------------- one optimizer step
@@ -132,10 +132,12 @@ class SampleWriter:
         import soundfile as sf
 
         from synthesis import synthesize
-        from tokenization import MIMI_SAMPLE_RATE, load_mimi, load_text_tokenizer
+        from tokenization import MIMI_SAMPLE_RATE, load_mimi, load_text_tokenizer, resolve_text_tokenizer
 
         if self._tokenizer is None:
-            self._tokenizer = load_text_tokenizer(self.cfg.text_tokenizer)
+            cfg = self.cfg
+            self._tokenizer = load_text_tokenizer(resolve_text_tokenizer(
+                cfg.text_tokenizer, None if cfg.train_from_scratch else cfg.model, cfg.model_revision))
             self._mimi = load_mimi(self.cfg.mimi_weights, device=self.device,
                                    num_codebooks=model.config.audio_num_codebooks)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -146,6 +148,28 @@ class SampleWriter:
             audio = audio.float().cpu().numpy()
             sf.write(self.dir / f"step_{step:07d}_{i}.wav", audio, MIMI_SAMPLE_RATE)
             tracker.log_audio(f"sample_{i}", audio, MIMI_SAMPLE_RATE, step, sentence)
+
+
+# --------------------------------------------------------------------------- transformers exports
+
+
+class HFExports:
+    """best_hf/ and final_hf/ (config key export_hf). The codec and the tokenizer are found when the run
+    starts, so a missing one fails before any training, not at the first validation."""
+
+    def __init__(self, cfg: TrainConfig):
+        from hf_export import DEFAULT_CODEC, csm_tokenizer, find_codec
+        from tokenization import resolve_text_tokenizer
+        from weights import resolve_source
+
+        base = None if cfg.train_from_scratch else resolve_source(cfg.model, cfg.model_revision)
+        self.codec = find_codec([cfg.export_codec] if cfg.export_codec else [base, DEFAULT_CODEC])
+        self.tokenizer = csm_tokenizer(resolve_text_tokenizer(cfg.text_tokenizer, base))
+
+    def __call__(self, model: nn.Module, directory: Path) -> None:
+        from hf_export import export_transformers
+
+        export_transformers(model, directory, tokenizer=self.tokenizer, codec=self.codec, overwrite=True)
 
 
 # --------------------------------------------------------------------------- stop requests
@@ -220,6 +244,7 @@ def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device:
     if len(train_loader) == 0:
         raise UserError(f"{data}: the train split gives no batches on {rt.world_size} process(es)")
 
+    hf_exports = HFExports(cfg) if cfg.export_hf and rt.is_main else None  # before the (slow) model load
     model = build_or_load_model(cfg, rt.device)
     k = model.config.audio_num_codebooks
     if train_set.num_codebooks != k:
@@ -301,6 +326,8 @@ def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device:
                     loop.best_val_loss = final_val
                     if rt.is_main:
                         save_pretrained(model, out / "best")
+                        if hf_exports:
+                            hf_exports(model, out / "best_hf")
                 if on_eval is not None:
                     on_eval(step, final_val)
             if rt.is_main and cfg.gen_every and step % cfg.gen_every == 0:
@@ -315,6 +342,8 @@ def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device:
     pbar.close()
     if rt.is_main and not stopped_early:
         save_pretrained(model, out / "final")
+        if hf_exports:
+            hf_exports(model, out / "final_hf")
     tracker.finish()
     if rt.distributed:
         dist.barrier()

@@ -1,36 +1,263 @@
-"""Model weights in every layout we read and write, and the one way a model is built or loaded.
+"""Model weights in every layout, their conversions, and the one way a model is built or loaded.
 
-Layouts today: the official hub layout (config.json + model.safetensors), a bare .safetensors file,
-this project's training checkpoints and the original finetuning repo's .pt files (both read with
-`torch.load(weights_only=True)`). `load_model` takes any of them; `save_pretrained` writes the hub layout.
+Layouts, detected from the files (never from a name):
+- official: `config.json` (flavors) + `model.safetensors`, or a plain state dict such as the release's
+  `ckpt.pt`; also this project's training checkpoints and the original finetuning repo's `.pt` files.
+- transformers (`CsmForConditionalGeneration`): `config.json` with `model_type: csm` + `model.safetensors`
+  or shards with `model.safetensors.index.json`; what `sesame/csm-1b` and its finetunes serve today.
+
+transformers -> official (`hf_to_official`) and official -> transformers (`official_to_hf`) stand side by
+side, with the per-head q/k row permutation (rotate-half RoPE) and its inverse next to each other, and
+the config mapping in both directions (`args_from_hf_config`, `hf_config_from_args`). Both are exact:
+keys are renamed, rows are permuted, no value is computed, and a stored dtype is kept.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
 import pathlib
 import re
-import sys
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from csm_model import CSM, FLAVORS, ModelArgs
-from hub import hub_file, looks_like_repo_id
+from csm_model import CSM, FLAVORS, Flavor, ModelArgs
+from hub import hub_snapshot, looks_like_repo_id
 from utils import UserError, atomic_path, write_text_atomic
 
 DEFAULT_MODEL = "sesame/csm-1b"
 MODEL_CONFIG_NAME = "config.json"
 MODEL_WEIGHTS_NAME = "model.safetensors"
+SHARD_INDEX_NAME = "model.safetensors.index.json"
+OFFICIAL_CKPT_NAME = "ckpt.pt"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# What a hub model repo is downloaded for: config, weights (single or sharded), tokenizer files.
+HUB_PATTERNS = ["config.json", "model.safetensors", "model-*.safetensors", SHARD_INDEX_NAME, "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.*"]
+
+OFFICIAL, TRANSFORMERS = "official", "transformers"
+HF_CODEC_PREFIX = "codec_model."
+HF_TIED_AUDIO = "depth_decoder.model.embed_tokens.weight"  # a tied copy of the backbone's audio table
+
+# transformers' RoPE is configured by original_max_position_embeddings / low / high frequency factors;
+# only their ratios matter. CSM's (context 8192, low 1, high 4) is written with these equivalents,
+# as the official transformers checkpoint does, so that transformers does not warn about a context
+# longer than max_position_embeddings.
+_HF_ROPE = {"backbone": (1024, 0.125, 0.5), "decoder": (16, 1 / 512, 1 / 128)}
+_ROPE_CONTEXT, _ROPE_LOW, _ROPE_HIGH = 8192, 1.0, 4.0
+
+
+# --------------------------------------------------------------------------- official <-> transformers keys
+
+
+_HF_TOP = {  # official name -> transformers name
+    "text_embeddings.weight": "embed_text_tokens.weight",
+    "audio_embeddings.weight": "backbone_model.embed_tokens.embed_audio_tokens.weight",
+    "projection.weight": "depth_decoder.model.inputs_embeds_projector.weight",
+    "codebook0_head.weight": "lm_head.weight",
+    "audio_head": "depth_decoder.codebooks_head.weight",
+    "backbone.norm.scale": "backbone_model.norm.weight",
+    "decoder.norm.scale": "depth_decoder.model.norm.weight",
+}
+_HF_STACKS = {"backbone": "backbone_model", "decoder": "depth_decoder.model"}
+_HF_LAYER = {
+    "attn.q_proj.weight": "self_attn.q_proj.weight",
+    "attn.k_proj.weight": "self_attn.k_proj.weight",
+    "attn.v_proj.weight": "self_attn.v_proj.weight",
+    "attn.output_proj.weight": "self_attn.o_proj.weight",
+    "mlp.w1.weight": "mlp.gate_proj.weight",
+    "mlp.w2.weight": "mlp.down_proj.weight",
+    "mlp.w3.weight": "mlp.up_proj.weight",
+    "sa_norm.scale": "input_layernorm.weight",
+    "mlp_norm.scale": "post_attention_layernorm.weight",
+}
+_OFFICIAL_TOP = {v: k for k, v in _HF_TOP.items()}
+_OFFICIAL_STACKS = {v: k for k, v in _HF_STACKS.items()}
+_OFFICIAL_LAYER = {v: k for k, v in _HF_LAYER.items()}
+_LAYER_KEY = re.compile(r"^(?P<stack>.+)\.layers\.(?P<i>\d+)\.(?P<rest>.+)$")
+
+
+def _rename(key: str, top: dict, stacks: dict, layer: dict) -> str:
+    if key in top:
+        return top[key]
+    m = _LAYER_KEY.match(key)
+    if m and m["stack"] in stacks and m["rest"] in layer:
+        return f"{stacks[m['stack']]}.layers.{m['i']}.{layer[m['rest']]}"
+    raise KeyError(key)
+
+
+def official_key_to_hf(key: str) -> str:
+    return _rename(key, _HF_TOP, _HF_STACKS, _HF_LAYER)
+
+
+def hf_key_to_official(key: str) -> str:
+    return _rename(key, _OFFICIAL_TOP, _OFFICIAL_STACKS, _OFFICIAL_LAYER)
+
+
+def rope_rows_to_hf(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """q/k projection rows from adjacent-pair RoPE (Meta, ours) to rotate-half RoPE (transformers), per head."""
+    rows, cols = weight.shape
+    return weight.reshape(num_heads, rows // num_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def rope_rows_from_hf(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The exact inverse of rope_rows_to_hf."""
+    rows, cols = weight.shape
+    return weight.reshape(num_heads, 2, rows // num_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _rope_heads(official_key: str, args: ModelArgs) -> int | None:
+    """Heads whose rows a q/k projection holds (None for every other tensor)."""
+    dims = args.backbone if official_key.startswith("backbone.") else args.decoder
+    if official_key.endswith("attn.q_proj.weight"):
+        return dims.num_heads
+    if official_key.endswith("attn.k_proj.weight"):
+        return dims.num_kv_heads
+    return None
+
+
+def official_to_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Our/official weights -> CsmForConditionalGeneration's (without codec_model.*), values unchanged."""
+    out = {}
+    for key, value in state_dict.items():
+        heads = _rope_heads(key, args)
+        out[official_key_to_hf(key)] = value if heads is None else rope_rows_to_hf(value, heads).contiguous()
+    out[HF_TIED_AUDIO] = out[_HF_TOP["audio_embeddings.weight"]]
+    return out
+
+
+def hf_to_official(state_dict: dict[str, torch.Tensor], args: ModelArgs, source) -> dict[str, torch.Tensor]:
+    """CsmForConditionalGeneration weights -> ours: keys renamed, q/k rows un-permuted, codec dropped.
+
+    The depth decoder's copy of the audio table must equal the backbone's (transformers ties them);
+    two different tables cannot become one model, so that is refused rather than one silently chosen.
+    """
+    audio_key = _HF_TOP["audio_embeddings.weight"]
+    audio, tied = state_dict.get(audio_key), state_dict.get(HF_TIED_AUDIO)
+    if audio is not None and tied is not None and not torch.equal(audio, tied):
+        raise UserError(f"{source}: the backbone's audio embedding table and the depth decoder's copy "
+                        f"({HF_TIED_AUDIO}) differ; CSM has one table, so this checkpoint cannot be loaded as CSM")
+    if audio is None and tied is not None:  # transformers' save_pretrained keeps one of two tied tensors
+        state_dict = {**state_dict, audio_key: tied}
+    out, unknown = {}, []
+    for key, value in state_dict.items():
+        if key.startswith(HF_CODEC_PREFIX) or key == HF_TIED_AUDIO:
+            continue
+        try:
+            new = hf_key_to_official(key)
+        except KeyError:
+            unknown.append(key)
+            continue
+        heads = _rope_heads(new, args)
+        out[new] = value if heads is None else rope_rows_from_hf(value, heads).contiguous()
+    if unknown:
+        raise UserError(f"{source}: {len(unknown)} tensors that a CSM in the transformers layout does not have "
+                        f"(e.g. {', '.join(sorted(unknown)[:3])})")
+    return out
 
 
 # --------------------------------------------------------------------------- configs
 
 
-def infer_model_args(state_dict: dict[str, torch.Tensor]) -> ModelArgs:
-    """Recover the model configuration from weight shapes (for checkpoints saved without one)."""
+def _close(a: float, b: float) -> bool:
+    return math.isclose(float(a), float(b), rel_tol=1e-6)
+
+
+def _flavor_from_hf(cfg: dict, part: str, source) -> Flavor:
+    """One transformer's dimensions from a transformers config, with every field we cannot honour refused."""
+    where = f"{source} ({'depth_decoder_config' if part == 'decoder' else 'config'})"
+    try:
+        hidden, heads, kv = int(cfg["hidden_size"]), int(cfg["num_attention_heads"]), int(cfg["num_key_value_heads"])
+        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        checks = {"hidden_act": (cfg.get("hidden_act", "silu"), "silu"),
+                  "attention_bias": (bool(cfg.get("attention_bias", False)), False),
+                  "mlp_bias": (bool(cfg.get("mlp_bias", False)), False)}
+        for key, (got, want) in checks.items():
+            if got != want:
+                raise UserError(f"{where}: {key}={got!r} is not CSM's ({want!r}); refusing to load a different model")
+        if head_dim * heads != hidden:
+            raise UserError(f"{where}: head_dim {head_dim} x {heads} heads != hidden_size {hidden}; "
+                            "CSM's attention needs head_dim = hidden_size / heads")
+        scaling = cfg.get("rope_scaling")
+        if not scaling:
+            raise UserError(f"{where}: no rope_scaling. CSM uses Llama-3 RoPE scaling; a config without it "
+                            "(e.g. a CsmConfig built from defaults) is a different model, so it is refused")
+        kind = scaling.get("rope_type", scaling.get("type"))
+        original = float(scaling.get("original_max_position_embeddings", 0))
+        low, high = float(scaling.get("low_freq_factor", 0)), float(scaling.get("high_freq_factor", 0))
+        if kind != "llama3" or not (low > 0 and high > 0 and _close(original / low, _ROPE_CONTEXT / _ROPE_LOW)
+                                    and _close(original / high, _ROPE_CONTEXT / _ROPE_HIGH)):
+            raise UserError(f"{where}: rope_scaling {scaling} is not CSM's Llama-3 scaling (wavelength thresholds "
+                            f"{_ROPE_CONTEXT / _ROPE_LOW:g} and {_ROPE_CONTEXT / _ROPE_HIGH:g}); refusing to load a different model")
+        max_seq_len = int(cfg.get("max_position_embeddings", 2048)) if part == "backbone" else FLAVORS["llama-100M"].max_seq_len
+        return Flavor(num_layers=int(cfg["num_hidden_layers"]), num_heads=heads, num_kv_heads=kv, embed_dim=hidden,
+                      intermediate_dim=int(cfg["intermediate_size"]), max_seq_len=max_seq_len,
+                      norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), rope_base=float(cfg.get("rope_theta", 500_000.0)),
+                      rope_scale_factor=float(scaling["factor"]))
+    except KeyError as e:
+        raise UserError(f"{where} lacks {e}; it is not a complete CsmConfig") from None
+
+
+def args_from_hf_config(cfg: dict, source) -> ModelArgs:
+    """ModelArgs from a CsmConfig dict (config.json of the transformers layout), every field checked."""
+    dec = cfg.get("depth_decoder_config") or {}
+    if not dec:
+        raise UserError(f"{source}: config.json has no depth_decoder_config; it is not a complete CsmConfig")
+    backbone, decoder = _flavor_from_hf(cfg, "backbone", source), _flavor_from_hf(dec, "decoder", source)
+    k, vocab = int(cfg.get("num_codebooks", 32)), int(cfg.get("vocab_size", 2051))
+    mismatched = [name for name, a, b in (("num_codebooks", k, dec.get("num_codebooks", k)),
+                                          ("vocab_size", vocab, dec.get("vocab_size", vocab)),
+                                          ("backbone_hidden_size", backbone.embed_dim,
+                                           dec.get("backbone_hidden_size", backbone.embed_dim))) if int(a) != int(b)]
+    if mismatched:
+        raise UserError(f"{source}: config and depth_decoder_config disagree on {', '.join(mismatched)}")
+    if not cfg.get("tie_codebooks_embeddings", True):
+        raise UserError(f"{source}: tie_codebooks_embeddings is false; CSM has one audio embedding table")
+    return ModelArgs(backbone=backbone, decoder=decoder, backbone_flavor="", decoder_flavor="",
+                     text_vocab_size=int(cfg.get("text_vocab_size", 128_256)), audio_vocab_size=vocab,
+                     audio_num_codebooks=k)
+
+
+def _hf_transformer_config(dims: Flavor, part: str) -> dict:
+    original, low, high = _HF_ROPE[part]
+    return {"hidden_size": dims.embed_dim, "intermediate_size": dims.intermediate_dim,
+            "num_hidden_layers": dims.num_layers, "num_attention_heads": dims.num_heads,
+            "num_key_value_heads": dims.num_kv_heads, "head_dim": dims.head_dim, "rms_norm_eps": dims.norm_eps,
+            "rope_theta": dims.rope_base, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+            "rope_scaling": {"rope_type": "llama3", "factor": dims.rope_scale_factor, "low_freq_factor": low,
+                             "high_freq_factor": high, "original_max_position_embeddings": original}}
+
+
+def hf_config_from_args(args: ModelArgs) -> dict:
+    """CsmConfig keyword arguments (without codec_config and token ids) for these dimensions."""
+    decoder = {**_hf_transformer_config(args.decoder, "decoder"), "num_codebooks": args.audio_num_codebooks,
+               "backbone_hidden_size": args.backbone.embed_dim, "vocab_size": args.audio_vocab_size,
+               "max_position_embeddings": args.audio_num_codebooks + 1}
+    return {**_hf_transformer_config(args.backbone, "backbone"), "num_codebooks": args.audio_num_codebooks,
+            "vocab_size": args.audio_vocab_size, "text_vocab_size": args.text_vocab_size,
+            "max_position_embeddings": args.backbone.max_seq_len, "tie_codebooks_embeddings": True,
+            "depth_decoder_config": decoder}
+
+
+def model_args_from_dict(d: dict, source="config") -> ModelArgs:
+    """ModelArgs from an official config.json (or a checkpoint's model_args); unknown fields ignored."""
+    known = ("backbone_flavor", "decoder_flavor", "text_vocab_size", "audio_vocab_size", "audio_num_codebooks",
+             "backbone", "decoder")
+    try:
+        return ModelArgs(**{k: v for k, v in d.items() if k in known})
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{source}: bad model config ({e})") from e
+
+
+def model_config_dict(model) -> dict:
+    """The config of a model as a plain dict (what config.json and checkpoints hold)."""
+    return model.config.to_dict() if hasattr(model.config, "to_dict") else dict(vars(model.config))
+
+
+def infer_model_args(state_dict: dict[str, torch.Tensor], source="the checkpoint") -> ModelArgs:
+    """Config from weight shapes, for checkpoints saved without one. Head counts are not in the shapes,
+    so only the named flavors can be recognised."""
 
     def match(prefix: str) -> str:
         n_layers = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(rf"{prefix}\.layers\.(\d+)\.", k)))
@@ -40,8 +267,9 @@ def infer_model_args(state_dict: dict[str, torch.Tensor]) -> ModelArgs:
         for name, f in FLAVORS.items():
             if (f.num_layers, f.embed_dim, f.num_kv_heads * f.head_dim, f.intermediate_dim) == (n_layers, dim, kv, ffn):
                 return name
-        raise UserError(f"the checkpoint's {prefix} (layers={n_layers}, dim={dim}, kv_dim={kv}, ffn={ffn}) "
-                        f"matches no known flavor ({', '.join(FLAVORS)})")
+        raise UserError(f"{source} has no config, and its {prefix} (layers={n_layers}, dim={dim}, kv_dim={kv}, "
+                        f"ffn={ffn}) matches no named flavor ({', '.join(FLAVORS)}), so its head count is unknown; "
+                        "put a config.json beside it")
 
     try:
         return ModelArgs(
@@ -52,24 +280,10 @@ def infer_model_args(state_dict: dict[str, torch.Tensor]) -> ModelArgs:
             audio_num_codebooks=state_dict["audio_head"].shape[0] + 1,
         )
     except (KeyError, ValueError) as e:
-        raise UserError(f"the weights do not look like a CSM model (missing {e})") from e
+        raise UserError(f"the weights in {source} do not look like a CSM model (missing {e})") from e
 
 
-def model_args_from_dict(d: dict) -> ModelArgs:
-    """ModelArgs from an official config.json (unknown fields ignored)."""
-    known = {f.name for f in fields(ModelArgs)}
-    try:
-        return ModelArgs(**{k: v for k, v in d.items() if k in known})
-    except (TypeError, ValueError) as e:
-        raise UserError(f"bad model config {d}: {e}") from e
-
-
-def model_config_dict(model) -> dict:
-    """The config of a built-in or official model as a plain dict (what config.json and checkpoints hold)."""
-    return model.config.to_dict() if hasattr(model.config, "to_dict") else dict(vars(model.config))
-
-
-# --------------------------------------------------------------------------- .pt files
+# --------------------------------------------------------------------------- reading files
 
 
 def clean_state_dict(state_dict: dict) -> dict[str, torch.Tensor]:
@@ -93,52 +307,141 @@ def read_pt(path: str | Path) -> dict:
         raise UserError(f"could not read checkpoint {path}: {str(e).splitlines()[0]}") from e
 
 
-def _state_dict_from_pt(ckpt: dict, path) -> tuple[dict, ModelArgs | None]:
+def _state_dict_from_pt(ckpt, path) -> tuple[dict, ModelArgs | None]:
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     for key in ("model", "model_state_dict", "state_dict"):
         if isinstance(ckpt.get(key), dict):
             config = ckpt.get("model_args")
-            return clean_state_dict(ckpt[key]), model_args_from_dict(config) if isinstance(config, dict) else None
-    if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            return clean_state_dict(ckpt[key]), model_args_from_dict(config, path) if isinstance(config, dict) else None
+    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         return clean_state_dict(ckpt), None
     raise UserError(f"{path} has no model weights (looked for keys 'model', 'model_state_dict', 'state_dict')")
 
 
-# --------------------------------------------------------------------------- reading any source
+def read_safetensors(directory_or_file: Path, skip_prefix: str | None = HF_CODEC_PREFIX,
+                     only_prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of model.safetensors, a shard set (model.safetensors.index.json) or one .safetensors file,
+    in their stored dtype. Tensors under `skip_prefix` are not read; with `only_prefix`, only those are."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(directory_or_file)
+    if path.is_dir() and (path / SHARD_INDEX_NAME).is_file():
+        try:
+            weight_map = json.loads((path / SHARD_INDEX_NAME).read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path / SHARD_INDEX_NAME} is not a shard index ({e})") from e
+        files = sorted({path / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"{path} lacks shard(s) {', '.join(missing)} named in {SHARD_INDEX_NAME}")
+    else:
+        files = [path / MODEL_WEIGHTS_NAME if path.is_dir() else path]
+    out = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if (skip_prefix and key.startswith(skip_prefix)) or (only_prefix and not key.startswith(only_prefix)):
+                        continue
+                    out[key] = f.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{file} is not a readable safetensors file ({str(e).splitlines()[0]})") from e
+    return out
 
 
-def read_model_weights(source: str | Path) -> tuple[dict[str, torch.Tensor], ModelArgs]:
-    """Weights and config from a hub id, a local hub-layout dir, a .safetensors file or a .pt checkpoint."""
-    from safetensors.torch import load_file
+def detect_layout(keys, config: dict | None, source) -> str:
+    """'transformers' or 'official', from the config's model_type or the tensor names."""
+    keys = list(keys)
+    if (config or {}).get("model_type") == "csm" or any(k.startswith(("backbone_model.", "depth_decoder.")) for k in keys):
+        return TRANSFORMERS
+    if any(k.startswith(("backbone.layers.", "text_embeddings")) for k in keys):
+        return OFFICIAL
+    raise UserError(f"{source} does not hold CSM weights in a known layout (official or transformers); "
+                    f"first tensor names: {', '.join(sorted(keys)[:3]) or 'none'}")
 
-    source = str(source)
-    path = Path(source).expanduser()
+
+def _read_config(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise UserError(f"{path} must hold a JSON object")
+    return config
+
+
+def _to_official(state_dict: dict, config: dict | None, source, args: ModelArgs | None = None):
+    """(official state dict, ModelArgs) from weights in either layout and the config beside them."""
+    layout = detect_layout(state_dict, config, source)
+    if layout == TRANSFORMERS:
+        if config is None:
+            raise UserError(f"{source} is in the transformers layout but has no config.json beside it "
+                            "(head counts and RoPE settings are not in the weights)")
+        args = args_from_hf_config(config, source)
+        return hf_to_official(state_dict, args, source), args
+    if args is None:
+        args = model_args_from_dict(config, source) if config else infer_model_args(state_dict, source)
+    return state_dict, args
+
+
+def resolve_source(source: str | Path, revision: str | None = None) -> Path:
+    """A local path for a model source: the path itself, or the snapshot of the needed files of a hub repo."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    if looks_like_repo_id(text):
+        hint = "Or pass --model a local directory or checkpoint file."
+        return hub_snapshot(text, HUB_PATTERNS, "model", hint, revision=revision)
+    raise UserError(f"model {text!r} not found: give a hub id (e.g. {DEFAULT_MODEL}), a directory (official or "
+                    "transformers layout), a .safetensors file or a .pt checkpoint")
+
+
+def read_model_weights(source: str | Path, revision: str | None = None) -> tuple[dict[str, torch.Tensor], ModelArgs]:
+    """Weights (official names, stored dtype) and config from any source: hub id, official or transformers
+    directory (sharded or not), .safetensors file, or .pt checkpoint (ours, the original repo's, ckpt.pt)."""
+    path = resolve_source(source, revision)
     if path.is_dir():
-        weights, cfg = path / MODEL_WEIGHTS_NAME, path / MODEL_CONFIG_NAME
-        if not weights.exists():
+        has_weights = (path / MODEL_WEIGHTS_NAME).is_file() or (path / SHARD_INDEX_NAME).is_file()
+        if not has_weights and (path / OFFICIAL_CKPT_NAME).is_file():
+            path = path / OFFICIAL_CKPT_NAME
+        elif not has_weights:
             pts = sorted(path.glob("*.pt"))
             hint = f" (it has {pts[0].name}: pass that file)" if pts else ""
-            raise UserError(f"{path} has no {MODEL_WEIGHTS_NAME}; expected the hub layout "
-                            f"({MODEL_CONFIG_NAME} + {MODEL_WEIGHTS_NAME}){hint}")
-    elif path.is_file() and path.suffix == ".safetensors":
-        weights, cfg = path, path.with_name(MODEL_CONFIG_NAME)
-    elif path.is_file():
-        state_dict, args = _state_dict_from_pt(read_pt(path), path)
-        return state_dict, args or infer_model_args(state_dict)
-    elif looks_like_repo_id(source):
-        hint = "Or pass --model a local directory with config.json + model.safetensors, or a .pt checkpoint."
-        cfg = hub_file(source, MODEL_CONFIG_NAME, "model", hint)
-        weights = hub_file(source, MODEL_WEIGHTS_NAME, "model", hint)
-    else:
-        raise UserError(f"model {source!r} not found: give a hub id (e.g. {DEFAULT_MODEL}), "
-                        "a directory with config.json + model.safetensors, or a .pt checkpoint")
-    state_dict = load_file(str(weights))
-    if cfg.exists():
-        args = model_args_from_dict(json.loads(cfg.read_text()))
-    else:
-        args = infer_model_args(state_dict)
-    return state_dict, args
+            raise UserError(f"{path} has no {MODEL_WEIGHTS_NAME} or {SHARD_INDEX_NAME}; expected config.json + weights "
+                            f"in the official or transformers layout{hint}")
+        else:
+            return _to_official(read_safetensors(path), _read_config(path / MODEL_CONFIG_NAME), source)
+    if path.suffix == ".safetensors":
+        return _to_official(read_safetensors(path), _read_config(path.with_name(MODEL_CONFIG_NAME)), source)
+    state_dict, args = _state_dict_from_pt(read_pt(path), path)
+    beside = _read_config(path.with_name(MODEL_CONFIG_NAME)) if args is None else None
+    return _to_official(state_dict, beside, source, args)
+
+
+def model_tokenizer_dir(source: str | Path, revision: str | None = None) -> Path | None:
+    """The directory of a model source's own tokenizer files (the transformers layout carries them), or None."""
+    path = resolve_source(source, revision)
+    directory = path if path.is_dir() else path.parent
+    return directory if any((directory / name).is_file() for name in TOKENIZER_FILES) else None
+
+
+def read_codec_weights(source: str | Path, revision: str | None = None) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(Mimi weights in MimiModel layout, MimiConfig dict) from a transformers-layout CSM (its codec_model.*)
+    or a MimiModel directory/hub repo (kyutai/mimi); None when the source holds no Mimi."""
+    path = resolve_source(source, revision)
+    directory = path if path.is_dir() else path.parent
+    config = _read_config(directory / MODEL_CONFIG_NAME) or {}
+    if config.get("model_type") == "mimi":
+        return read_safetensors(directory, skip_prefix=None), config
+    if config.get("model_type") == "csm" and config.get("codec_config"):
+        weights = read_safetensors(directory, skip_prefix=None, only_prefix=HF_CODEC_PREFIX)
+        if weights:
+            return {k[len(HF_CODEC_PREFIX):]: v for k, v in weights.items()}, config["codec_config"]
+    return None
 
 
 def check_keys(model: torch.nn.Module, state_dict: dict, source) -> None:
@@ -169,47 +472,26 @@ def build_model(args: ModelArgs, device="cpu", dtype: torch.dtype = torch.float3
     return model.to(dtype=dtype)
 
 
-def load_model(source: str | Path = DEFAULT_MODEL, device="cpu", dtype: torch.dtype = torch.float32,
-               use_official: bool = False, csm_repo_path: str | None = None):
-    """Load a CSM from any source (hub id, hub-layout dir, .safetensors, this project's or the
-    original finetuning repo's .pt), strict key match. `use_official` builds the official `Model`
-    from the clone at `csm_repo_path` (default: $CSM_REPO_PATH) instead of the built-in one."""
-    state_dict, args = read_model_weights(source)
-    if use_official:
-        model = _official_model(args, csm_repo_path)
-    else:
-        with torch.device("meta"):
-            model = CSM(args)
-    check_keys(model, state_dict, source)
-    if use_official:
-        model.load_state_dict(state_dict, strict=True)
-        return model.to(device=device, dtype=dtype)
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype)
+def load_model(source: str | Path = DEFAULT_MODEL, device="cpu", dtype: torch.dtype | None = torch.float32,
+               revision: str | None = None) -> CSM:
+    """Load a CSM from any source and layout (see read_model_weights), strict key match.
 
-
-def _official_model(args: ModelArgs, csm_repo_path: str | None):
-    repo = csm_repo_path or os.environ.get("CSM_REPO_PATH")
-    if not repo:
-        raise UserError("the official model was asked for, but CSM_REPO_PATH is not set (see .env.example)")
-    if not (Path(repo) / "models.py").exists():
-        raise UserError(f"CSM_REPO_PATH={repo} has no models.py; point it at a clone of SesameAILabs/csm")
-    if repo not in sys.path:
-        sys.path.insert(0, repo)
-    try:
-        from models import Model, ModelArgs as OfficialArgs  # noqa: the clone's module
-    except ImportError as e:
-        raise UserError(f"could not import the official model from {repo}: {e} (it needs torchtune installed)") from e
+    `dtype` None keeps the stored dtype exactly (bf16 stays bf16); otherwise the weights are cast to it.
+    `revision` pins a hub repo's branch, tag or commit.
+    """
+    state_dict, args = read_model_weights(source, revision)
     with torch.device("meta"):
-        model = Model(OfficialArgs(**args.to_dict()))
-    return model.to_empty(device="cpu")
+        model = CSM(args)
+    check_keys(model, state_dict, source)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
 
 
 # --------------------------------------------------------------------------- writing
 
 
 def save_pretrained(model, directory: str | Path) -> Path:
-    """Write config.json + model.safetensors (the official hub layout), each file atomically."""
+    """Write config.json + model.safetensors (the official layout), each file atomically."""
     from safetensors.torch import save_file
 
     directory = Path(directory)

@@ -38,6 +38,36 @@ def mimi(assets):
     return tokenization.load_mimi(str(assets["mimi"]))
 
 
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An offline Hugging Face cache; `put(repo, files, revision=None)` lays files out as the hub client
+    caches them: under a commit's snapshot, with refs/main (or the named branch) pointing at it.
+    `revision` may be a branch name or a 40-hex commit; returns the commit."""
+    import hashlib
+    import shutil
+
+    import huggingface_hub.constants as c
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+
+    def put(repo_id, files, revision=None):
+        base = cache / f"models--{repo_id.replace('/', '--')}"
+        is_commit = revision is not None and len(revision) == 40
+        commit = revision if is_commit else hashlib.sha1(f"{repo_id}@{revision or 'main'}".encode()).hexdigest()
+        snap = base / "snapshots" / commit
+        snap.mkdir(parents=True)
+        (base / "refs").mkdir(exist_ok=True)
+        if not is_commit:
+            (base / "refs" / (revision or "main")).write_text(commit)
+        for name, src in files.items():
+            shutil.copy(src, snap / name)
+        return commit
+
+    return put
+
+
 def write_token_file(path, n_train=12, n_val=4, seed=0, codebooks=32, audio_frames=(6, 14), text_len=(3, 8),
                      text_vocab=400, audio_dtype="int16", attrs=True):
     """A token file (SPEC §3) of random codes and text ids, written by token_file.py as pretokenize.py writes

@@ -18,6 +18,10 @@ def test_quick_demo_runs_every_step(tmp_path, capsys):
     metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in m for m in metrics)
     assert (out / "run" / "best" / "model.safetensors").is_file()
+    from transformers import CsmForConditionalGeneration
+
+    _, info = CsmForConditionalGeneration.from_pretrained(str(out / "run" / "best_hf"), output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
     assert list((out / "run" / "samples").glob("*.wav"))
     info = sf.info(str(out / "generated.wav"))
     assert info.samplerate == 24000 and info.frames > 0

@@ -2,7 +2,6 @@
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,27 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def same_weights(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An offline Hugging Face cache; `put(repo, files)` lays files out as hf_hub_download caches them."""
-    import huggingface_hub.constants as c
-
-    cache = tmp_path / "hf-cache"
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-
-    def put(repo_id, files):
-        base = cache / f"models--{repo_id.replace('/', '--')}"
-        snap = base / "snapshots" / ("0" * 40)
-        snap.mkdir(parents=True)
-        (base / "refs").mkdir()
-        (base / "refs" / "main").write_text("0" * 40)
-        for name, src in files.items():
-            shutil.copy(src, snap / name)
-
-    return put
 
 
 def test_local_hub_layout_round_trip(assets, tmp_path):
@@ -128,26 +106,11 @@ def test_missing_sources_are_clear_errors(tmp_path):
         weights.load_model(tmp_path / "junk.pt")
 
 
-def test_official_model_from_a_clone(assets, tmp_path, monkeypatch):
-    """CSM_REPO_PATH points at a clone with models.py; here a stand-in module with the official names."""
-    clone = tmp_path / "csm-clone"
-    clone.mkdir()
-    (clone / "models.py").write_text(
-        "from csm_model import CSM, ModelArgs\n"
-        "class Model(CSM):\n    official = True\n"
-    )
-    monkeypatch.setenv("CSM_REPO_PATH", str(clone))
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    model = weights.load_model(assets["model"], use_official=True)
-    assert getattr(model, "official", False)
-    assert same_weights(model, weights.load_model(assets["model"]))
-    sys.modules.pop("models", None)
+def test_the_removed_official_model_key_says_what_to_do():
+    import config
 
-
-def test_official_model_without_clone_is_a_clear_error(assets, monkeypatch):
-    monkeypatch.delenv("CSM_REPO_PATH", raising=False)
-    with pytest.raises(utils.UserError, match="CSM_REPO_PATH is not set"):
-        weights.load_model(assets["model"], use_official=True)
+    with pytest.raises(utils.UserError, match="official model class was removed.*bit for bit"):
+        config.make_config({"official_model": True})
 
 
 def test_text_tokenizer_wraps_in_bos_eos(text_tokenizer):
@@ -190,7 +153,7 @@ def test_mimi_default_offline_is_a_clear_error(hub_cache):
 def test_import_does_no_work():
     """Importing the project needs no clone, no network, no CUDA and leaves sys.path alone."""
     code = ("import sys; before = list(sys.path); "
-            "import csm_model, utils, tiny_assets, weights, tokenization, training, synthesis, encode_dataset, optuna_sweep; "
+            "import csm_model, utils, tiny_assets, weights, tokenization, training, synthesis, encode_dataset, optuna_sweep, hf_export, export; "
             "assert sys.path == before; "
             "import torch; assert not torch.cuda.is_initialized()")
     env = {k: v for k, v in os.environ.items() if k not in ("CSM_REPO_PATH", "WANDB_API_KEY")}

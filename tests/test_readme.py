@@ -9,7 +9,7 @@ import config
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
-SCRIPTS = ("pretokenize", "train", "sweep", "generate")
+SCRIPTS = ("pretokenize", "train", "sweep", "generate", "export")
 
 
 def _command_lines() -> list[str]:

@@ -1,0 +1,203 @@
+"""Exporting a model for other code: a transformers `CsmForConditionalGeneration` directory (weights
+converted by weights.py, Mimi in the `MimiModel` layout, a processor with tokenizer, chat template and
+24 kHz feature extractor, a generation config, shards above 5 GB), or the official layout.
+Directories are written beside the target and renamed onto it, so a crash never leaves half of one.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from tokenization import MIMI_SAMPLE_RATE, load_text_tokenizer
+from utils import UserError
+from weights import HF_CODEC_PREFIX, official_to_hf, hf_config_from_args, read_codec_weights, save_pretrained
+
+DEFAULT_CODEC = "kyutai/mimi"  # Mimi in the MimiModel layout, from its authors
+AUDIO_TOKEN, AUDIO_EOS_TOKEN = "<|AUDIO|>", "<|audio_eos|>"
+LLAMA3_AUDIO_IDS = (128002, 128003)  # reserved Llama-3 ids that CSM's tokenizer names as the two above
+MAX_SHARD_SIZE = "5GB"
+
+# Speaker turns as CSM reads them: BOS [speaker]text EOS for every turn, and for a turn that comes
+# with its audio, the audio placeholder and the audio EOS after it (the processor fills in the codes).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if not (message['role'] is string and message['role'].isdigit()) -%}"
+    "{{- raise_exception(\"each message's role is its speaker id as a string of digits, e.g. '0'\") -}}"
+    "{%- endif -%}"
+    "{%- set texts = message['content'] | selectattr('type', 'equalto', 'text') | list -%}"
+    "{%- set audios = message['content'] | selectattr('type', 'equalto', 'audio') | list -%}"
+    "{%- if texts | length != 1 or audios | length > 1 -%}"
+    "{{- raise_exception('each message holds one text item and at most one audio item') -}}"
+    "{%- endif -%}"
+    "{%- if not loop.last and audios | length != 1 -%}"
+    "{{- raise_exception('every message before the last needs its audio (the context CSM listens to)') -}}"
+    "{%- endif -%}"
+    "{{- bos_token + '[' + message['role'] + ']' + texts[0]['text'] + eos_token -}}"
+    "{%- if audios -%}{{- '" + AUDIO_TOKEN + AUDIO_EOS_TOKEN + "' -}}{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+# --------------------------------------------------------------------------- output directories
+
+
+def check_output(output: Path, overwrite: bool, inputs: tuple = ()) -> None:
+    """Refuse an output that would lose work or clobber an input, before anything is computed."""
+    output = Path(output)
+    for src in inputs:
+        if src is not None and Path(str(src)).expanduser().exists() and Path(str(src)).expanduser().resolve() == output.resolve():
+            raise UserError(f"--output {output} is the model being exported; choose another directory")
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; give a directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise UserError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
+    parent = output.resolve().parent
+    if not os.access(parent if parent.exists() else parent.parent, os.W_OK):
+        raise UserError(f"--output {output}: cannot write in {parent}")
+
+
+def _replace_dir(tmp: Path, output: Path) -> None:
+    """Move a finished temp directory onto `output`; an old `output` is removed only after the move."""
+    old = output.with_name(f".{output.name}.old-{os.getpid()}")
+    if output.exists():
+        os.replace(output, old)
+    os.replace(tmp, output)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _temp_dir(output: Path) -> Path:
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+# --------------------------------------------------------------------------- pieces of the transformers directory
+
+
+def csm_tokenizer(name_or_path: str):
+    """A text tokenizer as CSM's transformers repos ship it: the audio placeholder tokens named, and a
+    post-processor that wraps a text in BOS ... EOS (so `processor("[0]Hi", add_special_tokens=True)` works)."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = load_text_tokenizer(name_or_path)
+    vocab = tok.get_vocab()
+    if AUDIO_TOKEN not in vocab or AUDIO_EOS_TOKEN not in vocab:
+        tok = _with_audio_tokens(tok, name_or_path)
+    bos, eos = tok.bos_token, tok.eos_token
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos}:0 $A:0 {eos}:0", pair=f"{bos}:0 $A:0 {eos}:0 {bos}:1 $B:1 {eos}:1",
+        special_tokens=[(bos, tok.bos_token_id), (eos, tok.eos_token_id)])
+    if tok.pad_token is None:
+        tok.pad_token = eos
+    # CsmForConditionalGeneration takes no token_type_ids; init_kwargs is what save_pretrained writes.
+    tok.model_input_names = tok.init_kwargs["model_input_names"] = ["input_ids", "attention_mask"]
+    return tok
+
+
+def _with_audio_tokens(tok, name):
+    """Llama-3's tokenizer holds the two ids CSM uses as reserved tokens: rename them in place."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    renamed = 0
+    for entry in spec.get("added_tokens", []):
+        for new, wanted in zip((AUDIO_TOKEN, AUDIO_EOS_TOKEN), LLAMA3_AUDIO_IDS):
+            if entry["id"] == wanted:
+                entry["content"], renamed = new, renamed + 1
+    if renamed != 2:
+        raise UserError(f"text tokenizer {name!r} has neither {AUDIO_TOKEN}/{AUDIO_EOS_TOKEN} nor Llama-3's reserved "
+                        f"ids {LLAMA3_AUDIO_IDS} to name them; export with a CSM tokenizer (--text_tokenizer)")
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token=tok.bos_token,
+                                   eos_token=tok.eos_token, pad_token=tok.pad_token or tok.eos_token,
+                                   model_max_length=tok.model_max_length)
+
+
+def find_codec(sources: list) -> tuple[dict, dict]:
+    """Mimi weights + config (MimiModel layout) from the first source that has them (None entries skipped)."""
+    for source in sources:
+        if source is None:
+            continue
+        try:
+            found = read_codec_weights(source)
+        except UserError:
+            if source == sources[-1]:
+                raise
+            continue
+        if found is not None:
+            return found
+    raise UserError(f"none of {', '.join(str(s) for s in sources if s)} holds Mimi in the MimiModel layout; "
+                    f"pass --codec {DEFAULT_CODEC} (or a transformers CSM directory)")
+
+
+def _processor(tokenizer):
+    from transformers import CsmProcessor, EncodecFeatureExtractor
+
+    features = EncodecFeatureExtractor(feature_size=1, sampling_rate=MIMI_SAMPLE_RATE, padding_value=0.0,
+                                       return_attention_mask=True)
+    return CsmProcessor(feature_extractor=features, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def build_hf_model(model, codec_weights: dict, codec_config: dict, tokenizer):
+    """A CsmForConditionalGeneration holding exactly our weights (converted) and the codec's, on the meta
+    device until the tensors are assigned: nothing is initialised or copied."""
+    from transformers import CsmConfig, CsmForConditionalGeneration
+
+    config = CsmConfig(**hf_config_from_args(model.config), codec_config=codec_config,
+                       bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
+                       audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
+                       audio_eos_token_id=tokenizer.convert_tokens_to_ids(AUDIO_EOS_TOKEN))
+    state = {k: v.detach().cpu() for k, v in official_to_hf(model.state_dict(), model.config).items()}
+    state.update({HF_CODEC_PREFIX + k: v for k, v in codec_weights.items()})
+    with torch.device("meta"):
+        hf = CsmForConditionalGeneration(config)
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise UserError(f"the codec does not fit transformers' MimiModel for its config: {len(missing)} missing "
+                        f"(e.g. {', '.join(missing[:2])}), {len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2])})")
+    gen = hf.generation_config
+    # Sampling as the official generator does (and generate.py by default): top-k 50, temperature 0.9.
+    gen.max_new_tokens, gen.do_sample, gen.top_k, gen.temperature = 125, True, 50, 0.9
+    gen.depth_decoder_do_sample, gen.depth_decoder_top_k, gen.depth_decoder_temperature = True, 50, 0.9
+    return hf
+
+
+# --------------------------------------------------------------------------- exports
+
+
+def export_transformers(model, output: str | Path, *, tokenizer, codec: tuple[dict, dict], overwrite: bool = False,
+                        max_shard_size: str = MAX_SHARD_SIZE) -> Path:
+    """Write `model` as a transformers CSM directory that `CsmForConditionalGeneration.from_pretrained` and
+    `AutoProcessor.from_pretrained` load. `tokenizer` comes from csm_tokenizer, `codec` from find_codec."""
+    output = Path(output)
+    check_output(output, overwrite)
+    hf = build_hf_model(model, *codec, tokenizer)
+    tmp = _temp_dir(output)
+    try:
+        hf.save_pretrained(str(tmp), max_shard_size=max_shard_size, safe_serialization=True)
+        _processor(tokenizer).save_pretrained(str(tmp))
+        _replace_dir(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def export_official(model, output: str | Path, *, overwrite: bool = False) -> Path:
+    """Write `model` in the official layout (config.json + model.safetensors), which the official code loads."""
+    output = Path(output)
+    check_output(output, overwrite)
+    tmp = _temp_dir(output)
+    try:
+        save_pretrained(model, tmp)
+        _replace_dir(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
