@@ -317,14 +317,22 @@ def test_generate_takes_a_transformers_checkpoint_and_its_own_tokenizer(hf_dir, 
     assert out.is_file()
 
 
-def test_export_takes_the_codec_from_a_mimi_model_directory(assets, tmp_path):
-    """kyutai/mimi's layout (a MimiModel directory) as --codec; its weights land in codec_model.* unchanged."""
+def test_export_takes_the_codec_from_a_mimi_model_directory_and_shards(assets, tmp_path):
+    """kyutai/mimi's layout (a MimiModel directory) as --codec; its weights land in codec_model.* unchanged.
+    Files above --max_shard_size (5GB by default) are split, with the index transformers reads."""
     out = tmp_path / "hf"
     export.main(["--model", str(assets["model"]), "--to", "hf", "--output", str(out), "--codec", str(assets["codec"]),
-                 "--text_tokenizer", str(assets["text_tokenizer"])])
+                 "--text_tokenizer", str(assets["text_tokenizer"]), "--max_shard_size", "5MB"])
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
     hf_model(out)
+    back = weights.load_model(out)
+    original = weights.load_model(assets["model"])
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in original.state_dict().items())
+    exported = {}
+    for name in set(index["weight_map"].values()):
+        exported.update(load_file(str(out / name)))
     codec = load_file(str(assets["codec"] / "model.safetensors"))
-    exported = load_file(str(out / "model.safetensors"))
     assert all(torch.equal(exported["codec_model." + k], v) for k, v in codec.items())
 
 
