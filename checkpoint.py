@@ -1,10 +1,12 @@
 """Training-state checkpoints: one save/restore pair holding the model, optimizer, schedule, GradScaler,
 every RNG (each rank's decoder-frame generator too), the data loader's position, the config and the
-loop counters; written atomically, read with `torch.load(weights_only=True)`, found and pruned here.
+loop counters; written atomically with a digest of their content, read with
+`torch.load(weights_only=True)` and checked against it, found (falling back past damaged ones) and pruned here.
 """
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from utils import Runtime, UserError, atomic_path, print0
+from utils import Runtime, UserError, atomic_path, content_digest, print0
 from weights import check_keys, clean_state_dict, model_config_dict, read_pt
 
 CHECKPOINT_FORMAT = "csm-train/1"
@@ -77,16 +79,46 @@ def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, loader, 
         "best_val_loss": loop.best_val_loss,
         "nonfinite_streak": loop.nonfinite_streak,
     }
+    state["digest"] = content_digest(state)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def restore_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, loader, generator: torch.Generator,
-                       cfg, rt: Runtime) -> LoopState:
-    """Put every piece of a saved training state back; returns the loop counters to continue from."""
+def read_checkpoint(path: Path) -> dict:
+    """A training checkpoint, checked: readable, of this tool's format, and its content equal to its digest.
+    Checkpoints written before digests existed carry none and are accepted as they are."""
     state = read_pt(path)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a full training checkpoint of this tool (use --model to finetune from it)")
+    digest = state.pop("digest", None)
+    if digest is not None and content_digest(state) != digest:
+        raise UserError(f"{path} is damaged: its content does not match the digest saved with it")
+    return state
+
+
+def find_resume_checkpoint(resume: str, directory: Path) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from, read and checked: `resume` is a path, or 'auto' for the newest usable
+    step checkpoint in `directory` (a damaged one is reported and the one before it is tried). None if none."""
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_file():
+            raise UserError(f"--resume {resume}: no such checkpoint file")
+        return path, read_checkpoint(path)
+    found = sorted(directory.glob(STEP_GLOB), reverse=True)
+    for path in found:
+        try:
+            return path, read_checkpoint(path)
+        except UserError as e:
+            print0(f"warning: cannot resume from {path}: {e}; trying the checkpoint before it", file=sys.stderr)
+    if found:
+        raise UserError(f"none of the {len(found)} checkpoints in {directory} is usable; start again without --resume "
+                        "(and with --overwrite)")
+    return None
+
+
+def restore_checkpoint(path: Path, state: dict, *, model, optimizer, scheduler, scaler, loader,
+                       generator: torch.Generator, cfg, rt: Runtime) -> LoopState:
+    """Put every piece of a saved training state (as read_checkpoint returned it) back; returns the loop counters."""
     check_keys(model, clean_state_dict(state["model"]), path)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -101,17 +133,6 @@ def restore_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, loade
     changed = sorted(key for key, v in state["config"].items() if getattr(cfg, key, v) != v)
     print0(f"resumed from {path} at step {state['step']}" + (f" (config changed: {', '.join(changed)})" if changed else ""))
     return LoopState(state["step"], state["best_val_loss"], state["nonfinite_streak"])
-
-
-def find_resume_checkpoint(resume: str, directory: Path) -> Path | None:
-    """`resume` is a checkpoint path, or 'auto' for the newest step checkpoint in `directory` (None if none)."""
-    if resume != "auto":
-        path = Path(resume)
-        if not path.is_file():
-            raise UserError(f"--resume {resume}: no such checkpoint file")
-        return path
-    found = sorted(directory.glob(STEP_GLOB))
-    return found[-1] if found else None
 
 
 def prune_checkpoints(directory: Path, keep: int) -> None:

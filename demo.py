@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    steps, trials, trial_steps = (20, 3, 4) if args.quick else (300, 3, 40)
+    steps, trials, trial_steps = (20, 3, 8) if args.quick else (300, 3, 40)
     t0 = time.time()
 
     banner("1/5 tiny model, tokenizer and Mimi (random weights, real file layouts)")

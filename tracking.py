@@ -64,8 +64,9 @@ def make_tracker(cfg, out: Path, rt: Runtime, resumed_step: int) -> Tracker:
         return Tracker(None)
     metrics = out / METRICS_NAME
     if metrics.exists():
-        # Drop lines past the resumed step, so a resumed run's log reads like an uninterrupted one.
-        keep = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_step]
+        # Drop lines past the resumed step, so a resumed run's log reads like an uninterrupted one; a line
+        # cut short by a crash is dropped too.
+        keep = [json.dumps(row) for row in read_metrics(metrics) if row["step"] <= resumed_step]
         write_text_atomic(metrics, "".join(line + "\n" for line in keep))
     mode = wandb_mode(cfg.wandb_mode)
     if mode == "disabled":
@@ -80,9 +81,23 @@ def make_tracker(cfg, out: Path, rt: Runtime, resumed_step: int) -> Tracker:
     return Tracker(metrics, run)
 
 
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl; lines that are not a whole JSON object with a step (a write cut short
+    by a crash) are skipped."""
+    rows = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
 def last_logged(output_dir: str | Path, key: str) -> float | None:
     """The last value of `key` in a run's metrics.jsonl."""
     value = None
-    for line in (Path(output_dir) / METRICS_NAME).read_text().splitlines():
-        value = json.loads(line).get(key, value)
+    for row in read_metrics(Path(output_dir) / METRICS_NAME):
+        value = row.get(key, value)
     return value

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import config as config_mod
 from config import TrainConfig
 from training import train
-from utils import compute_cleanup, run_cli
+from utils import EXIT_STOPPED, compute_cleanup, run_cli
 
 
 # Flags that set a config key of the same name (None = keep the YAML's value).
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="./runs/exp", help="checkpoints, samples, metrics.jsonl, best/ and final/")
     p.add_argument("--resume", nargs="?", const="auto", metavar="PATH|auto",
                    help="continue from a checkpoint; 'auto' (or no value) takes the latest in output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir (default: refuse)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (torchrun sets one GPU per process)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     p.add_argument("--train_from_scratch", action="store_true", default=None, help="random init instead of --model")
@@ -77,9 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["WANDB_API_KEY"] = args.wandb_api_key
     cfg = config_from_args(args)
     try:
-        train(cfg, args.data, args.output_dir, device=args.device, resume=args.resume)
+        result = train(cfg, args.data, args.output_dir, device=args.device, resume=args.resume, overwrite=args.overwrite)
     finally:
         compute_cleanup()
+    if result.stopped_early:
+        print(f"stopped before the end (step {result.step}); the checkpoint is saved: run the same command with "
+              f"--resume to continue (exit status {EXIT_STOPPED})", file=sys.stderr)
+        return EXIT_STOPPED
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -29,8 +30,8 @@ from csm_model import ModelArgs, count_parameters
 from loss import combine_loss, compute_loss, count_targets, weighted_loss
 from optim import make_optimizer, make_scheduler
 from tracking import Tracker, make_tracker
-from utils import (Runtime, UserError, all_reduce_sum, autocast, compute_init, peak_memory_bytes, print0,
-                   resolve_precision, seed_everything)
+from utils import (OutputLock, Runtime, UserError, all_reduce_sum, atomic_path, autocast, check_output_dir, compute_init,
+                   peak_memory_bytes, print0, resolve_precision, seed_everything)
 from weights import build_model, load_model, save_pretrained
 
 
@@ -122,31 +123,47 @@ def evaluate(model: nn.Module, loader, cfg: TrainConfig, rt: Runtime, precision:
 
 
 class SampleWriter:
-    """Speech for the configured sentences, written under samples/ and sent to the tracker."""
+    """Speech for the configured sentences, written under samples/ and sent to the tracker.
+
+    `prepare()` loads the tokenizer and Mimi when the run starts, so a missing one fails before step 1;
+    a failure while sampling is reported and training goes on (a sample is not worth a run)."""
 
     def __init__(self, cfg: TrainConfig, out: Path, device: torch.device):
         self.cfg, self.dir, self.device = cfg, out / "samples", device
         self._tokenizer = self._mimi = None
 
+    def prepare(self, num_codebooks: int = 32) -> None:
+        from tokenization import load_mimi, load_text_tokenizer, resolve_text_tokenizer
+
+        cfg = self.cfg
+        if not cfg.gen_every or self._tokenizer is not None:
+            return
+        self._tokenizer = load_text_tokenizer(resolve_text_tokenizer(
+            cfg.text_tokenizer, None if cfg.train_from_scratch else cfg.model, cfg.model_revision))
+        self._mimi = load_mimi(cfg.mimi_weights, device=self.device, num_codebooks=num_codebooks)
+
     def __call__(self, model: nn.Module, step: int, tracker: Tracker) -> None:
+        try:
+            self._write(model, step, tracker)
+        except Exception as e:  # noqa: BLE001 - any failure here must not end hours of training
+            print0(f"warning: step {step}: writing audio samples failed ({type(e).__name__}: "
+                   f"{str(e).splitlines()[0] if str(e) else ''}); training goes on", file=sys.stderr)
+
+    def _write(self, model: nn.Module, step: int, tracker: Tracker) -> None:
         import soundfile as sf
 
         from synthesis import synthesize
-        from tokenization import MIMI_SAMPLE_RATE, load_mimi, load_text_tokenizer, resolve_text_tokenizer
+        from tokenization import MIMI_SAMPLE_RATE
 
-        if self._tokenizer is None:
-            cfg = self.cfg
-            self._tokenizer = load_text_tokenizer(resolve_text_tokenizer(
-                cfg.text_tokenizer, None if cfg.train_from_scratch else cfg.model, cfg.model_revision))
-            self._mimi = load_mimi(self.cfg.mimi_weights, device=self.device,
-                                   num_codebooks=model.config.audio_num_codebooks)
+        self.prepare(model.config.audio_num_codebooks)
         self.dir.mkdir(parents=True, exist_ok=True)
         for i, sentence in enumerate(self.cfg.gen_sentences):
             generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + step + i)
             audio, _ = synthesize(model, self._tokenizer, self._mimi, sentence, self.cfg.gen_speaker,
                                   max_audio_seconds=self.cfg.gen_max_seconds, generator=generator)
             audio = audio.float().cpu().numpy()
-            sf.write(self.dir / f"step_{step:07d}_{i}.wav", audio, MIMI_SAMPLE_RATE)
+            with atomic_path(self.dir / f"step_{step:07d}_{i}.wav", suffix=".tmp.wav") as tmp:
+                sf.write(tmp, audio, MIMI_SAMPLE_RATE)
             tracker.log_audio(f"sample_{i}", audio, MIMI_SAMPLE_RATE, step, sentence)
 
 
@@ -212,19 +229,76 @@ class TrainResult:
     stopped_early: bool
 
 
+LOCK_NAME = ".lock"
+
+
+def prepare_output_dir(out: Path, resume: str | None, overwrite: bool, rt: Runtime) -> OutputLock | None:
+    """Refuse a directory that holds another run (unless resuming or overwriting), then lock it for this one.
+
+    Nothing is written into it here but the lock file: a start that fails its checks leaves a run intact."""
+    check_output_dir(out, "--output_dir")
+    if not rt.is_main:
+        return None
+    existing = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
+    if existing and not resume and not overwrite:
+        raise UserError(f"--output_dir {out} already holds a run ({', '.join(existing[:4])}); pass --resume to continue "
+                        "it, --overwrite to replace it, or choose another directory")
+    return OutputLock(out / LOCK_NAME, f"--output_dir {out}").acquire()
+
+
+def _clear_run_dir(out: Path) -> None:
+    """--overwrite: remove the old run's files (all checks have passed by now)."""
+    for p in out.iterdir():
+        if p.name != LOCK_NAME:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def check_warmup(cfg: TrainConfig, total_steps: int) -> None:
+    if cfg.warmup_steps and cfg.warmup_steps >= total_steps:
+        raise UserError(f"warmup_steps {cfg.warmup_steps} is not shorter than the run ({total_steps} optimizer steps): "
+                        "the learning rate would never reach learning_rate; lower warmup_steps")
+    if cfg.warmup_steps > total_steps / 2:
+        print0(f"warning: warmup_steps {cfg.warmup_steps} is more than half of the run's {total_steps} steps",
+               file=sys.stderr)
+
+
+def check_disk_space(model: nn.Module, cfg: TrainConfig, out: Path) -> None:
+    """Room for one checkpoint (weights + optimizer state), estimated from the parameter sizes."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    need = weights * (3 if cfg.optimizer == "adamw" else 1.6)  # AdamW keeps two fp32 states per weight
+    free = shutil.disk_usage(_existing_parent(out)).free
+    if free < need:
+        raise UserError(f"{out}: {free / 2**30:.1f} GiB free, but one checkpoint needs about {need / 2**30:.1f} GiB; "
+                        "free some space or choose another --output_dir")
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device: str | None = "auto",
-          resume: str | None = None, on_eval: Callable[[int, float], None] | None = None,
+          resume: str | None = None, overwrite: bool = False, on_eval: Callable[[int, float], None] | None = None,
           progress: bool = True) -> TrainResult:
-    """Run (or resume) one training run. `on_eval(step, val_loss)` may raise to stop it (sweep pruning)."""
+    """Run (or resume) one training run. `on_eval(step, val_loss)` may raise to stop it (sweep pruning).
+
+    `output_dir` must be empty or new unless `resume` (continue the run in it) or `overwrite` (replace it)."""
+    rt = compute_init(device)
+    out = Path(output_dir)
+    lock = prepare_output_dir(out, resume, overwrite, rt)
+    try:
+        return _train(cfg, data, out, rt, resume, overwrite, on_eval, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progress) -> TrainResult:
     from dataloaders import CSMDataset, make_loader
     from token_file import open_splits
 
-    rt = compute_init(device)
-    out = Path(output_dir)
     ckpt_dir = out / "checkpoints"
-    if rt.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        config_mod.save_yaml(cfg, out / "config.yaml")
     precision = resolve_precision(cfg.precision, rt.device)
     seed_everything(cfg.seed)
 
@@ -243,17 +317,25 @@ def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device:
     val_loader = make_loader(val_set, shuffle=False, num_workers=cfg.num_workers, **batching, **shard) if val_set else None
     if len(train_loader) == 0:
         raise UserError(f"{data}: the train split gives no batches on {rt.world_size} process(es)")
+    total_steps = cfg.max_steps or math.ceil(cfg.n_epochs * len(train_loader) / cfg.grad_acc_steps)
+    check_warmup(cfg, total_steps)
 
-    hf_exports = HFExports(cfg) if cfg.export_hf and rt.is_main else None  # before the (slow) model load
+    # Everything needed later (samples, exports) is found now, not hours into the run; then the model.
+    samples = SampleWriter(cfg, out, rt.device)
+    hf_exports = None
+    if rt.is_main:
+        samples.prepare()
+        hf_exports = HFExports(cfg) if cfg.export_hf else None
     model = build_or_load_model(cfg, rt.device)
     k = model.config.audio_num_codebooks
     if train_set.num_codebooks != k:
         raise UserError(f"{data} has {train_set.num_codebooks} codebooks per frame; the model expects {k}")
+    if rt.is_main:
+        check_disk_space(model, cfg, out)
     if hasattr(model, "set_activation_checkpointing"):
         model.set_activation_checkpointing(cfg.activation_checkpointing)
     model.train()
     optimizer = make_optimizer(model, cfg, rt.device)
-    total_steps = cfg.max_steps or math.ceil(cfg.n_epochs * len(train_loader) / cfg.grad_acc_steps)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=precision == "fp16")
     generator = torch.Generator().manual_seed(cfg.seed + rt.rank)  # the decoder's frame subset
@@ -261,18 +343,22 @@ def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device:
                  generator=generator, cfg=cfg, rt=rt)
 
     loop = LoopState()
-    resume_from = find_resume_checkpoint(resume, ckpt_dir) if resume else None
-    if resume and resume_from is None:
+    found = find_resume_checkpoint(resume, ckpt_dir) if resume else None
+    if resume and found is None:
         print0(f"--resume auto: no checkpoint in {ckpt_dir}, starting fresh")
-    if resume_from is not None:
-        loop = restore_checkpoint(resume_from, **state)
+    if found is not None:
+        loop = restore_checkpoint(*found, **state)
+    if rt.is_main:  # all checks passed: only now is the directory changed
+        if overwrite and found is None:
+            _clear_run_dir(out)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        config_mod.save_yaml(cfg, out / "config.yaml")
 
     loss_model = LossModule(model)
     if rt.distributed:
         loss_model = nn.parallel.DistributedDataParallel(
             loss_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     tracker = make_tracker(cfg, out, rt, loop.step)
-    samples = SampleWriter(cfg, out, rt.device)
 
     def micro_batches():
         """Micro-batches forever, crossing epochs; the loader's state says where we are."""
@@ -330,12 +416,12 @@ def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device:
                             hf_exports(model, out / "best_hf")
                 if on_eval is not None:
                     on_eval(step, final_val)
-            if rt.is_main and cfg.gen_every and step % cfg.gen_every == 0:
-                samples(model, step, tracker)
             if (cfg.save_every and step % cfg.save_every == 0) or last or stop.requested:
                 save_checkpoint(step_path(ckpt_dir, step), loop=loop, **state)
                 if rt.is_main:
                     prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+            if rt.is_main and cfg.gen_every and step % cfg.gen_every == 0:
+                samples(model, step, tracker)  # after the checkpoint, and never fatal
             if stop.requested:
                 stopped_early = not last
                 break

@@ -6,6 +6,7 @@ Nothing here does work at import: no environment reads, no network, no CUDA, no 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import resource
@@ -24,6 +25,11 @@ import torch.distributed as dist
 
 class UserError(Exception):
     """Bad input from the user: shown as one line, no traceback, non-zero exit."""
+
+
+# Exit status of a run that was asked to stop (SIGTERM, Ctrl-C) and saved a checkpoint first: not 0,
+# so a script can tell it from a finished run; EX_TEMPFAIL, "try again" (with --resume).
+EXIT_STOPPED = 75
 
 
 def run_cli(main: Callable[[], object]) -> None:
@@ -179,3 +185,120 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a text file through atomic_path."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def check_number(name: str, value, *, min=None, gt=None, max=None) -> None:
+    """One clear error for a numeric option that is NaN, infinite or out of range."""
+    import math
+
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value}")
+    if min is not None and value < min:
+        raise UserError(f"{name} must be >= {min}, got {value}")
+    if gt is not None and value <= gt:
+        raise UserError(f"{name} must be > {gt}, got {value}")
+    if max is not None and value > max:
+        raise UserError(f"{name} must be <= {max}, got {value}")
+
+
+# --------------------------------------------------------------------------- output paths and locks
+
+
+def _first_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_dir(path: str | Path, what: str) -> Path:
+    """An output directory that exists as a directory or can be created, and can be written."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a directory")
+    base = _first_existing(path.absolute())
+    if not base.is_dir():
+        raise UserError(f"{what} {path} is under {base}, which is a file")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: cannot write in {base}")
+    return path
+
+
+def check_output_file(path: str | Path, what: str, inputs=()) -> Path:
+    """An output file path that is not a directory, not one of `inputs`, and whose folder can be written."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory; give a file name")
+    for src in inputs:
+        if src and Path(src).expanduser().exists() and path.exists() and Path(src).expanduser().resolve() == path.resolve():
+            raise UserError(f"{what} {path} is also an input; choose another output")
+    check_output_dir(path.parent if str(path.parent) else Path("."), f"{what} {path}: its folder")
+    return path
+
+
+class OutputLock:
+    """An exclusive lock on an output (a lock file beside or inside it), so that two processes never write
+    the same output: the second gets one clear line. Held until released or the process ends."""
+
+    def __init__(self, lock_file: str | Path, what: str):
+        self.lock_file, self.what, self._fd = Path(lock_file), what, None
+
+    def acquire(self) -> "OutputLock":
+        import fcntl
+
+        self.lock_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{self.what} is in use by another running process (lock {self.lock_file}); "
+                            "wait for it to finish or choose another output") from None
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def content_digest(obj) -> str:
+    """sha256 over a nested structure of tensors, arrays and plain values (dict keys sorted): equal
+    digests mean equal content, so a file whose bytes were damaged is caught when it is read back."""
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, np.ndarray):
+            h.update(f"A{x.dtype}{x.shape}".encode())
+            h.update(np.ascontiguousarray(x).tobytes())
+        elif isinstance(x, dict):
+            h.update(b"{")
+            for k in sorted(x, key=str):
+                h.update(repr(k).encode())
+                walk(x[k])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                walk(v)
+            h.update(b"]")
+        else:
+            h.update(repr(x).encode())
+
+    walk(obj)
+    return h.hexdigest()

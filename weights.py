@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import pathlib
+import pickle
 import re
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 
 from csm_model import CSM, FLAVORS, Flavor, ModelArgs
 from hub import hub_snapshot, looks_like_repo_id
-from utils import UserError, atomic_path, write_text_atomic
+from utils import UserError, atomic_path, content_digest, write_text_atomic
 
 DEFAULT_MODEL = "sesame/csm-1b"
 MODEL_CONFIG_NAME = "config.json"
@@ -37,6 +38,7 @@ HUB_PATTERNS = ["config.json", "model.safetensors", "model-*.safetensors", SHARD
                 "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.*"]
 
 OFFICIAL, TRANSFORMERS = "official", "transformers"
+DIGEST_KEY = "csm_train_sha256"  # safetensors metadata: a digest of the tensors, checked when read back
 HF_CODEC_PREFIX = "codec_model."
 HF_TIED_AUDIO = "depth_decoder.model.embed_tokens.weight"  # a tied copy of the backbone's audio table
 
@@ -300,11 +302,19 @@ def clean_state_dict(state_dict: dict) -> dict[str, torch.Tensor]:
 def read_pt(path: str | Path) -> dict:
     """torch.load with weights_only=True (no code runs); the original repo's pickled argparse namespace is allowed."""
     safe = [argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath]
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a directory; give the .pt file (or the directory as --model)")
     try:
         with torch.serialization.safe_globals(safe):
             return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # PyTorch's text suggests weights_only=False: that would run code from the file, so it is not repeated.
+        raise UserError(f"could not read checkpoint {path}: it holds objects other than tensors and plain data, "
+                        "and loading those could run code from the file; refused") from e
     except Exception as e:
-        raise UserError(f"could not read checkpoint {path}: {str(e).splitlines()[0]}") from e
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"could not read checkpoint {path}: {first} (empty, truncated or not a PyTorch file?)") from e
 
 
 def _state_dict_from_pt(ckpt, path) -> tuple[dict, ModelArgs | None]:
@@ -339,14 +349,20 @@ def read_safetensors(directory_or_file: Path, skip_prefix: str | None = HF_CODEC
         files = [path / MODEL_WEIGHTS_NAME if path.is_dir() else path]
     out = {}
     for file in files:
+        if not file.is_file():
+            raise UserError(f"{file}: no such weights file")
         try:
             with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    if (skip_prefix and key.startswith(skip_prefix)) or (only_prefix and not key.startswith(only_prefix)):
-                        continue
-                    out[key] = f.get_tensor(key)
-        except (SafetensorError, OSError, ValueError) as e:
+                digest = (f.metadata() or {}).get(DIGEST_KEY)
+                wanted = [k for k in f.keys() if digest is not None or not (
+                    (skip_prefix and k.startswith(skip_prefix)) or (only_prefix and not k.startswith(only_prefix)))]
+                tensors = {key: f.get_tensor(key) for key in wanted}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise UserError(f"{file} is not a readable safetensors file ({str(e).splitlines()[0]})") from e
+        if digest is not None and content_digest(tensors) != digest:
+            raise UserError(f"{file} is damaged: its tensors do not match the digest saved with them")
+        out.update({k: v for k, v in tensors.items()
+                    if not (skip_prefix and k.startswith(skip_prefix)) and not (only_prefix and not k.startswith(only_prefix))})
     return out
 
 
@@ -498,6 +514,6 @@ def save_pretrained(model, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(directory / MODEL_WEIGHTS_NAME) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+        save_file(state, str(tmp), metadata={"format": "pt", DIGEST_KEY: content_digest(state)})
     write_text_atomic(directory / MODEL_CONFIG_NAME, json.dumps(model_config_dict(model), indent=2) + "\n")
     return directory

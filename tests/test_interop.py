@@ -249,7 +249,7 @@ def test_train_from_a_transformers_checkpoint_and_export_hf(hf_dir, assets, tmp_
     out = tmp_path / "run"
     cmd = [sys.executable, "train.py", "--data", str(data), "--output_dir", str(out), "--model", str(hf_dir),
            "--max_steps", "2", "--val_every", "1", "--save_every", "0", "--gen_every", "0", "--batch_size", "3",
-           "--learning_rate", "1e-3", "--wandb_mode", "disabled", "--device", "cpu", "--export_hf"]
+           "--learning_rate", "1e-3", "--warmup_steps", "1", "--wandb_mode", "disabled", "--device", "cpu", "--export_hf"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("best_hf", "final_hf"):

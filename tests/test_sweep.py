@@ -83,7 +83,7 @@ def test_best_config_trains(assets, token_file, tmp_path):
                                                              "lr_decay": optuna.distributions.CategoricalDistribution(["linear", "cosine"])},
                                               value=1.0))
     base = config.make_config({"model": str(assets["model"]), "max_steps": 2, "batch_size": 4, "val_every": 0,
-                               "gen_every": 0, "wandb_mode": "disabled", "precision": "fp32"}).to_dict()
+                               "gen_every": 0, "wandb_mode": "disabled", "precision": "fp32", "warmup_steps": 1}).to_dict()
     optuna_sweep.write_reports(study, tmp_path, base)
     assert train.main(["--data", str(token_file), "--config", str(tmp_path / "best_config.yaml"),
                        "--output_dir", str(tmp_path / "run"), "--device", "cpu"]) == 0
