@@ -15,7 +15,7 @@ import yaml
 
 from optim import LR_DECAYS, OPTIMIZERS
 from tracking import WANDB_MODES
-from utils import PRECISIONS, UserError
+from utils import PRECISIONS, UserError, write_text_atomic
 
 
 def _f(default, help: str, *, choices=None, min=None, max=None, gt=None, default_factory=None):
@@ -44,7 +44,7 @@ class TrainConfig:
     grad_acc_steps: int = _f(1, "Micro-batches per optimizer step.", min=1)
     max_seq_len: int = _f(2048, "Longest example in frames; longer ones are refused when the data opens.", min=2, max=2048)
     partial_data_loading: bool = _f(False, "Read examples lazily from the HDF5 file instead of loading it into memory.")
-    num_workers: int = _f(0, "DataLoader worker processes.", min=0)
+    num_workers: int = _f(0, "DataLoader worker processes.", min=0, max=256)
     # --- optimisation
     learning_rate: float = _f(3e-5, "Peak learning rate.", gt=0)
     weight_decay: float = _f(0.002, "AdamW weight decay, applied to matrices only (not norms).", min=0)
@@ -63,7 +63,7 @@ class TrainConfig:
     # --- length of the run
     n_epochs: int = _f(25, "Epochs over the training split (the run length unless max_steps is set).", min=1)
     max_steps: int | None = _f(None, "Optimizer steps; overrides n_epochs.", min=1)
-    seed: int = _f(42, "Seed for weights (from scratch), batching and the decoder's frame subset.")
+    seed: int = _f(42, "Seed for weights (from scratch), batching and the decoder's frame subset.", min=0, max=2**32 - 1)
     # --- cadence, in optimizer steps
     log_every: int = _f(10, "Log training metrics every N steps.", min=1)
     val_every: int = _f(100, "Validation loss every N steps and at the end (0: only at the end).", min=0)
@@ -72,8 +72,8 @@ class TrainConfig:
     gen_every: int = _f(1000, "Audio samples every N steps (0: never).", min=0)
     gen_sentences: list[str] = _f(None, "Sentences spoken in the samples.",
                                   default_factory=lambda: ["Bird law in this country is not governed by reason."])
-    gen_speaker: int = _f(999, "Speaker id for the samples.", min=0)
-    gen_max_seconds: float = _f(10.0, "Longest sample, in seconds.", gt=0)
+    gen_speaker: int = _f(999, "Speaker id for the samples.", min=0, max=2**31 - 1)
+    gen_max_seconds: float = _f(10.0, "Longest sample, in seconds (the model's 2048 frames hold 160 s with the text).", gt=0, max=160)
     # --- safety
     max_nonfinite_steps: int = _f(10, "Stop (with a checkpoint) after this many non-finite steps in a row.", min=1)
     # --- tracking
@@ -111,6 +111,8 @@ def _coerce(key: str, value, tp, optional: bool):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise UserError(f"config key {key!r} must be a list of strings, got {value!r}")
+        if any(not v.strip() for v in value):
+            raise UserError(f"config key {key!r} holds an empty string; every entry needs some text")
         return value
     if tp is bool:
         if isinstance(value, bool):
@@ -122,6 +124,8 @@ def _coerce(key: str, value, tp, optional: bool):
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())
                                            or (isinstance(value, str) and value.strip().lstrip("-").isdigit())):
             raise UserError(f"config key {key!r} must be an integer, got {value!r}")
+        if abs(int(value)) > 2**31 - 1:
+            raise UserError(f"config key {key!r} is absurdly large ({value!r}); at most {2**31 - 1}")
         return int(value)
     if tp is float:
         try:
@@ -197,8 +201,12 @@ def read_yaml(path: str | Path, what: str = "config file") -> dict:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{what} {path} not found")
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory; give a YAML file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not a text (YAML) file") from None
     except yaml.YAMLError as e:
         raise UserError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(data, dict):
@@ -233,7 +241,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
 
 def save_yaml(cfg: TrainConfig | dict, path: str | Path) -> None:
     data = cfg.to_dict() if isinstance(cfg, TrainConfig) else cfg
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def config_reference_markdown() -> str:

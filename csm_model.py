@@ -104,7 +104,8 @@ class ModelArgs:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 and cast back before the scale, as torchtune does."""
+    """RMSNorm as the official model computes it (torchtune 0.6.1): normalise and apply `scale` in float32,
+    then cast back to the input's dtype. In fp32 the order does not matter; in bf16 it does."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -114,7 +115,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.scale
+        return (normed * self.scale.float()).type_as(x)
 
 
 def llama3_scaled_inv_freq(head_dim: int, base: float, scale_factor: float, low_freq_factor: float = 1.0,

@@ -26,7 +26,7 @@ from metadata import Row, SkipRow, check_row, read_metadata
 from token_file import FORMAT_VERSION, write_token_file
 from tokenization import (MIMI_FRAME_RATE, MIMI_SAMPLE_RATE, NUM_CODEBOOKS, SAMPLES_PER_FRAME, encode_audio, encode_text,
                           frames_of, load_mimi, load_text_tokenizer)
-from utils import UserError, atomic_path, resolve_device, write_text_atomic
+from utils import OutputLock, UserError, atomic_path, check_output_file, resolve_device, write_text_atomic
 
 SILENCE_PEAK = 1e-4
 
@@ -226,30 +226,84 @@ def write_skipped_report(path: Path, work: Path, plan: dict) -> int:
     return count
 
 
+def previous_fingerprint(output: Path) -> dict | None:
+    """The fingerprint of a token file this tool finished writing; None for any other file."""
+    import h5py
+
+    try:
+        with h5py.File(output, "r") as f:
+            raw = f.attrs.get("fingerprint")
+        return json.loads(raw) if raw is not None else None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def check_output(output: Path, metadata: dict, overwrite: bool) -> dict | None:
+    """Refuse an output that would lose someone's file, before any audio is read. Returns the fingerprint
+    of a finished output of this tool (to compare once the tokenizers are loaded), else None."""
+    check_output_file(output, "--output", inputs=metadata.values())
+    for p in metadata.values():
+        if Path(p).expanduser().resolve() == output.expanduser().resolve():
+            raise UserError(f"--output {output} is also an input (metadata); choose another output")
+    if not output.exists():
+        return None
+    previous = previous_fingerprint(output)
+    if previous is None and not overwrite:
+        raise UserError(f"--output {output} exists and is not a token file written by pretokenize.py; "
+                        "pass --overwrite to replace it, or choose another output")
+    return previous
+
+
+def _done_chunks(work: Path, plan: dict) -> tuple[list, dict]:
+    """Chunks still to encode, and the stats of those already done. A chunk that cannot be read (a
+    power loss can leave 0 bytes behind the rename) is deleted and done again."""
+    todo, stats = [], {split: Stats() for split in plan}
+    for split, n in plan.items():
+        for i in range(n):
+            path = _chunk_path(work, split, i)
+            if path.exists():
+                try:
+                    stats[split].add_chunk(_load_chunk(path))
+                    continue
+                except (OSError, ValueError, KeyError, EOFError) as e:
+                    print(f"warning: {path} is damaged ({type(e).__name__}); encoding its rows again")
+                    path.unlink()
+            todo.append((split, i))
+    return todo, stats
+
+
 def run(args) -> int:
     """Metadata files -> token file, for pretokenize.py's (already validated) arguments; resumable."""
     metadata = {split: p for split, p in (("train", args.train_data), ("val", args.val_data)) if p}
     device = resolve_device(args.device)
-    frames = {split: read_metadata(p) for split, p in metadata.items()}
     output = Path(args.output)
+    previous = check_output(output, metadata, args.overwrite)
+    frames = {split: read_metadata(p, trust_pickle=args.trust_pickle) for split, p in metadata.items()}
     work = output.with_name(output.name + ".partial")
+    fresh = not work.exists()
+    with OutputLock(work / ".lock", f"--output {output}"):  # one writer per output
+        try:
+            return _run(args, device, metadata, frames, output, work, previous)
+        except BaseException:
+            if fresh and not (work / "manifest.json").exists():
+                shutil.rmtree(work, ignore_errors=True)  # nothing of this run to resume: leave no trace
+            raise
+
+
+def _run(args, device, metadata, frames, output, work, previous) -> int:
     tokenizer = load_text_tokenizer(args.text_tokenizer)
     mimi = load_mimi(args.mimi_weights, device=device, num_codebooks=NUM_CODEBOOKS)
     fp = fingerprint(args, tokenizer, mimi, metadata)
 
-    if output.exists() and not work.exists():
-        import h5py
-
-        try:
-            with h5py.File(output, "r") as f:
-                previous = json.loads(f.attrs.get("fingerprint", "{}"))
-        except OSError:
-            previous = {}
+    if previous is not None and not (work / "manifest.json").exists():
         if previous == json.loads(json.dumps(fp)):
             print(f"{output} is up to date (same metadata and settings); nothing to do")
+            shutil.rmtree(work, ignore_errors=True)
             return 0
-        print(f"{output} exists and will be replaced when this run finishes")
-    work.mkdir(parents=True, exist_ok=True)
+        if not args.overwrite:
+            raise UserError(f"--output {output} was written with other settings ({_describe_change(previous, fp)} "
+                            "changed); pass --overwrite to replace it, or choose another output")
+        print(f"{output} will be replaced when this run finishes (--overwrite)")
     manifest = work / "manifest.json"
     if manifest.exists():
         try:
@@ -263,12 +317,7 @@ def run(args) -> int:
         write_text_atomic(manifest, json.dumps(fp, indent=1, sort_keys=True))
 
     plan = {split: math.ceil(len(df) / args.save_every) for split, df in frames.items()}
-    todo = [(split, i) for split, n in plan.items() for i in range(n) if not _chunk_path(work, split, i).exists()]
-    stats = {split: Stats() for split in plan}
-    for split, n in plan.items():
-        for i in range(n):
-            if (split, i) not in todo:
-                stats[split].add_chunk(_load_chunk(_chunk_path(work, split, i)))
+    todo, stats = _done_chunks(work, plan)
     done_rows = sum(stats[s].kept + stats[s].skipped for s in plan)
     if done_rows:
         print(f"resuming: {done_rows} rows already done in {work}")

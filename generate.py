@@ -16,8 +16,12 @@ from audio_io import read_audio
 from frames import Segment
 from synthesis import parse_speaker, synthesize
 from tokenization import MIMI_SAMPLE_RATE, load_mimi, load_text_tokenizer, resolve_text_tokenizer
-from utils import DTYPES, PRECISIONS, UserError, resolve_device, resolve_precision, run_cli
+from utils import (DTYPES, PRECISIONS, UserError, atomic_path, check_number, check_output_file, resolve_device,
+                   resolve_precision, run_cli)
 from weights import DEFAULT_MODEL, load_model
+
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,19 +58,33 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"give one --context_text and one --context_speaker per --context_audio "
                         f"(got {n} audio, {len(args.context_text)} texts, {len(args.context_speaker)} speakers)")
     speaker = parse_speaker(args.speaker)
+    check_number("--temperature", args.temperature, gt=0, max=100)
+    check_number("--topk", args.topk, min=1)
+    check_number("--max_audio_seconds", args.max_audio_seconds, gt=0, max=160)
+    check_number("--seed", args.seed, min=0, max=2**63 - 1)
     if args.lines:
         path = Path(args.lines)
         if not path.is_file():
             raise UserError(f"--lines {path}: no such file")
-        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise UserError(f"--lines {path} is not a UTF-8 text file") from None
         if not texts:
             raise UserError(f"--lines {path} has no non-empty line")
     else:
         texts = [args.text]
     if any(not t.strip() for t in texts):
         raise UserError("--text is empty")
-    if args.topk < 1 or args.temperature <= 0:
-        raise UserError("--topk must be >= 1 and --temperature > 0")
+    # Every output is checked before minutes of model loading and sampling.
+    output = Path(args.output)
+    if output.suffix.lower() not in AUDIO_SUFFIXES:
+        raise UserError(f"--output {output}: give a file name ending in {', '.join(AUDIO_SUFFIXES)}")
+    outputs = [output] if not args.lines else [output.with_name(f"{output.stem}_{i:03d}{output.suffix}")
+                                                for i in range(len(texts))]
+    inputs = [*args.context_audio, args.lines]
+    for out in outputs:
+        check_output_file(out, "--output", inputs=inputs)
 
     device = resolve_device(args.device)
     context = [Segment(text, parse_speaker(spk), torch.from_numpy(read_audio(wav)))
@@ -79,15 +97,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import soundfile as sf
 
-    output = Path(args.output)
-    outputs = [output] if not args.lines else [output.with_name(f"{output.stem}_{i:03d}{output.suffix or '.wav'}")
-                                                for i in range(len(texts))]
     for text, out in zip(texts, outputs):
         audio, stopped = synthesize(model, tokenizer, mimi, text, speaker, context,
                                     max_audio_seconds=args.max_audio_seconds, temperature=args.temperature,
                                     topk=args.topk, generator=generator, progress=True)
         out.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(str(out), audio.numpy(), MIMI_SAMPLE_RATE)
+        with atomic_path(out, suffix=f".tmp{out.suffix}") as tmp:  # soundfile picks the format by extension
+            sf.write(str(tmp), audio.numpy(), MIMI_SAMPLE_RATE)
         why = "stopped at EOS" if stopped else f"reached the {args.max_audio_seconds:g} s cap"
         print(f"{out}: {len(audio) / MIMI_SAMPLE_RATE:.2f} s ({why})")
     return 0

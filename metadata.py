@@ -22,14 +22,27 @@ class SkipRow(Exception):
 # --------------------------------------------------------------------------- metadata
 
 
-def read_metadata(path: str | Path):
-    """A metadata file as a DataFrame with path, text, start, end, speaker; paths made absolute."""
+PICKLE_FORMATS = (".pkl", ".hdf5", ".h5")  # pandas unpickles these (object columns in HDF5): code can run
+
+
+def read_metadata(path: str | Path, trust_pickle: bool = False):
+    """A metadata file as a DataFrame with path, text, start, end, speaker; paths made absolute.
+
+    Formats that pandas reads through pickle (.pkl, and .h5/.hdf5 tables) can run code hidden in the
+    file, so they are refused unless `trust_pickle` says the file comes from someone you trust."""
     import pandas as pd
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"metadata file {path} is a directory; give a .csv/.json/.jsonl/.parquet/... file")
     if not path.is_file():
         raise UserError(f"metadata file {path} not found")
     suffix = path.suffix.lower()
+    if suffix in PICKLE_FORMATS and not trust_pickle:
+        raise UserError(f"{path}: {suffix} metadata is read through pickle, which can run code hidden in the file; "
+                        "convert it to .csv/.parquet/.jsonl, or pass --trust_pickle if you trust where it came from")
+    if suffix in PICKLE_FORMATS:
+        print(f"warning: reading {path} with pickle (--trust_pickle): only do this for files you trust")
     accepted = ", ".join(METADATA_FORMATS)
     try:
         if suffix in (".json", ".jsonl"):
@@ -114,6 +127,8 @@ def check_row(index: int, raw: dict) -> Row:
             raise SkipRow(f"start/end not numbers ({start!r}, {end!r})") from None
         if math.isnan(start) or math.isnan(end):
             raise SkipRow("start or end is NaN")
+        if math.isinf(start) or math.isinf(end):
+            raise SkipRow(f"start/end not finite ({start}, {end})")
         if start < 0 or end < 0:
             raise SkipRow(f"negative start/end ({start}, {end})")
         if end <= start:
@@ -126,7 +141,7 @@ def check_row(index: int, raw: dict) -> Row:
             as_float = float(speaker)
         except (TypeError, ValueError):
             raise SkipRow(f"speaker {speaker!r} is not an integer id") from None
-        if not as_float.is_integer() or as_float < 0:
-            raise SkipRow(f"speaker {speaker!r} is not a non-negative integer id")
+        if not as_float.is_integer() or as_float < 0 or as_float > 2**31 - 1:
+            raise SkipRow(f"speaker {speaker!r} is not a non-negative integer id (below 2^31)")
         speaker = int(as_float)
     return Row(index, str(path), str(text).strip(), start, end, speaker)

@@ -5,9 +5,12 @@ interrupted trials recorded with their reason, and the reports (best_config.yaml
 from __future__ import annotations
 
 import gc
+import json
 import math
 import multiprocessing
 import os
+import shutil
+import signal
 import socket
 import sys
 import time
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import config as config_mod
 from tracking import last_logged
-from utils import UserError
+from utils import OutputLock, UserError, atomic_path, check_number, check_output_dir, write_text_atomic
 
 PARAM_TYPES = ("categorical", "float", "int", "fixed")
 METRICS = ("val_loss", "final_val_loss", "train_loss")
@@ -129,11 +132,12 @@ def storage_for(url: str):
         raise UserError(f"--storage {url}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
-def make_study(args, storage):
+def make_study(args, storage, seed: int | None = None):
     import optuna
 
-    sampler = (optuna.samplers.TPESampler(seed=args.seed) if args.sampler == "tpe"
-               else optuna.samplers.RandomSampler(seed=args.seed))
+    seed = args.seed if seed is None else seed
+    sampler = (optuna.samplers.TPESampler(seed=seed) if args.sampler == "tpe"
+               else optuna.samplers.RandomSampler(seed=seed))
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) if args.pruner == "median" \
         else optuna.pruners.NopPruner()
     return optuna.create_study(study_name=args.study_name, storage=storage, direction="minimize",
@@ -176,6 +180,33 @@ def _alive(pid: int) -> bool:
 # --------------------------------------------------------------------------- workers
 
 
+class TrialInterrupted(Exception):
+    """The trial's training was asked to stop (Ctrl-C, SIGTERM) and saved a checkpoint: not a result."""
+
+
+def sampler_seed(seed: int, trials_so_far: int, worker_index: int) -> int:
+    """Each worker of each (re-)run samples from its own stream, reproducible from --seed and the study:
+    a re-run must not draw the parameters the first run already tried."""
+    return (seed * 1_000_003 + trials_so_far * 7_919 + worker_index) % 2**32
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: this worker gets SIGTERM when the sweep's main process dies, even by SIGKILL, so no orphan
+    goes on taking trials; elsewhere, and if the parent is already gone, it checks the parent pid."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:
+        sys.exit(1)
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_trial(trial, args, base: dict, space: dict, device: str) -> float:
     """One trial: the base config plus the suggested values, trained by train.train()."""
     import optuna
@@ -195,6 +226,8 @@ def run_trial(trial, args, base: dict, space: dict, device: str) -> float:
             raise optuna.TrialPruned(f"pruned at step {step} (val loss {val_loss:.4f})")
 
     result = train(cfg, args.data, out, device=device, on_eval=report, progress=False)
+    if result.stopped_early:
+        raise TrialInterrupted(f"interrupted at step {result.step}")
     if args.metric == "val_loss":
         value = result.best_val_loss
     elif args.metric == "final_val_loss":
@@ -206,8 +239,13 @@ def run_trial(trial, args, base: dict, space: dict, device: str) -> float:
     return value
 
 
-def worker(index: int, args, base: dict, space: dict, lock) -> None:
-    """Take trials from the shared study until --n_trials have been started, recording each outcome."""
+def worker(index: int, args, base: dict, space: dict, lock, parent_pid: int) -> None:
+    """Take trials from the shared study until --n_trials have been started, recording each outcome.
+
+    SIGTERM (sent by the main process when it is stopped, or when it dies) or Ctrl-C stops the trial
+    in progress at its next step boundary; the trial is recorded as interrupted and the worker exits."""
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # between trials; training has its own handler
     if args.n_gpus:
         # Before anything touches CUDA: this process sees one GPU.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(index % args.n_gpus)
@@ -219,8 +257,9 @@ def worker(index: int, args, base: dict, space: dict, lock) -> None:
     device = "cuda" if args.n_gpus else "cpu"
     if not args.n_gpus:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, args.n_workers)))
-    args.seed = args.seed + index  # workers must not draw the same random samples
-    study = make_study(args, storage_for(args.storage))
+    storage = storage_for(args.storage)
+    trials_so_far = len(make_study(args, storage).get_trials(deepcopy=False))
+    study = make_study(args, storage, seed=sampler_seed(args.seed, trials_so_far, index))
     while True:
         if args.deadline is not None and time.time() > args.deadline:
             return
@@ -236,9 +275,12 @@ def worker(index: int, args, base: dict, space: dict, lock) -> None:
             trial.set_user_attr("fail_reason", str(e) or "pruned")
             study.tell(trial, state=TrialState.PRUNED)
             print(f"[worker {index}] trial {trial.number} pruned: {e}", flush=True)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, TrialInterrupted) as e:
             trial.set_user_attr("interrupted", True)
+            trial.set_user_attr("fail_reason", f"interrupted ({e})" if str(e) else "interrupted")
             study.tell(trial, state=TrialState.FAIL)
+            print(f"[worker {index}] trial {trial.number} interrupted; it will be redone when the sweep is run again",
+                  flush=True)
             return
         except Exception as e:  # any failure ends this trial only (OOM, NaN, bad value, bug)
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -265,7 +307,8 @@ def write_reports(study, out: Path, base: dict) -> list[Path]:
 
     written = []
     df = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
-    df.to_csv(out / "trials.csv", index=False)
+    with atomic_path(out / "trials.csv") as tmp:
+        df.to_csv(tmp, index=False)
     written.append(out / "trials.csv")
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if complete:
@@ -279,7 +322,9 @@ def write_reports(study, out: Path, base: dict) -> list[Path]:
              "parallel_coordinate": vis.plot_parallel_coordinate}
     for name, plot in plots.items():
         try:
-            plot(study).write_html(str(out / f"{name}.html"))
+            figure = plot(study)
+            with atomic_path(out / f"{name}.html") as tmp:
+                figure.write_html(str(tmp))
             written.append(out / f"{name}.html")
         except Exception as e:  # e.g. importances need >= 2 complete trials with varying params
             print(f"skipped {name}.html: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
@@ -299,11 +344,50 @@ def base_values(args) -> dict:
     return config_mod.load_config(args.base_config, overrides).to_dict()
 
 
+MARKER_NAME = "sweep.json"  # which study an output directory belongs to
+LOCK_NAME = ".lock"
+
+
+def prepare_output_dir(out: Path, args) -> OutputLock:
+    """An output directory for this study: new, or one that already holds the same study (continued),
+    or anything else only with --overwrite (then emptied). Locked, so one sweep process writes it."""
+    check_output_dir(out, "--output_dir")
+    existing = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
+    marker = out / MARKER_NAME
+    try:
+        owner = json.loads(marker.read_text()).get("study_name") if marker.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        owner = None
+    foreign = bool(existing) and owner != args.study_name
+    if foreign and not args.overwrite:
+        what = f"study {owner!r}" if owner else f"other files ({', '.join(existing[:4])})"
+        raise UserError(f"--output_dir {out} holds {what}; trials of study {args.study_name!r} would mix with them. "
+                        "Choose another --output_dir, the same --study_name to continue, or --overwrite to replace it")
+    lock = OutputLock(out / LOCK_NAME, f"--output_dir {out}").acquire()
+    if foreign:
+        for p in out.iterdir():
+            if p.name != LOCK_NAME:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    write_text_atomic(marker, json.dumps({"study_name": args.study_name}) + "\n")
+    return lock
+
+
+def check_args(args) -> None:
+    check_number("--n_trials", args.n_trials, min=1, max=10**6)
+    check_number("--n_gpus", args.n_gpus, min=0, max=1024)
+    check_number("--trials_per_gpu", args.trials_per_gpu, min=1, max=64)
+    check_number("--n_workers", args.n_workers, min=1, max=256)
+    check_number("--timeout", args.timeout, gt=0)
+    check_number("--seed", args.seed, min=0, max=2**32 - 1)
+
+
 def run_sweep(args) -> int:
-    """Run (or continue) the study for sweep.py's arguments until --n_trials are done; write the reports."""
+    """Run (or continue) the study for sweep.py's arguments until --n_trials are done; write the reports.
+
+    Ctrl-C or SIGTERM stops every worker at its trial's next step boundary (those trials are recorded as
+    interrupted and redone by the next run), then the reports are written and the exit status is 130."""
+    check_args(args)
     out = Path(args.output_dir)
-    if args.n_trials < 1:
-        raise UserError("--n_trials must be at least 1")
     base = base_values(args)
     space = load_space(args.sweep_config, base)
     if not Path(args.data).is_file():
@@ -318,7 +402,11 @@ def run_sweep(args) -> int:
         args.n_gpus = torch.cuda.device_count()
     if args.n_gpus > torch.cuda.device_count():
         raise UserError(f"--n_gpus {args.n_gpus}, but {torch.cuda.device_count()} GPU(s) are visible")
-    out.mkdir(parents=True, exist_ok=True)
+    with prepare_output_dir(out, args):
+        return _run_study(args, out, base, space)
+
+
+def _run_study(args, out: Path, base: dict, space: dict) -> int:
     args.storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     args.output_dir = str(out)
     args.deadline = time.time() + args.timeout if args.timeout else None
@@ -332,19 +420,35 @@ def run_sweep(args) -> int:
     n_workers = max(1, min(n_workers, args.n_trials - done)) if done < args.n_trials else 0
     ctx = multiprocessing.get_context("spawn")
     lock = ctx.Lock()
-    procs = [ctx.Process(target=worker, args=(i, args, base, space, lock), daemon=False) for i in range(n_workers)]
-    for p in procs:
-        p.start()
+    procs = [ctx.Process(target=worker, args=(i, args, base, space, lock, os.getpid()), daemon=False)
+             for i in range(n_workers)]
+    interrupted = False
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if _main_thread() else None
     try:
         for p in procs:
-            p.join()
-    except KeyboardInterrupt:
-        for p in procs:
-            p.terminate()
-        print("interrupted; run the same command again to continue the study", file=sys.stderr)
-        return 130
+            p.start()
+        try:
+            for p in procs:
+                p.join()
+        except KeyboardInterrupt:
+            interrupted = True
+            print("stopping: each running trial saves a checkpoint at its next step, is recorded as interrupted, "
+                  "and is redone when the sweep is run again (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+            try:
+                for p in procs:
+                    if p.is_alive():
+                        p.terminate()  # SIGTERM: the worker stops its trial at the next step boundary
+                for p in procs:
+                    p.join()
+            except KeyboardInterrupt:
+                for p in procs:
+                    p.kill()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
     study = make_study(args, storage_for(args.storage))
+    mark_interrupted_trials(study)  # a worker killed outright leaves its trial RUNNING
     written = write_reports(study, out, base)
     from optuna.trial import TrialState
 
@@ -357,5 +461,13 @@ def run_sweep(args) -> int:
     if any(s == TrialState.COMPLETE for s in states):
         print(f"best: trial {study.best_trial.number}, {args.metric} = {study.best_value:.4f}, {study.best_params}")
     print("wrote " + ", ".join(str(p) for p in written))
+    if interrupted:
+        print("interrupted; run the same command again to continue the study", file=sys.stderr)
+        return 130
     return 0
 
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

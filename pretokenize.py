@@ -13,7 +13,7 @@ import argparse
 from encode_dataset import run
 from metadata import METADATA_FORMATS
 from tokenization import DEFAULT_TEXT_TOKENIZER
-from utils import UserError, resolve_device, run_cli
+from utils import UserError, check_number, resolve_device, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text_tokenizer", default=DEFAULT_TEXT_TOKENIZER, help="hub id or local directory")
     p.add_argument("--mimi_weights", default=None, help="Mimi safetensors file or hub repo (default: moshi's)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
-    p.add_argument("--max_seq_len", type=int, default=2048, help="skip examples longer than this many frames")
+    p.add_argument("--max_seq_len", type=int, default=2048, help="skip examples longer than this many frames (at most 2048)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output even if it is not a finished token file with the same settings")
+    p.add_argument("--trust_pickle", action="store_true",
+                   help="allow .pkl/.h5 metadata, which pandas reads with pickle (can run code from the file)")
     return p
 
 
@@ -48,12 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_size = 16 if device.type == "cuda" else 1
     if args.num_workers is None:
         args.num_workers = 4 if device.type == "cuda" else 0
-    for name, value in (("--save_every", args.save_every), ("--batch_size", args.batch_size),
-                        ("--max_seq_len", args.max_seq_len)):
-        if value < 1:
-            raise UserError(f"{name} must be at least 1, got {value}")
-    if args.num_workers < 0:
-        raise UserError("--num_workers must be 0 or more")
+    check_number("--save_every", args.save_every, min=1, max=10**7)
+    check_number("--batch_size", args.batch_size, min=1, max=4096)
+    check_number("--max_seq_len", args.max_seq_len, min=2, max=2048)
+    check_number("--num_workers", args.num_workers, min=0, max=256)
     return run(args)
 
 

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb_project", default="csm-sweep", help="config key wandb_project")
     p.add_argument("--wandb_mode", help="config key wandb_mode")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any base config key")
+    p.add_argument("--overwrite", action="store_true",
+                   help="empty an --output_dir that holds another study or other files (default: refuse)")
     p.add_argument("--use_amp", action="store_true", help="compatibility with the original (precision is auto)")
     return p
 

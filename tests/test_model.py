@@ -123,3 +123,24 @@ def test_flavors_are_consistent():
         assert f.embed_dim % f.num_heads == 0, name
         assert f.num_heads % f.num_kv_heads == 0, name
         assert f.head_dim % 2 == 0, name
+
+
+def test_rmsnorm_applies_the_scale_in_float32_before_casting_as_the_official_model():
+    """The official formula, written out: F.rms_norm(x.float(), weight=scale.float()).to(dtype)."""
+    from csm_model import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(64, 1e-5)
+    with torch.no_grad():
+        norm.scale.copy_(torch.randn(64) * 3)
+    x32 = torch.randn(4, 16, 64) * 5
+    official32 = torch.nn.functional.rms_norm(x32, (64,), weight=norm.scale, eps=1e-5)
+    torch.testing.assert_close(norm(x32), official32, rtol=1e-6, atol=1e-6)  # fp32: the two orders agree
+
+    bf = norm.to(torch.bfloat16)
+    xb = x32.to(torch.bfloat16)
+    official = (xb.float() * torch.rsqrt(xb.float().pow(2).mean(-1, keepdim=True) + 1e-5)
+                * bf.scale.float()).to(torch.bfloat16)
+    cast_first = (xb.float() * torch.rsqrt(xb.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16) * bf.scale
+    assert torch.equal(bf(xb), official)
+    assert not torch.equal(cast_first, official)  # the old order rounds twice: it gives other bf16 values

@@ -87,7 +87,8 @@ def test_every_metadata_format_gives_the_same_file(assets, clips, tmp_path, fmt)
         df.to_hdf(meta, key="data")
     else:
         df.to_pickle(meta)
-    run(assets, "--train_data", str(meta), "--output", str(tmp_path / f"{fmt}.hdf5"))
+    trust = ["--trust_pickle"] if fmt in ("h5", "pkl") else []  # pandas reads these through pickle
+    run(assets, "--train_data", str(meta), "--output", str(tmp_path / f"{fmt}.hdf5"), *trust)
     reference = tmp_path / "ref.hdf5"
     if not reference.exists():
         df.to_csv(tmp_path / "ref.csv", index=False)
@@ -212,7 +213,24 @@ def test_h5_metadata_without_pytables_says_what_to_install(assets, clips, tmp_pa
     pd.DataFrame(rows_of(clips)).to_hdf(tmp_path / "m.h5", key="data")
     monkeypatch.setitem(sys.modules, "tables", None)  # makes `import tables` raise ImportError
     with pytest.raises(utils.UserError, match="needs the 'tables' package"):
-        run(assets, "--train_data", str(tmp_path / "m.h5"), "--output", str(tmp_path / "o.hdf5"))
+        run(assets, "--train_data", str(tmp_path / "m.h5"), "--output", str(tmp_path / "o.hdf5"), "--trust_pickle")
+
+
+def test_pickled_metadata_is_refused_unless_trusted(assets, clips, tmp_path):
+    """A .pkl runs whatever it holds when unpickled: without --trust_pickle it is never opened."""
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(Payload()))
+    for name in ("evil.pkl",):
+        with pytest.raises(utils.UserError, match="pickle, which can run code.*--trust_pickle"):
+            run(assets, "--train_data", str(tmp_path / name), "--output", str(tmp_path / "o.hdf5"))
+    assert not marker.exists() and not (tmp_path / "o.hdf5").exists()
 
 
 def test_bad_metadata_gets_one_clear_message(assets, tmp_path):

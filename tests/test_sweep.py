@@ -47,12 +47,13 @@ model:
   values: ["{assets['model']}", "{tmp_path / 'missing.pt'}"]
 """)
     assert sweep.main(base_args(assets, token_file, out, "--sweep_config", str(space), "--n_trials", "3",
-                                "--n_workers", "2", "--seed", "3")) == 0
+                                "--n_workers", "2", "--seed", "1")) == 0
     study = load(out)
     assert len(study.trials) == 3
     states = [t.state for t in study.trials]
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
-    assert TrialState.COMPLETE in states
+    # With --seed 1, worker 0's first draw is the real model and worker 1's the missing one.
+    assert TrialState.COMPLETE in states and failed
     for t in failed:
         assert "not found" in t.user_attrs["fail_reason"]
     assert {t.user_attrs["pid"] for t in study.trials} and len({t.user_attrs["pid"] for t in study.trials}) <= 2
