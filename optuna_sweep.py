@@ -257,9 +257,7 @@ def worker(index: int, args, base: dict, space: dict, lock, parent_pid: int) -> 
     device = "cuda" if args.n_gpus else "cpu"
     if not args.n_gpus:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, args.n_workers)))
-    storage = storage_for(args.storage)
-    trials_so_far = len(make_study(args, storage).get_trials(deepcopy=False))
-    study = make_study(args, storage, seed=sampler_seed(args.seed, trials_so_far, index))
+    study = make_study(args, storage_for(args.storage), seed=sampler_seed(args.seed, args.trials_at_start, index))
     while True:
         if args.deadline is not None and time.time() > args.deadline:
             return
@@ -414,6 +412,7 @@ def _run_study(args, out: Path, base: dict, space: dict) -> int:
     if mark_interrupted_trials(study):
         print("trials left running by a killed earlier run were marked failed; they will be redone")
     done = budget_used(study)
+    args.trials_at_start = len(study.get_trials(deepcopy=False))  # seeds this run's samplers (see sampler_seed)
     print(f"study {args.study_name!r} in {args.storage}: {done} of {args.n_trials} trials already done")
 
     n_workers = args.n_gpus * args.trials_per_gpu if args.n_gpus else args.n_workers
