@@ -286,9 +286,14 @@ def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device:
     `output_dir` must be empty or new unless `resume` (continue the run in it) or `overwrite` (replace it)."""
     rt = compute_init(device)
     out = Path(output_dir)
+    created = not out.exists()
     lock = prepare_output_dir(out, resume, overwrite, rt)
     try:
         return _train(cfg, data, out, rt, resume, overwrite, on_eval, progress)
+    except BaseException:
+        if created and rt.is_main and [p.name for p in out.iterdir()] == [LOCK_NAME]:
+            shutil.rmtree(out, ignore_errors=True)  # a start that failed its checks leaves no directory behind
+        raise
     finally:
         if lock is not None:
             lock.release()

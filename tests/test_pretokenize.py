@@ -201,6 +201,30 @@ def test_every_bad_row_is_reported_and_good_rows_kept(assets, clips, tmp_path):
     assert read(out)["train"]["source_row"] == [0, 12]
 
 
+def test_every_bad_number_in_metadata_is_a_reported_row(assets, clips, tmp_path):
+    """NaN, infinities, negatives and absurdly large values in start/end/speaker: skipped with a reason."""
+    (tmp_path / "m.csv").write_text(
+        "path,text,start,end,speaker\n"
+        "clips/c0.wav,good,,,0\n"
+        "clips/c0.wav,inf end,0.1,inf,0\n"
+        "clips/c0.wav,neg inf,-inf,0.2,0\n"
+        "clips/c0.wav,huge,1e300,2e300,0\n"
+        "clips/c0.wav,huge speaker,,,1e20\n"
+        "clips/c0.wav,negative speaker,,,-1\n"
+        "clips/c0.wav,odd speaker,,,2.5\n"
+        "clips/c0.wav,word speaker,,,abc\n"
+        "clips/c0.wav,nan speaker,,,nan\n")
+    out = tmp_path / "o.hdf5"  # the clips fixture lives in tmp_path/clips, beside the metadata
+    run(assets, "--train_data", str(tmp_path / "m.csv"), "--output", str(out))
+    report = {int(r["row"]): r["reason"] for r in skipped(out)}
+    expected = {1: "not finite", 2: "not finite", 3: "past the end of the file", 4: "non-negative integer id",
+                5: "non-negative integer id", 6: "non-negative integer id", 7: "not an integer id"}
+    assert report.keys() == expected.keys()
+    for row, reason in expected.items():
+        assert reason in report[row], (row, report[row])
+    assert read(out)["train"]["source_row"] == [0, 8]  # a NaN speaker is a missing one: 999
+
+
 def test_strict_stops_at_the_first_bad_row(assets, clips, tmp_path):
     pd.DataFrame([{"path": "clips/c0.wav", "text": "ok"}, {"path": "clips/x.wav", "text": "gone"}]).to_csv(
         tmp_path / "m.csv", index=False)
