@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.update_readme:
         path = Path(args.update_readme)
-        path.write_text(replace_between(path.read_text(), README_MARKERS, config_reference_markdown()))
+        write_text_atomic(path, replace_between(path.read_text(), README_MARKERS, config_reference_markdown()))
     else:
         print(config_reference_markdown())
     return 0

@@ -60,7 +60,12 @@ def check_output(output: Path, overwrite: bool, inputs: tuple = ()) -> None:
 
 
 def _replace_dir(tmp: Path, output: Path) -> None:
-    """Move a finished temp directory onto `output`; an old `output` is removed only after the move."""
+    """Move a finished temp directory onto `output` (its files fsynced first, so a power loss cannot leave
+    empty files under the final name); an old `output` is removed only after the move."""
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
     old = output.with_name(f".{output.name}.old-{os.getpid()}")
     if output.exists():
         os.replace(output, old)
