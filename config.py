@@ -35,7 +35,7 @@ class TrainConfig:
     decoder_flavor: str = _f("llama-100M", "Decoder shape when training from scratch.")
     text_vocab_size: int = _f(128_256, "Text vocabulary size when training from scratch.", min=1)
     text_tokenizer: str | None = _f(None, "Tokenizer for the sample sentences (hub id or dir; default: the model's own, else meta-llama/Llama-3.2-1B).")
-    mimi_weights: str | None = _f(None, "Mimi weights for decoding samples (default: the moshi hub file).")
+    mimi_weights: str | None = _f(None, "Mimi for decoding samples: MimiModel dir or hub repo, transformers CSM, or moshi file (default: kyutai/mimi).")
     export_hf: bool = _f(False, "Also write best_hf/ and final_hf/: the transformers CsmForConditionalGeneration layout.")
     export_codec: str | None = _f(None, "Mimi (MimiModel layout) for export_hf: a transformers CSM or kyutai/mimi (default: the model's own, else kyutai/mimi).")
     # --- batching

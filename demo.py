@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--gen_every", str(steps), "--log_every", "1", "--gen_sentence", "Hello from the demo.",
                 "--wandb_mode", "disabled", "--set", "learning_rate=2e-3", "--set", "warmup_steps=10",
                 "--set", "batch_size=4", "--set", "gen_max_seconds=2", "--set", "lr_decay=cosine",
-                "--export_hf", "--export_codec", str(assets["codec"]), *common])
+                "--export_hf", "--export_codec", str(assets["mimi"]), *common])
     plot_losses(run / "metrics.jsonl", out / "loss_curve.png")
 
     banner("4/5 generate speech from the trained model")

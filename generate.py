@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="branch, tag or commit of a hub --model (default: main)")
     p.add_argument("--text_tokenizer", default=None,
                    help="hub id or local directory (default: the model's own tokenizer files, else meta-llama/Llama-3.2-1B)")
-    p.add_argument("--mimi_weights", default=None, help="Mimi safetensors file or hub repo (default: moshi's)")
+    p.add_argument("--mimi_weights", default=None, help="Mimi: MimiModel dir or hub repo, transformers CSM, or moshi .safetensors (default: kyutai/mimi)")
     p.add_argument("--context_audio", action="append", default=[], help="wav of an earlier turn (repeatable)")
     p.add_argument("--context_text", action="append", default=[], help="its transcript (one per --context_audio)")
     p.add_argument("--context_speaker", action="append", default=[], help="its speaker id (one per --context_audio)")

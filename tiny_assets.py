@@ -1,7 +1,7 @@
 """Tiny stand-ins for the real assets, saved in the real layouts, for tests and the offline demo.
 
 - a byte-level BPE text tokenizer saved as an AutoTokenizer directory (like meta-llama/Llama-3.2-1B),
-- a small Mimi with random but non-empty codebooks, saved as safetensors (+ mimi_config.json),
+- a small Mimi with random but non-empty codebooks, saved by transformers as a MimiModel (like kyutai/mimi),
 - a tiny CSM saved in the official layout (config.json + model.safetensors, as sesame/csm-1b was released),
 - a tiny CSM in the transformers layout, built and saved by transformers itself (CsmForConditionalGeneration
   with a tiny MimiModel, tokenizer and processor, as sesame/csm-1b and its finetunes are served today).
@@ -10,15 +10,12 @@ They are loaded by exactly the code that loads the real ones. Audio they produce
 """
 from __future__ import annotations
 
-import copy
-import json
 import tempfile
 from pathlib import Path
 
 import torch
 
 from csm_model import CSM, ModelArgs
-from tokenization import MIMI_CONFIG_NAME
 from weights import save_pretrained
 
 TEXT_VOCAB_SIZE = 512
@@ -53,38 +50,22 @@ def make_text_tokenizer(directory: str | Path, vocab_size: int = TEXT_VOCAB_SIZE
     return directory
 
 
-def tiny_mimi_config() -> dict:
-    """moshi's Mimi architecture shrunk (same 24 kHz in, 12.5 Hz out, 32 codebooks of 2048)."""
-    from moshi.models import loaders
-
-    cfg = copy.deepcopy(loaders._mimi_config)
-    cfg["seanet"].update(n_filters=4, dimension=32)
-    cfg["quantizer"].update(dimension=16, input_dimension=32, output_dimension=32)
-    cfg["transformer"].update(d_model=32, num_heads=2, num_layers=1, dim_feedforward=64,
-                              input_dimension=32, output_dimensions=[32])
-    return cfg
-
-
-def make_mimi(path: str | Path, seed: int = 0) -> Path:
-    """Save a small random Mimi whose codebooks are filled, so different audio gets different codes."""
-    from moshi.models import loaders
-    from safetensors.torch import save_file
+def make_mimi(directory: str | Path, seed: int = 0) -> Path:
+    """A small random MimiModel saved by transformers, like kyutai/mimi, with filled codebooks so that
+    different audio gets different codes (a fresh codebook maps every frame to code 0)."""
+    from transformers import MimiModel
 
     torch.manual_seed(seed)
-    cfg = tiny_mimi_config()
-    mimi = loaders.get_mimi(None, mimi_config=cfg, device="cpu", num_codebooks=32)
-    for module in mimi.modules():
-        if type(module).__name__ == "EuclideanCodebook":
-            # A fresh codebook is all zeros and maps every frame to code 0; this scale matches the
-            # small encoder's latents so that codes change with the input.
-            module.embedding_sum.normal_(0.0, 0.01)
-            module.cluster_usage.fill_(1.0)
-            module._initialized.fill_(1.0)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, str(path))
-    path.with_name(MIMI_CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
-    return path
+    mimi = MimiModel(tiny_hf_mimi_config())
+    with torch.no_grad():
+        for name, buf in mimi.named_buffers():
+            if name.endswith("codebook.embed_sum"):
+                buf.normal_(0.0, 0.01)  # the scale of the small encoder's latents
+            elif name.endswith("codebook.cluster_usage") or name.endswith("codebook.initialized"):
+                buf.fill_(1.0)
+    directory = Path(directory)
+    mimi.save_pretrained(str(directory))
+    return directory
 
 
 def make_csm(directory: str | Path, args: ModelArgs = TINY_MODEL_ARGS, seed: int = 0) -> Path:
@@ -94,14 +75,12 @@ def make_csm(directory: str | Path, args: ModelArgs = TINY_MODEL_ARGS, seed: int
 
 
 def make_all(directory: str | Path, seed: int = 0) -> dict[str, Path]:
-    """All assets under one directory: the model (official layout), the text tokenizer, moshi's Mimi
-    (for pretokenizing and generating) and transformers' MimiModel (the codec of transformers exports)."""
+    """All assets under one directory: the model (official layout), the text tokenizer and Mimi (MimiModel)."""
     directory = Path(directory)
     return {
         "model": make_csm(directory / "csm-tiny", seed=seed),
         "text_tokenizer": make_text_tokenizer(directory / "tokenizer"),
-        "mimi": make_mimi(directory / "mimi" / "mimi-tiny.safetensors", seed=seed),
-        "codec": make_hf_mimi(directory / "mimi-hf", seed=seed),
+        "mimi": make_mimi(directory / "mimi", seed=seed),
     }
 
 
@@ -125,16 +104,6 @@ def tiny_hf_mimi_config():
     return MimiConfig(hidden_size=32, num_filters=4, codebook_dim=16, num_hidden_layers=1, intermediate_size=64,
                       num_attention_heads=2, num_key_value_heads=2, head_dim=16, vector_quantization_hidden_dimension=16,
                       upsample_groups=32)
-
-
-def make_hf_mimi(directory: str | Path, seed: int = 0) -> Path:
-    """A tiny random MimiModel saved by transformers, like kyutai/mimi (the codec of transformers exports)."""
-    from transformers import MimiModel
-
-    torch.manual_seed(seed)
-    directory = Path(directory)
-    MimiModel(tiny_hf_mimi_config()).save_pretrained(str(directory))
-    return directory
 
 
 def tiny_hf_config(args: ModelArgs = TINY_MODEL_ARGS, **overrides):

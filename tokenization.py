@@ -1,6 +1,6 @@
 """The two tokenizers CSM reads: the text tokenizer (Llama-3.2 or any AutoTokenizer) with the
-BOS + `[speaker]text` + EOS encoding CSM was trained on, and Mimi, the audio tokenizer
-(24 kHz mono in, 12.5 frames/s of 32 codebooks out).
+BOS + `[speaker]text` + EOS encoding CSM was trained on, and Mimi, the audio tokenizer (transformers'
+MimiModel: 24 kHz mono in, 12.5 frames/s of 32 codebooks out).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ MIMI_SAMPLE_RATE = 24_000
 MIMI_FRAME_RATE = 12.5
 SAMPLES_PER_FRAME = int(MIMI_SAMPLE_RATE / MIMI_FRAME_RATE)  # 1920
 NUM_CODEBOOKS = 32
-MIMI_CONFIG_NAME = "mimi_config.json"
+DEFAULT_MIMI = "kyutai/mimi"  # Mimi in transformers' MimiModel layout, from its authors
 
 
 # --------------------------------------------------------------------------- text
@@ -69,37 +69,47 @@ def encode_text(tokenizer, text: str, speaker: int | str | None = DEFAULT_SPEAKE
 # --------------------------------------------------------------------------- audio (Mimi)
 
 
-def load_mimi(weights: str | Path | None = None, device="cpu", num_codebooks: int = NUM_CODEBOOKS):
-    """Mimi from the default hub file, a hub repo id, or a local safetensors file.
+def load_mimi(source: str | Path | None = None, device="cpu", num_codebooks: int = NUM_CODEBOOKS):
+    """Mimi as transformers' MimiModel, frozen, from: a hub repo or local directory in the MimiModel layout
+    (default kyutai/mimi), a transformers-layout CSM (its codec_model.*), or moshi's Mimi .safetensors file
+    (converted on load, with a mimi_config.json beside it when it is not the default Mimi)."""
+    from transformers import MimiConfig, MimiModel
 
-    A `mimi_config.json` next to a local file overrides moshi's default architecture (used for
-    the small test/demo Mimi; the real weights need none).
-    """
-    from moshi.models import loaders
+    from weights import read_codec_weights
 
-    hint = "Or pass --mimi_weights a local copy of the safetensors file."
-    config = None
-    if weights is None:
-        path = hub_file(loaders.DEFAULT_REPO, loaders.MIMI_NAME, "Mimi weights", hint)
-    elif Path(weights).expanduser().is_file():
-        path = Path(weights).expanduser()
-        if path.with_name(MIMI_CONFIG_NAME).exists():
-            config = json.loads(path.with_name(MIMI_CONFIG_NAME).read_text())
-    elif looks_like_repo_id(str(weights)):
-        path = hub_file(str(weights), loaders.MIMI_NAME, "Mimi weights", hint)
-    else:
-        raise UserError(f"Mimi weights {weights!r} not found (a .safetensors file or a hub repo id)")
-    try:
-        mimi = loaders.get_mimi(str(path), mimi_config=config, device=device, num_codebooks=num_codebooks)
-    except (RuntimeError, KeyError) as e:
-        raise UserError(f"{path} is not a Mimi checkpoint matching its config: {str(e).splitlines()[0]}") from e
-    # Mimi is only ever used as a frozen tokenizer; without this, a call outside inference_mode
-    # after one inside it trips over the codebook tensors cached during the first.
-    mimi.requires_grad_(False)
-    n_q = mimi.quantizer.total_codebooks if hasattr(mimi.quantizer, "total_codebooks") else num_codebooks
-    if num_codebooks > n_q:
-        raise UserError(f"Mimi at {path} has {n_q} codebooks; {num_codebooks} were asked for")
-    return mimi
+    source = DEFAULT_MIMI if source is None else str(source)
+    found = read_codec_weights(source)
+    if found is None:
+        raise UserError(f"Mimi weights {source!r} not found: give a MimiModel directory or hub repo ({DEFAULT_MIMI}), "
+                        "a transformers CSM, or moshi's Mimi .safetensors file (--mimi_weights)")
+    weights, config = found
+    config = MimiConfig(**{k: v for k, v in config.items() if k not in ("model_type", "transformers_version",
+                                                                          "architectures")})
+    config._attn_implementation = "sdpa"  # PyTorch's fused attention: ~1.2x the eager encoder on CPU
+    if config.num_quantizers < num_codebooks:
+        raise UserError(f"Mimi at {source} has {config.num_quantizers} codebooks; {num_codebooks} were asked for")
+    with torch.device("meta"):
+        mimi = MimiModel(config)
+    missing, unexpected = mimi.load_state_dict(weights, strict=False, assign=True)
+    if missing or unexpected:
+        raise UserError(f"{source} is not a Mimi matching its config: {len(missing)} missing "
+                        f"(e.g. {', '.join(missing[:2])}), {len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2])})")
+    _materialize_buffers(mimi, config)
+    # Only ever a frozen tokenizer.
+    return mimi.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+
+
+def _materialize_buffers(mimi, config) -> None:
+    """Buffers that are not in a state dict (RoPE frequencies) were left on the meta device: rebuild them."""
+    from transformers import MimiModel
+
+    if any(b.is_meta for b in mimi.buffers()):
+        fresh = MimiModel(config)  # small next to the weights; only its non-persistent buffers are taken
+        named = dict(fresh.named_buffers())
+        for name, buf in mimi.named_buffers():
+            if buf.is_meta:
+                module_name, _, attr = name.rpartition(".")
+                mimi.get_submodule(module_name)._buffers[attr] = named[name]
 
 
 def mimi_device(mimi) -> torch.device:
@@ -116,17 +126,18 @@ def encode_audio(mimi, clips: list[np.ndarray], num_codebooks: int = NUM_CODEBOO
     """Mimi codes [K, F] of each 24 kHz mono clip, encoded together right-padded with zeros.
 
     Mimi is causal, so the zeros after a clip do not change its codes: each clip keeps the
-    ceil(len / 1920) frames its own samples reach (the same codes as encoding it alone).
+    ceil(len / 1920) frames its own samples reach (the same codes as encoding it alone). Padding to whole
+    frames is also what makes MimiModel's codes equal moshi's, which padded the last frame with zeros.
     """
     width = frames_of(max(len(c) for c in clips)) * SAMPLES_PER_FRAME
     batch = torch.zeros(len(clips), 1, width)
     for i, clip in enumerate(clips):
         batch[i, 0, :len(clip)] = torch.as_tensor(clip, dtype=torch.float32)
-    codes = mimi.encode(batch.to(mimi_device(mimi)))[:, :num_codebooks].cpu().numpy()
+    codes = mimi.encode(batch.to(mimi_device(mimi)), num_quantizers=num_codebooks).audio_codes.cpu().numpy()
     return [codes[i, :, :frames_of(len(clip))] for i, clip in enumerate(clips)]
 
 
 @torch.inference_mode()
 def decode_audio(mimi, codes: torch.Tensor) -> torch.Tensor:
     """Codes [K, F] -> 1-D float32 CPU audio at 24 kHz."""
-    return mimi.decode(codes.unsqueeze(0).to(mimi_device(mimi)))[0, 0].float().cpu()
+    return mimi.decode(codes.unsqueeze(0).long().to(mimi_device(mimi))).audio_values[0, 0].float().cpu()

@@ -35,7 +35,8 @@ OFFICIAL_CKPT_NAME = "ckpt.pt"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # What a hub model repo is downloaded for: config, weights (single or sharded), tokenizer files.
 HUB_PATTERNS = ["config.json", "model.safetensors", "model-*.safetensors", SHARD_INDEX_NAME, "tokenizer.json",
-                "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.*"]
+                "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.*",
+                "preprocessor_config.json"]
 
 OFFICIAL, TRANSFORMERS = "official", "transformers"
 DIGEST_KEY = "csm_train_sha256"  # safetensors metadata: a digest of the tensors, checked when read back
@@ -445,10 +446,103 @@ def model_tokenizer_dir(source: str | Path, revision: str | None = None) -> Path
     return directory if any((directory / name).is_file() for name in TOKENIZER_FILES) else None
 
 
+# --------------------------------------------------------------------------- Mimi: moshi's layout -> MimiModel's
+
+MOSHI_MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"  # moshi's Mimi file (kyutai/moshiko-pytorch-bf16)
+MOSHI_MIMI_CONFIG_NAME = "mimi_config.json"  # beside a moshi file: moshi's config of a non-default Mimi
+# Substring renames from moshi's Mimi names to transformers' MimiModel names, applied in order.
+_MIMI_RENAMES = (
+    ("conv.conv.conv", "conv"), ("convtr.convtr.convtr", "conv"), ("conv.conv", "conv"), ("convtr.convtr", "conv"),
+    ("quantizer.rvq_first.vq", "quantizer.semantic_residual_vector_quantizer"),
+    ("quantizer.rvq_first", "quantizer.semantic_residual_vector_quantizer"),
+    ("quantizer.rvq_rest.vq", "quantizer.acoustic_residual_vector_quantizer"),
+    ("quantizer.rvq_rest", "quantizer.acoustic_residual_vector_quantizer"),
+    ("_codebook", "codebook"), ("_initialized", "initialized"), ("embedding_sum", "embed_sum"),
+    ("encoder.model", "encoder.layers"), ("decoder.model", "decoder.layers"),
+    ("encoder_transformer.transformer", "encoder_transformer"), ("decoder_transformer.transformer", "decoder_transformer"),
+    ("linear1", "mlp.fc1"), ("linear2", "mlp.fc2"), ("self_attn.out_projs.0", "self_attn.o_proj"),
+    ("self_attn.out_proj", "self_attn.o_proj"), ("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"),
+    ("layer_scale_1", "self_attn_layer_scale"), ("layer_scale_2", "mlp_layer_scale"),
+)
+_MOSHI_QKV = ("self_attn.in_projs.0.weight", "self_attn.in_proj_weight")
+
+
+def mimi_config_from_moshi(cfg: dict | None) -> dict:
+    """MimiConfig fields for a moshi Mimi config (None: moshi's default Mimi, which is MimiConfig's default)."""
+    if cfg is None:
+        return {"model_type": "mimi"}
+    try:
+        s, q, t = cfg["seanet"], cfg["quantizer"], cfg["transformer"]
+        return {"model_type": "mimi", "sampling_rate": cfg["sample_rate"], "audio_channels": cfg["channels"],
+                "hidden_size": s["dimension"], "num_filters": s["n_filters"], "num_residual_layers": s["n_residual_layers"],
+                "upsampling_ratios": list(s["ratios"]), "kernel_size": s["kernel_size"],
+                "last_kernel_size": s["last_kernel_size"], "residual_kernel_size": s["residual_kernel_size"],
+                "dilation_growth_rate": s["dilation_base"], "use_causal_conv": s["causal"], "pad_mode": s["pad_mode"],
+                "compress": s["compress"], "codebook_size": q["bins"], "codebook_dim": q["dimension"],
+                "num_quantizers": q["n_q"], "vector_quantization_hidden_dimension": q["dimension"],
+                "upsample_groups": s["dimension"], "num_hidden_layers": t["num_layers"],
+                "intermediate_size": t["dim_feedforward"], "num_attention_heads": t["num_heads"],
+                "num_key_value_heads": t["num_heads"], "head_dim": t["d_model"] // t["num_heads"],
+                "sliding_window": t["context"], "rope_theta": float(t["max_period"]),
+                "layer_scale_initial_scale": t["layer_scale"]}
+    except (KeyError, TypeError) as e:
+        raise UserError(f"moshi Mimi config lacks {e}") from None
+
+
+def moshi_mimi_to_hf(state_dict: dict[str, torch.Tensor], num_heads: int) -> dict[str, torch.Tensor]:
+    """moshi's Mimi weights -> MimiModel's: names mapped, the fused q/k/v split, q/k rows permuted for
+    rotate-half RoPE (the same per-head permutation as CSM's). Values are not changed."""
+    out = {}
+    for key, value in state_dict.items():
+        new = key
+        for old, replacement in _MIMI_RENAMES:
+            new = new.replace(old, replacement)
+        qkv = next((suffix for suffix in _MOSHI_QKV if new.endswith(suffix)), None)
+        if qkv is None:
+            out[new] = value
+            continue
+        base, d = new[: -len(qkv)] + "self_attn.", value.shape[0] // 3
+        out[base + "q_proj.weight"] = rope_rows_to_hf(value[:d], num_heads).contiguous()
+        out[base + "k_proj.weight"] = rope_rows_to_hf(value[d:2 * d], num_heads).contiguous()
+        out[base + "v_proj.weight"] = value[2 * d:].contiguous()
+    return out
+
+
+def read_moshi_mimi(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """A moshi Mimi safetensors file (with its mimi_config.json when not the default Mimi), as MimiModel weights."""
+    beside = path.with_name(MOSHI_MIMI_CONFIG_NAME)
+    config = mimi_config_from_moshi(_read_config(beside) if beside.is_file() else None)
+    from transformers import MimiConfig
+
+    heads = MimiConfig(**{k: v for k, v in config.items() if k != "model_type"}).num_attention_heads
+    return moshi_mimi_to_hf(read_safetensors(path, skip_prefix=None), heads), config
+
+
+def _resolve_codec_source(source, revision) -> Path:
+    """Like resolve_source, but a hub repo's config decides what else is fetched: the weights of a
+    MimiModel/CSM repo, or only moshi's Mimi file from a moshi repo (whose model.safetensors is a 7B LM)."""
+    path = Path(str(source)).expanduser()
+    if path.exists():
+        return path
+    if not looks_like_repo_id(str(source)):
+        raise UserError(f"Mimi weights {str(source)!r} not found: give a MimiModel directory or hub repo (kyutai/mimi), "
+                        "a transformers CSM, or moshi's Mimi .safetensors file (--mimi_weights, --codec)")
+    hint = ("Or pass --mimi_weights (or --codec) a local MimiModel directory, a transformers CSM directory or "
+            "moshi's Mimi .safetensors file.")
+    config = _read_config(hub_snapshot(str(source), [MODEL_CONFIG_NAME], "Mimi", hint, revision) / MODEL_CONFIG_NAME)
+    if (config or {}).get("model_type") in ("mimi", "csm"):
+        patterns = [MODEL_CONFIG_NAME, MODEL_WEIGHTS_NAME, "model-*.safetensors", SHARD_INDEX_NAME]
+    else:
+        patterns = [MODEL_CONFIG_NAME, MOSHI_MIMI_NAME]
+    return hub_snapshot(str(source), patterns, "Mimi", hint, revision)
+
+
 def read_codec_weights(source: str | Path, revision: str | None = None) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """(Mimi weights in MimiModel layout, MimiConfig dict) from a transformers-layout CSM (its codec_model.*)
-    or a MimiModel directory/hub repo (kyutai/mimi); None when the source holds no Mimi."""
-    path = resolve_source(source, revision)
+    """(Mimi weights in MimiModel layout, MimiConfig dict) from a MimiModel directory or hub repo (kyutai/mimi),
+    a transformers-layout CSM (its codec_model.*), or moshi's Mimi file (converted); None when there is none."""
+    path = _resolve_codec_source(source, revision)
+    if path.is_file() and path.suffix == ".safetensors" and not (path.parent / MODEL_CONFIG_NAME).is_file():
+        return read_moshi_mimi(path)
     directory = path if path.is_dir() else path.parent
     config = _read_config(directory / MODEL_CONFIG_NAME) or {}
     if config.get("model_type") == "mimi":
@@ -457,6 +551,8 @@ def read_codec_weights(source: str | Path, revision: str | None = None) -> tuple
         weights = read_safetensors(directory, skip_prefix=None, only_prefix=HF_CODEC_PREFIX)
         if weights:
             return {k[len(HF_CODEC_PREFIX):]: v for k, v in weights.items()}, config["codec_config"]
+    if (directory / MOSHI_MIMI_NAME).is_file():
+        return read_moshi_mimi(directory / MOSHI_MIMI_NAME)
     return None
 
 

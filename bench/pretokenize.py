@@ -8,9 +8,11 @@ The tool (`pretokenize.main`) additionally loads the text tokenizer, validates a
 row, fingerprints its inputs and writes the chunked, resumable HDF5 output. Both see the same
 seeded random clips (1-6 s at 24 kHz by default) after one warm-up pass each (file cache, imports).
 
-Mimi: the tiny one of tiny_assets by default (offline, seconds); --full_size builds moshi's
-full-size architecture with random weights (the real computation, no download); --mimi_weights
-takes the real safetensors file.
+Mimi: the tiny one of tiny_assets by default (offline, seconds); --full_size builds the full-size
+architecture with random weights (the real computation, no download); --mimi_weights takes real weights.
+Both sides encode with transformers' MimiModel. When moshi is installed and the weights are in moshi's
+file layout (--full_size builds them so), a last table times moshi's Mimi, the previous encoder, against
+MimiModel on the same clips and weights.
 """
 import argparse
 import statistics
@@ -48,35 +50,87 @@ def make_clips(directory: Path, n: int, rate: int, seed: int) -> tuple[Path, flo
     return meta, seconds
 
 
-def full_size_random_mimi(path: Path) -> Path:
-    """moshi's default Mimi architecture with random weights (codebooks filled), saved like the real file."""
-    from moshi.models import loaders
+def full_size_random_mimi(directory: Path) -> Path:
+    """The full-size Mimi (MimiConfig's defaults, which are kyutai/mimi's) with random weights and filled
+    codebooks: with moshi installed, built by moshi and saved as its file (so both encoders can load the
+    same weights); else built by transformers and saved as a MimiModel directory."""
+    torch.manual_seed(0)
+    try:
+        from moshi.models import loaders
+    except ImportError:
+        from transformers import MimiConfig, MimiModel
+
+        mimi = MimiModel(MimiConfig())
+        with torch.no_grad():
+            for name, buf in mimi.named_buffers():
+                if name.endswith("embed_sum"):
+                    buf.normal_(0.0, 1.0)
+                elif name.endswith(("cluster_usage", "initialized")):
+                    buf.fill_(1.0)
+        mimi.save_pretrained(str(directory))
+        return directory
     from safetensors.torch import save_file
 
-    torch.manual_seed(0)
     mimi = loaders.get_mimi(None, device="cpu", num_codebooks=tokenization.NUM_CODEBOOKS)
     for module in mimi.modules():
         if type(module).__name__ == "EuclideanCodebook":
             module.embedding_sum.normal_(0.0, 1.0)
             module.cluster_usage.fill_(1.0)
             module._initialized.fill_(1.0)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "tokenizer-e351c8d8-checkpoint125.safetensors"
     save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, str(path))
     return path
 
 
-def bare_loop(meta: Path, mimi_weights: str, device) -> None:
-    """Load Mimi, then read, resample and encode one clip at a time (the original's inner loop)."""
+def read_clip(path: Path) -> torch.Tensor:
     import torchaudio
 
+    data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    audio = torch.from_numpy(data.mean(axis=1))
+    if rate != tokenization.MIMI_SAMPLE_RATE:
+        audio = torchaudio.functional.resample(audio, rate, tokenization.MIMI_SAMPLE_RATE)
+    return audio
+
+
+def bare_loop(meta: Path, mimi_weights: str, device) -> None:
+    """Load Mimi, then read, resample and encode one clip at a time (the original's inner loop)."""
     mimi = tokenization.load_mimi(mimi_weights, device=device)
     df = pd.read_csv(meta)
     with torch.inference_mode():
         for path in df["path"]:
-            data, rate = sf.read(str(meta.parent / path), dtype="float32", always_2d=True)
-            audio = torch.from_numpy(data.mean(axis=1))
-            if rate != tokenization.MIMI_SAMPLE_RATE:
-                audio = torchaudio.functional.resample(audio, rate, tokenization.MIMI_SAMPLE_RATE)
-            mimi.encode(audio.view(1, 1, -1).to(device))
+            tokenization.encode_audio(mimi, [read_clip(meta.parent / path).numpy()])
+
+
+def encoder_comparison(meta: Path, moshi_file: str, device, repeats: int) -> str:
+    """Encoding alone, the same clips and weights: moshi's Mimi (the previous encoder) vs MimiModel."""
+    try:
+        from moshi.models import loaders
+    except ImportError:
+        return "(moshi is not installed: the comparison with the previous encoder needs it)"
+    import json
+
+    config = Path(moshi_file).with_name("mimi_config.json")
+    moshi = loaders.get_mimi(moshi_file, mimi_config=json.loads(config.read_text()) if config.is_file() else None,
+                             device=device, num_codebooks=tokenization.NUM_CODEBOOKS)
+    ours = tokenization.load_mimi(moshi_file, device=device)
+    clips = [read_clip(meta.parent / p).numpy() for p in pd.read_csv(meta)["path"]]
+
+    def run_moshi():
+        with torch.inference_mode():
+            for clip in clips:
+                padded = torch.zeros(1, 1, tokenization.frames_of(len(clip)) * tokenization.SAMPLES_PER_FRAME)
+                padded[0, 0, :len(clip)] = torch.from_numpy(clip)
+                moshi.encode(padded.to(device))
+
+    def run_ours():
+        for clip in clips:
+            tokenization.encode_audio(ours, [clip])
+
+    t_moshi, t_ours = timed(run_moshi, repeats), timed(run_ours, repeats)
+    return ("| encoder (same weights, same clips, one at a time) | clips/s | vs moshi |\n|---|---|---|\n"
+            f"| moshi 0.2.13 Mimi (the previous encoder) | {len(clips) / t_moshi:.1f} | 1.00x |\n"
+            f"| transformers MimiModel (this) | {len(clips) / t_ours:.1f} | {t_moshi / t_ours:.2f}x |")
 
 
 def timed(fn, repeats: int) -> float:
@@ -109,13 +163,15 @@ def main() -> None:
         if args.mimi_weights:
             mimi_weights, which = args.mimi_weights, f"Mimi {Path(args.mimi_weights).name}"
         elif args.full_size:
-            mimi_weights, which = str(full_size_random_mimi(tmp / "mimi-full.safetensors")), "full-size Mimi, random weights"
+            mimi_weights, which = str(full_size_random_mimi(tmp / "mimi-full")), "full-size Mimi, random weights"
         else:
             mimi_weights, which = str(assets["mimi"]), "tiny Mimi (tiny_assets)"
         meta, seconds = make_clips(tmp, args.clips, args.source_rate, args.seed)
         bare = timed(lambda: bare_loop(meta, mimi_weights, device), args.repeats)
         common = ["--train_data", str(meta), "--text_tokenizer", str(assets["text_tokenizer"]),
                   "--mimi_weights", mimi_weights, "--device", str(device)]
+        comparison = (encoder_comparison(meta, mimi_weights, device, args.repeats)
+                      if mimi_weights.endswith(".safetensors") else "(encoder comparison: needs moshi's file layout)")
         rows = []
         for n, config in enumerate(args.configs.split(",")):
             extra = [] if config == "auto" else ["--batch_size", config.split(":")[0], "--num_workers", config.split(":")[1]]
@@ -135,6 +191,8 @@ def main() -> None:
     for label, t in rows:
         print(f"| pretokenize.py {label} (whole tool, writes the file) | {args.clips / t:.1f} | {seconds / t:.0f} | "
               f"{bare / t:.2f}x |")
+    print()
+    print(comparison)
 
 
 if __name__ == "__main__":

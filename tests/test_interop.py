@@ -321,7 +321,7 @@ def test_export_takes_the_codec_from_a_mimi_model_directory_and_shards(assets, t
     """kyutai/mimi's layout (a MimiModel directory) as --codec; its weights land in codec_model.* unchanged.
     Files above --max_shard_size (5GB by default) are split, with the index transformers reads."""
     out = tmp_path / "hf"
-    export.main(["--model", str(assets["model"]), "--to", "hf", "--output", str(out), "--codec", str(assets["codec"]),
+    export.main(["--model", str(assets["model"]), "--to", "hf", "--output", str(out), "--codec", str(assets["mimi"]),
                  "--text_tokenizer", str(assets["text_tokenizer"]), "--max_shard_size", "5MB"])
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
@@ -332,7 +332,7 @@ def test_export_takes_the_codec_from_a_mimi_model_directory_and_shards(assets, t
     exported = {}
     for name in set(index["weight_map"].values()):
         exported.update(load_file(str(out / name)))
-    codec = load_file(str(assets["codec"] / "model.safetensors"))
+    codec = load_file(str(assets["mimi"] / "model.safetensors"))
     assert all(torch.equal(exported["codec_model." + k], v) for k, v in codec.items())
 
 

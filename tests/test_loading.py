@@ -136,11 +136,11 @@ def test_gated_repo_message_says_how_to_fix():
     assert "huggingface-cli login" in str(err) and "HF_TOKEN" in str(err)
 
 
-def test_mimi_loads_from_a_local_file_with_distinct_codes(mimi):
+def test_mimi_loads_from_a_local_directory_with_distinct_codes(mimi):
     t = torch.linspace(0, 1, 24000)
-    audio = (0.3 * torch.sin(2 * torch.pi * 220 * t) + 0.05 * torch.randn(24000)).view(1, 1, -1)
-    codes = mimi.encode(audio)
-    assert codes.shape == (1, 32, 13)
+    audio = (0.3 * torch.sin(2 * torch.pi * 220 * t) + 0.05 * torch.randn(24000)).numpy()
+    codes = tokenization.encode_audio(mimi, [audio])[0]
+    assert codes.shape == (32, 13)
     assert 0 <= int(codes.min()) and int(codes.max()) < 2048
     assert len(set(codes.flatten().tolist())) > 10  # non-empty codebooks
 
