@@ -1,4 +1,5 @@
-# `make demo` and `make test` each set up .venv first when it is missing or older than requirements.txt.
+# `make demo` and `make test` each set up .venv first when it is missing or older than requirements.txt
+# (then it is made anew, so no package of an older pin set is left behind).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,8 @@ setup: $(STAMP)
 
 $(STAMP): requirements.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is needed, found " + sys.version.split()[0])'
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# A new requirements.txt gets a fresh environment: the pins are tested together, not on top of old ones.
+	@rm -rf $(VENV) && $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install -r requirements.txt
 	@touch $(STAMP)

@@ -8,12 +8,11 @@ The command line only: the directories are written by hf_export.py.
 from __future__ import annotations
 
 import argparse
-import re
 
 from hf_export import DEFAULT_CODEC, check_output, csm_tokenizer, export_official, export_transformers, find_codec
 from tokenization import resolve_text_tokenizer
 from utils import UserError, run_cli
-from weights import load_model, resolve_source
+from weights import load_model, parse_size, resolve_source
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,9 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not re.fullmatch(r"[0-9]*\.?[0-9]+\s*(KB|MB|GB|KiB|MiB|GiB)", args.max_shard_size) \
-            or float(re.match(r"[0-9.]+", args.max_shard_size)[0]) <= 0:
-        raise UserError(f"--max_shard_size {args.max_shard_size!r}: give a positive size such as 5GB or 500MB")
+    try:
+        parse_size(args.max_shard_size)
+    except UserError as e:
+        raise UserError(f"--max_shard_size: {e}") from None
     check_output(args.output, args.overwrite, (args.model,))
     source = resolve_source(args.model, args.revision)  # a hub repo is fetched once, at the pinned revision
     if args.to == "hf":  # everything the export needs is found before the model is loaded

@@ -13,7 +13,8 @@ import torch
 
 from tokenization import MIMI_SAMPLE_RATE, load_text_tokenizer
 from utils import UserError
-from weights import HF_CODEC_PREFIX, official_to_hf, hf_config_from_args, read_codec_weights, save_pretrained
+from weights import (HF_CODEC_PREFIX, HF_TIED_AUDIO, hf_config_from_args, official_to_hf, parse_size, read_codec_weights,
+                     save_pretrained, save_safetensors)
 
 DEFAULT_CODEC = "kyutai/mimi"  # Mimi in the MimiModel layout, from its authors
 AUDIO_TOKEN, AUDIO_EOS_TOKEN = "<|AUDIO|>", "<|audio_eos|>"
@@ -149,28 +150,34 @@ def _processor(tokenizer):
     return CsmProcessor(feature_extractor=features, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
-def build_hf_model(model, codec_weights: dict, codec_config: dict, tokenizer):
-    """A CsmForConditionalGeneration holding exactly our weights (converted) and the codec's, on the meta
-    device until the tensors are assigned: nothing is initialised or copied."""
-    from transformers import CsmConfig, CsmForConditionalGeneration
+def hf_config(args, codec_config: dict, tokenizer):
+    """The CsmConfig of an export: our dimensions, the codec's config, the tokenizer's special ids."""
+    from transformers import CsmConfig
 
-    config = CsmConfig(**hf_config_from_args(model.config), codec_config=codec_config,
-                       bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
-                       audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
-                       audio_eos_token_id=tokenizer.convert_tokens_to_ids(AUDIO_EOS_TOKEN))
-    state = {k: v.detach().cpu() for k, v in official_to_hf(model.state_dict(), model.config).items()}
-    state.update({HF_CODEC_PREFIX + k: v for k, v in codec_weights.items()})
-    with torch.device("meta"):
-        hf = CsmForConditionalGeneration(config)
-    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
-        raise UserError(f"the codec does not fit transformers' MimiModel for its config: {len(missing)} missing "
-                        f"(e.g. {', '.join(missing[:2])}), {len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2])})")
-    gen = hf.generation_config
-    # Sampling as the official generator does (and generate.py by default): top-k 50, temperature 0.9.
-    gen.max_new_tokens, gen.do_sample, gen.top_k, gen.temperature = 125, True, 50, 0.9
-    gen.depth_decoder_do_sample, gen.depth_decoder_top_k, gen.depth_decoder_temperature = True, 50, 0.9
-    return hf
+    audio, audio_eos = tokenizer.convert_tokens_to_ids([AUDIO_TOKEN, AUDIO_EOS_TOKEN])
+    codec = {k: v for k, v in codec_config.items() if k not in ("transformers_version", "architectures")}
+    return CsmConfig(**hf_config_from_args(args), codec_config=codec, bos_token_id=tokenizer.bos_token_id,
+                     pad_token_id=audio, audio_token_id=audio, audio_eos_token_id=audio_eos)
+
+
+def generation_config():
+    """Sampling as the official generator does (and generate.py by default): top-k 50, temperature 0.9,
+    for the backbone and (depth_decoder_*) the depth decoder; at most 125 frames (10 s)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=125, do_sample=True, top_k=50, temperature=0.9,
+                            depth_decoder_do_sample=True, depth_decoder_top_k=50, depth_decoder_temperature=0.9)
+
+
+def hf_state_dict(model, codec_weights: dict) -> dict:
+    """Every tensor of the export in the checkpoint layout transformers reads (4.x and 5.x alike): ours
+    converted, the codec under codec_model.*. Both copies of the audio table are written (as separate
+    tensors): transformers ties the backbone's to the depth decoder's on load, so that one must be there."""
+    state = official_to_hf(model.state_dict(), model.config)
+    state = {k: v.detach().cpu().clone() if k == HF_TIED_AUDIO else v.detach().cpu().contiguous()
+             for k, v in state.items()}
+    state.update({HF_CODEC_PREFIX + k: v.detach().cpu().contiguous() for k, v in codec_weights.items()})
+    return state
 
 
 # --------------------------------------------------------------------------- exports
@@ -179,13 +186,22 @@ def build_hf_model(model, codec_weights: dict, codec_config: dict, tokenizer):
 def export_transformers(model, output: str | Path, *, tokenizer, codec: tuple[dict, dict], overwrite: bool = False,
                         max_shard_size: str = MAX_SHARD_SIZE) -> Path:
     """Write `model` as a transformers CSM directory that `CsmForConditionalGeneration.from_pretrained` and
-    `AutoProcessor.from_pretrained` load. `tokenizer` comes from csm_tokenizer, `codec` from find_codec."""
+    `AutoProcessor.from_pretrained` load. `tokenizer` comes from csm_tokenizer, `codec` from find_codec.
+    The files are written here, in the checkpoint layout, rather than by a transformers model object, so
+    the export does not depend on how a transformers version arranges its modules."""
     output = Path(output)
     check_output(output, overwrite)
-    hf = build_hf_model(model, *codec, tokenizer)
+    max_bytes = parse_size(max_shard_size)
+    config = hf_config(model.config, codec[1], tokenizer)
+    config.architectures = ["CsmForConditionalGeneration"]
+    # The dtype the weights are stored in (transformers loads them in it with dtype="auto").
+    config.torch_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    state = hf_state_dict(model, codec[0])
     tmp = _temp_dir(output)
     try:
-        hf.save_pretrained(str(tmp), max_shard_size=max_shard_size, safe_serialization=True)
+        config.save_pretrained(str(tmp))
+        generation_config().save_pretrained(str(tmp))
+        save_safetensors(state, tmp, max_bytes)
         _processor(tokenizer).save_pretrained(str(tmp))
         _replace_dir(tmp, output)
     except BaseException:

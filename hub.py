@@ -18,7 +18,7 @@ def hub_error(what: str, source: str, err: Exception, local_hint: str) -> UserEr
             or "invalid rev id" in text or "not a valid git revision" in text:
         why = "no such revision (branch, tag or commit) in that repository"
     elif isinstance(err, errors.GatedRepoError) or "gated" in text or "401" in text or "403" in text or "restricted" in text:
-        why = "it is gated: accept its licence on huggingface.co, then `huggingface-cli login` or set HF_TOKEN in .env"
+        why = "it is gated: accept its licence on huggingface.co, then `hf auth login` or set HF_TOKEN in .env"
     elif "offline" in text or "connect" in text or "resolve" in text or "network" in text or "not found in the cache" in text \
             or "cannot find the requested files" in text or "outgoing traffic has been disabled" in text:
         why = "the hub cannot be reached and it is not in the local cache"

@@ -182,7 +182,10 @@ def _flavor_from_hf(cfg: dict, part: str, source) -> Flavor:
         if head_dim * heads != hidden:
             raise UserError(f"{where}: head_dim {head_dim} x {heads} heads != hidden_size {hidden}; "
                             "CSM's attention needs head_dim = hidden_size / heads")
-        scaling = cfg.get("rope_scaling")
+        # transformers 4 writes rope_scaling + rope_theta; transformers 5 one rope_parameters holding both.
+        params = cfg.get("rope_parameters") or {}
+        scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+        rope_theta = cfg.get("rope_theta") or params.get("rope_theta") or 500_000.0
         if not scaling:
             raise UserError(f"{where}: no rope_scaling. CSM uses Llama-3 RoPE scaling; a config without it "
                             "(e.g. a CsmConfig built from defaults) is a different model, so it is refused")
@@ -196,7 +199,7 @@ def _flavor_from_hf(cfg: dict, part: str, source) -> Flavor:
         max_seq_len = int(cfg.get("max_position_embeddings", 2048)) if part == "backbone" else FLAVORS["llama-100M"].max_seq_len
         return Flavor(num_layers=int(cfg["num_hidden_layers"]), num_heads=heads, num_kv_heads=kv, embed_dim=hidden,
                       intermediate_dim=int(cfg["intermediate_size"]), max_seq_len=max_seq_len,
-                      norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), rope_base=float(cfg.get("rope_theta", 500_000.0)),
+                      norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), rope_base=float(rope_theta),
                       rope_scale_factor=float(scaling["factor"]))
     except KeyError as e:
         raise UserError(f"{where} lacks {e}; it is not a complete CsmConfig") from None
@@ -600,6 +603,40 @@ def load_model(source: str | Path = DEFAULT_MODEL, device="cpu", dtype: torch.dt
 
 
 # --------------------------------------------------------------------------- writing
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' -> bytes (decimal units as the hub counts them; KiB/MiB/GiB binary)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(KB|MB|GB|KiB|MiB|GiB)\s*", str(text))
+    if not m or float(m[1]) <= 0:
+        raise UserError(f"size {text!r}: give a positive size such as 5GB or 500MB")
+    unit = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[m[2]]
+    return int(float(m[1]) * unit)
+
+
+def save_safetensors(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int | None = None) -> list[Path]:
+    """Tensors in the hub's file layout: model.safetensors, or shards of at most `max_shard_bytes`
+    (model-0000k-of-0000n.safetensors) with model.safetensors.index.json, as transformers reads them."""
+    from safetensors.torch import save_file
+
+    sizes = {k: v.numel() * v.element_size() for k, v in state.items()}
+    shards, current, used = [], {}, 0
+    for key in state:  # in order, filled greedily; a tensor larger than the limit gets a shard of its own
+        if current and max_shard_bytes is not None and used + sizes[key] > max_shard_bytes:
+            shards.append(current)
+            current, used = {}, 0
+        current[key], used = state[key].contiguous(), used + sizes[key]
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / MODEL_WEIGHTS_NAME), metadata={"format": "pt"})
+        return [directory / MODEL_WEIGHTS_NAME]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file(shard, str(directory / name), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": sum(sizes.values())},
+             "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+    (directory / SHARD_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return [directory / n for n in names] + [directory / SHARD_INDEX_NAME]
 
 
 def save_pretrained(model, directory: str | Path) -> Path:

@@ -21,7 +21,7 @@ def test_quick_demo_runs_every_step(tmp_path, capsys):
     from transformers import CsmForConditionalGeneration
 
     _, info = CsmForConditionalGeneration.from_pretrained(str(out / "run" / "best_hf"), output_loading_info=True)
-    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    assert not info["missing_keys"] and not info["unexpected_keys"]
     assert list((out / "run" / "samples").glob("*.wav"))
     info = sf.info(str(out / "generated.wav"))
     assert info.samplerate == 24000 and info.frames > 0

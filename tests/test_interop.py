@@ -35,7 +35,7 @@ def hf_model(directory):
     from transformers import CsmForConditionalGeneration
 
     model, info = CsmForConditionalGeneration.from_pretrained(str(directory), output_loading_info=True)
-    assert info["missing_keys"] == [] and info["unexpected_keys"] == [], info
+    assert not info["missing_keys"] and not info["unexpected_keys"], info  # lists in transformers 4, sets in 5
     return model.eval()
 
 
@@ -97,8 +97,10 @@ def test_export_to_transformers_gives_the_same_model_and_converts_back_bit_exact
                         "--text_tokenizer", str(assets["text_tokenizer"])]) == 0
     hf = hf_model(out)
     assert_same_model(hf, model, encode_text(text_tokenizer, "Hi, how are you?", 1))
-    for name in ("generation_config.json", "preprocessor_config.json", "tokenizer.json", "chat_template.jinja"):
+    for name in ("generation_config.json", "tokenizer.json", "chat_template.jinja"):
         assert (out / name).is_file(), name
+    # The feature extractor's settings: their own file in transformers 4, processor_config.json in 5.
+    assert (out / "preprocessor_config.json").is_file() or (out / "processor_config.json").is_file()
     # The processor makes the inputs, and the exported Mimi turns the codes into audio.
     from transformers import AutoProcessor
 
@@ -170,9 +172,21 @@ def edited_config(hf_dir, tmp_path, name, edit):
     return dst
 
 
+def rope_of(config: dict) -> dict:
+    """The RoPE settings of a saved config: rope_scaling (transformers 4) or rope_parameters (5)."""
+    return config.get("rope_scaling") or config["rope_parameters"]
+
+
+def as_from_defaults(config: dict) -> None:
+    """What CsmConfig() from defaults writes: no scaling (4), or default-type parameters (5)."""
+    config["rope_scaling"] = None
+    if "rope_parameters" in config:
+        config["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}
+
+
 @pytest.mark.parametrize("name,edit,message", [
-    ("defaults", lambda c: c.update(rope_scaling=None), "no rope_scaling.*different model"),
-    ("rope", lambda c: c["rope_scaling"].update(low_freq_factor=1.0), "not CSM's Llama-3 scaling"),
+    ("defaults", as_from_defaults, "no rope_scaling.*different model"),
+    ("rope", lambda c: rope_of(c).update(low_freq_factor=1.0), "not CSM's Llama-3 scaling"),
     ("head_dim", lambda c: c.update(head_dim=8), "head_dim 8 x 4 heads != hidden_size 64"),
     ("act", lambda c: c["depth_decoder_config"].update(hidden_act="gelu"), "hidden_act='gelu'"),
     ("nodecoder", lambda c: c.pop("depth_decoder_config"), "no depth_decoder_config"),
@@ -218,6 +232,7 @@ def test_token_ids_match_the_csm_processor_and_chat_template(hf_dir, assets, tmp
     rendered = tokenizer.apply_chat_template(conversation, chat_template=CHAT_TEMPLATE, tokenize=False)
     assert rendered == "<|begin_of_text|>[1]Hi.<|end_of_text|><|AUDIO|><|audio_eos|><|begin_of_text|>[0]Hello there.<|end_of_text|>"
     ids = tokenizer.apply_chat_template(conversation[1:], chat_template=CHAT_TEMPLATE, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # transformers 5 returns a BatchEncoding
     assert ids == encode_text(tok, "Hello there.", 0)
     with pytest.raises(Exception, match="speaker id"):
         tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "x"}]}],

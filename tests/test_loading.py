@@ -131,9 +131,18 @@ def test_unreachable_text_tokenizer_is_one_clear_error(monkeypatch):
 def test_gated_repo_message_says_how_to_fix():
     from huggingface_hub.errors import GatedRepoError
 
-    err = hub.hub_error("text tokenizer", "meta-llama/Llama-3.2-1B",
-                           GatedRepoError("Access to model meta-llama/Llama-3.2-1B is restricted."), "hint")
-    assert "huggingface-cli login" in str(err) and "HF_TOKEN" in str(err)
+    message = "Access to model meta-llama/Llama-3.2-1B is restricted."
+    try:  # huggingface-hub >= 1 wants the HTTP response the error came with (built here, nothing is sent)
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
+    url = "https://huggingface.co/meta-llama/Llama-3.2-1B/resolve/main/config.json"
+    try:
+        gated = GatedRepoError(message, response=httpx.Response(401, request=httpx.Request("GET", url)))
+    except TypeError:
+        gated = GatedRepoError(message)
+    err = hub.hub_error("text tokenizer", "meta-llama/Llama-3.2-1B", gated, "hint")
+    assert "hf auth login" in str(err) and "HF_TOKEN" in str(err)
 
 
 def test_mimi_loads_from_a_local_directory_with_distinct_codes(mimi):

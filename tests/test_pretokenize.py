@@ -163,9 +163,9 @@ def test_batched_encoding_equals_one_clip_at_a_time(mimi):
     mismatched = sum(int((b != s).sum()) for b, s in zip(batched, single))
     for b, s in zip(batched, single):
         assert b.shape == s.shape
-    # Mimi is causal, so right padding cannot change a clip's codes; only float noise in batched
-    # kernels could, and on CPU none is seen (README: "batched encoding is exact").
-    assert mismatched / total == 0.0
+    # Mimi is causal, so right padding cannot change a clip's codes; only float noise in batched kernels
+    # can, by flipping a near tie. README: 0 of 1920 differed with torch 2.9, 1 of 1920 with torch 2.11.
+    assert mismatched / total <= 0.002, (mismatched, total)
 
 
 def test_every_bad_row_is_reported_and_good_rows_kept(assets, clips, tmp_path):
