@@ -242,9 +242,6 @@ def check_output(output: Path, metadata: dict, overwrite: bool) -> dict | None:
     """Refuse an output that would lose someone's file, before any audio is read. Returns the fingerprint
     of a finished output of this tool (to compare once the tokenizers are loaded), else None."""
     check_output_file(output, "--output", inputs=metadata.values())
-    for p in metadata.values():
-        if Path(p).expanduser().resolve() == output.expanduser().resolve():
-            raise UserError(f"--output {output} is also an input (metadata); choose another output")
     if not output.exists():
         return None
     previous = previous_fingerprint(output)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tokenization import MIMI_SAMPLE_RATE, load_text_tokenizer
-from utils import UserError
+from utils import UserError, check_output_dir
 from weights import (HF_CODEC_PREFIX, HF_TIED_AUDIO, hf_config_from_args, official_to_hf, parse_size, read_codec_weights,
                      save_pretrained, save_safetensors)
 
@@ -47,17 +47,12 @@ CHAT_TEMPLATE = (
 
 def check_output(output: Path, overwrite: bool, inputs: tuple = ()) -> None:
     """Refuse an output that would lose work or clobber an input, before anything is computed."""
-    output = Path(output)
+    output = check_output_dir(output, "--output")
     for src in inputs:
-        if src is not None and Path(str(src)).expanduser().exists() and Path(str(src)).expanduser().resolve() == output.resolve():
+        if src is not None and Path(str(src)).expanduser().resolve() == output.resolve():
             raise UserError(f"--output {output} is the model being exported; choose another directory")
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} is a file; give a directory")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise UserError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
-    parent = output.resolve().parent
-    if not os.access(parent if parent.exists() else parent.parent, os.W_OK):
-        raise UserError(f"--output {output}: cannot write in {parent}")
 
 
 def _replace_dir(tmp: Path, output: Path) -> None:

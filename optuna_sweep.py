@@ -9,7 +9,6 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import config as config_mod
 from tracking import last_logged
-from utils import OutputLock, UserError, atomic_path, check_number, check_output_dir, write_text_atomic
+from utils import OutputLock, UserError, atomic_path, check_number, check_output_dir, clear_dir, write_text_atomic
 
 PARAM_TYPES = ("categorical", "float", "int", "fixed")
 METRICS = ("val_loss", "final_val_loss", "train_loss")
@@ -363,9 +362,7 @@ def prepare_output_dir(out: Path, args) -> OutputLock:
                         "Choose another --output_dir, the same --study_name to continue, or --overwrite to replace it")
     lock = OutputLock(out / LOCK_NAME, f"--output_dir {out}").acquire()
     if foreign:
-        for p in out.iterdir():
-            if p.name != LOCK_NAME:
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        clear_dir(out, keep=(LOCK_NAME,))
     write_text_atomic(marker, json.dumps({"study_name": args.study_name}) + "\n")
     return lock
 

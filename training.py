@@ -30,8 +30,8 @@ from csm_model import ModelArgs, count_parameters
 from loss import combine_loss, compute_loss, count_targets, weighted_loss
 from optim import make_optimizer, make_scheduler
 from tracking import Tracker, make_tracker
-from utils import (OutputLock, Runtime, UserError, all_reduce_sum, atomic_path, autocast, check_output_dir, compute_init,
-                   peak_memory_bytes, print0, resolve_precision, seed_everything)
+from utils import (OutputLock, Runtime, UserError, all_reduce_sum, atomic_path, autocast, check_output_dir, clear_dir,
+                   compute_init, first_existing, peak_memory_bytes, print0, resolve_precision, seed_everything)
 from weights import build_model, load_model, save_pretrained
 
 
@@ -246,13 +246,6 @@ def prepare_output_dir(out: Path, resume: str | None, overwrite: bool, rt: Runti
     return OutputLock(out / LOCK_NAME, f"--output_dir {out}").acquire()
 
 
-def _clear_run_dir(out: Path) -> None:
-    """--overwrite: remove the old run's files (all checks have passed by now)."""
-    for p in out.iterdir():
-        if p.name != LOCK_NAME:
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-
-
 def check_warmup(cfg: TrainConfig, total_steps: int) -> None:
     if cfg.warmup_steps and cfg.warmup_steps >= total_steps:
         raise UserError(f"warmup_steps {cfg.warmup_steps} is not shorter than the run ({total_steps} optimizer steps): "
@@ -266,16 +259,10 @@ def check_disk_space(model: nn.Module, cfg: TrainConfig, out: Path) -> None:
     """Room for one checkpoint (weights + optimizer state), estimated from the parameter sizes."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     need = weights * (3 if cfg.optimizer == "adamw" else 1.6)  # AdamW keeps two fp32 states per weight
-    free = shutil.disk_usage(_existing_parent(out)).free
+    free = shutil.disk_usage(first_existing(out.absolute())).free
     if free < need:
         raise UserError(f"{out}: {free / 2**30:.1f} GiB free, but one checkpoint needs about {need / 2**30:.1f} GiB; "
                         "free some space or choose another --output_dir")
-
-
-def _existing_parent(path: Path) -> Path:
-    while not path.exists():
-        path = path.parent
-    return path
 
 
 def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device: str | None = "auto",
@@ -355,7 +342,7 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
         loop = restore_checkpoint(*found, **state)
     if rt.is_main:  # all checks passed: only now is the directory changed
         if overwrite and found is None:
-            _clear_run_dir(out)
+            clear_dir(out, keep=(LOCK_NAME,))
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         config_mod.save_yaml(cfg, out / "config.yaml")
 

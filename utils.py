@@ -206,18 +206,12 @@ def check_number(name: str, value, *, min=None, gt=None, max=None) -> None:
 # --------------------------------------------------------------------------- output paths and locks
 
 
-def _first_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_output_dir(path: str | Path, what: str) -> Path:
     """An output directory that exists as a directory or can be created, and can be written."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise UserError(f"{what} {path} is a file, not a directory")
-    base = _first_existing(path.absolute())
+    base = first_existing(path.absolute())
     if not base.is_dir():
         raise UserError(f"{what} {path} is under {base}, which is a file")
     if not os.access(base, os.W_OK | os.X_OK):
@@ -231,9 +225,25 @@ def check_output_file(path: str | Path, what: str, inputs=()) -> Path:
     if path.is_dir():
         raise UserError(f"{what} {path} is a directory; give a file name")
     for src in inputs:
-        if src and Path(src).expanduser().exists() and path.exists() and Path(src).expanduser().resolve() == path.resolve():
+        if src and Path(src).expanduser().resolve() == path.resolve():
             raise UserError(f"{what} {path} is also an input; choose another output")
     check_output_dir(path.parent if str(path.parent) else Path("."), f"{what} {path}: its folder")
+    return path
+
+
+def clear_dir(path: Path, keep: tuple[str, ...] = ()) -> None:
+    """Remove everything in a directory but the names in `keep` (--overwrite, once every check has passed)."""
+    import shutil
+
+    for p in Path(path).iterdir():
+        if p.name not in keep:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def first_existing(path: Path) -> Path:
+    """The path itself, or its nearest ancestor that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
     return path
 
 
