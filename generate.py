@@ -26,7 +26,7 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of generate.py."""
-    p = argparse.ArgumentParser(description="Speech from a CSM checkpoint (hub id, directory in the hub layout, or .pt)")
+    p = argparse.ArgumentParser(description="Speech from a CSM checkpoint (hub id, directory in either layout, .safetensors or .pt)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, directory (official or transformers layout), .safetensors or .pt")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="what to say")

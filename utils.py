@@ -170,7 +170,8 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     `suffix` lets writers that insist on an extension (numpy's .npz) keep it.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + suffix)
+    # The process id keeps two processes writing one output from sharing (and fighting over) a temp file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{suffix}")
     try:
         yield tmp
         with open(tmp, "rb") as f:
