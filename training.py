@@ -32,7 +32,7 @@ from optim import make_optimizer, make_scheduler
 from tracking import Tracker, make_tracker
 from utils import (OutputLock, Runtime, UserError, all_reduce_sum, atomic_path, autocast, check_output_dir, clear_dir,
                    compute_init, first_existing, peak_memory_bytes, print0, resolve_precision, seed_everything)
-from weights import build_model, load_model, save_pretrained
+from weights import build_model, copy_tokenizer_files, load_model, save_pretrained
 
 
 class TrainingStopped(UserError):
@@ -246,6 +246,15 @@ def prepare_output_dir(out: Path, resume: str | None, overwrite: bool, rt: Runti
     return OutputLock(out / LOCK_NAME, f"--output_dir {out}").acquire()
 
 
+def _text_tokenizer_dir(cfg: TrainConfig) -> Path | None:
+    """The run's text tokenizer when it is a local directory (the model's own files, or --text_tokenizer DIR)."""
+    from tokenization import resolve_text_tokenizer
+
+    found = Path(resolve_text_tokenizer(cfg.text_tokenizer, None if cfg.train_from_scratch else cfg.model,
+                                        cfg.model_revision))
+    return found if found.is_dir() else None
+
+
 def check_warmup(cfg: TrainConfig, total_steps: int) -> None:
     if cfg.warmup_steps and cfg.warmup_steps >= total_steps:
         raise UserError(f"warmup_steps {cfg.warmup_steps} is not shorter than the run ({total_steps} optimizer steps): "
@@ -315,6 +324,7 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
     # Everything needed later (samples, exports) is found now, not hours into the run; then the model.
     samples = SampleWriter(cfg, out, rt.device)
     hf_exports = None
+    tokenizer_dir = _text_tokenizer_dir(cfg)  # copied beside best/ and final/
     if rt.is_main:
         samples.prepare()
         hf_exports = HFExports(cfg) if cfg.export_hf else None
@@ -404,6 +414,7 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
                     loop.best_val_loss = final_val
                     if rt.is_main:
                         save_pretrained(model, out / "best")
+                        copy_tokenizer_files(tokenizer_dir, out / "best")
                         if hf_exports:
                             hf_exports(model, out / "best_hf")
                 if on_eval is not None:
@@ -420,6 +431,7 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
     pbar.close()
     if rt.is_main and not stopped_early:
         save_pretrained(model, out / "final")
+        copy_tokenizer_files(tokenizer_dir, out / "final")
         if hf_exports:
             hf_exports(model, out / "final_hf")
     tracker.finish()

@@ -639,6 +639,15 @@ def save_safetensors(state: dict[str, torch.Tensor], directory: Path, max_shard_
     return [directory / n for n in names] + [directory / SHARD_INDEX_NAME]
 
 
+def copy_tokenizer_files(source: Path | None, directory: str | Path) -> None:
+    """Put a text tokenizer's files beside saved weights, so the directory is its own default tokenizer."""
+    if source is None or not Path(source).is_dir():
+        return
+    for name in (*TOKENIZER_FILES, "special_tokens_map.json", "chat_template.jinja"):
+        if (Path(source) / name).is_file():
+            write_text_atomic(Path(directory) / name, (Path(source) / name).read_text())
+
+
 def save_pretrained(model, directory: str | Path) -> Path:
     """Write config.json + model.safetensors (the official layout), each file atomically."""
     from safetensors.torch import save_file

@@ -271,6 +271,8 @@ def test_train_from_a_transformers_checkpoint_and_export_hf(hf_dir, assets, tmp_
         hf = hf_model(out / name)
         ours = weights.load_model(out / name.removesuffix("_hf"))
         assert_same_model(hf, ours, [0, 40, 41, 1])
+    # best/ and final/ carry the base model's tokenizer, so they need no --text_tokenizer either.
+    assert (out / "best" / "tokenizer.json").read_text() == (hf_dir / "tokenizer.json").read_text()
     # The codec came from the base model, untouched.
     base = load_file(str(hf_dir / "model.safetensors"))
     final = load_file(str(out / "final_hf" / "model.safetensors"))

@@ -184,7 +184,9 @@ def test_checkpoints_are_complete_and_pruned(assets, token_file, tmp_path):
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "loader", "config", "step", "model_args"} <= set(state)
     assert isinstance(state["config"], dict) and state["config"]["max_steps"] == 6
     # The final model is in the hub layout and loads anywhere the official one does.
-    assert sorted(p.name for p in (tmp_path / "out" / "final").iterdir()) == ["config.json", "model.safetensors"]
+    # ... with the run's text tokenizer beside it (a local directory here), so it is its own default.
+    assert sorted(p.name for p in (tmp_path / "out" / "final").iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     weights.load_model(tmp_path / "out" / "final")
     weights.load_model(tmp_path / "out" / "checkpoints" / "step_0000006.pt")
 
