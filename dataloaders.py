@@ -36,6 +36,8 @@ class CSMDataset(Dataset):
             raise DataError(f"{path} has no '{split}' split (found: {', '.join(splits)})")
         with token_file.open_token_file(self.path) as f:
             self.lengths, self.num_codebooks = token_file.read_split_index(f, path, split)
+            # Each row's conversation id ("": on its own), order within it and speaker (-1: unknown).
+            self.conversation, self.turn, self.speaker = token_file.read_turns(f, split)
             self._check_lengths()
             self._file = None
             self._pid = None

@@ -24,8 +24,8 @@ from tqdm import tqdm
 from audio_io import AudioError, read_audio
 from metadata import Row, SkipRow, check_row, read_metadata
 from token_file import FORMAT_VERSION, write_token_file
-from tokenization import (MIMI_FRAME_RATE, MIMI_SAMPLE_RATE, NUM_CODEBOOKS, SAMPLES_PER_FRAME, encode_audio, encode_text,
-                          frames_of, load_mimi, load_text_tokenizer)
+from tokenization import (DEFAULT_SPEAKER, MIMI_FRAME_RATE, MIMI_SAMPLE_RATE, NUM_CODEBOOKS, SAMPLES_PER_FRAME,
+                          encode_audio, encode_text, frames_of, load_mimi, load_text_tokenizer)
 from utils import OutputLock, UserError, atomic_path, check_output_file, resolve_device, write_text_atomic
 
 SILENCE_PEAK = 1e-4
@@ -56,7 +56,16 @@ def _chunk_path(work: Path, split: str, index: int) -> Path:
     return work / f"{split}_{index:06d}.npz"
 
 
-def _save_chunk(path: Path, examples: list[tuple[int, np.ndarray, list[int], float]],
+CHUNK_KEYS = ("rows", "audio", "audio_sizes", "text", "text_sizes", "seconds", "speaker", "conversation", "turn",
+              "skipped")
+
+
+def turn_order(row: Row) -> float:
+    """A row's place in its conversation: its `turn`, else its `start`, else its row number."""
+    return row.turn if row.turn is not None else row.start if row.start is not None else float(row.index)
+
+
+def _save_chunk(path: Path, examples: list[tuple[int, np.ndarray, list[int], float, Row]],
                 skipped: list[tuple[int, str, str]]) -> dict:
     """One chunk's kept examples and skipped rows, written to a temp name then renamed (all or nothing)."""
     audio = [e[1].reshape(-1).astype(np.int16) for e in examples]
@@ -68,6 +77,10 @@ def _save_chunk(path: Path, examples: list[tuple[int, np.ndarray, list[int], flo
         "text": np.concatenate(text) if text else np.zeros(0, np.int32),
         "text_sizes": np.array([len(t) for t in text], dtype=np.int64),
         "seconds": np.array([e[3] for e in examples], dtype=np.float64),
+        # Kept with each example for conversational context (a fixed-width string array, no pickle).
+        "speaker": np.array([DEFAULT_SPEAKER if e[4].speaker is None else e[4].speaker for e in examples], dtype=np.int64),
+        "conversation": np.array([e[4].conversation or "" for e in examples], dtype=str),
+        "turn": np.array([turn_order(e[4]) for e in examples], dtype=np.float64),
         "skipped": np.array(json.dumps(skipped)),
     }
     with atomic_path(path, suffix=".tmp.npz") as tmp:
@@ -149,8 +162,8 @@ def process_chunk(rows: list[tuple[int, dict]], clips, tokenizer, mimi, args, st
         ready.sort(key=lambda r: len(r[1]))
         for start in range(0, len(ready), args.batch_size):
             batch = ready[start:start + args.batch_size]
-            for (index, audio, text), codes in zip(batch, encode_audio(mimi, [b[1] for b in batch], NUM_CODEBOOKS)):
-                examples.append((index, codes, text, len(audio) / MIMI_SAMPLE_RATE))
+            for (index, audio, text, row), codes in zip(batch, encode_audio(mimi, [b[1] for b in batch], NUM_CODEBOOKS)):
+                examples.append((index, codes, text, len(audio) / MIMI_SAMPLE_RATE, row))
         ready.clear()
 
     # Encoding a few batches' worth at a time lets the encoder start while the readers are still
@@ -165,7 +178,7 @@ def process_chunk(rows: list[tuple[int, dict]], clips, tokenizer, mimi, args, st
             length = len(text) + frames_of(len(audio)) + 1
             if length > args.max_seq_len:
                 raise SkipRow(f"too long: {length} frames (text + audio + EOS) > max_seq_len {args.max_seq_len}")
-            ready.append((index, audio, text))
+            ready.append((index, audio, text, row))
         except SkipRow as e:
             if args.strict:
                 raise UserError(f"{strict_label} row {index} ({raw.get('path')}): {e} (--strict stops at the first bad row)")
@@ -206,11 +219,12 @@ def write_output(output: Path, work: Path, plan: dict, fp: dict, args, tokenizer
             for chunk_path in paths:  # npz members load lazily: this reads only the row ids
                 with np.load(chunk_path, allow_pickle=False) as z:
                     n += len(z["rows"])
-            writer, start = out.split(split, n), 0
+            writer, start = out.split(split, n, turns=True), 0
             for chunk_path in paths:  # one chunk in memory at a time
                 chunk = _load_chunk(chunk_path)
                 start = writer.write(start, _ragged(chunk["audio"], chunk["audio_sizes"]),
-                                     _ragged(chunk["text"], chunk["text_sizes"]), chunk["rows"])
+                                     _ragged(chunk["text"], chunk["text_sizes"]), chunk["rows"],
+                                     turns=(chunk["conversation"], chunk["turn"], chunk["speaker"]))
 
 
 def write_skipped_report(path: Path, work: Path, plan: dict) -> int:
@@ -260,7 +274,11 @@ def _done_chunks(work: Path, plan: dict) -> tuple[list, dict]:
             path = _chunk_path(work, split, i)
             if path.exists():
                 try:
-                    stats[split].add_chunk(_load_chunk(path))
+                    chunk = _load_chunk(path)
+                    missing = [k for k in CHUNK_KEYS if k not in chunk]
+                    if missing:  # written by an older version of this tool
+                        raise KeyError(", ".join(missing))
+                    stats[split].add_chunk(chunk)
                     continue
                 except (OSError, ValueError, KeyError, EOFError) as e:
                     print(f"warning: {path} is damaged ({type(e).__name__}); encoding its rows again")

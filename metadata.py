@@ -12,7 +12,7 @@ from utils import UserError
 
 METADATA_FORMATS = (".json", ".jsonl", ".csv", ".parquet", ".sql", ".hdf5", ".h5", ".pkl")
 REQUIRED_COLUMNS = ("path", "text")
-OPTIONAL_COLUMNS = ("start", "end", "speaker")
+OPTIONAL_COLUMNS = ("start", "end", "speaker", "conversation", "turn")
 
 
 class SkipRow(Exception):
@@ -108,6 +108,8 @@ class Row:
     start: float | None
     end: float | None
     speaker: int | None
+    conversation: str | None = None  # rows of one conversation share it; None: the row stands alone
+    turn: float | None = None        # order within the conversation
 
 
 def check_row(index: int, raw: dict) -> Row:
@@ -144,4 +146,16 @@ def check_row(index: int, raw: dict) -> Row:
         if not as_float.is_integer() or as_float < 0 or as_float > 2**31 - 1:
             raise SkipRow(f"speaker {speaker!r} is not a non-negative integer id (below 2^31)")
         speaker = int(as_float)
-    return Row(index, str(path), str(text).strip(), start, end, speaker)
+    conversation = raw.get("conversation")
+    conversation = None if _missing(conversation) or not str(conversation).strip() else str(conversation).strip()
+    turn = raw.get("turn")
+    if _missing(turn):
+        turn = None
+    else:
+        try:
+            turn = float(turn)
+        except (TypeError, ValueError):
+            raise SkipRow(f"turn {turn!r} is not a number") from None
+        if not math.isfinite(turn):
+            raise SkipRow(f"turn {turn} is not finite")
+    return Row(index, str(path), str(text).strip(), start, end, speaker, conversation, turn)

@@ -1,5 +1,6 @@
 """The pre-tokenized HDF5 file of SPEC §3, read and written only here: per split, vlen int16 Mimi codes
-(32 x F, codebook-major), vlen int32 text ids, int32 lengths (len(text) + F + 1) and int64 source rows;
+(32 x F, codebook-major), vlen int32 text ids, int32 lengths (len(text) + F + 1), int64 source rows and
+(for conversational context) each row's conversation id, turn order and speaker;
 attributes name the tokenizers and the format version. Files of the original tool (int32 codes, no
 attributes) read the same way; a file of a newer format version is refused with a clear message.
 """
@@ -111,6 +112,18 @@ def read_flat(f, path, split: str, what: str) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(chunks) if chunks else np.empty(0, dtype), offsets
 
 
+def read_turns(f, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(conversation ids, turn orders, speaker ids) of a split's rows. Files without them (older ones,
+    the original tool's) read as every row its own conversation ("") at its row number, speaker -1 (unknown)."""
+    group = f[split]
+    n = len(group["length"])
+    if "conversation" not in group:
+        return np.full(n, "", dtype=object), np.arange(n, dtype=np.float64), np.full(n, -1, dtype=np.int32)
+    conversation = np.array([c.decode() if isinstance(c, bytes) else str(c) for c in group["conversation"][:]],
+                            dtype=object)
+    return conversation, group["turn"][:].astype(np.float64), group["speaker"][:].astype(np.int32)
+
+
 def read_row(f, split: str, i: int) -> tuple[np.ndarray, np.ndarray]:
     """(flat audio codes, text ids) of row i of a split."""
     group = f[split]
@@ -121,18 +134,28 @@ def read_row(f, split: str, i: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class SplitWriter:
-    """The datasets of one split, created at their final size and filled a block of rows at a time."""
+    """The datasets of one split, created at their final size and filled a block of rows at a time.
 
-    def __init__(self, group, n: int, num_codebooks: int, audio_dtype: str, source_rows: bool):
+    With `turns`, each row also records its conversation id ("" for a row that stands alone), its turn
+    order within it and its speaker id, for composing examples with conversational context."""
+
+    def __init__(self, group, n: int, num_codebooks: int, audio_dtype: str, source_rows: bool, turns: bool = False):
         h5py = _h5py()
         self.num_codebooks = num_codebooks
         self.audio = group.create_dataset("audio", (n,), dtype=h5py.vlen_dtype(np.dtype(audio_dtype)))
         self.text = group.create_dataset("text", (n,), dtype=h5py.vlen_dtype(np.dtype("int32")))
         self.length = group.create_dataset("length", (n,), dtype=np.int32)
         self.source_row = group.create_dataset("source_row", (n,), dtype=np.int64) if source_rows else None
+        self.turns = None
+        if turns:
+            self.turns = (group.create_dataset("conversation", (n,), dtype=h5py.string_dtype()),
+                          group.create_dataset("turn", (n,), dtype=np.float64),
+                          group.create_dataset("speaker", (n,), dtype=np.int32))
 
-    def write(self, start: int, audio: list[np.ndarray], text: list[np.ndarray], source_rows=None) -> int:
-        """Rows start.. of flat codes (K x F each) and text ids; returns the next free row."""
+    def write(self, start: int, audio: list[np.ndarray], text: list[np.ndarray], source_rows=None,
+              turns: tuple | None = None) -> int:
+        """Rows start.. of flat codes (K x F each) and text ids (and, with turns, (conversation ids,
+        turn orders, speakers) of those rows); returns the next free row."""
         # Row by row: h5py turns a slice of equal-length rows into a 2-D array and refuses it.
         for j, (a, t) in enumerate(zip(audio, text)):
             self.audio[start + j], self.text[start + j] = a, t
@@ -140,6 +163,9 @@ class SplitWriter:
         self.length[start:start + m] = [len(t) + len(a) // self.num_codebooks + 1 for a, t in zip(audio, text)]
         if self.source_row is not None:
             self.source_row[start:start + m] = source_rows
+        if self.turns is not None and m:
+            for dataset, values in zip(self.turns, turns):
+                dataset[start:start + m] = list(values) if dataset.dtype.kind == "O" else values
         return start + m
 
 
@@ -149,8 +175,8 @@ class TokenFileWriter:
     def __init__(self, f, num_codebooks: int, audio_dtype: str):
         self.f, self.num_codebooks, self.audio_dtype = f, num_codebooks, audio_dtype
 
-    def split(self, name: str, n: int, *, source_rows: bool = True) -> SplitWriter:
-        return SplitWriter(self.f.create_group(name), n, self.num_codebooks, self.audio_dtype, source_rows)
+    def split(self, name: str, n: int, *, source_rows: bool = True, turns: bool = False) -> SplitWriter:
+        return SplitWriter(self.f.create_group(name), n, self.num_codebooks, self.audio_dtype, source_rows, turns)
 
 
 @contextlib.contextmanager

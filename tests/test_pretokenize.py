@@ -17,7 +17,7 @@ import torch
 
 import pretokenize
 import utils
-from conftest import ROOT
+from conftest import ROOT, write_token_file
 from dataloaders import CSMDataset
 from encode_dataset import load_clip
 from metadata import check_row
@@ -223,6 +223,29 @@ def test_every_bad_number_in_metadata_is_a_reported_row(assets, clips, tmp_path)
     for row, reason in expected.items():
         assert reason in report[row], (row, report[row])
     assert read(out)["train"]["source_row"] == [0, 8]  # a NaN speaker is a missing one: 999
+
+
+def test_conversation_turn_and_speaker_are_stored_per_row(assets, clips, tmp_path):
+    """Conversational context (issue 14) starts from the data: each kept row keeps its conversation id,
+    its order in it (turn, else start, else row number) and its speaker; files without them read as
+    every row its own conversation."""
+    (tmp_path / "m.csv").write_text(
+        "path,text,speaker,conversation,turn,start,end\n"
+        "clips/c0.wav,second,1,dlg1,2,,\n"
+        "clips/c1.wav,first,0,dlg1,1,,\n"
+        "clips/c2.wav,alone,,,,0.0,0.2\n"
+        "clips/c3.wav,bad turn,0,dlg1,inf,,\n"
+        "clips/c4.wav,by start,0,dlg2,,0.1,0.3\n")
+    out = tmp_path / "o.hdf5"
+    run(assets, "--train_data", str(tmp_path / "m.csv"), "--output", str(out))
+    ds = CSMDataset(out, "train")
+    assert list(ds.conversation) == ["dlg1", "dlg1", "", "dlg2"]
+    assert list(ds.turn) == [2.0, 1.0, 0.0, 0.1]  # turn, turn, start (row 2), start
+    assert list(ds.speaker) == [1, 0, 999, 0]  # a missing speaker is 999, as in the text
+    assert {int(r["row"]): r["reason"] for r in skipped(out)} == {3: "turn inf is not finite"}
+    old = write_token_file(tmp_path / "old.hdf5", n_train=3, n_val=0, attrs=False)
+    ds = CSMDataset(old, "train")
+    assert list(ds.conversation) == ["", "", ""] and list(ds.turn) == [0, 1, 2] and list(ds.speaker) == [-1] * 3
 
 
 def test_strict_stops_at_the_first_bad_row(assets, clips, tmp_path):
