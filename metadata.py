@@ -112,6 +112,13 @@ class Row:
     turn: float | None = None        # order within the conversation
 
 
+def _as_float(value, reason: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise SkipRow(reason) from None
+
+
 def check_row(index: int, raw: dict) -> Row:
     """Validate one metadata row's fields (not its audio)."""
     path, text = raw["path"], raw["text"]
@@ -139,10 +146,7 @@ def check_row(index: int, raw: dict) -> Row:
     if _missing(speaker):
         speaker = None
     else:
-        try:
-            as_float = float(speaker)
-        except (TypeError, ValueError):
-            raise SkipRow(f"speaker {speaker!r} is not an integer id") from None
+        as_float = _as_float(speaker, f"speaker {speaker!r} is not an integer id")
         if not as_float.is_integer() or as_float < 0 or as_float > 2**31 - 1:
             raise SkipRow(f"speaker {speaker!r} is not a non-negative integer id (below 2^31)")
         speaker = int(as_float)
@@ -152,10 +156,7 @@ def check_row(index: int, raw: dict) -> Row:
     if _missing(turn):
         turn = None
     else:
-        try:
-            turn = float(turn)
-        except (TypeError, ValueError):
-            raise SkipRow(f"turn {turn!r} is not a number") from None
+        turn = _as_float(turn, f"turn {turn!r} is not a number")
         if not math.isfinite(turn):
             raise SkipRow(f"turn {turn} is not finite")
     return Row(index, str(path), str(text).strip(), start, end, speaker, conversation, turn)
