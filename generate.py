@@ -18,7 +18,7 @@ from synthesis import parse_speaker, synthesize
 from tokenization import MIMI_SAMPLE_RATE, load_mimi, load_text_tokenizer, resolve_text_tokenizer
 from utils import (DTYPES, PRECISIONS, UserError, atomic_path, check_number, check_output_file, resolve_device,
                    resolve_precision, run_cli)
-from weights import DEFAULT_MODEL, load_model
+from weights import DEFAULT_MODEL, load_model, resolve_source
 
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     context = [Segment(text, parse_speaker(spk), torch.from_numpy(read_audio(wav)))
                for wav, text, spk in zip(args.context_audio, args.context_text, args.context_speaker)]
     precision = resolve_precision(args.precision, device)
-    model = load_model(args.model, device=device, dtype=DTYPES[precision], revision=args.revision)
-    tokenizer = load_text_tokenizer(resolve_text_tokenizer(args.text_tokenizer, args.model, args.revision))
+    source = resolve_source(args.model, args.revision)  # a hub repo is fetched once, at the pinned revision
+    model = load_model(source, device=device, dtype=DTYPES[precision])
+    tokenizer = load_text_tokenizer(resolve_text_tokenizer(args.text_tokenizer, source))
     mimi = load_mimi(args.mimi_weights, device=device, num_codebooks=model.config.audio_num_codebooks)
     generator = torch.Generator(device=device).manual_seed(args.seed)
 

@@ -32,7 +32,8 @@ from optim import make_optimizer, make_scheduler
 from tracking import Tracker, make_tracker
 from utils import (OutputLock, Runtime, UserError, all_reduce_sum, atomic_path, autocast, check_output_dir, clear_dir,
                    compute_init, first_existing, peak_memory_bytes, print0, resolve_precision, seed_everything)
-from weights import build_model, copy_tokenizer_files, load_model, save_pretrained
+from tokenization import resolve_text_tokenizer
+from weights import build_model, copy_tokenizer_files, load_model, resolve_source, save_pretrained
 
 
 class TrainingStopped(UserError):
@@ -53,13 +54,14 @@ class LossModule(nn.Module):
         return compute_loss(self.model, tokens, mask, decoder_fraction=decoder_fraction, generator=generator)
 
 
-def build_or_load_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
+def build_or_load_model(cfg: TrainConfig, device: torch.device, source: Path | None = None) -> nn.Module:
+    """A fresh model (train_from_scratch), or the one at `source` (cfg.model already resolved to a local path)."""
     if cfg.train_from_scratch:
         args = ModelArgs(backbone_flavor=cfg.backbone_flavor, decoder_flavor=cfg.decoder_flavor,
                          text_vocab_size=cfg.text_vocab_size)
         torch.manual_seed(cfg.seed)
         return build_model(args, device=device)
-    return load_model(cfg.model, device=device, revision=cfg.model_revision)
+    return load_model(source if source is not None else cfg.model, device=device, revision=cfg.model_revision)
 
 
 # --------------------------------------------------------------------------- one optimizer step
@@ -128,19 +130,17 @@ class SampleWriter:
     `prepare()` loads the tokenizer and Mimi when the run starts, so a missing one fails before step 1;
     a failure while sampling is reported and training goes on (a sample is not worth a run)."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, device: torch.device):
-        self.cfg, self.dir, self.device = cfg, out / "samples", device
+    def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, text_tokenizer: str):
+        self.cfg, self.dir, self.device, self.text_tokenizer = cfg, out / "samples", device, text_tokenizer
         self._tokenizer = self._mimi = None
 
     def prepare(self, num_codebooks: int = 32) -> None:
-        from tokenization import load_mimi, load_text_tokenizer, resolve_text_tokenizer
+        from tokenization import load_mimi, load_text_tokenizer
 
-        cfg = self.cfg
-        if not cfg.gen_every or self._tokenizer is not None:
+        if not self.cfg.gen_every or self._tokenizer is not None:
             return
-        self._tokenizer = load_text_tokenizer(resolve_text_tokenizer(
-            cfg.text_tokenizer, None if cfg.train_from_scratch else cfg.model, cfg.model_revision))
-        self._mimi = load_mimi(cfg.mimi_weights, device=self.device, num_codebooks=num_codebooks)
+        self._tokenizer = load_text_tokenizer(self.text_tokenizer)
+        self._mimi = load_mimi(self.cfg.mimi_weights, device=self.device, num_codebooks=num_codebooks)
 
     def __call__(self, model: nn.Module, step: int, tracker: Tracker) -> None:
         try:
@@ -174,14 +174,11 @@ class HFExports:
     """best_hf/ and final_hf/ (config key export_hf). The codec and the tokenizer are found when the run
     starts, so a missing one fails before any training, not at the first validation."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, base: Path | None, text_tokenizer: str):
         from hf_export import DEFAULT_CODEC, csm_tokenizer, find_codec
-        from tokenization import resolve_text_tokenizer
-        from weights import resolve_source
 
-        base = None if cfg.train_from_scratch else resolve_source(cfg.model, cfg.model_revision)
         self.codec = find_codec([cfg.export_codec] if cfg.export_codec else [base, DEFAULT_CODEC])
-        self.tokenizer = csm_tokenizer(resolve_text_tokenizer(cfg.text_tokenizer, base))
+        self.tokenizer = csm_tokenizer(text_tokenizer)
 
     def __call__(self, model: nn.Module, directory: Path) -> None:
         from hf_export import export_transformers
@@ -244,15 +241,6 @@ def prepare_output_dir(out: Path, resume: str | None, overwrite: bool, rt: Runti
         raise UserError(f"--output_dir {out} already holds a run ({', '.join(existing[:4])}); pass --resume to continue "
                         "it, --overwrite to replace it, or choose another directory")
     return OutputLock(out / LOCK_NAME, f"--output_dir {out}").acquire()
-
-
-def _text_tokenizer_dir(cfg: TrainConfig) -> Path | None:
-    """The run's text tokenizer when it is a local directory (the model's own files, or --text_tokenizer DIR)."""
-    from tokenization import resolve_text_tokenizer
-
-    found = Path(resolve_text_tokenizer(cfg.text_tokenizer, None if cfg.train_from_scratch else cfg.model,
-                                        cfg.model_revision))
-    return found if found.is_dir() else None
 
 
 def check_warmup(cfg: TrainConfig, total_steps: int) -> None:
@@ -321,14 +309,17 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
     total_steps = cfg.max_steps or math.ceil(cfg.n_epochs * len(train_loader) / cfg.grad_acc_steps)
     check_warmup(cfg, total_steps)
 
-    # Everything needed later (samples, exports) is found now, not hours into the run; then the model.
-    samples = SampleWriter(cfg, out, rt.device)
+    # The base model is resolved once (a hub repo: fetched once, at model_revision) and everything that
+    # needs it later (text tokenizer, samples, exports) is found now, not hours into the run.
+    base = None if cfg.train_from_scratch else resolve_source(cfg.model, cfg.model_revision)
+    text_tokenizer = resolve_text_tokenizer(cfg.text_tokenizer, base)
+    tokenizer_dir = Path(text_tokenizer) if Path(text_tokenizer).is_dir() else None  # copied beside best/, final/
+    samples = SampleWriter(cfg, out, rt.device, text_tokenizer)
     hf_exports = None
-    tokenizer_dir = _text_tokenizer_dir(cfg)  # copied beside best/ and final/
     if rt.is_main:
         samples.prepare()
-        hf_exports = HFExports(cfg) if cfg.export_hf else None
-    model = build_or_load_model(cfg, rt.device)
+        hf_exports = HFExports(cfg, base, text_tokenizer) if cfg.export_hf else None
+    model = build_or_load_model(cfg, rt.device, base)
     k = model.config.audio_num_codebooks
     if train_set.num_codebooks != k:
         raise UserError(f"{data} has {train_set.num_codebooks} codebooks per frame; the model expects {k}")
