@@ -9,8 +9,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
 from tokenization import MIMI_SAMPLE_RATE, load_text_tokenizer
 from utils import UserError, check_output_dir
 from weights import (HF_CODEC_PREFIX, HF_TIED_AUDIO, hf_config_from_args, official_to_hf, parse_size, read_codec_weights,

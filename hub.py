@@ -1,4 +1,4 @@
-"""Hugging Face hub access: fetch one file or the needed files of a repo (at a pinned revision), tell a
+"""Hugging Face hub access: fetch the needed files of a repo (at a pinned revision), tell a
 hub id from a local path, and turn the hub's many failure types into one line that says what to do.
 """
 from __future__ import annotations
@@ -32,16 +32,6 @@ def hub_error(what: str, source: str, err: Exception, local_hint: str) -> UserEr
     return UserError(f"could not load {what} {source!r}: {why}. {local_hint}")
 
 
-def hub_file(repo_id: str, filename: str, what: str, local_hint: str, revision: str | None = None) -> Path:
-    """Download (or take from the cache) one file of a hub repo, with a clear error when that fails."""
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision))
-    except Exception as e:  # the hub raises many unrelated types (HTTP, offline, gated, OSError)
-        raise hub_error(what, repo_id, e, local_hint) from e
-
-
 def hub_snapshot(repo_id: str, patterns: list[str], what: str, local_hint: str, revision: str | None = None) -> Path:
     """The files of a hub repo that match `patterns` (and only those), downloaded or from the cache, at
     `revision` (a branch, tag or commit; default main). Returns the local snapshot directory."""
@@ -49,7 +39,7 @@ def hub_snapshot(repo_id: str, patterns: list[str], what: str, local_hint: str, 
 
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except Exception as e:  # see hub_file
+    except Exception as e:  # the hub raises many unrelated types (HTTP, offline, gated, OSError)
         raise hub_error(what, repo_id, e, local_hint) from e
 
 

@@ -4,14 +4,13 @@ MimiModel: 24 kHz mono in, 12.5 frames/s of 32 codebooks out).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from hub import hub_error, hub_file, looks_like_repo_id
+from hub import hub_error
 from utils import UserError
 
 DEFAULT_TEXT_TOKENIZER = "meta-llama/Llama-3.2-1B"

@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from loss import SequenceTooLongError, combine_loss, compute_loss, count_targets, decoder_frame_count
 from optim import lr_multiplier

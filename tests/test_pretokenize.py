@@ -1,6 +1,5 @@
 """pretokenize.py: formats, audio handling, bad rows, batch exactness, crash-safe resume, output layout."""
 import csv
-import json
 import os
 import signal
 import sqlite3

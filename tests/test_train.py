@@ -1,7 +1,5 @@
 """train.py end to end on CPU with the tiny model: learning, accumulation, resume, guards, tracking."""
-import copy
 import json
-import os
 import signal
 import subprocess
 import sys
