@@ -18,7 +18,8 @@ from pathlib import Path
 
 import config as config_mod
 from tracking import last_logged
-from utils import OutputLock, UserError, atomic_path, check_number, check_output_dir, clear_dir, write_text_atomic
+from utils import (LOCK_NAME, OutputLock, UserError, atomic_path, check_number, check_output_dir, clear_dir, dir_entries,
+                   write_text_atomic)
 
 PARAM_TYPES = ("categorical", "float", "int", "fixed")
 METRICS = ("val_loss", "final_val_loss", "train_loss")
@@ -342,14 +343,13 @@ def base_values(args) -> dict:
 
 
 MARKER_NAME = "sweep.json"  # which study an output directory belongs to
-LOCK_NAME = ".lock"
 
 
 def prepare_output_dir(out: Path, args) -> OutputLock:
     """An output directory for this study: new, or one that already holds the same study (continued),
     or anything else only with --overwrite (then emptied). Locked, so one sweep process writes it."""
     check_output_dir(out, "--output_dir")
-    existing = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
+    existing = dir_entries(out)
     marker = out / MARKER_NAME
     try:
         owner = json.loads(marker.read_text()).get("study_name") if marker.is_file() else None
@@ -362,7 +362,7 @@ def prepare_output_dir(out: Path, args) -> OutputLock:
                         "Choose another --output_dir, the same --study_name to continue, or --overwrite to replace it")
     lock = OutputLock(out / LOCK_NAME, f"--output_dir {out}").acquire()
     if foreign:
-        clear_dir(out, keep=(LOCK_NAME,))
+        clear_dir(out)
     write_text_atomic(marker, json.dumps({"study_name": args.study_name}) + "\n")
     return lock
 

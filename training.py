@@ -30,8 +30,8 @@ from csm_model import ModelArgs, count_parameters
 from loss import combine_loss, compute_loss, count_targets, weighted_loss
 from optim import make_optimizer, make_scheduler
 from tracking import Tracker, make_tracker
-from utils import (OutputLock, Runtime, UserError, all_reduce_sum, atomic_path, autocast, check_output_dir, clear_dir,
-                   compute_init, first_existing, peak_memory_bytes, print0, resolve_precision, seed_everything)
+from utils import (LOCK_NAME, OutputLock, Runtime, UserError, all_reduce_sum, atomic_path, autocast, check_output_dir,
+                   clear_dir, compute_init, dir_entries, first_existing, peak_memory_bytes, print0, resolve_precision, seed_everything)
 from tokenization import resolve_text_tokenizer
 from weights import build_model, copy_tokenizer_files, load_model, resolve_source, save_pretrained
 
@@ -226,9 +226,6 @@ class TrainResult:
     stopped_early: bool
 
 
-LOCK_NAME = ".lock"
-
-
 def prepare_output_dir(out: Path, resume: str | None, overwrite: bool, rt: Runtime) -> OutputLock | None:
     """Refuse a directory that holds another run (unless resuming or overwriting), then lock it for this one.
 
@@ -236,7 +233,7 @@ def prepare_output_dir(out: Path, resume: str | None, overwrite: bool, rt: Runti
     check_output_dir(out, "--output_dir")
     if not rt.is_main:
         return None
-    existing = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
+    existing = dir_entries(out)
     if existing and not resume and not overwrite:
         raise UserError(f"--output_dir {out} already holds a run ({', '.join(existing[:4])}); pass --resume to continue "
                         "it, --overwrite to replace it, or choose another directory")
@@ -275,7 +272,7 @@ def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device:
     try:
         return _train(cfg, data, out, rt, resume, overwrite, on_eval, progress)
     except BaseException:
-        if created and rt.is_main and [p.name for p in out.iterdir()] == [LOCK_NAME]:
+        if created and rt.is_main and not dir_entries(out):
             shutil.rmtree(out, ignore_errors=True)  # a start that failed its checks leaves no directory behind
         raise
     finally:
@@ -343,7 +340,7 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
         loop = restore_checkpoint(*found, **state)
     if rt.is_main:  # all checks passed: only now is the directory changed
         if overwrite and found is None:
-            clear_dir(out, keep=(LOCK_NAME,))
+            clear_dir(out)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         config_mod.save_yaml(cfg, out / "config.yaml")
 

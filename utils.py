@@ -232,7 +232,16 @@ def check_output_file(path: str | Path, what: str, inputs=()) -> Path:
     return path
 
 
-def clear_dir(path: Path, keep: tuple[str, ...] = ()) -> None:
+LOCK_NAME = ".lock"  # the lock file an output directory holds while a run writes it
+
+
+def dir_entries(path: Path) -> list[str]:
+    """The names in an output directory, its lock file aside ([] when it does not exist)."""
+    path = Path(path)
+    return sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME) if path.is_dir() else []
+
+
+def clear_dir(path: Path, keep: tuple[str, ...] = (LOCK_NAME,)) -> None:
     """Remove everything in a directory but the names in `keep` (--overwrite, once every check has passed)."""
     import shutil
 
