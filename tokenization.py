@@ -73,16 +73,20 @@ def load_mimi(source: str | Path | None = None, device="cpu", num_codebooks: int
     (default kyutai/mimi), a transformers-layout CSM (its codec_model.*), or moshi's Mimi .safetensors file
     (converted on load, with a mimi_config.json beside it when it is not the default Mimi).
 
-    The weights are handed to `MimiModel.from_pretrained` in the checkpoint layout, so transformers itself
-    maps them onto its modules (their layout differs between transformers 4 and 5)."""
+    The weights reach `MimiModel.from_pretrained` in the checkpoint layout (a MimiModel directory as it is,
+    the others through a temporary one), so transformers itself maps them onto its modules (their layout
+    differs between transformers 4 and 5)."""
     import tempfile
 
     from safetensors.torch import save_file
     from transformers import MimiConfig, MimiModel
 
-    from weights import read_codec_weights
+    from weights import mimi_model_dir, read_codec_weights
 
     source = DEFAULT_MIMI if source is None else str(source)
+    directory = mimi_model_dir(source)
+    if directory is not None:  # already a MimiModel directory: no copy needed
+        return _from_pretrained(MimiModel, directory, source, num_codebooks).to(device=device, dtype=torch.float32)
     found = read_codec_weights(source)
     if found is None:
         raise UserError(f"Mimi weights {source!r} not found: give a MimiModel directory or hub repo ({DEFAULT_MIMI}), "
@@ -90,24 +94,29 @@ def load_mimi(source: str | Path | None = None, device="cpu", num_codebooks: int
     weights, config = found
     config = MimiConfig(**{k: v for k, v in config.items() if k not in ("model_type", "transformers_version",
                                                                           "architectures")})
-    if config.num_quantizers < num_codebooks:
-        raise UserError(f"Mimi at {source} has {config.num_quantizers} codebooks; {num_codebooks} were asked for")
     with tempfile.TemporaryDirectory() as tmp:
         config.save_pretrained(tmp)
         save_file({k: v.contiguous() for k, v in weights.items()}, str(Path(tmp) / "model.safetensors"),
                   metadata={"format": "pt"})
-        try:
-            # PyTorch's fused attention: ~1.2x the eager encoder on CPU.
-            mimi, info = MimiModel.from_pretrained(tmp, output_loading_info=True, attn_implementation="sdpa")
-        except (OSError, ValueError, RuntimeError) as e:
-            raise UserError(f"{source} is not a Mimi matching its config: {str(e).splitlines()[0]}") from e
+        mimi = _from_pretrained(MimiModel, tmp, source, num_codebooks)
+    return mimi.to(device=device, dtype=torch.float32)
+
+
+def _from_pretrained(cls, directory, source, num_codebooks: int):
+    """MimiModel.from_pretrained with every mismatch as one clear error; frozen (only ever a tokenizer)."""
+    try:
+        # PyTorch's fused attention: ~1.2x the eager encoder on CPU.
+        mimi, info = cls.from_pretrained(str(directory), output_loading_info=True, attn_implementation="sdpa")
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{source} is not a Mimi matching its config: {str(e).splitlines()[0]}") from e
     missing, unexpected = info["missing_keys"], info["unexpected_keys"]
     if missing or unexpected:
         raise UserError(f"{source} is not a Mimi matching its config: {len(missing)} missing "
                         f"(e.g. {', '.join(sorted(missing)[:2])}), {len(unexpected)} unexpected "
                         f"(e.g. {', '.join(sorted(unexpected)[:2])})")
-    # Only ever a frozen tokenizer.
-    return mimi.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    if mimi.config.num_quantizers < num_codebooks:
+        raise UserError(f"Mimi at {source} has {mimi.config.num_quantizers} codebooks; {num_codebooks} were asked for")
+    return mimi.eval().requires_grad_(False)
 
 
 def mimi_device(mimi) -> torch.device:

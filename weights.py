@@ -540,6 +540,14 @@ def _resolve_codec_source(source, revision) -> Path:
     return hub_snapshot(str(source), patterns, "Mimi", hint, revision)
 
 
+def mimi_model_dir(source: str | Path, revision: str | None = None) -> Path | None:
+    """The directory of a source in the MimiModel layout itself (kyutai/mimi, a saved MimiModel), else None."""
+    path = _resolve_codec_source(source, revision)
+    directory = path if path.is_dir() else path.parent
+    is_mimi = path.is_dir() and ((_read_config(directory / MODEL_CONFIG_NAME) or {}).get("model_type") == "mimi")
+    return directory if is_mimi else None
+
+
 def read_codec_weights(source: str | Path, revision: str | None = None) -> tuple[dict[str, torch.Tensor], dict] | None:
     """(Mimi weights in MimiModel layout, MimiConfig dict) from a MimiModel directory or hub repo (kyutai/mimi),
     a transformers-layout CSM (its codec_model.*), or moshi's Mimi file (converted); None when there is none."""
