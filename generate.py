@@ -12,9 +12,7 @@ from pathlib import Path
 
 import torch
 
-from audio_io import read_audio
-from frames import Segment
-from synthesis import parse_speaker, synthesize
+from synthesis import context_segments, parse_speaker, synthesize
 from tokenization import MIMI_SAMPLE_RATE, load_mimi, load_text_tokenizer, resolve_text_tokenizer
 from utils import (DTYPES, PRECISIONS, UserError, atomic_path, check_number, check_output_file, resolve_device,
                    resolve_precision, run_cli)
@@ -53,10 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Load model, tokenizers and context once, then write one wav per utterance."""
     args = build_parser().parse_args(argv)
-    n = len(args.context_audio)
-    if len(args.context_text) != n or len(args.context_speaker) != n:
-        raise UserError(f"give one --context_text and one --context_speaker per --context_audio "
-                        f"(got {n} audio, {len(args.context_text)} texts, {len(args.context_speaker)} speakers)")
     speaker = parse_speaker(args.speaker)
     check_number("--temperature", args.temperature, gt=0, max=100)
     check_number("--topk", args.topk, min=1)
@@ -87,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output_file(out, "--output", inputs=inputs)
 
     device = resolve_device(args.device)
-    context = [Segment(text, parse_speaker(spk), torch.from_numpy(read_audio(wav)))
-               for wav, text, spk in zip(args.context_audio, args.context_text, args.context_speaker)]
+    context = context_segments(args.context_audio, args.context_text, args.context_speaker)
     precision = resolve_precision(args.precision, device)
     source = resolve_source(args.model, args.revision)  # a hub repo is fetched once, at the pinned revision
     model = load_model(source, device=device, dtype=DTYPES[precision])

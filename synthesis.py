@@ -4,6 +4,7 @@ Used by generate.py and by the samples written during training.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
@@ -11,7 +12,7 @@ from tqdm import tqdm
 
 from frames import Segment, audio_frames, next_input_frames, text_frames
 from tokenization import MIMI_FRAME_RATE, decode_audio, encode_audio, encode_text
-from utils import UserError
+from utils import UserError, autocast
 
 
 def parse_speaker(value) -> int:
@@ -20,6 +21,20 @@ def parse_speaker(value) -> int:
     if not re.fullmatch(r"[0-9]+", text):  # not str.isdigit: it accepts "²", which int() rejects
         raise UserError(f"--speaker must be a non-negative integer id, got {value!r}")
     return int(text)
+
+
+def context_segments(audio: list[str], texts: list[str], speakers: list[str]) -> list[Segment]:
+    """Earlier turns given on a command line (--context_audio/_text/_speaker, one of each per turn)."""
+    from audio_io import read_audio
+
+    if len(texts) != len(audio) or len(speakers) != len(audio):
+        raise UserError(f"give one --context_text and one --context_speaker per --context_audio "
+                        f"(got {len(audio)} audio, {len(texts)} texts, {len(speakers)} speakers)")
+    for text in texts:
+        if not text.strip():
+            raise UserError("a --context_text is empty; give the transcript of its --context_audio")
+    return [Segment(text, parse_speaker(spk), torch.from_numpy(read_audio(wav)))
+            for wav, text, spk in zip(audio, texts, speakers)]
 
 
 def build_prompt(tokenizer, mimi, segments: list[Segment], k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,10 +57,13 @@ def build_prompt(tokenizer, mimi, segments: list[Segment], k: int) -> tuple[torc
 @torch.no_grad()
 def synthesize(model, text_tokenizer, mimi, text: str, speaker: int = 0, context: list[Segment] | tuple = (), *,
                max_audio_seconds: float = 10.0, temperature: float = 0.9, topk: int = 50,
-               generator: torch.Generator | None = None, progress: bool = False) -> tuple[torch.Tensor, bool]:
+               generator: torch.Generator | None = None, progress: bool = False,
+               precision: str | None = None) -> tuple[torch.Tensor, bool]:
     """Speak `text` as `speaker` after the `context` turns. Returns (1-D float CPU audio, stopped at EOS).
 
-    The model's train/eval mode is restored and its caches removed afterwards, so training can call this.
+    `precision` (a training run's: fp32, bf16, fp16) runs the model under that autocast and nothing else;
+    None runs it in its weights' dtype. Mimi always runs outside it, in fp32. The model's train/eval mode
+    is restored and its caches removed afterwards, so training can call this.
     """
     if not text or not text.strip():
         raise UserError("the text to speak is empty")
@@ -69,8 +87,10 @@ def synthesize(model, text_tokenizer, mimi, text: str, speaker: int = 0, context
         curr_tokens, curr_mask = tokens.unsqueeze(0).to(device), mask.unsqueeze(0).to(device)
         curr_pos = torch.arange(len(tokens), device=device).unsqueeze(0)
         frames, stopped = [], False
+        precision_ctx = autocast(device, precision) if precision else contextlib.nullcontext()
         for _ in tqdm(range(max_frames), disable=not progress, desc="frames", unit="frame", leave=False):
-            frame = model.generate_frame(curr_tokens, curr_mask, curr_pos, temperature, topk, generator)
+            with precision_ctx:
+                frame = model.generate_frame(curr_tokens, curr_mask, curr_pos, temperature, topk, generator)
             if not frame.any():
                 stopped = True
                 break

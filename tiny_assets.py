@@ -153,3 +153,73 @@ def make_hf_csm(directory: str | Path, seed: int = 0, dtype=torch.float32, token
     features = EncodecFeatureExtractor(feature_size=1, sampling_rate=24000)
     CsmProcessor(feature_extractor=features, tokenizer=tok, chat_template=TINY_CHAT_TEMPLATE).save_pretrained(str(directory))
     return directory
+
+
+# --------------------------------------------------------------------------- judges for the quality evaluation
+
+WHISPER_LANGUAGES = ("en", "de", "fr", "es")
+
+
+def make_whisper(directory: str | Path, seed: int = 0) -> Path:
+    """A tiny random WhisperForConditionalGeneration with its processor, saved by transformers like
+    openai/whisper-*: a byte-level BPE vocabulary with Whisper's special tokens and a multilingual
+    generation config (language and task tokens), so the ASR pipeline runs it as it runs the real one.
+    Its transcripts are gibberish."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
+                              WhisperProcessor, WhisperTokenizer)
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(_CORPUS.splitlines() * 4, trainers.BpeTrainer(
+        vocab_size=400, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    eot = "<|endoftext|>"
+    specials = ["<|startoftranscript|>", *[f"<|{lang}|>" for lang in WHISPER_LANGUAGES], "<|translate|>",
+                "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]
+    vocab = {eot: 0, **{t: i + 1 for t, i in state["vocab"].items()}}
+    tokenizer = WhisperTokenizer(vocab=vocab, merges=merges, pad_token=eot)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in [eot, *specials]}
+    config = WhisperConfig(vocab_size=len(tokenizer), num_mel_bins=80, d_model=16, encoder_layers=1, decoder_layers=1,
+                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                           max_target_positions=64, pad_token_id=ids[eot], bos_token_id=ids[eot], eos_token_id=ids[eot],
+                           decoder_start_token_id=ids["<|startoftranscript|>"])
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=ids["<|startoftranscript|>"], bos_token_id=ids[eot], eos_token_id=ids[eot],
+        pad_token_id=ids[eot], max_length=24, is_multilingual=True, begin_suppress_tokens=[],
+        no_timestamps_token_id=ids["<|notimestamps|>"],
+        lang_to_id={f"<|{lang}|>": ids[f"<|{lang}|>"] for lang in WHISPER_LANGUAGES},
+        task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]})
+    directory = Path(directory)
+    model.save_pretrained(str(directory))
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tokenizer).save_pretrained(str(directory))
+    return directory
+
+
+def make_wavlm(directory: str | Path, seed: int = 0) -> Path:
+    """A tiny random WavLMForXVector with its feature extractor, saved by transformers like
+    microsoft/wavlm-base-plus-sv (16 kHz in, one speaker embedding out)."""
+    from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
+
+    config = WavLMConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16,
+                         num_conv_pos_embedding_groups=2, tdnn_dim=(16, 16), tdnn_kernel=(3, 1), tdnn_dilation=(1, 1),
+                         xvector_output_dim=8, num_buckets=32, max_bucket_distance=64)
+    torch.manual_seed(seed)
+    directory = Path(directory)
+    WavLMForXVector(config).save_pretrained(str(directory))
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=True).save_pretrained(str(directory))
+    return directory
+
+
+def make_judges(directory: str | Path, seed: int = 0) -> dict[str, Path]:
+    """The tiny ASR and speaker models an evaluation loads (`asr`, `speaker_model`)."""
+    directory = Path(directory)
+    return {"asr": make_whisper(directory / "whisper-tiny-random", seed), "speaker_model": make_wavlm(directory / "wavlm-tiny-random", seed)}

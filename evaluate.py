@@ -1,0 +1,137 @@
+"""Is the model any good? Speak every item of an evaluation set and measure it: intelligibility (WER and
+CER of an ASR transcript), voice similarity to the reference, stopping at EOS, duration and speed, beside
+the same metrics on the reference audio itself and on it passed through Mimi (the ceilings).
+
+    python evaluate.py --model runs/exp/best --eval_data data/val.csv --output_dir runs/exp/eval
+
+Writes items.csv, summary.json, wavs/ and report.html (players for reference and generated audio).
+The command line only: the work is in evaluation.py, the metrics and their models in speech_metrics.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from speech_metrics import DEFAULT_ASR, DEFAULT_SPEAKER_MODEL
+from utils import (DTYPES, LOCK_NAME, PRECISIONS, OutputLock, UserError, check_number, check_output_dir, clear_dir,
+                   dir_entries, resolve_device, resolve_precision, run_cli)
+from weights import DEFAULT_MODEL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Quality of a CSM checkpoint: WER/CER, speaker similarity, EOS rate, "
+                                            "with the reference and Mimi ceilings")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, directory (official or transformers layout), .safetensors or .pt")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a hub --model")
+    p.add_argument("--eval_data", required=True,
+                   help="metadata file (path,text[,start,end,speaker]: references are the recordings) or a token "
+                        "file from pretokenize.py (references are its Mimi codes, decoded)")
+    p.add_argument("--split", default="val", help="split of a token file (default val)")
+    p.add_argument("--n", type=int, default=100, help="items to evaluate, drawn with --seed (default 100; 0 = all)")
+    p.add_argument("--output_dir", required=True, help="items.csv, summary.json, wavs/, report.html")
+    p.add_argument("--overwrite", action="store_true", help="replace what --output_dir holds")
+    p.add_argument("--asr", default=DEFAULT_ASR, help=f"ASR model: hub id or local dir (default {DEFAULT_ASR})")
+    p.add_argument("--language", default="en",
+                   help="language spoken (Whisper code, e.g. en, de, fr): sets Whisper's language and the "
+                        "normalisation (English: Whisper's English normaliser; others: its basic one)")
+    p.add_argument("--speaker_model", default=DEFAULT_SPEAKER_MODEL,
+                   help=f"speaker-verification model: hub id or local dir (default {DEFAULT_SPEAKER_MODEL})")
+    p.add_argument("--no_ceilings", action="store_true", help="skip measuring the references and their Mimi round trip")
+    p.add_argument("--temperature", type=float, default=0.9)
+    p.add_argument("--topk", type=int, default=50)
+    p.add_argument("--max_audio_seconds", type=float, default=20.0,
+                   help="length cap (each item also stops at twice its reference + 1 s)")
+    p.add_argument("--seed", type=int, default=0, help="draws the items and seeds each item's sampling")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="model weights: auto = bf16 on CUDA, fp32 on CPU (the ASR and speaker models: fp16 on CUDA)")
+    p.add_argument("--text_tokenizer", default=None, help="hub id or local dir (default: the model's own, else Llama-3.2)")
+    p.add_argument("--mimi_weights", default=None, help="Mimi (default kyutai/mimi); see generate.py")
+    p.add_argument("--context_audio", action="append", default=[], help="a prompt turn spoken before every item (repeatable)")
+    p.add_argument("--context_text", action="append", default=[], help="its transcript")
+    p.add_argument("--context_speaker", action="append", default=[], help="its speaker id")
+    p.add_argument("--trust_pickle", action="store_true", help="allow .pkl/.h5 metadata (read through pickle)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_number("--n", args.n, min=0, max=10**7)
+    check_number("--temperature", args.temperature, gt=0, max=100)
+    check_number("--topk", args.topk, min=1)
+    check_number("--max_audio_seconds", args.max_audio_seconds, gt=0, max=160)
+    check_number("--seed", args.seed, min=0, max=2**32 - 1)
+    data = Path(args.eval_data)
+    if data.is_dir():
+        raise UserError(f"--eval_data {data} is a directory; give a metadata file or a token file (.hdf5)")
+    if not data.is_file():
+        raise UserError(f"--eval_data {data}: no such file")
+    out = check_output_dir(args.output_dir, "--output_dir")
+    for name, src in [("--eval_data", data), ("--model", args.model), *[("--context_audio", a) for a in args.context_audio]]:
+        if Path(src).exists() and Path(src).resolve().is_relative_to(out.resolve()):
+            raise UserError(f"{name} {src} lies inside --output_dir {out}; choose an output directory apart from the inputs")
+    existing = dir_entries(out)
+    if existing and not args.overwrite:
+        raise UserError(f"--output_dir {out} is not empty ({', '.join(existing[:4])}); pass --overwrite to replace "
+                        "what it holds, or choose another directory")
+    with OutputLock(out / LOCK_NAME, f"--output_dir {out}"):
+        return _evaluate(args, data, out)
+
+
+def _evaluate(args, data: Path, out: Path) -> int:
+    import torch
+
+    from evaluation import EvalSettings, evaluate_model, load_items, write_report
+    from speech_metrics import QualityModels
+    from synthesis import context_segments
+    from tokenization import load_mimi, load_text_tokenizer, resolve_text_tokenizer
+    from weights import load_model, resolve_source
+
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    context = context_segments(args.context_audio, args.context_text, args.context_speaker)
+    # The judges first: a model that cannot be loaded fails in one line before any speech is generated.
+    quality = QualityModels(args.asr, args.speaker_model, args.language, device=device, half=device.type == "cuda")
+    source = resolve_source(args.model, args.revision)
+    model = load_model(source, device=device, dtype=DTYPES[precision])
+    tokenizer = load_text_tokenizer(resolve_text_tokenizer(args.text_tokenizer, source))
+    mimi = load_mimi(args.mimi_weights, device=device, num_codebooks=model.config.audio_num_codebooks)
+    items, skipped = load_items(data, split=args.split, n=args.n or None, seed=args.seed, tokenizer=tokenizer,
+                                trust_pickle=args.trust_pickle)
+    for row, reason in skipped:
+        print(f"warning: --eval_data row {row} skipped: {reason}")
+    settings = EvalSettings(max_audio_seconds=args.max_audio_seconds, temperature=args.temperature, topk=args.topk,
+                            seed=args.seed, context=context)
+    print(f"evaluating {len(items)} items from {data} on {device}")
+    torch.manual_seed(args.seed)
+    result = evaluate_model(model, tokenizer, mimi, items, quality, settings, ceilings=not args.no_ceilings,
+                            device=device, progress=True)
+    clear_dir(out)  # --overwrite: only now, with the new results in hand
+    from evaluation import is_token_file
+
+    write_report(result, out, extra={"model": str(args.model), "eval_data": str(data),
+                                     "split": args.split if is_token_file(data) else None,
+                                     "seed": args.seed, "skipped_rows": len(skipped)})
+    print(summary_table(result.summary))
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
+def summary_table(summary: dict) -> str:
+    """The summary as a small text table: the model's row and the ceilings."""
+    keys = ("wer", "cer", "speaker_sim", "eos_rate", "duration_ratio", "rtf")
+    lines = [f"{'':10s}" + "".join(f"{k:>15s}" for k in keys)]
+    for what in ("generated", "reference", "codec"):
+        metrics = summary.get(what)
+        if metrics:
+            cells = "".join(f"{metrics[k]:15.3f}" if metrics.get(k) is not None else f"{'-':>15s}" for k in keys)
+            lines.append(f"{what:10s}{cells}")
+    if summary["n_failed"]:
+        lines.append(f"{summary['n_failed']} of {summary['n_items']} items failed to generate (see items.csv)")
+    return "\n".join(lines) + "\n" + json.dumps({"reference_audio": summary["reference_audio"],
+                                                  "normalizer": summary["normalizer"]})
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,353 @@
+"""Quality evaluation of a model: speak each item's text, transcribe it, compare it with the item's
+reference recording, and summarise (WER, CER, speaker similarity, EOS rate, duration ratio, real-time
+factor), with the same metrics on the references themselves and on the references passed through Mimi
+(the ceilings). evaluate.py and the training loop (eval_every) both run `evaluate_model`.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from frames import Segment
+from speech_metrics import QualityModels, cosine, error_rates
+from tokenization import MIMI_SAMPLE_RATE, decode_audio, encode_audio
+from utils import UserError, atomic_path, write_text_atomic
+
+ROWS = ("generated", "reference", "codec")  # what is measured: the model's speech and the two ceilings
+SUMMARY_KEYS = ("wer", "cer", "speaker_sim", "eos_rate", "duration_ratio", "rtf")
+# How selection reads each metric: lower is better except for speaker similarity.
+HIGHER_IS_BETTER = {"val_loss": False, "wer": False, "cer": False, "speaker_sim": True}
+
+
+@dataclass
+class EvalItem:
+    """One thing to say: its text and speaker, and the reference it is compared with. A reference is
+    a recording (metadata files) or, for token files that hold only codes, those codes decoded by Mimi."""
+
+    id: str
+    text: str
+    speaker: int
+    recording: np.ndarray | None = None   # 24 kHz mono
+    codes: np.ndarray | None = None       # Mimi codes [K, F]
+
+
+@dataclass
+class EvalSettings:
+    max_audio_seconds: float = 20.0  # hard cap; each item also stops at twice its reference + 1 s
+    temperature: float = 0.9
+    topk: int = 50
+    seed: int = 0                    # item i is sampled with seed + i: the same draw at every evaluation
+    context: list[Segment] = field(default_factory=list)  # a prompt spoken before every item
+    precision: str | None = None     # the training run's autocast precision (None: the model's own dtype)
+
+
+@dataclass
+class EvalResult:
+    rows: list[dict]                  # one per item (per-item metrics, errors)
+    summary: dict                     # corpus metrics per measured row, and counts
+    audio: dict[str, dict[str, np.ndarray]]  # item id -> {"generated"|"reference"|"codec": 24 kHz audio}
+
+
+def seeded_subset(total: int, n: int | None, seed: int) -> list[int]:
+    """`n` of `total` row indices drawn with `seed` (all of them when n is None or >= total), in row order."""
+    if n is None or n >= total:
+        return list(range(total))
+    return sorted(np.random.default_rng(seed).choice(total, size=n, replace=False).tolist())
+
+
+# --------------------------------------------------------------------------- items
+
+
+def is_token_file(path: Path) -> bool:
+    """An HDF5 file with split groups (pretokenize.py's), not a pandas metadata table."""
+    if path.suffix.lower() not in (".hdf5", ".h5"):
+        return False
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return any(isinstance(g, h5py.Group) and "audio" in g and "length" in g for g in f.values())
+    except OSError:
+        return False
+
+
+def items_from_metadata(path: Path, n: int | None, seed: int, trust_pickle: bool = False) -> tuple[list[EvalItem], list]:
+    """Items of a metadata file (reference = the recorded window); rows that cannot be used are returned
+    as (row, reason) and left out."""
+    from audio_io import read_audio
+    from metadata import SkipRow, check_row, read_metadata
+
+    df = read_metadata(path, trust_pickle=trust_pickle)
+    if len(df) == 0:
+        raise UserError(f"--eval_data {path} has no rows")
+    items, skipped = [], []
+    for i in seeded_subset(len(df), n, seed):
+        try:
+            row = check_row(i, df.iloc[i].to_dict())
+            audio = read_audio(row.path, row.start, row.end)
+        except (SkipRow, UserError) as e:
+            skipped.append((i, getattr(e, "reason", str(e))))
+            continue
+        items.append(EvalItem(f"row{i:05d}", row.text, 0 if row.speaker is None else row.speaker, recording=audio))
+    return items, skipped
+
+
+_SPEAKER_PREFIX = re.compile(r"^\[(\d+)\](.*)$", re.S)
+
+
+def items_from_token_file(path: Path, split: str, n: int | None, seed: int, tokenizer) -> list[EvalItem]:
+    """Items of one split of a token file: the text decoded from its ids ("[speaker]text"), the codes kept
+    as the reference (decoded by Mimi when evaluated)."""
+    import token_file
+
+    splits = token_file.open_splits(path)
+    if split not in splits:
+        raise UserError(f"--eval_data {path} has no '{split}' split (found: {', '.join(splits)}); choose --split")
+    items = []
+    with token_file.open_token_file(path) as f:
+        _, k = token_file.read_split_index(f, path, split)
+        _, _, speakers = token_file.read_turns(f, split)
+        for i in seeded_subset(splits[split], n, seed):
+            codes, ids = token_file.read_row(f, split, i)
+            body = [int(t) for t in ids if t not in (tokenizer.bos_token_id, tokenizer.eos_token_id)]
+            text = tokenizer.decode(body, skip_special_tokens=True).strip()
+            match = _SPEAKER_PREFIX.match(text)
+            speaker = int(match.group(1)) if match else max(int(speakers[i]), 0)
+            text = match.group(2).strip() if match else text
+            if text:
+                items.append(EvalItem(f"{split}{i:05d}", text, speaker, codes=codes.astype(np.int64).reshape(k, -1)))
+    return items
+
+
+def load_items(source: str | Path, *, split: str = "val", n: int | None = None, seed: int = 0, tokenizer=None,
+               trust_pickle: bool = False) -> tuple[list[EvalItem], list]:
+    """Items from a metadata file or a token file (its `split`); (items, skipped rows with reasons)."""
+    path = Path(source)
+    if path.is_dir():
+        raise UserError(f"--eval_data {path} is a directory; give a metadata file or a token file (.hdf5)")
+    if not path.is_file():
+        raise UserError(f"--eval_data {path}: no such file")
+    if is_token_file(path):
+        items, skipped = items_from_token_file(path, split, n, seed, tokenizer), []
+    else:
+        items, skipped = items_from_metadata(path, n, seed, trust_pickle)
+    if not items:
+        raise UserError(f"--eval_data {path}: no usable item ({len(skipped)} rows skipped"
+                        + (f", e.g. {skipped[0][1]}" if skipped else "") + ")")
+    return items, skipped
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _speak(model, tokenizer, mimi, item: EvalItem, index: int, settings: EvalSettings, reference_s: float | None):
+    from synthesis import synthesize
+
+    cap = settings.max_audio_seconds
+    if reference_s:
+        cap = min(cap, 2 * reference_s + 1.0)  # an item not done by then will not stop: no need to wait
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(settings.seed + index)
+    t0 = time.perf_counter()
+    audio, stopped = synthesize(model, tokenizer, mimi, item.text, item.speaker, settings.context,
+                                max_audio_seconds=cap, temperature=settings.temperature, topk=settings.topk,
+                                generator=generator, precision=settings.precision)
+    return audio.float().numpy(), stopped, time.perf_counter() - t0
+
+
+def _peers(items: list[EvalItem]) -> list[int | None]:
+    """For each item, another item of the same speaker (the next one, cyclically), or None."""
+    by_speaker: dict[int, list[int]] = {}
+    for i, item in enumerate(items):
+        by_speaker.setdefault(item.speaker, []).append(i)
+    peers = []
+    for i, item in enumerate(items):
+        group = by_speaker[item.speaker]
+        peers.append(group[(group.index(i) + 1) % len(group)] if len(group) > 1 else None)
+    return peers
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(values)) if values else None
+
+
+def evaluate_model(model, tokenizer, mimi, items: list[EvalItem], quality: QualityModels, settings: EvalSettings, *,
+                   ceilings: bool = False, device=None, progress: bool = False) -> EvalResult:
+    """Generate every item, then measure it; with `ceilings`, measure the references and their Mimi
+    round trip too. A failing item is recorded with its error and skipped; it never ends the evaluation."""
+    device = device or next(model.parameters()).device
+    rows, audio, timing = [], {}, {}
+    for index, item in enumerate(tqdm(items, desc="evaluate", unit="item", disable=not progress, leave=False)):
+        clips = {}
+        if item.recording is not None:
+            clips["reference"] = item.recording
+        if item.codes is not None:  # a token file's reference is its codes, decoded
+            clips["reference" if item.recording is None else "codec"] = decode_audio(mimi, torch.as_tensor(item.codes)).numpy()
+        elif ceilings:
+            codes = encode_audio(mimi, [item.recording], model.config.audio_num_codebooks)[0]
+            clips["codec"] = decode_audio(mimi, torch.as_tensor(codes)).numpy()
+        reference_s = len(clips["reference"]) / MIMI_SAMPLE_RATE
+        row = {"id": item.id, "text": item.text, "speaker": item.speaker, "reference_s": round(reference_s, 3),
+               "error": ""}
+        try:
+            generated, stopped, seconds = _speak(model, tokenizer, mimi, item, index, settings, reference_s)
+        except Exception as e:  # noqa: BLE001 - one item's failure (too long, OOM, bad text) is reported, not fatal
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"warning: item {item.id}: generation failed ({row['error']}); skipped", file=sys.stderr)
+            rows.append(row)
+            audio[item.id] = clips
+            continue
+        clips["generated"] = generated
+        duration = len(generated) / MIMI_SAMPLE_RATE
+        row.update(stopped_at_eos=stopped, duration_s=round(duration, 3),
+                   duration_ratio=duration / reference_s if reference_s else None,
+                   rtf=seconds / duration if duration else None)
+        timing[item.id] = seconds
+        rows.append(row)
+        audio[item.id] = clips
+
+    measured = ["generated", *[k for k in ("reference", "codec") if ceilings and any(k in c for c in audio.values())]]
+    peers = _peers(items)
+    with quality.on(device):
+        for what in measured:
+            _measure(rows, items, audio, peers, quality, what)
+    summary = _summarize(rows, items, audio, quality, measured, timing)
+    return EvalResult(rows, summary, audio)
+
+
+def _measure(rows: list[dict], items: list[EvalItem], audio: dict, peers: list, quality: QualityModels, what: str) -> None:
+    """Transcripts, per-item WER/CER and speaker similarity of one kind of clip, into the rows.
+
+    Generated and codec clips are compared with the item's reference; a reference with another reference
+    of its speaker (what two real takes of one voice reach), when the evaluation has one."""
+    prefix = "" if what == "generated" else f"{what}_"
+    todo = [i for i, item in enumerate(items) if what in audio[item.id]]
+    transcripts = quality.asr.transcribe([audio[items[i].id][what] for i in todo], MIMI_SAMPLE_RATE)
+    embeddings = {}
+
+    def embed(i, kind):
+        key = (i, kind)
+        if key not in embeddings:
+            embeddings[key] = quality.speaker.embed(audio[items[i].id][kind], MIMI_SAMPLE_RATE)
+        return embeddings[key]
+
+    for i, transcript in zip(todo, transcripts):
+        row = rows[i]
+        rates = error_rates([items[i].text], [transcript], quality.asr.normalizer)
+        row[f"{prefix}transcript"], row[f"{prefix}wer"], row[f"{prefix}cer"] = transcript, rates["wer"], rates["cer"]
+        if what == "reference":
+            other = (peers[i], "reference") if peers[i] is not None else None
+        else:
+            other = (i, "reference")
+        a = embed(i, what)
+        b = embed(*other) if other is not None else None
+        row[f"{prefix}speaker_sim"] = cosine(a, b) if a is not None and b is not None else None
+
+
+def _summarize(rows, items, audio, quality: QualityModels, measured: list[str], timing: dict) -> dict:
+    summary = {"n_items": len(items), "n_failed": sum(1 for r in rows if r["error"]),
+               "asr": quality.asr.source, "speaker_model": quality.speaker.source, "language": quality.asr.language,
+               "normalizer": "whisper-english" if quality.asr.normalizer.english else "whisper-basic",
+               "reference_audio": "codes" if any(it.recording is None for it in items) else "recordings"}
+    for what in ROWS:
+        if what not in measured:
+            summary[what] = None
+            continue
+        prefix = "" if what == "generated" else f"{what}_"
+        done = [(r, it) for r, it in zip(rows, items) if f"{prefix}transcript" in r]
+        rates = error_rates([it.text for _, it in done], [r[f"{prefix}transcript"] for r, _ in done],
+                            quality.asr.normalizer)
+        metrics = {"n": len(done), "wer": rates["wer"], "cer": rates["cer"],
+                   "speaker_sim": _mean(r[f"{prefix}speaker_sim"] for r, _ in done)}
+        if what == "generated":
+            generated = [r for r in rows if not r["error"]]
+            seconds = sum(r["duration_s"] for r in generated)
+            metrics.update(eos_rate=_mean(float(r["stopped_at_eos"]) for r in generated),
+                           duration_ratio=_mean(r["duration_ratio"] for r in generated),
+                           rtf=sum(timing.values()) / seconds if seconds else None)
+        summary[what] = metrics
+    return summary
+
+
+# --------------------------------------------------------------------------- report
+
+
+CSV_COLUMNS = ("id", "speaker", "text", "error", "stopped_at_eos", "duration_s", "reference_s", "duration_ratio", "rtf",
+               "transcript", "wer", "cer", "speaker_sim",
+               "reference_transcript", "reference_wer", "reference_cer", "reference_speaker_sim",
+               "codec_transcript", "codec_wer", "codec_cer", "codec_speaker_sim")
+
+
+def _wav_bytes(audio: np.ndarray) -> bytes:
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, audio, MIMI_SAMPLE_RATE, format="WAV")
+    return buf.getvalue()
+
+
+def write_report(result: EvalResult, out: Path, extra: dict | None = None) -> None:
+    """wavs/<id>_<kind>.wav, items.csv, summary.json and report.html under `out`, each written atomically."""
+    wavs = out / "wavs"
+    wavs.mkdir(parents=True, exist_ok=True)
+    for item_id, clips in result.audio.items():
+        for kind, clip in clips.items():
+            with atomic_path(wavs / f"{item_id}_{kind}.wav") as tmp:
+                tmp.write_bytes(_wav_bytes(clip))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(result.rows)
+    write_text_atomic(out / "items.csv", buf.getvalue())
+    write_text_atomic(out / "summary.json", json.dumps({**result.summary, **(extra or {})}, indent=2) + "\n")
+    write_text_atomic(out / "report.html", report_html(result))
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return html.escape(str(value))
+
+
+def report_html(result: EvalResult) -> str:
+    """A page with the summary table (model vs ceilings) and, per item, the players and transcripts."""
+    head = "<tr><th></th>" + "".join(f"<th>{k}</th>" for k in SUMMARY_KEYS) + "</tr>"
+    lines = []
+    for what in ROWS:
+        metrics = result.summary.get(what)
+        if metrics:
+            lines.append(f"<tr><th>{what}</th>" + "".join(f"<td>{_fmt(metrics.get(k))}</td>" for k in SUMMARY_KEYS) + "</tr>")
+    items = []
+    for row in result.rows:
+        clips = result.audio.get(row["id"], {})
+        players = "".join(f"<div>{kind}<br><audio controls preload=none src='wavs/{row['id']}_{kind}.wav'></audio></div>"
+                          for kind in ("reference", "generated", "codec") if kind in clips)
+        detail = (f"error: {_fmt(row['error'])}" if row["error"] else
+                  f"heard: “{_fmt(row.get('transcript'))}”<br>WER {_fmt(row.get('wer'))} · CER {_fmt(row.get('cer'))} · "
+                  f"speaker sim {_fmt(row.get('speaker_sim'))} · EOS {_fmt(row.get('stopped_at_eos'))} · "
+                  f"{_fmt(row.get('duration_s'))} s of {_fmt(row.get('reference_s'))} s")
+        items.append(f"<tr><td>{_fmt(row['id'])}<br>[{row['speaker']}]</td><td>{_fmt(row['text'])}<br><small>{detail}"
+                     f"</small></td><td class=p>{players}</td></tr>")
+    return ("<!doctype html><meta charset=utf-8><title>csm-train evaluation</title><style>body{font-family:sans-serif}"
+            "td,th{border:1px solid #ccc;padding:4px;vertical-align:top}table{border-collapse:collapse}"
+            ".p div{display:inline-block;margin-right:8px}</style>"
+            f"<h1>Evaluation</h1><p>ASR: {_fmt(result.summary.get('asr'))} ({_fmt(result.summary.get('normalizer'))} "
+            f"normalisation) · speaker model: {_fmt(result.summary.get('speaker_model'))}</p>"
+            f"<table>{head}{''.join(lines)}</table><h2>Items</h2><table>{''.join(items)}</table>\n")
