@@ -28,6 +28,8 @@ class LoopState:
     step: int = 0
     best_val_loss: float = float("inf")
     nonfinite_streak: int = 0
+    # What picked best/ so far (select_best_by), as a score where lower is better (speaker_sim negated).
+    best_score: float = float("inf")
 
 
 def step_path(directory: Path, step: int) -> Path:
@@ -78,6 +80,8 @@ def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, loader, 
         "config": cfg.to_dict(),
         "best_val_loss": loop.best_val_loss,
         "nonfinite_streak": loop.nonfinite_streak,
+        "best_score": loop.best_score,
+        "best_by": cfg.select_best_by,
     }
     state["digest"] = content_digest(state)
     with atomic_path(path) as tmp:
@@ -132,7 +136,10 @@ def restore_checkpoint(path: Path, state: dict, *, model, optimizer, scheduler, 
     generator.set_state(state["rng"]["loss_generators"][rt.rank])
     changed = sorted(key for key, v in state["config"].items() if getattr(cfg, key, v) != v)
     print0(f"resumed from {path} at step {state['step']}" + (f" (config changed: {', '.join(changed)})" if changed else ""))
-    return LoopState(state["step"], state["best_val_loss"], state["nonfinite_streak"])
+    # Checkpoints from before select_best_by picked best/ by val loss; a changed select_best_by starts afresh.
+    best_by = state.get("best_by", "val_loss")
+    best_score = state.get("best_score", state["best_val_loss"]) if best_by == cfg.select_best_by else float("inf")
+    return LoopState(state["step"], state["best_val_loss"], state["nonfinite_streak"], best_score)
 
 
 def prune_checkpoints(directory: Path, keep: int) -> None:

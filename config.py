@@ -14,8 +14,11 @@ from pathlib import Path
 import yaml
 
 from optim import LR_DECAYS, OPTIMIZERS
+from speech_metrics import DEFAULT_ASR, DEFAULT_SPEAKER_MODEL
 from tracking import WANDB_MODES
 from utils import PRECISIONS, UserError, write_text_atomic
+
+SELECT_BY = ("val_loss", "wer", "cer", "speaker_sim")
 
 
 def _f(default, help: str, *, choices=None, min=None, max=None, gt=None, default_factory=None):
@@ -74,6 +77,15 @@ class TrainConfig:
                                   default_factory=lambda: ["Bird law in this country is not governed by reason."])
     gen_speaker: int = _f(999, "Speaker id for the samples.", min=0, max=2**31 - 1)
     gen_max_seconds: float = _f(10.0, "Longest sample, in seconds (the model's 2048 frames hold 160 s with the text).", gt=0, max=160)
+    # --- quality evaluation (WER/CER, speaker similarity, EOS rate; see README: evaluation)
+    eval_every: int = _f(0, "Quality evaluation of eval_n val items every N steps and at the end (0: never).", min=0)
+    eval_n: int = _f(16, "Val items in each quality evaluation: a fixed subset drawn with the seed.", min=1, max=100_000)
+    eval_max_seconds: float = _f(20.0, "Longest generated item in evaluation (each also stops at 2x its reference + 1 s).", gt=0, max=160)
+    eval_asr: str = _f(DEFAULT_ASR, "ASR model for WER/CER: hub id or local dir.")
+    eval_speaker_model: str = _f(DEFAULT_SPEAKER_MODEL, "Speaker-verification model for speaker_sim: hub id or local dir.")
+    eval_language: str = _f("en", "Language spoken (Whisper code); en uses Whisper's English normaliser, others its basic one.")
+    select_best_by: str = _f("val_loss", "What picks best/: val_loss, or a quality metric (needs eval_every).",
+                             choices=SELECT_BY)
     # --- safety
     max_nonfinite_steps: int = _f(10, "Stop (with a checkpoint) after this many non-finite steps in a row.", min=1)
     # --- tracking
@@ -191,6 +203,10 @@ def make_config(values: dict, source: str = "config") -> TrainConfig:
             raise UserError(f"config key {key!r} must be one of {', '.join(FLAVORS)}; got {getattr(cfg, key)!r}")
     if cfg.batch_size is None and cfg.max_tokens is None:
         raise UserError("set either batch_size or max_tokens")
+    if cfg.select_best_by != "val_loss" and not cfg.eval_every:
+        raise UserError(f"select_best_by: {cfg.select_best_by} needs the quality evaluation: set eval_every > 0")
+    if not cfg.eval_language.strip():
+        raise UserError("config key 'eval_language' is empty; give a language code such as en")
     if cfg.max_tokens is not None and cfg.max_tokens < cfg.max_seq_len:
         raise UserError(f"max_tokens ({cfg.max_tokens}) must be at least max_seq_len ({cfg.max_seq_len}) so every example fits")
     return cfg

@@ -17,12 +17,17 @@ import traceback
 from pathlib import Path
 
 import config as config_mod
-from tracking import last_logged
+from tracking import best_logged, last_logged
 from utils import (LOCK_NAME, OutputLock, UserError, atomic_path, check_number, check_output_dir, clear_dir, dir_entries,
                    write_text_atomic)
 
 PARAM_TYPES = ("categorical", "float", "int", "fixed")
-METRICS = ("val_loss", "final_val_loss", "train_loss")
+QUALITY = ("wer", "cer", "speaker_sim")  # the best value a trial's quality evaluations reached (needs eval_every)
+METRICS = ("val_loss", "final_val_loss", "train_loss", *QUALITY)
+
+
+def direction(metric: str) -> str:
+    return "maximize" if metric == "speaker_sim" else "minimize"
 
 
 # --------------------------------------------------------------------------- the search space
@@ -140,8 +145,12 @@ def make_study(args, storage, seed: int | None = None):
                else optuna.samplers.RandomSampler(seed=seed))
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) if args.pruner == "median" \
         else optuna.pruners.NopPruner()
-    return optuna.create_study(study_name=args.study_name, storage=storage, direction="minimize",
-                               sampler=sampler, pruner=pruner, load_if_exists=True)
+    study = optuna.create_study(study_name=args.study_name, storage=storage, direction=direction(args.metric),
+                                sampler=sampler, pruner=pruner, load_if_exists=True)
+    if study.direction.name.lower() != direction(args.metric):  # load_if_exists keeps the stored direction
+        raise UserError(f"study {args.study_name!r} was run to {study.direction.name.lower()} its metric; --metric "
+                        f"{args.metric} needs {direction(args.metric)}: use another --study_name or --output_dir")
+    return study
 
 
 def budget_used(study) -> int:
@@ -218,12 +227,17 @@ def run_trial(trial, args, base: dict, space: dict, device: str) -> float:
     cfg = config_mod.make_config(values, "sweep")
     out = Path(args.output_dir) / "trials" / f"trial_{trial.number:04d}"
 
-    def report(step: int, val_loss: float):
-        trial.report(val_loss, step)
-        if not math.isfinite(val_loss):
-            raise optuna.TrialPruned(f"val loss is {val_loss} at step {step}")
+    key = args.metric if args.metric in QUALITY else "val_loss"  # what the pruner compares between trials
+
+    def report(step: int, metrics: dict):
+        if key not in metrics:
+            return
+        value = metrics[key]
+        trial.report(value, step)
+        if not math.isfinite(value):
+            raise optuna.TrialPruned(f"{key} is {value} at step {step}")
         if trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {step} (val loss {val_loss:.4f})")
+            raise optuna.TrialPruned(f"pruned at step {step} ({key} {value:.4f})")
 
     result = train(cfg, args.data, out, device=device, on_eval=report, progress=False)
     if result.stopped_early:
@@ -232,6 +246,8 @@ def run_trial(trial, args, base: dict, space: dict, device: str) -> float:
         value = result.best_val_loss
     elif args.metric == "final_val_loss":
         value = result.final_val_loss
+    elif args.metric in QUALITY:
+        value = best_logged(out, args.metric, maximize=direction(args.metric) == "maximize")
     else:
         value = last_logged(out, "loss")
     if value is None or not math.isfinite(value):
@@ -391,6 +407,9 @@ def run_sweep(args) -> int:
 
     if args.metric != "train_loss" and "val" not in open_splits(args.data):
         raise UserError(f"{args.data} has no 'val' split; give pretokenize.py --val_data or use --metric train_loss")
+    if args.metric in QUALITY and not base.get("eval_every"):
+        raise UserError(f"--metric {args.metric} is measured by the quality evaluation: set eval_every in the base "
+                        "config or with --set eval_every=N")
     import torch
 
     if args.n_gpus is None:

@@ -36,6 +36,23 @@ class Tracker:
 
             self.run.log({key: wandb.Audio(audio, sample_rate=sample_rate, caption=caption)}, step=step)
 
+    def log_eval_table(self, step: int, rows: list[dict], audio: dict) -> None:
+        """A quality evaluation's items as a W&B table: text, transcript, metrics, generated and reference audio."""
+        if self.run is None:
+            return
+        import wandb
+
+        from tokenization import MIMI_SAMPLE_RATE
+
+        def player(item_id, kind):
+            clip = audio.get(item_id, {}).get(kind)
+            return wandb.Audio(clip, sample_rate=MIMI_SAMPLE_RATE) if clip is not None and len(clip) else None
+
+        columns = ["id", "text", "transcript", "wer", "cer", "speaker_sim", "stopped_at_eos", "generated", "reference"]
+        data = [[r["id"], r["text"], r.get("transcript"), r.get("wer"), r.get("cer"), r.get("speaker_sim"),
+                 r.get("stopped_at_eos"), player(r["id"], "generated"), player(r["id"], "reference")] for r in rows]
+        self.run.log({"eval_items": wandb.Table(columns=columns, data=data)}, step=step)
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
@@ -101,3 +118,12 @@ def last_logged(output_dir: str | Path, key: str) -> float | None:
     for row in read_metrics(Path(output_dir) / METRICS_NAME):
         value = row.get(key, value)
     return value
+
+
+def best_logged(output_dir: str | Path, key: str, maximize: bool = False) -> float | None:
+    """The lowest (or highest) finite value of `key` in a run's metrics.jsonl."""
+    values = [row[key] for row in read_metrics(Path(output_dir) / METRICS_NAME)
+              if isinstance(row.get(key), (int, float)) and np.isfinite(row[key])]
+    if not values:
+        return None
+    return max(values) if maximize else min(values)

@@ -121,50 +121,117 @@ def evaluate(model: nn.Module, loader, cfg: TrainConfig, rt: Runtime, precision:
     return weighted_loss(c0 / max(n_c0, 1), dec / max(n_dec, 1), cfg.decoder_loss_weight)
 
 
-# --------------------------------------------------------------------------- samples
+# --------------------------------------------------------------------------- samples and quality evaluation
+
+
+class RunSpeech:
+    """The text tokenizer and Mimi that samples and quality evaluations speak with: loaded when the run
+    starts (a missing one fails before step 1), once, and only when the run speaks at all."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, text_tokenizer: str):
+        self.cfg, self.device, self.text_tokenizer = cfg, device, text_tokenizer
+        self.tokenizer = self.mimi = None
+
+    def load(self, num_codebooks: int = 32) -> None:
+        from tokenization import load_mimi, load_text_tokenizer
+
+        if self.tokenizer is None:
+            self.tokenizer = load_text_tokenizer(self.text_tokenizer)
+            self.mimi = load_mimi(self.cfg.mimi_weights, device=self.device, num_codebooks=num_codebooks)
+
+
+def _warn_failed(step: int, what: str, e: Exception) -> None:
+    print0(f"warning: step {step}: {what} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+           "training goes on", file=sys.stderr)
 
 
 class SampleWriter:
     """Speech for the configured sentences, written under samples/ and sent to the tracker.
+    A failure while sampling is reported and training goes on (a sample is not worth a run)."""
 
-    `prepare()` loads the tokenizer and Mimi when the run starts, so a missing one fails before step 1;
-    a failure while sampling is reported and training goes on (a sample is not worth a run)."""
+    def __init__(self, cfg: TrainConfig, out: Path, speech: RunSpeech):
+        self.cfg, self.dir, self.speech = cfg, out / "samples", speech
 
-    def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, text_tokenizer: str):
-        self.cfg, self.dir, self.device, self.text_tokenizer = cfg, out / "samples", device, text_tokenizer
-        self._tokenizer = self._mimi = None
-
-    def prepare(self, num_codebooks: int = 32) -> None:
-        from tokenization import load_mimi, load_text_tokenizer
-
-        if not self.cfg.gen_every or self._tokenizer is not None:
-            return
-        self._tokenizer = load_text_tokenizer(self.text_tokenizer)
-        self._mimi = load_mimi(self.cfg.mimi_weights, device=self.device, num_codebooks=num_codebooks)
-
-    def __call__(self, model: nn.Module, step: int, tracker: Tracker) -> None:
+    def __call__(self, model: nn.Module, step: int, tracker: Tracker, precision: str) -> None:
         try:
-            self._write(model, step, tracker)
+            self._write(model, step, tracker, precision)
         except Exception as e:  # noqa: BLE001 - any failure here must not end hours of training
-            print0(f"warning: step {step}: writing audio samples failed ({type(e).__name__}: "
-                   f"{str(e).splitlines()[0] if str(e) else ''}); training goes on", file=sys.stderr)
+            _warn_failed(step, "writing audio samples", e)
 
-    def _write(self, model: nn.Module, step: int, tracker: Tracker) -> None:
+    def _write(self, model: nn.Module, step: int, tracker: Tracker, precision: str) -> None:
         import soundfile as sf
 
         from synthesis import synthesize
         from tokenization import MIMI_SAMPLE_RATE
 
-        self.prepare(model.config.audio_num_codebooks)
+        self.speech.load(model.config.audio_num_codebooks)
         self.dir.mkdir(parents=True, exist_ok=True)
         for i, sentence in enumerate(self.cfg.gen_sentences):
-            generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + step + i)
-            audio, _ = synthesize(model, self._tokenizer, self._mimi, sentence, self.cfg.gen_speaker,
-                                  max_audio_seconds=self.cfg.gen_max_seconds, generator=generator)
+            generator = torch.Generator(device=self.speech.device).manual_seed(self.cfg.seed + step + i)
+            audio, _ = synthesize(model, self.speech.tokenizer, self.speech.mimi, sentence, self.cfg.gen_speaker,
+                                  max_audio_seconds=self.cfg.gen_max_seconds, generator=generator, precision=precision)
             audio = audio.float().cpu().numpy()
             with atomic_path(self.dir / f"step_{step:07d}_{i}.wav", suffix=".tmp.wav") as tmp:
                 sf.write(tmp, audio, MIMI_SAMPLE_RATE)
             tracker.log_audio(f"sample_{i}", audio, MIMI_SAMPLE_RATE, step, sentence)
+
+
+QUALITY_METRICS = ("wer", "cer", "speaker_sim", "eos_rate", "duration_ratio", "rtf")
+
+
+class QualityEval:
+    """eval_every: speak a fixed, seeded subset of the val split (eval_n items, each with its own fixed
+    seed) and measure it as evaluate.py does; the metrics go to metrics.jsonl and the tracker, the audio
+    and per-item results to eval/step_N/. The ASR and speaker models are loaded when the run starts,
+    parked on the CPU and moved to the GPU only while evaluating. A failed evaluation is reported and
+    training goes on."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, speech: RunSpeech, data: str):
+        from evaluation import items_from_token_file
+        from speech_metrics import QualityModels
+
+        self.cfg, self.dir, self.speech = cfg, out / "eval", speech
+        speech.load()
+        self.quality = QualityModels(cfg.eval_asr, cfg.eval_speaker_model, cfg.eval_language, device="cpu",
+                                     half=speech.device.type == "cuda")
+        self.items = items_from_token_file(Path(data), "val", cfg.eval_n, cfg.seed, speech.tokenizer)
+        if not self.items:
+            raise UserError(f"{data}: no val item has text to speak, so eval_every cannot evaluate; set eval_every: 0")
+
+    def __call__(self, model: nn.Module, step: int, tracker: Tracker, precision: str) -> dict:
+        from evaluation import EvalSettings, evaluate_model, write_report
+
+        try:
+            settings = EvalSettings(max_audio_seconds=self.cfg.eval_max_seconds, seed=self.cfg.seed, precision=precision)
+            result = evaluate_model(model, self.speech.tokenizer, self.speech.mimi, self.items, self.quality, settings,
+                                    device=self.speech.device)
+            write_report(result, self.dir / f"step_{step:07d}", extra={"step": step})
+        except Exception as e:  # noqa: BLE001 - a failed evaluation must not end hours of training
+            _warn_failed(step, "the quality evaluation", e)
+            return {}
+        generated = result.summary["generated"]
+        metrics = {k: generated[k] for k in QUALITY_METRICS if generated.get(k) is not None}
+        tracker.log(metrics, step)
+        tracker.log_eval_table(step, result.rows, result.audio)
+        return metrics
+
+
+def share_metrics(metrics: dict, rt: Runtime) -> dict:
+    """Rank 0's quality metrics on every rank (so all ranks select best/ and report alike)."""
+    if not rt.distributed:
+        return metrics
+    values = all_reduce_sum([metrics.get(k, math.nan) if rt.is_main else 0.0 for k in QUALITY_METRICS], rt)
+    return {k: v for k, v in zip(QUALITY_METRICS, values) if math.isfinite(v)}
+
+
+def selection_score(select_by: str, evaluated: dict) -> float | None:
+    """This step's score for best/ (lower is better), or None when it measured no such thing."""
+    from evaluation import HIGHER_IS_BETTER
+
+    value = evaluated.get(select_by)
+    if value is None or not math.isfinite(value):
+        return None
+    return -value if HIGHER_IS_BETTER[select_by] else value
 
 
 # --------------------------------------------------------------------------- transformers exports
@@ -260,9 +327,10 @@ def check_disk_space(model: nn.Module, cfg: TrainConfig, out: Path) -> None:
 
 
 def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device: str | None = "auto",
-          resume: str | None = None, overwrite: bool = False, on_eval: Callable[[int, float], None] | None = None,
+          resume: str | None = None, overwrite: bool = False, on_eval: Callable[[int, dict], None] | None = None,
           progress: bool = True) -> TrainResult:
-    """Run (or resume) one training run. `on_eval(step, val_loss)` may raise to stop it (sweep pruning).
+    """Run (or resume) one training run. `on_eval(step, metrics)` (val_loss and/or the quality metrics of
+    the step) may raise to stop it (sweep pruning).
 
     `output_dir` must be empty or new unless `resume` (continue the run in it) or `overwrite` (replace it)."""
     rt = compute_init(device)
@@ -311,10 +379,15 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
     base = None if cfg.train_from_scratch else resolve_source(cfg.model, cfg.model_revision)
     text_tokenizer = resolve_text_tokenizer(cfg.text_tokenizer, base)
     tokenizer_dir = Path(text_tokenizer) if Path(text_tokenizer).is_dir() else None  # copied beside best/, final/
-    samples = SampleWriter(cfg, out, rt.device, text_tokenizer)
-    hf_exports = None
+    speech = RunSpeech(cfg, rt.device, text_tokenizer)
+    samples = SampleWriter(cfg, out, speech)
+    hf_exports = quality = None
+    if cfg.eval_every and val_set is None:
+        raise UserError(f"eval_every needs a val split in {data}; give pretokenize.py --val_data, or set eval_every: 0")
     if rt.is_main:
-        samples.prepare()
+        if cfg.gen_every:
+            speech.load()
+        quality = QualityEval(cfg, out, speech, data) if cfg.eval_every else None
         hf_exports = HFExports(cfg, base, text_tokenizer) if cfg.export_hf else None
     model = build_or_load_model(cfg, rt.device, base)
     k = model.config.audio_num_codebooks
@@ -394,25 +467,30 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
                 tracker.finish()
                 raise TrainingStopped(f"{loop.nonfinite_streak} non-finite steps in a row at step {step}; checkpoint "
                                       f"saved in {ckpt_dir}. Lower learning_rate, raise warmup_steps or use bf16/fp32.")
+            evaluated = {}
             if val_loader is not None and ((cfg.val_every and step % cfg.val_every == 0) or last):
-                final_val = evaluate(model, val_loader, cfg, rt, precision)
+                final_val = evaluated["val_loss"] = evaluate(model, val_loader, cfg, rt, precision)
                 tracker.log({"val_loss": final_val}, step)
                 pbar.set_postfix(loss=f"{stats['loss']:.4f}", val=f"{final_val:.4f}")
-                if final_val < loop.best_val_loss:
-                    loop.best_val_loss = final_val
-                    if rt.is_main:
-                        save_pretrained(model, out / "best")
-                        copy_tokenizer_files(tokenizer_dir, out / "best")
-                        if hf_exports:
-                            hf_exports(model, out / "best_hf")
-                if on_eval is not None:
-                    on_eval(step, final_val)
+                loop.best_val_loss = min(loop.best_val_loss, final_val)  # NaN never becomes the best
+            if cfg.eval_every and (step % cfg.eval_every == 0 or last):
+                evaluated.update(share_metrics(quality(model, step, tracker, precision) if rt.is_main else {}, rt))
+            score = selection_score(cfg.select_best_by, evaluated)
+            if score is not None and score < loop.best_score:
+                loop.best_score = score
+                if rt.is_main:
+                    save_pretrained(model, out / "best")
+                    copy_tokenizer_files(tokenizer_dir, out / "best")
+                    if hf_exports:
+                        hf_exports(model, out / "best_hf")
+            if evaluated and on_eval is not None:
+                on_eval(step, evaluated)
             if (cfg.save_every and step % cfg.save_every == 0) or last or stop.requested:
                 save_checkpoint(step_path(ckpt_dir, step), loop=loop, **state)
                 if rt.is_main:
                     prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
             if rt.is_main and cfg.gen_every and step % cfg.gen_every == 0:
-                samples(model, step, tracker)  # after the checkpoint, and never fatal
+                samples(model, step, tracker, precision)  # after the checkpoint, and never fatal
             if stop.requested:
                 stopped_early = not last
                 break
@@ -426,6 +504,9 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
     if rt.distributed:
         dist.barrier()
     best = loop.best_val_loss
+    by = cfg.select_best_by
+    score = -loop.best_score if by == "speaker_sim" else loop.best_score
     print0(f"{'stopped' if stopped_early else 'done'} at step {loop.step}; outputs in {out}"
-           + (f"; best val loss {best:.4f}" if math.isfinite(best) else ""))
+           + (f"; best val loss {best:.4f}" if math.isfinite(best) else "")
+           + (f"; best/ has the best {by}, {score:.4f}" if by != "val_loss" and math.isfinite(score) else ""))
     return TrainResult(loop.step, best, final_val, out, stopped_early)
