@@ -1,10 +1,11 @@
-"""The whole workflow offline on CPU in a few minutes: pretokenize -> train -> generate -> sweep.
+"""The whole workflow offline on CPU in a few minutes: pretokenize -> train -> generate -> evaluate -> sweep.
 
     make demo            (or: .venv/bin/python demo.py [--quick] [--output_dir demo_out])
 
-It uses tiny stand-ins for CSM-1B, the Llama tokenizer and Mimi (random weights, saved in the real
-layouts) and the bundled espeak-ng clips in data/sample/. It shows every step working; the audio a
-tiny random model makes is noise, not speech.
+It uses tiny stand-ins for CSM-1B, the Llama tokenizer, Mimi, Whisper and WavLM (random weights, saved
+in the real layouts) and the bundled espeak-ng clips in data/sample/. It shows every step working; the
+audio a tiny random model makes is noise, not speech, and the quality numbers (WER, speaker similarity)
+the tiny random judges give it mean nothing.
 """
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
+    import evaluate
     import generate
     import pretokenize
     import sweep
@@ -91,18 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     steps, trials, trial_steps = (20, 3, 8) if args.quick else (300, 3, 40)
     t0 = time.time()
 
-    banner("1/5 tiny model, tokenizer and Mimi (random weights, real file layouts)")
-    assets = tiny_assets.make_all(out / "assets")
+    banner("1/6 tiny model, tokenizer, Mimi, Whisper and WavLM (random weights, real file layouts)")
+    assets = {**tiny_assets.make_all(out / "assets"), **tiny_assets.make_judges(out / "assets")}
     for name, path in assets.items():
         print(f"  {name}: {path}")
     common = ["--text_tokenizer", str(assets["text_tokenizer"]), "--mimi_weights", str(assets["mimi"])]
 
-    banner("2/5 pretokenize the bundled clips")
+    banner("2/6 pretokenize the bundled clips")
     data = out / "data.hdf5"
     pretokenize.main(["--train_data", str(SAMPLE / "train.csv"), "--val_data", str(SAMPLE / "val.json"),
                       "--output", str(data), "--device", "cpu", *common])
 
-    banner(f"3/5 train for {steps} steps (validation, samples, checkpoints, transformers export)")
+    banner(f"3/6 train for {steps} steps (validation, quality evaluation, samples, checkpoints, transformers export)")
     run = out / "run"
     train.main(["--data", str(data), "--config", str(ROOT / "configs" / "finetune.yaml"), "--output_dir", str(run),
                 "--model", str(assets["model"]), "--max_steps", str(steps), "--device", "cpu",
@@ -110,16 +112,24 @@ def main(argv: list[str] | None = None) -> int:
                 "--gen_every", str(steps), "--log_every", "1", "--gen_sentence", "Hello from the demo.",
                 "--wandb_mode", "disabled", "--set", "learning_rate=2e-3", "--set", "warmup_steps=10",
                 "--set", "batch_size=4", "--set", "gen_max_seconds=2", "--set", "lr_decay=cosine",
+                "--set", f"eval_every={max(steps // 2, 1)}", "--set", "eval_n=2", "--set", "eval_max_seconds=2",
+                "--set", f"eval_asr={assets['asr']}", "--set", f"eval_speaker_model={assets['speaker_model']}",
                 "--export_hf", "--export_codec", str(assets["mimi"]), *common])
     plot_losses(run / "metrics.jsonl", out / "loss_curve.png")
 
-    banner("4/5 generate speech from the trained model")
+    banner("4/6 generate speech from the trained model")
     wav = out / "generated.wav"
     generate.main(["--model", str(run / "best"), "--text", "This is the tiny demo model speaking.",
                    "--speaker", "0", "--output", str(wav), "--max_audio_seconds", "2", "--seed", "0",
                    "--device", "cpu", *common])
 
-    banner(f"5/5 a {trials}-trial sweep on 2 CPU workers")
+    banner("5/6 evaluate the best model: WER/CER, speaker similarity, EOS rate, with the reference and Mimi ceilings")
+    evaluation = out / "evaluation"
+    evaluate.main(["--model", str(run / "best"), "--eval_data", str(SAMPLE / "val.json"), "--n", "4",
+                   "--output_dir", str(evaluation), "--asr", str(assets["asr"]), "--speaker_model", str(assets["speaker_model"]),
+                   "--max_audio_seconds", "2", "--device", "cpu", *common])
+
+    banner(f"6/6 a {trials}-trial sweep on 2 CPU workers")
     sweep_dir = out / "sweep"
     sweep.main(["--data", str(data), "--sweep_config", str(ROOT / "configs" / "sweep_demo.yaml"), "--output_dir", str(sweep_dir),
                 "--n_trials", str(trials), "--n_workers", "2", "--max_steps", str(trial_steps), "--model", str(assets["model"]),
@@ -135,14 +145,16 @@ def main(argv: list[str] | None = None) -> int:
         ("checkpoints (full state, resumable)", run / "checkpoints"), ("best model (official layout)", run / "best"),
         ("final model (official layout)", run / "final"),
         ("best model, transformers layout", run / "best_hf"), ("audio samples from training", run / "samples"),
-        ("generated speech", wav), ("sweep: best config", sweep_dir / "best_config.yaml"),
+        ("generated speech", wav), ("quality during training", run / "eval"),
+        ("evaluation report (open in a browser)", evaluation / "report.html"), ("sweep: best config", sweep_dir / "best_config.yaml"),
         ("sweep: all trials", sweep_dir / "trials.csv"), ("sweep: plots (HTML)", sweep_dir),
         *[(f"sweep plot {p.stem}", p) for p in plots],
     ]
     for label, path in rows:
         if path.exists():
             print(f"  {label:40s} {path}")
-    print("\nThe tiny random models make noise, not speech: see the README for finetuning the real CSM-1B.")
+    print("\nThe tiny random models make noise, not speech, and their WER and speaker similarity mean nothing: "
+          "see the README for finetuning and evaluating the real CSM-1B.")
     return 0
 
 

@@ -90,6 +90,20 @@ def pretrained_dir(source: str, what: str, flag: str, revision: str | None = Non
     raise UserError(f"{flag} {source}: the repository holds no model weights (.safetensors or .bin)")
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """No per-model "Loading weights" bars from transformers: one evaluation loads several small models."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
+
+
 def _load_error(flag: str, source: str, e: Exception) -> UserError:
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
     return UserError(f"{flag} {source} could not be loaded: {first}")
@@ -104,8 +118,9 @@ class ASR:
         self.source, self.language = source, language
         directory = pretrained_dir(source, "ASR model", "--asr")
         try:
-            self.pipe = pipeline("automatic-speech-recognition", model=str(directory), device=torch.device(device),
-                                 dtype=dtype)
+            with quiet_loading():
+                self.pipe = pipeline("automatic-speech-recognition", model=str(directory), device=torch.device(device),
+                                     dtype=dtype)
         except Exception as e:  # transformers raises many types for a directory that is not a model it knows
             raise _load_error("--asr", source, e) from e
         tokenizer = self.pipe.tokenizer
@@ -151,8 +166,9 @@ class SpeakerEncoder:
         self.source = source
         directory = pretrained_dir(source, "speaker model", "--speaker_model")
         try:
-            self.features = AutoFeatureExtractor.from_pretrained(str(directory))
-            self.model = AutoModelForAudioXVector.from_pretrained(str(directory), dtype=dtype).to(device).eval()
+            with quiet_loading():
+                self.features = AutoFeatureExtractor.from_pretrained(str(directory))
+                self.model = AutoModelForAudioXVector.from_pretrained(str(directory), dtype=dtype).to(device).eval()
         except Exception as e:
             raise _load_error("--speaker_model", source, e) from e
         self.rate = getattr(self.features, "sampling_rate", ASR_SAMPLE_RATE)

@@ -1,4 +1,4 @@
-"""The demo's steps, shortened: pretokenize -> train -> generate -> sweep on the bundled clips."""
+"""The demo's steps, shortened: pretokenize -> train -> generate -> evaluate -> sweep on the bundled clips."""
 import json
 
 import h5py
@@ -17,6 +17,10 @@ def test_quick_demo_runs_every_step(tmp_path, capsys):
         assert len(f["train/length"]) >= 15 and len(f["val/length"]) >= 3
     metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in m for m in metrics)
+    assert any({"wer", "cer", "speaker_sim", "eos_rate"} <= set(m) for m in metrics)  # eval_every is on
+    summary = json.loads((out / "evaluation" / "summary.json").read_text())
+    assert summary["generated"]["n"] > 0 and summary["reference"]["n"] > 0 and summary["codec"]["n"] > 0
+    assert (out / "evaluation" / "report.html").is_file()
     assert (out / "run" / "best" / "model.safetensors").is_file()
     from transformers import CsmForConditionalGeneration
 
