@@ -293,3 +293,50 @@ def test_sweep_optimises_wer(assets, judges, pretokenized, tmp_path):
     assert study.best_value == best_logged(out / "trials" / "trial_0000", "wer")
     rc, err = cli("sweep.py", *flags, "--set", "eval_every=1", "--metric", "speaker_sim", "--n_trials", 2)
     assert_clear_error(rc, err, "maximize")
+
+
+def test_quality_evaluation_goes_to_wandb_as_a_table(assets, judges, pretokenized, tmp_path, monkeypatch):
+    import training
+
+    # W&B logs a table holding media as a run artifact, staged under its data dir until `wandb sync`.
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
+    out = tmp_path / "run"
+    training.train(train_cfg(assets, judges, max_steps=1, warmup_steps=0, wandb_mode="offline"), pretokenized, out,
+                   device="cpu", progress=False)
+    run_dir = next((out / "wandb").glob("offline-run-*"))
+    table = json.loads(next(run_dir.glob("files/media/table/eval_items_*.table.json")).read_text())
+    assert table["columns"][-2:] == ["generated", "reference"] and len(table["data"]) == 2
+    staged = [p for p in (tmp_path / "wandb-data").rglob("*") if p.is_file()]
+    assert sum(p.read_bytes()[:4] == b"RIFF" for p in staged) == 4  # generated + reference audio of 2 items
+    log = next(run_dir.glob("*.wandb")).read_bytes()
+    assert all(key.encode() in log for key in ("eval_items", "wer", "cer", "speaker_sim", "eos_rate"))
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_evaluate_once_and_agree_on_best(assets, judges, pretokenized, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from test_ddp import _free_port
+    from tracking import read_metrics
+    from weights import read_model_weights
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "train.py", "--data", str(pretokenized), "--model", str(assets["model"]), "--max_steps", "2",
+           "--output_dir", str(out), "--device", "cpu", "--wandb_mode", "disabled", "--gen_every", "0",
+           "--save_every", "1", "--val_every", "1", "--batch_size", "2", "--warmup_steps", "1", "--learning_rate", "3e-3",
+           "--text_tokenizer", str(assets["text_tokenizer"]), "--mimi_weights", str(assets["mimi"]),
+           "--set", "keep_checkpoints=5", "--set", "eval_every=1", "--set", "eval_n=2", "--set", "eval_max_seconds=0.5",
+           "--set", f"eval_asr={judges['asr']}", "--set", f"eval_speaker_model={judges['speaker_model']}",
+           "--set", "select_best_by=speaker_sim", "--set", "precision=fp32"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "speaker_sim" in r]
+    assert [r["step"] for r in rows] == [1, 2]  # rank 0 evaluates; rank 1 logs nothing
+    best = rows[int(np.argmax([r["speaker_sim"] for r in rows]))]["step"]
+    saved, _ = read_model_weights(out / "best")
+    expected = step_weights(out, best)
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
