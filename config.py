@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from context import CONTEXT_LOSSES, CONTEXT_MODES
 from optim import LR_DECAYS, OPTIMIZERS
 from speech_metrics import DEFAULT_ASR, DEFAULT_SPEAKER_MODEL
 from tracking import WANDB_MODES
@@ -48,6 +49,12 @@ class TrainConfig:
     max_seq_len: int = _f(2048, "Longest example in frames; longer ones are refused when the data opens.", min=2, max=2048)
     partial_data_loading: bool = _f(False, "Read examples lazily from the HDF5 file instead of loading it into memory.")
     num_workers: int = _f(0, "DataLoader worker processes.", min=0, max=256)
+    # --- conversational context (see README: conversational context)
+    context_mode: str = _f("none", "Context before each target turn: none; conversation (its earlier turns); same_speaker "
+                           "(other utterances of its speaker, re-drawn each epoch: a voice prompt).", choices=CONTEXT_MODES)
+    context_turns: int = _f(1, "Most context turns per example; the oldest are dropped first to fit max_seq_len.", min=1, max=64)
+    context_loss: str = _f("none", "none: only the target turn's audio is a loss target; all: every turn's.",
+                           choices=CONTEXT_LOSSES)
     # --- optimisation
     learning_rate: float = _f(3e-5, "Peak learning rate.", gt=0)
     weight_decay: float = _f(0.002, "AdamW weight decay, applied to matrices only (not norms).", min=0)
@@ -76,6 +83,8 @@ class TrainConfig:
     gen_sentences: list[str] = _f(None, "Sentences spoken in the samples.",
                                   default_factory=lambda: ["Bird law in this country is not governed by reason."])
     gen_speaker: int = _f(999, "Speaker id for the samples.", min=0, max=2**31 - 1)
+    gen_context: list[dict] = _f(None, "Prompt turns spoken before every sample and evaluation item: a list of "
+                                 "{audio: wav path, text: its transcript, speaker: id}.", default_factory=list)
     gen_max_seconds: float = _f(10.0, "Longest sample, in seconds (the model's 2048 frames hold 160 s with the text).", gt=0, max=160)
     # --- quality evaluation (WER/CER, speaker similarity, EOS rate; see README: evaluation)
     eval_every: int = _f(0, "Quality evaluation of eval_n val items every N steps and at the end (0: never).", min=0)
@@ -118,6 +127,8 @@ def _coerce(key: str, value, tp, optional: bool):
             return None
         raise UserError(f"config key {key!r} may not be empty")
     origin = typing.get_origin(tp)
+    if origin is list and typing.get_args(tp) == (dict,):
+        return _coerce_turns(key, value)
     if origin is list:
         if isinstance(value, str):
             value = [value]
@@ -152,6 +163,28 @@ def _coerce(key: str, value, tp, optional: bool):
             raise UserError(f"config key {key!r} must be a string, got {value!r}")
         return str(value)
     return value
+
+
+TURN_KEYS = ("audio", "text", "speaker")
+
+
+def _coerce_turns(key: str, value) -> list[dict]:
+    """A list of prompt turns {audio, text, speaker}; the audio files are read when a run starts."""
+    if not isinstance(value, list):
+        raise UserError(f"config key {key!r} must be a list of {{audio, text, speaker}} entries, got {value!r}")
+    turns = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict) or set(entry) != set(TURN_KEYS):
+            raise UserError(f"config key {key!r}: entry {i} must have exactly the keys audio, text, speaker; got {entry!r}")
+        audio, text, speaker = entry["audio"], entry["text"], entry["speaker"]
+        if not isinstance(audio, str) or not audio.strip():
+            raise UserError(f"config key {key!r}: entry {i} needs 'audio', the path of a wav file")
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"config key {key!r}: entry {i} needs 'text', the transcript of its audio")
+        if isinstance(speaker, bool) or not isinstance(speaker, int) or not 0 <= speaker <= 2**31 - 1:
+            raise UserError(f"config key {key!r}: entry {i} 'speaker' must be a non-negative integer id, got {speaker!r}")
+        turns.append({"audio": audio, "text": text.strip(), "speaker": speaker})
+    return turns
 
 
 def _check_range(key: str, value, meta: dict):

@@ -1,11 +1,12 @@
-"""Token-file examples -> padded (tokens, mask) training batches, in a resumable order.
+"""Token-file examples -> padded (tokens, mask, target) training batches, in a resumable order.
 
 - `CSMDataset`: one split of a token file (read through token_file.py), held in memory as flat
   int16/int32 buffers plus offsets, or read lazily row by row (`partial=True`) for data that does
   not fit in memory.
 - `LengthBucketSampler`: batches of similar-length examples, filled up to a padded-token budget
   (or a fixed example count), re-formed every epoch from one seed, sharded over DDP ranks.
-- `collate`: padded batches of turns laid out by frames.py.
+- `collate`: padded batches of examples, each one turn or (with conversational context, context.py)
+  several turns laid out by frames.py, with the mask of the frames that are loss targets.
 - `ResumableLoader`: a DataLoader that knows how many batches it has handed out, so a checkpoint
   can resume mid-epoch with exactly the batches an uninterrupted run would have seen.
 """
@@ -20,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import token_file
+from context import ContextPlanner
 from frames import turn_frames
 from token_file import DataError
 from tokenization import NUM_CODEBOOKS
@@ -75,8 +77,16 @@ class CSMDataset(Dataset):
             self._file, self._pid = token_file.open_token_file(self.path), os.getpid()
         return token_file.read_row(self._file, self.split, i)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        audio, text = self._row(int(i))
+    def __getitem__(self, i):
+        """Row i as (audio codes [K, F], text ids [T]); a plan (a tuple of rows: context turns, then the
+        target) as the list of its turns."""
+        if isinstance(i, tuple):
+            return [self._turn(r) for r in i]
+        return self._turn(i)
+
+    def _turn(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = int(i)
+        audio, text = self._row(i)
         frames = len(audio) // self.num_codebooks
         if len(text) + frames + 1 != self.lengths[i]:
             raise DataError(f"{self.path}: /{self.split} row {i} does not match its stored length; re-run pretokenize.py")
@@ -96,22 +106,33 @@ class CSMDataset(Dataset):
         return total
 
 
-def collate(batch: list[tuple[torch.Tensor, torch.Tensor]], num_codebooks: int = NUM_CODEBOOKS,
-            pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(audio [K, F], text [T]) examples -> tokens [B, S, K+1] int64 and mask [B, S, K+1] bool (SPEC §2).
+def collate(batch: list, num_codebooks: int = NUM_CODEBOOKS, pad_to: int | None = None,
+            context_loss: str = "none") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Examples -> tokens [B, S, K+1] int64, mask [B, S, K+1] bool (SPEC §2) and target [B, S] bool.
 
-    Each example is one turn laid out by `frames.turn_frames` (text, audio, EOS frame), then right padding.
+    An example is one turn (audio [K, F], text [T]) or a list of turns (context turns, then the target
+    turn); each turn is laid out by `frames.turn_frames` (text, audio, EOS frame), one after the other,
+    then right padding. `target` marks the frames the loss predicts: the audio and EOS frames of the target
+    turn, or of every turn with `context_loss="all"` (context frames are otherwise inputs only).
     """
     k = num_codebooks
-    lengths = [len(text) + audio.shape[1] + 1 for audio, text in batch]
+    examples = [item if isinstance(item, list) else [item] for item in batch]
+    lengths = [sum(len(text) + audio.shape[1] + 1 for audio, text in turns) for turns in examples]
     seq = max(lengths) if pad_to is None else pad_to
     tokens = torch.zeros(len(batch), seq, k + 1, dtype=torch.long)
     mask = torch.zeros(len(batch), seq, k + 1, dtype=torch.bool)
-    for b, ((audio, text), n) in enumerate(zip(batch, lengths)):
-        if audio.shape[0] != k:
-            raise ValueError(f"example {b} has {audio.shape[0]} codebooks, expected {k}")
-        tokens[b, :n], mask[b, :n] = turn_frames(text, audio, k)
-    return tokens, mask
+    target = torch.zeros(len(batch), seq, dtype=torch.bool)
+    for b, turns in enumerate(examples):
+        start = 0
+        for t, (audio, text) in enumerate(turns):
+            if audio.shape[0] != k:
+                raise ValueError(f"example {b} has {audio.shape[0]} codebooks, expected {k}")
+            n = len(text) + audio.shape[1] + 1
+            tokens[b, start:start + n], mask[b, start:start + n] = turn_frames(text, audio, k)
+            if context_loss == "all" or t == len(turns) - 1:
+                target[b, start + len(text):start + n] = True
+            start += n
+    return tokens, mask, target
 
 
 # --------------------------------------------------------------------------- batching
@@ -163,12 +184,14 @@ class LengthBucketSampler:
     """
 
     def __init__(self, lengths, *, max_tokens: int | None = None, batch_size: int | None = None,
-                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 planner: ContextPlanner | None = None):
         if (max_tokens is None) == (batch_size is None):
             raise ValueError("give exactly one of max_tokens and batch_size")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.planner = planner  # with context: batches of plans, formed on each epoch's composed lengths
         self.max_tokens, self.batch_size = max_tokens, batch_size
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
         self.epoch = 0
@@ -177,22 +200,27 @@ class LengthBucketSampler:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def epoch_lengths(self, epoch: int) -> np.ndarray:
+        """Each example's length in frames this epoch (composed with its context, when there is any)."""
+        return self.planner.plans(epoch)[1] if self.planner is not None else self.lengths
+
     def global_batches(self, epoch: int | None = None) -> list[np.ndarray]:
-        """All ranks' batches of an epoch, in order (rank r takes r, r+W, ...)."""
+        """All ranks' batches of an epoch (target row indices), in order (rank r takes r, r+W, ...)."""
         epoch = self.epoch if epoch is None else epoch
-        n = len(self.lengths)
+        lengths = self.epoch_lengths(epoch)
+        n = len(lengths)
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
         tie = rng.permutation(n) if rng is not None else np.arange(n)
-        order = tie[np.argsort(self.lengths[tie], kind="stable")]
+        order = tie[np.argsort(lengths[tie], kind="stable")]
         if self.max_tokens is not None:
-            batches = _balance_tail(_fill_by_budget(order, self.lengths, self.max_tokens), self.lengths, self.max_tokens)
+            batches = _balance_tail(_fill_by_budget(order, lengths, self.max_tokens), lengths, self.max_tokens)
         else:
             batches = [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
         if rng is not None:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        return self._even_out(batches)
+        return self._even_out(batches, lengths)
 
-    def _even_out(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+    def _even_out(self, batches: list[np.ndarray], lengths: np.ndarray) -> list[np.ndarray]:
         w = self.world_size
         extra = len(batches) % w
         if extra == 0:
@@ -200,13 +228,19 @@ class LengthBucketSampler:
         leftover = np.concatenate(batches[-extra:])
         if len(leftover) < w:  # tiny data: repeat examples from the start so no rank waits forever
             leftover = np.concatenate([leftover, np.concatenate(batches)[:w - len(leftover)]])
-        leftover = leftover[np.argsort(self.lengths[leftover], kind="stable")]
+        leftover = leftover[np.argsort(lengths[leftover], kind="stable")]
         return batches[:-extra] + np.array_split(leftover, w)
 
-    def rank_batches(self, epoch: int | None = None) -> list[list[int]]:
+    def rank_batches(self, epoch: int | None = None) -> list[list]:
+        """This rank's batches of an epoch: lists of row indices, or of plans (tuples of rows) with context."""
         epoch = self.epoch if epoch is None else epoch
         if self._cache is None or self._cache[0] != epoch:
-            self._cache = (epoch, [b.tolist() for b in self.global_batches(epoch)[self.rank::self.world_size]])
+            batches = self.global_batches(epoch)[self.rank::self.world_size]
+            if self.planner is not None:
+                plans = self.planner.plans(epoch)[0]
+                self._cache = (epoch, [[plans[i] for i in b] for b in batches])
+            else:
+                self._cache = (epoch, [b.tolist() for b in batches])
         return self._cache[1]
 
     def __len__(self) -> int:
@@ -236,8 +270,8 @@ class ResumableLoader:
     """
 
     def __init__(self, dataset: CSMDataset, sampler: LengthBucketSampler, num_workers: int = 0,
-                 pin_memory: bool = False):
-        self.dataset, self.sampler = dataset, sampler
+                 pin_memory: bool = False, context_loss: str = "none"):
+        self.dataset, self.sampler, self.context_loss = dataset, sampler, context_loss
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.consumed = 0
 
@@ -253,7 +287,7 @@ class ResumableLoader:
             self.set_epoch(self.sampler.epoch + 1)
         k = self.dataset.num_codebooks
         loader = DataLoader(self.dataset, batch_sampler=_Skip(self.sampler, self.consumed),
-                            collate_fn=partial(collate, num_codebooks=k), num_workers=self.num_workers,
+                            collate_fn=partial(collate, num_codebooks=k, context_loss=self.context_loss), num_workers=self.num_workers,
                             pin_memory=self.pin_memory, persistent_workers=False)
         for batch in loader:
             self.consumed += 1  # counted as handed out, not as prefetched by workers
@@ -276,14 +310,20 @@ class ResumableLoader:
 
 def make_loader(dataset: CSMDataset, *, max_tokens: int | None = None, batch_size: int | None = None,
                 shuffle: bool = True, seed: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                pin_memory: bool | None = None) -> ResumableLoader:
-    """A resumable loader over `dataset` with length-bucketed batches (pinned memory when CUDA is in use)."""
+                pin_memory: bool | None = None, context_mode: str = "none", context_turns: int = 1,
+                context_loss: str = "none") -> ResumableLoader:
+    """A resumable loader over `dataset` with length-bucketed batches (pinned memory when CUDA is in use);
+    with a `context_mode` other than none, each example is composed with its context (context.py)."""
     if max_tokens is not None:
         batch_size = None
     elif batch_size is None:
         raise ValueError("give max_tokens or batch_size")
+    planner = None
+    if context_mode != "none":
+        planner = ContextPlanner(dataset.lengths, dataset.conversation, dataset.turn, dataset.speaker, mode=context_mode,
+                                 context_turns=context_turns, max_seq_len=dataset.max_seq_len, seed=seed)
     sampler = LengthBucketSampler(dataset.lengths, max_tokens=max_tokens, batch_size=batch_size, shuffle=shuffle,
-                                  seed=seed, rank=rank, world_size=world_size)
+                                  seed=seed, rank=rank, world_size=world_size, planner=planner)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    return ResumableLoader(dataset, sampler, num_workers=num_workers, pin_memory=pin_memory)
+    return ResumableLoader(dataset, sampler, num_workers=num_workers, pin_memory=pin_memory, context_loss=context_loss)

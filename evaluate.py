@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context_audio", action="append", default=[], help="a prompt turn spoken before every item (repeatable)")
     p.add_argument("--context_text", action="append", default=[], help="its transcript")
     p.add_argument("--context_speaker", action="append", default=[], help="its speaker id")
+    p.add_argument("--context_from_config", metavar="CONFIG",
+                   help="speak the prompt turns (gen_context) of a training config, e.g. runs/x/config.yaml, before "
+                        "every item, as that run's samples and evaluations did")
     p.add_argument("--trust_pickle", action="store_true", help="allow .pkl/.h5 metadata (read through pickle)")
     return p
 
@@ -91,6 +94,11 @@ def _evaluate(args, data: Path, out: Path) -> int:
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     context = context_segments(args.context_audio, args.context_text, args.context_speaker)
+    if args.context_from_config:
+        from config import load_config
+        from synthesis import prompt_segments
+
+        context += prompt_segments(load_config(args.context_from_config).gen_context)
     # The judges first: a model that cannot be loaded fails in one line before any speech is generated.
     quality = QualityModels(args.asr, args.speaker_model, args.language, device=device, half=device.type == "cuda")
     source = resolve_source(args.model, args.revision)

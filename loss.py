@@ -33,20 +33,28 @@ def decoder_frame_count(n_frames: int, fraction: float) -> int:
     return min(n_frames, max(1, int(n_frames * fraction)))
 
 
-def count_targets(mask: torch.Tensor, decoder_fraction: float, num_codebooks: int) -> tuple[int, int]:
-    """(n_c0, n_decoder) that compute_loss will report for this mask, known before the forward."""
-    n = int(mask[:, 1:, 0].sum())
+def target_rows(mask: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    """[B, S-1] bool: which rows 1.. hold a frame the loss predicts. Without a target mask every audio frame
+    (EOS included) is one; with one (conversational context) only those it marks."""
+    return (mask[:, :, 0] if target is None else target)[:, 1:]
+
+
+def count_targets(mask: torch.Tensor, decoder_fraction: float, num_codebooks: int,
+                  target: torch.Tensor | None = None) -> tuple[int, int]:
+    """(n_c0, n_decoder) that compute_loss will report for this batch, known before the forward."""
+    n = int(target_rows(mask, target).sum())
     return n, decoder_frame_count(n, decoder_fraction) * (num_codebooks - 1)
 
 
-def compute_loss(model, tokens: torch.Tensor, mask: torch.Tensor, *, decoder_fraction: float = 1 / 16,
-                 generator: torch.Generator | None = None) -> LossTerms:
+def compute_loss(model, tokens: torch.Tensor, mask: torch.Tensor, target: torch.Tensor | None = None, *,
+                 decoder_fraction: float = 1 / 16, generator: torch.Generator | None = None) -> LossTerms:
     """Summed training losses of a right-padded batch (SPEC §2).
 
     The backbone output at row r predicts the audio frame at row r+1: codebook 0 through
-    `codebook0_head` on every audio target frame, codebooks 1..K-1 through the decoder on a random
-    `decoder_fraction` of them ("compute amortization"), drawn from `generator`. Padding rows are
-    never targets and, with right padding under a causal mask, never attended to by real rows.
+    `codebook0_head` on every target frame, codebooks 1..K-1 through the decoder on a random
+    `decoder_fraction` of them ("compute amortization"), drawn from `generator`. Target frames are the
+    audio frames (EOS included), or those `target` [B, S] marks (context turns are then inputs only).
+    Padding rows are never targets and, with right padding under a causal mask, never attended to by real rows.
     """
     b, s, _ = tokens.shape
     max_len = model.backbone.max_seq_len
@@ -55,7 +63,7 @@ def compute_loss(model, tokens: torch.Tensor, mask: torch.Tensor, *, decoder_fra
     dtype = next(model.parameters()).dtype
     h = model.backbone(embed_frames(model, tokens, mask).to(dtype)).to(dtype)
 
-    is_target = mask[:, 1:, 0]                      # rows 1.. that hold an audio frame (EOS included)
+    is_target = target_rows(mask, target)           # rows 1.. whose frame is predicted
     h_prev = h[:, :-1][is_target]                   # [N, D] the state that predicts each target frame
     targets = tokens[:, 1:, :-1][is_target]         # [N, K]
     n = targets.shape[0]

@@ -23,18 +23,26 @@ def parse_speaker(value) -> int:
     return int(text)
 
 
-def context_segments(audio: list[str], texts: list[str], speakers: list[str]) -> list[Segment]:
-    """Earlier turns given on a command line (--context_audio/_text/_speaker, one of each per turn)."""
+def prompt_segments(turns: list[dict]) -> list[Segment]:
+    """Prompt turns {audio, text, speaker} (config gen_context, or --context_* flags) as Segments, with their
+    audio read now, so a missing file fails before any work."""
     from audio_io import read_audio
 
+    segments = []
+    for turn in turns:
+        if not str(turn["text"]).strip():
+            raise UserError(f"the context turn with audio {turn['audio']} has an empty transcript")
+        segments.append(Segment(str(turn["text"]).strip(), parse_speaker(turn["speaker"]),
+                                torch.from_numpy(read_audio(turn["audio"]))))
+    return segments
+
+
+def context_segments(audio: list[str], texts: list[str], speakers: list[str]) -> list[Segment]:
+    """Earlier turns given on a command line (--context_audio/_text/_speaker, one of each per turn)."""
     if len(texts) != len(audio) or len(speakers) != len(audio):
         raise UserError(f"give one --context_text and one --context_speaker per --context_audio "
                         f"(got {len(audio)} audio, {len(texts)} texts, {len(speakers)} speakers)")
-    for text in texts:
-        if not text.strip():
-            raise UserError("a --context_text is empty; give the transcript of its --context_audio")
-    return [Segment(text, parse_speaker(spk), torch.from_numpy(read_audio(wav)))
-            for wav, text, spk in zip(audio, texts, speakers)]
+    return prompt_segments([{"audio": a, "text": t, "speaker": s} for a, t, s in zip(audio, texts, speakers)])
 
 
 def build_prompt(tokenizer, mimi, segments: list[Segment], k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,8 +50,8 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, mask, decoder_fraction: float, generator: torch.Generator | None):
-        return compute_loss(self.model, tokens, mask, decoder_fraction=decoder_fraction, generator=generator)
+    def forward(self, tokens, mask, target, decoder_fraction: float, generator: torch.Generator | None):
+        return compute_loss(self.model, tokens, mask, target, decoder_fraction=decoder_fraction, generator=generator)
 
 
 def build_or_load_model(cfg: TrainConfig, device: torch.device, source: Path | None = None) -> nn.Module:
@@ -71,17 +71,18 @@ def train_step(loss_model: nn.Module, micro_batches: list, cfg: TrainConfig, rt:
                optimizer, scaler, generator, num_codebooks: int) -> dict:
     """Forward/backward over the micro-batches of one step, normalised by the step's total targets
     (summed over micro-batches and ranks), then clip and step. Returns the step's metrics."""
-    counts = [count_targets(mask, cfg.decoder_fraction, num_codebooks) for _, mask in micro_batches]
+    counts = [count_targets(mask, cfg.decoder_fraction, num_codebooks, target) for _, mask, target in micro_batches]
     n_c0, n_dec = all_reduce_sum([sum(c[0] for c in counts), sum(c[1] for c in counts)], rt)
     sums = torch.zeros(3, dtype=torch.float64)
     real = padded = 0
-    for i, (tokens, mask) in enumerate(micro_batches):
+    for i, (tokens, mask, target) in enumerate(micro_batches):
         tokens, mask = tokens.to(rt.device, non_blocking=True), mask.to(rt.device, non_blocking=True)
+        target = target.to(rt.device, non_blocking=True)
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or not rt.distributed else loss_model.no_sync()
         with sync:
             with autocast(rt.device, precision):
-                terms = loss_model(tokens, mask, cfg.decoder_fraction, generator)
+                terms = loss_model(tokens, mask, target, cfg.decoder_fraction, generator)
             loss = combine_loss(terms, int(n_c0), int(n_dec), cfg.decoder_loss_weight)
             # DDP averages gradients over ranks; the loss is already a share of the global sum.
             scaler.scale(loss * rt.world_size).backward()
@@ -111,9 +112,10 @@ def evaluate(model: nn.Module, loader, cfg: TrainConfig, rt: Runtime, precision:
     was_training = model.training
     model.eval()
     c0 = dec = n_c0 = n_dec = 0.0
-    for tokens, mask in loader:
+    for tokens, mask, target in loader:
         with autocast(rt.device, precision):
-            terms = compute_loss(model, tokens.to(rt.device), mask.to(rt.device), decoder_fraction=1.0)
+            terms = compute_loss(model, tokens.to(rt.device), mask.to(rt.device), target.to(rt.device),
+                                 decoder_fraction=1.0)
         c0, dec = c0 + terms.c0_sum.item(), dec + terms.decoder_sum.item()
         n_c0, n_dec = n_c0 + terms.n_c0, n_dec + terms.n_decoder
     c0, dec, n_c0, n_dec = all_reduce_sum([c0, dec, n_c0, n_dec], rt)
@@ -125,17 +127,21 @@ def evaluate(model: nn.Module, loader, cfg: TrainConfig, rt: Runtime, precision:
 
 
 class RunSpeech:
-    """The text tokenizer and Mimi that samples and quality evaluations speak with: loaded when the run
-    starts (a missing one fails before step 1), once, and only when the run speaks at all."""
+    """The text tokenizer, Mimi and prompt turns (gen_context) that samples and quality evaluations speak
+    with: loaded when the run starts (a missing one fails before step 1), once, and only when the run
+    speaks at all."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device, text_tokenizer: str):
         self.cfg, self.device, self.text_tokenizer = cfg, device, text_tokenizer
         self.tokenizer = self.mimi = None
+        self.context = []
 
     def load(self, num_codebooks: int = 32) -> None:
+        from synthesis import prompt_segments
         from tokenization import load_mimi, load_text_tokenizer
 
         if self.tokenizer is None:
+            self.context = prompt_segments(self.cfg.gen_context)
             self.tokenizer = load_text_tokenizer(self.text_tokenizer)
             self.mimi = load_mimi(self.cfg.mimi_weights, device=self.device, num_codebooks=num_codebooks)
 
@@ -169,7 +175,7 @@ class SampleWriter:
         for i, sentence in enumerate(self.cfg.gen_sentences):
             generator = torch.Generator(device=self.speech.device).manual_seed(self.cfg.seed + step + i)
             audio, _ = synthesize(model, self.speech.tokenizer, self.speech.mimi, sentence, self.cfg.gen_speaker,
-                                  max_audio_seconds=self.cfg.gen_max_seconds, generator=generator, precision=precision)
+                                  self.speech.context, max_audio_seconds=self.cfg.gen_max_seconds, generator=generator, precision=precision)
             audio = audio.float().cpu().numpy()
             with atomic_path(self.dir / f"step_{step:07d}_{i}.wav", suffix=".tmp.wav") as tmp:
                 sf.write(tmp, audio, MIMI_SAMPLE_RATE)
@@ -202,7 +208,8 @@ class QualityEval:
         from evaluation import EvalSettings, evaluate_model, write_report
 
         try:
-            settings = EvalSettings(max_audio_seconds=self.cfg.eval_max_seconds, seed=self.cfg.seed, precision=precision)
+            settings = EvalSettings(max_audio_seconds=self.cfg.eval_max_seconds, seed=self.cfg.seed, precision=precision,
+                                    context=self.speech.context)
             result = evaluate_model(model, self.speech.tokenizer, self.speech.mimi, self.items, self.quality, settings,
                                     device=self.speech.device)
             write_report(result, self.dir / f"step_{step:07d}", extra={"step": step})
@@ -367,8 +374,11 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
     val_set = CSMDataset(data, "val", partial=cfg.partial_data_loading, max_seq_len=cfg.max_seq_len) if "val" in splits else None
     batching = dict(max_tokens=cfg.max_tokens, batch_size=None if cfg.max_tokens else cfg.batch_size)
     shard = dict(rank=rt.rank, world_size=rt.world_size)
-    train_loader = make_loader(train_set, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers, **batching, **shard)
-    val_loader = make_loader(val_set, shuffle=False, num_workers=cfg.num_workers, **batching, **shard) if val_set else None
+    context = dict(context_mode=cfg.context_mode, context_turns=cfg.context_turns, context_loss=cfg.context_loss)
+    train_loader = make_loader(train_set, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers, **batching, **shard,
+                               **context)
+    val_loader = make_loader(val_set, shuffle=False, seed=cfg.seed, num_workers=cfg.num_workers, **batching, **shard,
+                             **context) if val_set else None
     if len(train_loader) == 0:
         raise UserError(f"{data}: the train split gives no batches on {rt.world_size} process(es)")
     total_steps = cfg.max_steps or math.ceil(cfg.n_epochs * len(train_loader) / cfg.grad_acc_steps)

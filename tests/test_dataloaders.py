@@ -79,7 +79,7 @@ def _ddp_worker(rank, world_size, path, port, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     loader = make_loader(CSMDataset(path, "train"), max_tokens=60, seed=0, rank=dist.get_rank(),
                          world_size=dist.get_world_size())
-    rows = [int(tokens.shape[0]) for tokens, _ in loader]
+    rows = [int(tokens.shape[0]) for tokens, _, _ in loader]
     mine = [i for b in loader.sampler for i in b]
     gathered = [None] * world_size
     dist.all_gather_object(gathered, (rows, mine))
@@ -111,8 +111,8 @@ def test_resume_mid_epoch_gives_the_same_batches(tmp_path, num_workers, grad_acc
     def stream(loader, n):
         out = []
         while len(out) < n:
-            for tokens, mask in loader:
-                out.append((tokens, mask))
+            for tokens, mask, target in loader:
+                out.append((tokens, mask, target))
                 if len(out) == n:
                     return out
             loader.set_epoch(loader.state_dict()["epoch"] + 1)
@@ -127,8 +127,8 @@ def test_resume_mid_epoch_gives_the_same_batches(tmp_path, num_workers, grad_acc
     resumed = make_loader(ds, max_tokens=80, seed=5, num_workers=num_workers)
     resumed.load_state_dict(state)
     tail = stream(resumed, len(full) - cut)
-    for (t1, m1), (t2, m2) in zip(full, head + tail, strict=True):
-        assert torch.equal(t1, t2) and torch.equal(m1, m2)
+    for (t1, m1, g1), (t2, m2, g2) in zip(full, head + tail, strict=True):
+        assert torch.equal(t1, t2) and torch.equal(m1, m2) and torch.equal(g1, g2)
 
 
 def test_resume_at_epoch_end_moves_to_next_epoch(token_file):
@@ -153,8 +153,8 @@ def test_resume_refuses_changed_batching(token_file):
 
 def test_validation_loader_is_deterministic(token_file):
     loader = make_loader(CSMDataset(token_file, "val"), max_tokens=64, shuffle=False)
-    first = [t for t, _ in loader]
-    second = [t for t, _ in loader]
+    first = [t for t, _, _ in loader]
+    second = [t for t, _, _ in loader]
     assert len(first) > 0
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
@@ -164,7 +164,7 @@ def test_collate_matches_hand_built_layout():
     audio = torch.tensor([[1, 2], [3, 4], [5, 6]])  # K=3 codebooks x F=2 frames
     text = torch.tensor([100, 7, 101])
     short = (torch.tensor([[9], [8], [7]]), torch.tensor([100, 101]))
-    tokens, mask = collate([(audio, text), short], num_codebooks=k)
+    tokens, mask, target = collate([(audio, text), short], num_codebooks=k)
     assert tokens.shape == mask.shape == (2, 6, 4)
     expected = torch.tensor([
         [0, 0, 0, 100], [0, 0, 0, 7], [0, 0, 0, 101],  # text frames
@@ -177,6 +177,8 @@ def test_collate_matches_hand_built_layout():
     assert torch.equal(tokens[1, :3], torch.tensor([[0, 0, 0, 100], [0, 0, 0, 101], [9, 8, 7, 0]]))
     assert mask[1, 3, :k].all() and not mask[1, 3, k]
     assert not mask[1, 4:].any() and not tokens[1, 4:].any()
+    # One turn each: every audio frame (EOS included) is a target.
+    assert torch.equal(target, mask[:, :, 0])
 
 
 def test_items_match_the_file_in_every_mode(tmp_path):
@@ -192,8 +194,8 @@ def test_items_match_the_file_in_every_mode(tmp_path):
 
 
 def test_partial_mode_with_workers_matches_in_memory(token_file):
-    a = [t for t, _ in make_loader(CSMDataset(token_file, "train"), batch_size=3, seed=0)]
-    b = [t for t, _ in make_loader(CSMDataset(token_file, "train", partial=True), batch_size=3, seed=0, num_workers=2)]
+    a = [t for t, _, _ in make_loader(CSMDataset(token_file, "train"), batch_size=3, seed=0)]
+    b = [t for t, _, _ in make_loader(CSMDataset(token_file, "train", partial=True), batch_size=3, seed=0, num_workers=2)]
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
