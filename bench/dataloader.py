@@ -1,6 +1,7 @@
 """Batching and dataset benchmark on the reference length distribution (bench/lengths.py).
 
-1. Padding waste and padded-tokens-per-batch spread: fixed batch size (the original) vs token budget.
+1. Padding waste and padded-tokens-per-batch spread: fixed batch size (the original) vs token budget,
+   and token budget on examples composed with same_speaker context (1 and 2 turns, 20 speakers).
 2. Dataset memory per stored token: flat int16 buffers vs a list of int64 tensors (the original).
 3. Batches/s of in-memory and partial (lazy HDF5) loading with 0 and 2 workers.
 
@@ -18,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from context import ContextPlanner  # noqa: E402
 from dataloaders import CSMDataset, LengthBucketSampler, make_loader  # noqa: E402
 from token_file import write_token_file  # noqa: E402
 from lengths import padding_waste, sample_lengths  # noqa: E402
@@ -34,6 +36,17 @@ def batching_table(batch_size: int, max_tokens: int) -> str:
         padded = np.array([int(lengths[b].max()) * len(b) for b in batches])
         rows.append(f"| {name} | {len(batches)} | {padding_waste(batches, lengths):.2%} | "
                     f"{padded.max() / padded.min():.1f}x | {padded.mean():.0f} |")
+    # Conversational context: batches form on the composed lengths (context turns + target, cut to 2048).
+    speakers = np.random.default_rng(2).integers(0, 20, len(lengths))
+    for turns in (1, 2):
+        planner = ContextPlanner(lengths, np.full(len(lengths), ""), np.arange(len(lengths)), speakers,
+                                 mode="same_speaker", context_turns=turns, max_seq_len=2048, seed=0)
+        composed = planner.plans(0)[1]
+        batches = LengthBucketSampler(lengths, seed=0, max_tokens=max_tokens, planner=planner).global_batches()
+        padded = np.array([int(composed[b].max()) * len(b) for b in batches])
+        rows.append(f"| token budget max_tokens={max_tokens}, same_speaker context_turns={turns} "
+                    f"(mean example {composed.mean():.0f} frames, was {lengths.mean():.0f}) | {len(batches)} | "
+                    f"{padding_waste(batches, composed):.2%} | {padded.max() / padded.min():.1f}x | {padded.mean():.0f} |")
     # The original shuffled examples into fixed-size batches with no length grouping at all.
     rng = np.random.default_rng(0)
     perm = rng.permutation(len(lengths))

@@ -340,3 +340,19 @@ def test_two_gloo_processes_evaluate_once_and_agree_on_best(assets, judges, pret
     saved, _ = read_model_weights(out / "best")
     expected = step_weights(out, best)
     assert all(torch.equal(saved[k], expected[k]) for k in expected)
+
+
+def test_evaluate_speaks_after_the_prompt_of_a_training_config(assets, judges, tmp_path):
+    import yaml
+
+    prompt = {"audio": str(SAMPLE / "clips" / "train_00.flac"), "text": "The quick brown fox jumps over the lazy dog.",
+              "speaker": 0}
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(yaml.safe_dump({"gen_context": [prompt]}))
+    bad.write_text(yaml.safe_dump({"gen_context": [{**prompt, "audio": str(tmp_path / "gone.wav")}]}))
+    base = ["--eval_data", SAMPLE / "val.json", "--n", 1, "--max_audio_seconds", 0.5, "--no_ceilings", *common(assets, judges)]
+    rc, err = cli("evaluate.py", *base, "--output_dir", tmp_path / "a", "--context_from_config", bad)
+    assert_clear_error(rc, err, "gone.wav")
+    rc, err = cli("evaluate.py", *base, "--output_dir", tmp_path / "b", "--context_from_config", good)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["generated"]["n"] == 1
