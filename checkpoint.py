@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from adapters import is_partial, load_trainable_state, trainable_state_dict
 from utils import Runtime, UserError, atomic_path, content_digest, print0
 from weights import check_keys, clean_state_dict, model_config_dict, read_pt
 
@@ -70,7 +71,9 @@ def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, loader, 
     state = {
         "format": CHECKPOINT_FORMAT,
         "step": loop.step,
-        "model": model.state_dict(),
+        # A LoRA or frozen run keeps only what trains (its base model is reloaded on resume): a small file.
+        "model": trainable_state_dict(model) if is_partial(model) else model.state_dict(),
+        "trainable_only": is_partial(model),
         "model_args": model_config_dict(model),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -123,8 +126,14 @@ def find_resume_checkpoint(resume: str, directory: Path) -> tuple[Path, dict] | 
 def restore_checkpoint(path: Path, state: dict, *, model, optimizer, scheduler, scaler, loader,
                        generator: torch.Generator, cfg, rt: Runtime) -> LoopState:
     """Put every piece of a saved training state (as read_checkpoint returned it) back; returns the loop counters."""
-    check_keys(model, clean_state_dict(state["model"]), path)
-    model.load_state_dict(state["model"])
+    if state.get("trainable_only"):
+        load_trainable_state(model, state["model"], path)
+    elif is_partial(model):
+        raise UserError(f"{path} is a checkpoint of a full finetune; this run trains only part of the model: resume "
+                        "with the finetune and freeze settings it was saved with")
+    else:
+        check_keys(model, clean_state_dict(state["model"]), path)
+        model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from adapters import FINETUNE_MODES, FREEZABLE, LORA_TARGETS, MODULES_TO_SAVE
 from context import CONTEXT_LOSSES, CONTEXT_MODES
 from optim import LR_DECAYS, OPTIMIZERS
 from speech_metrics import DEFAULT_ASR, DEFAULT_SPEAKER_MODEL
@@ -42,6 +43,18 @@ class TrainConfig:
     mimi_weights: str | None = _f(None, "Mimi for decoding samples: MimiModel dir or hub repo, transformers CSM, or moshi file (default: kyutai/mimi).")
     export_hf: bool = _f(False, "Also write best_hf/ and final_hf/: the transformers CsmForConditionalGeneration layout.")
     export_codec: str | None = _f(None, "Mimi (MimiModel layout) for export_hf: a transformers CSM or kyutai/mimi (default: the model's own, else kyutai/mimi).")
+    # --- what trains (see README: LoRA and freezing)
+    finetune: str = _f("full", "full: every weight trains (minus freeze); lora: peft LoRA adapters (plus lora_modules_to_save).",
+                       choices=FINETUNE_MODES)
+    lora_rank: int = _f(16, "LoRA rank r.", min=1, max=4096)
+    lora_alpha: float = _f(32.0, "LoRA alpha: the update is scaled by alpha / r.", gt=0)
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", min=0, max=0.9)
+    lora_targets: list[str] = _f(None, "Linear layers (by this model's module names) that get LoRA adapters, in backbone "
+                                 "and decoder.", default_factory=lambda: list(LORA_TARGETS))
+    lora_modules_to_save: list[str] = _f(None, "Modules trained whole beside the LoRA adapters (e.g. codebook0_head, "
+                                         "audio_head, projection).", default_factory=list)
+    freeze: list[str] = _f(None, "Parts a full finetune leaves untouched (text_embeddings, audio_embeddings, backbone, "
+                           "decoder, projection, codebook0_head, audio_head, heads).", default_factory=list)
     # --- batching
     batch_size: int | None = _f(8, "Examples per micro-batch (the original's batching). Ignored when max_tokens is set.", min=1)
     max_tokens: int | None = _f(None, "Padded frames per micro-batch (token-budget batching, far less padding). Overrides batch_size.", min=1)
@@ -236,6 +249,19 @@ def make_config(values: dict, source: str = "config") -> TrainConfig:
             raise UserError(f"config key {key!r} must be one of {', '.join(FLAVORS)}; got {getattr(cfg, key)!r}")
     if cfg.batch_size is None and cfg.max_tokens is None:
         raise UserError("set either batch_size or max_tokens")
+    for key, allowed in (("lora_targets", (*LORA_TARGETS, "projection", "codebook0_head")),
+                         ("lora_modules_to_save", MODULES_TO_SAVE), ("freeze", tuple(FREEZABLE))):
+        unknown = [v for v in getattr(cfg, key) if v not in allowed]
+        if unknown:
+            raise UserError(f"config key {key!r}: unknown name(s) {', '.join(map(repr, unknown))}; valid: {', '.join(allowed)}")
+    if cfg.finetune == "lora":
+        if cfg.train_from_scratch:
+            raise UserError("finetune: lora adapts pretrained weights; training from scratch must train every weight "
+                            "(finetune: full)")
+        if cfg.freeze:
+            raise UserError("freeze is for finetune: full; LoRA already trains only its adapters and lora_modules_to_save")
+        if not cfg.lora_targets:
+            raise UserError("finetune: lora needs at least one name in lora_targets")
     if cfg.select_best_by != "val_loss" and not cfg.eval_every:
         raise UserError(f"select_best_by: {cfg.select_best_by} needs the quality evaluation: set eval_every > 0")
     if not cfg.eval_language.strip():

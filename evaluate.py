@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "with the reference and Mimi ceilings")
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, directory (official or transformers layout), .safetensors or .pt")
     p.add_argument("--revision", default=None, help="branch, tag or commit of a hub --model")
+    p.add_argument("--adapter", default=None,
+                   help="a peft LoRA adapter directory to apply to --model without merging it on disk (ours, e.g. "
+                        "runs/x/best_adapter, or one trained on transformers' CsmForConditionalGeneration)")
     p.add_argument("--eval_data", required=True,
                    help="metadata file (path,text[,start,end,speaker]: references are the recordings) or a token "
                         "file from pretokenize.py (references are its Mimi codes, decoded)")
@@ -85,12 +88,15 @@ def main(argv: list[str] | None = None) -> int:
 def _evaluate(args, data: Path, out: Path) -> int:
     import torch
 
+    from adapters import load_adapter, read_adapter
     from evaluation import EvalSettings, evaluate_model, load_items, write_report
     from speech_metrics import QualityModels
     from synthesis import context_segments
     from tokenization import load_mimi, load_text_tokenizer, resolve_text_tokenizer
     from weights import load_model, resolve_source
 
+    if args.adapter:
+        read_adapter(args.adapter)  # a bad adapter fails before any model loads
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     context = context_segments(args.context_audio, args.context_text, args.context_speaker)
@@ -103,6 +109,8 @@ def _evaluate(args, data: Path, out: Path) -> int:
     quality = QualityModels(args.asr, args.speaker_model, args.language, device=device, half=device.type == "cuda")
     source = resolve_source(args.model, args.revision)
     model = load_model(source, device=device, dtype=DTYPES[precision])
+    if args.adapter:
+        load_adapter(model, args.adapter)
     tokenizer = load_text_tokenizer(resolve_text_tokenizer(args.text_tokenizer, source))
     mimi = load_mimi(args.mimi_weights, device=device, num_codebooks=model.config.audio_num_codebooks)
     items, skipped = load_items(data, split=args.split, n=args.n or None, seed=args.seed, tokenizer=tokenizer,

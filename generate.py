@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from adapters import load_adapter, read_adapter
 from synthesis import context_segments, parse_speaker, synthesize
 from tokenization import MIMI_SAMPLE_RATE, load_mimi, load_text_tokenizer, resolve_text_tokenizer
 from utils import (DTYPES, PRECISIONS, UserError, atomic_path, check_number, check_output_file, resolve_device,
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="model weights: auto = bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU; Mimi stays fp32")
     p.add_argument("--revision", default=None, help="branch, tag or commit of a hub --model (default: main)")
+    p.add_argument("--adapter", default=None,
+                   help="a peft LoRA adapter directory to apply to --model without merging it on disk (ours, e.g. "
+                        "runs/x/best_adapter, or one trained on transformers' CsmForConditionalGeneration)")
     p.add_argument("--text_tokenizer", default=None,
                    help="hub id or local directory (default: the model's own tokenizer files, else meta-llama/Llama-3.2-1B)")
     p.add_argument("--mimi_weights", default=None, help="Mimi: MimiModel dir or hub repo, transformers CSM, or moshi .safetensors (default: kyutai/mimi)")
@@ -80,11 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     for out in outputs:
         check_output_file(out, "--output", inputs=inputs)
 
+    if args.adapter:
+        read_adapter(args.adapter)  # a bad adapter fails before the model loads
     device = resolve_device(args.device)
     context = context_segments(args.context_audio, args.context_text, args.context_speaker)
     precision = resolve_precision(args.precision, device)
     source = resolve_source(args.model, args.revision)  # a hub repo is fetched once, at the pinned revision
     model = load_model(source, device=device, dtype=DTYPES[precision])
+    if args.adapter:
+        load_adapter(model, args.adapter)
     tokenizer = load_text_tokenizer(resolve_text_tokenizer(args.text_tokenizer, source))
     mimi = load_mimi(args.mimi_weights, device=device, num_codebooks=model.config.audio_num_codebooks)
     generator = torch.Generator(device=device).manual_seed(args.seed)

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 import config as config_mod
+from adapters import apply_finetune_mode, count_trainable, is_partial, merged_model, save_adapter
 from checkpoint import (LoopState, find_resume_checkpoint, prune_checkpoints, restore_checkpoint, save_checkpoint,
                         step_path)
 from config import TrainConfig
@@ -260,6 +261,22 @@ class HFExports:
         export_transformers(model, directory, tokenizer=self.tokenizer, codec=self.codec, overwrite=True)
 
 
+# --------------------------------------------------------------------------- best/ and final/
+
+
+def save_outputs(model: nn.Module, cfg: TrainConfig, out: Path, name: str, tokenizer_dir: Path | None,
+                 hf_exports: HFExports | None) -> None:
+    """name/ (merged weights, official layout, with the run's tokenizer files), name_hf/ (export_hf) and, for
+    a LoRA run, name_adapter/ (the adapter in peft's format)."""
+    merged = merged_model(model)
+    save_pretrained(merged, out / name)
+    copy_tokenizer_files(tokenizer_dir, out / name)
+    if hf_exports:
+        hf_exports(merged, out / f"{name}_hf")
+    if cfg.finetune == "lora":
+        save_adapter(model, out / f"{name}_adapter", cfg)
+
+
 # --------------------------------------------------------------------------- stop requests
 
 
@@ -399,7 +416,7 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
             speech.load()
         quality = QualityEval(cfg, out, speech, data) if cfg.eval_every else None
         hf_exports = HFExports(cfg, base, text_tokenizer) if cfg.export_hf else None
-    model = build_or_load_model(cfg, rt.device, base)
+    model = apply_finetune_mode(build_or_load_model(cfg, rt.device, base), cfg)
     k = model.config.audio_num_codebooks
     if train_set.num_codebooks != k:
         raise UserError(f"{data} has {train_set.num_codebooks} codebooks per frame; the model expects {k}")
@@ -440,7 +457,8 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
                 yield batch
             train_loader.set_epoch(train_loader.state_dict()["epoch"] + 1)
 
-    print0(f"training {type(model).__name__} ({count_parameters(model) / 1e6:.1f}M params) "
+    trainable = f", {count_trainable(model) / 1e6:.2f}M trained ({cfg.finetune})" if is_partial(model) else ""
+    print0(f"training {type(model).__name__} ({count_parameters(model) / 1e6:.1f}M params{trainable}) "
            f"on {rt.device} x{rt.world_size}, {precision}, {total_steps} steps, {len(train_set)} train examples")
     batches = micro_batches()
     final_val = None
@@ -489,10 +507,7 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
             if score is not None and score < loop.best_score:
                 loop.best_score = score
                 if rt.is_main:
-                    save_pretrained(model, out / "best")
-                    copy_tokenizer_files(tokenizer_dir, out / "best")
-                    if hf_exports:
-                        hf_exports(model, out / "best_hf")
+                    save_outputs(model, cfg, out, "best", tokenizer_dir, hf_exports)
             if evaluated and on_eval is not None:
                 on_eval(step, evaluated)
             if (cfg.save_every and step % cfg.save_every == 0) or last or stop.requested:
@@ -506,10 +521,7 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
                 break
     pbar.close()
     if rt.is_main and not stopped_early:
-        save_pretrained(model, out / "final")
-        copy_tokenizer_files(tokenizer_dir, out / "final")
-        if hf_exports:
-            hf_exports(model, out / "final_hf")
+        save_outputs(model, cfg, out, "final", tokenizer_dir, hf_exports)
     tracker.finish()
     if rt.distributed:
         dist.barrier()

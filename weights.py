@@ -160,6 +160,57 @@ def hf_to_official(state_dict: dict[str, torch.Tensor], args: ModelArgs, source)
     return out
 
 
+# --------------------------------------------------------------------------- peft LoRA adapters
+
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_[AB])\.weight$")
+
+
+def _adapter_rename(key: str, rename) -> tuple[str, str | None]:
+    """(new key, 'lora_A'/'lora_B' or None for a whole tensor) with the module path renamed by `rename`
+    (which maps weight keys: a LoRA pair is named after the weight it updates)."""
+    m = _LORA_KEY.match(key)
+    if m is None:
+        return rename(key), None
+    return f"{rename(m['module'] + '.weight').removesuffix('.weight')}.{m['part']}.weight", m["part"]
+
+
+def is_hf_adapter(state: dict) -> bool:
+    """Are an adapter's tensor names (peft prefix removed) those of a transformers CsmForConditionalGeneration?"""
+    return any(k.startswith(("backbone_model.", "depth_decoder.", "lm_head.", "embed_text_tokens.")) for k in state)
+
+
+def adapter_from_hf(state: dict[str, torch.Tensor], args: ModelArgs, source) -> dict[str, torch.Tensor]:
+    """A LoRA adapter of CsmForConditionalGeneration -> ours: module paths renamed like the weights, and the
+    lora_B rows of q/k projections un-permuted (B's rows are the updated weight's rows; A is unchanged).
+    Adapters on its codec (codec_model.*, Mimi) are left out, as the weights' codec is."""
+    out, unknown = {}, []
+    for key, value in state.items():
+        if key.startswith(HF_CODEC_PREFIX):  # Mimi is not part of the built-in model (see load_adapter)
+            continue
+        try:
+            new, part = _adapter_rename(key, hf_key_to_official)
+        except KeyError:
+            unknown.append(key)
+            continue
+        heads = _rope_heads(new.replace(f".{part}.weight", ".weight") if part else new, args)
+        if heads is not None and part != "lora_A":
+            value = rope_rows_from_hf(value, heads).contiguous()
+        out[new] = value
+    if unknown:
+        raise UserError(f"{source}: adapter tensors for modules a CSM does not have (e.g. {', '.join(sorted(unknown)[:3])})")
+    return out
+
+
+def adapter_to_hf(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """The exact inverse of adapter_from_hf: our adapter's tensors under CsmForConditionalGeneration's names."""
+    out = {}
+    for key, value in state.items():
+        new, part = _adapter_rename(key, official_key_to_hf)
+        heads = _rope_heads(key.replace(f".{part}.weight", ".weight") if part else key, args)
+        out[new] = value if heads is None or part == "lora_A" else rope_rows_to_hf(value, heads).contiguous()
+    return out
+
+
 # --------------------------------------------------------------------------- configs
 
 
@@ -324,6 +375,9 @@ def read_pt(path: str | Path) -> dict:
 def _state_dict_from_pt(ckpt, path) -> tuple[dict, ModelArgs | None]:
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    if ckpt.get("trainable_only"):
+        raise UserError(f"{path} is a checkpoint of a LoRA or partly frozen run: it holds only the weights that trained. "
+                        "Load the run's best/ or final/ (merged weights), or resume it with train.py --resume")
     for key in ("model", "model_state_dict", "state_dict"):
         if isinstance(ckpt.get(key), dict):
             config = ckpt.get("model_args")

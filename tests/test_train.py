@@ -94,11 +94,15 @@ def test_schedule_counts_optimizer_steps_and_ends_at_the_last_one(assets, token_
 
 
 @pytest.mark.parametrize("context", [{}, {"context_mode": "same_speaker", "context_turns": 2},
-                                     {"context_mode": "conversation", "context_loss": "all"}])
+                                     {"context_mode": "conversation", "context_loss": "all"},
+                                     {"finetune": "lora", "lora_rank": 4, "lora_dropout": 0.1,
+                                      "lora_modules_to_save": ["audio_head"]},
+                                     {"freeze": ["backbone", "text_embeddings"]}])
 def test_resume_is_bit_exact(assets, tmp_path, context):
     """N steps, stop, resume to 2N == 2N uninterrupted: weights and logged losses, mid-epoch, with accumulation,
-    and with conversational context (whose same_speaker draws change every epoch)."""
-    data = write_token_file(tmp_path / "d.hdf5", n_train=10, n_val=3, speakers=2 if context else 0)
+    with conversational context (whose same_speaker draws change every epoch), and for LoRA (dropout on) and
+    frozen runs, whose checkpoints hold only what trains."""
+    data = write_token_file(tmp_path / "d.hdf5", n_train=10, n_val=3, speakers=2 if "context_mode" in context else 0)
     cfg = tiny_cfg(assets, grad_acc_steps=2, batch_size=3, max_steps=6, save_every=3, val_every=2, **context)
     full, part = tmp_path / "full", tmp_path / "part"
     training.train(cfg, data, full, device="cpu", progress=False)
