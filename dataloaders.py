@@ -286,9 +286,12 @@ class ResumableLoader:
         if self.consumed >= len(self):
             self.set_epoch(self.sampler.epoch + 1)
         k = self.dataset.num_codebooks
+        # Its own generator: a DataLoader iterator otherwise draws its workers' base seed from the global RNG,
+        # and a resumed run (which starts one mid-epoch) would then see other dropout masks than an unbroken one.
         loader = DataLoader(self.dataset, batch_sampler=_Skip(self.sampler, self.consumed),
-                            collate_fn=partial(collate, num_codebooks=k, context_loss=self.context_loss), num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, persistent_workers=False)
+                            collate_fn=partial(collate, num_codebooks=k, context_loss=self.context_loss),
+                            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=False,
+                            generator=torch.Generator().manual_seed(self.sampler.seed))
         for batch in loader:
             self.consumed += 1  # counted as handed out, not as prefetched by workers
             yield batch
