@@ -101,7 +101,13 @@ def peak_memory_bytes(device: torch.device) -> int:
     """Peak GPU memory allocated by tensors on CUDA; the process's peak resident memory on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    try:  # Linux: the high-water mark of this process image (getrusage's keeps the parent's peak across fork + exec)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # macOS: bytes
 
 
 # --------------------------------------------------------------------------- process setup

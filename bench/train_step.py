@@ -5,7 +5,9 @@ drawn by `dataloaders.make_loader` from a generated file with the reference leng
 The baseline is the first row of each table, measured in the same run.
 
 CPU (default): a mid-size flavor; fixed batch_size=8 batches vs token-budget batches, and the
-cost of activation checkpointing.
+cost of activation checkpointing. Then full finetuning vs LoRA vs a frozen backbone, each in a fresh
+process: trainable parameters, optimizer-state bytes, the process's peak memory (peak RSS on CPU,
+peak allocated on a GPU) and frames/s.
 GPU (when CUDA is available, or --device cuda): the 1B model (random init, no download) in fp32
 vs bf16, and peak memory with activation checkpointing and 8-bit AdamW.
 
@@ -22,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+import adapters  # noqa: E402
 import config  # noqa: E402
 import optim  # noqa: E402
 import training  # noqa: E402
@@ -34,11 +37,11 @@ from dataloader import write_reference_file  # noqa: E402
 
 def measure(data: Path, device: torch.device, args: ModelArgs, steps: int, **settings) -> dict:
     """Real (non-padding) frames per second over `steps` optimizer steps after one warm-up step."""
-    cfg = config.make_config({"train_from_scratch": True, "backbone_flavor": args.backbone_flavor,
+    cfg = config.make_config({"backbone_flavor": args.backbone_flavor,
                               "decoder_flavor": args.decoder_flavor, "text_vocab_size": args.text_vocab_size,
                               "learning_rate": 1e-4, "warmup_steps": 0, "wandb_mode": "disabled", **settings})
     torch.manual_seed(0)
-    model = weights.build_model(args, device=device)
+    model = adapters.apply_finetune_mode(weights.build_model(args, device=device), cfg)
     model.set_activation_checkpointing(cfg.activation_checkpointing)
     model.train()
     precision = utils.resolve_precision(cfg.precision, device)
@@ -66,10 +69,43 @@ def measure(data: Path, device: torch.device, args: ModelArgs, steps: int, **set
             elapsed += time.perf_counter() - t0
             frames += stats["frames"]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    optimizer_bytes = sum(v.numel() * v.element_size() for state in optimizer.state.values()
+                          for v in state.values() if torch.is_tensor(v))
+    result = {"frames_per_s": frames / elapsed, "peak_gb": peak, "precision": precision,
+              "trainable": adapters.count_trainable(model), "params": sum(p.numel() for p in model.parameters()),
+              "optimizer_bytes": optimizer_bytes}
     del model, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"frames_per_s": frames / elapsed, "peak_gb": peak, "precision": precision}
+    return result
+
+
+def _measure_fresh(*args, **kwargs) -> dict:
+    """measure() in a process of its own: peak memory then belongs to this configuration alone."""
+    torch.set_num_threads(kwargs.pop("threads"))
+    result = measure(*args, **kwargs)
+    if result["peak_gb"] != result["peak_gb"]:  # NaN: on CPU, the process's peak resident memory
+        result["peak_gb"] = utils.peak_memory_bytes(torch.device("cpu")) / 2**30
+    return result
+
+
+def measure_fresh(*args, **kwargs) -> dict:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_measure_fresh, *args, threads=torch.get_num_threads(), **kwargs).result()
+
+
+def modes_table(title: str, rows: list[tuple[str, dict]]) -> str:
+    base = rows[0][1]
+    lines = [f"| {title} | trainable parameters | optimizer state | peak memory | real frames/s | vs first row |",
+             "|---|---|---|---|---|---|"]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['trainable'] / 1e6:.2f}M of {r['params'] / 1e6:.1f}M | "
+                     f"{r['optimizer_bytes'] / 2**20:.0f} MiB | {r['peak_gb']:.2f} GiB | {r['frames_per_s']:.0f} | "
+                     f"{r['frames_per_s'] / base['frames_per_s']:.2f}x |")
+    return "\n".join(lines)
 
 
 def table(title: str, rows: list[tuple[str, dict]], memory: bool) -> str:
@@ -81,6 +117,29 @@ def table(title: str, rows: list[tuple[str, dict]], memory: bool) -> str:
         line = f"| {name} | {r['frames_per_s']:.0f} | {r['frames_per_s'] / base:.2f}x |"
         lines.append(line + (f" {r['peak_gb']:.1f} GiB |" if memory else ""))
     return "\n".join(lines)
+
+
+def state_memory_table(args: ModelArgs) -> str:
+    """Weights, gradients and optimizer states of CSM-1B per finetune mode, counted from the parameters of the
+    real model (built on the meta device): exact for those tensors; activations come on top."""
+    from csm_model import CSM
+
+    gib = 2**30
+    rows = []
+    for name, kw, state_bytes in (("full, AdamW", {}, 8), ("full, 8-bit AdamW", {"optimizer": "adamw8bit"}, 2),
+                                  ("LoRA r=16 (default targets), AdamW", {"finetune": "lora"}, 8),
+                                  ("full, backbone frozen, AdamW", {"freeze": ["backbone"]}, 8)):
+        cfg = config.make_config({"wandb_mode": "disabled", **kw})
+        with torch.device("meta"):
+            model = adapters.apply_finetune_mode(CSM(args), cfg)
+        total = sum(p.numel() for p in model.parameters())
+        trained = adapters.count_trainable(model)
+        weights_b, grads_b, opt_b = 4 * total, 4 * trained, state_bytes * trained
+        rows.append(f"| {name} | {trained / 1e6:.1f}M | {weights_b / gib:.2f} | {grads_b / gib:.2f} | {opt_b / gib:.2f} | "
+                    f"{(weights_b + grads_b + opt_b) / gib:.2f} |")
+    head = ("| CSM-1B, fp32 weights (bf16 autocast) | trained parameters | weights GiB | gradients GiB | "
+            "optimizer states GiB | total GiB |\n|---|---|---|---|---|---|")
+    return head + "\n" + "\n".join(rows)
 
 
 def main() -> None:
@@ -105,6 +164,13 @@ def main() -> None:
         print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
                                      f" ({torch.get_num_threads()} threads)"))
         print(table("training step (mid flavor)", rows, memory=device.type == "cuda"), end="\n\n")
+        modes = [("full finetuning", {}),
+                 ("LoRA r=16 on q/k/v/o and MLP (backbone and decoder)", {"finetune": "lora"}),
+                 ("full, backbone frozen", {"freeze": ["backbone"]}),
+                 ("full, backbone and text embeddings frozen", {"freeze": ["backbone", "text_embeddings"]})]
+        rows = [(name, measure_fresh(data, device, mid, args.steps, max_tokens=4096, **common, **kw)) for name, kw in modes]
+        print(modes_table(f"finetune mode (mid flavor, fp32, max_tokens=4096, {device.type})", rows), end="\n\n")
+        print(state_memory_table(ModelArgs()), end="\n\n")
         if device.type == "cuda" and not args.skip_1b:
             big = ModelArgs()
             runs = [("1B, fp32, AdamW", {"precision": "fp32"}),
