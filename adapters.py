@@ -132,7 +132,8 @@ def merged_model(model: nn.Module) -> nn.Module:
     from weights import build_model
 
     dtype = next(p for n, p in model.named_parameters() if ".lora_" not in n).dtype
-    copy = build_model(model.config, device="cpu", dtype=dtype)
+    with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave training's RNG as it was
+        copy = build_model(model.config, device="cpu", dtype=dtype)
     copy.load_state_dict({k: v.cpu() for k, v in merged_state_dict(model).items()})
     return copy.eval()
 

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from adapters import is_partial, load_trainable_state, trainable_state_dict
+from parallel import full_state_dict, is_sharded, load_full_state_dict, load_optimizer_state_dict, optimizer_state_dict
 from utils import Runtime, UserError, atomic_path, content_digest, print0
 from weights import check_keys, clean_state_dict, model_config_dict, read_pt
 
@@ -66,16 +67,23 @@ def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, loader, 
     if rt.distributed:
         generators = [None] * rt.world_size
         dist.all_gather_object(generators, generator.get_state())
+    sharded = is_sharded(model)
+    if sharded:  # FSDP: every rank takes part in gathering the whole model and optimizer state
+        model_state, optimizer_state = full_state_dict(model), optimizer_state_dict(model, optimizer)
+    else:
+        # A LoRA or frozen run keeps only what trains (its base model is reloaded on resume): a small file.
+        model_state = trainable_state_dict(model) if is_partial(model) else model.state_dict()
+        optimizer_state = optimizer.state_dict()
     if not rt.is_main:
         return
     state = {
         "format": CHECKPOINT_FORMAT,
         "step": loop.step,
-        # A LoRA or frozen run keeps only what trains (its base model is reloaded on resume): a small file.
-        "model": trainable_state_dict(model) if is_partial(model) else model.state_dict(),
+        "model": model_state,
         "trainable_only": is_partial(model),
+        "sharded": sharded,  # the optimizer state is keyed by parameter name (FSDP), not by position
         "model_args": model_config_dict(model),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "loader": loader.state_dict(),
@@ -126,15 +134,18 @@ def find_resume_checkpoint(resume: str, directory: Path) -> tuple[Path, dict] | 
 def restore_checkpoint(path: Path, state: dict, *, model, optimizer, scheduler, scaler, loader,
                        generator: torch.Generator, cfg, rt: Runtime) -> LoopState:
     """Put every piece of a saved training state (as read_checkpoint returned it) back; returns the loop counters."""
+    if bool(state.get("sharded")) != is_sharded(model):
+        saved = "distributed: fsdp" if state.get("sharded") else "a single process or distributed: ddp"
+        raise UserError(f"{path} was saved by {saved}; resume it the same way")
     if state.get("trainable_only"):
         load_trainable_state(model, state["model"], path)
     elif is_partial(model):
         raise UserError(f"{path} is a checkpoint of a full finetune; this run trains only part of the model: resume "
                         "with the finetune and freeze settings it was saved with")
     else:
-        check_keys(model, clean_state_dict(state["model"]), path)
-        model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+        check_keys(model, clean_state_dict(state["model"]), path)  # a sharded model's shapes are the global ones
+        load_full_state_dict(model, state["model"])
+    load_optimizer_state_dict(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     loader.load_state_dict(state["loader"])

@@ -16,6 +16,7 @@ import yaml
 from adapters import FINETUNE_MODES, FREEZABLE, LORA_TARGETS, MODULES_TO_SAVE
 from context import CONTEXT_LOSSES, CONTEXT_MODES
 from optim import LR_DECAYS, OPTIMIZERS
+from parallel import DISTRIBUTED
 from speech_metrics import DEFAULT_ASR, DEFAULT_SPEAKER_MODEL
 from tracking import WANDB_MODES
 from utils import PRECISIONS, UserError, write_text_atomic
@@ -82,6 +83,8 @@ class TrainConfig:
     decoder_loss_weight: float = _f(0.5, "w in 2((1-w) c0_loss + w decoder_loss).", min=0, max=1)
     decoder_fraction: float = _f(1 / 16, "Fraction of audio frames the decoder trains on (compute amortization).", gt=0, max=1)
     precision: str = _f("auto", "auto = bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU.", choices=PRECISIONS)
+    distributed: str = _f("ddp", "With several processes (torchrun): ddp keeps a full copy per GPU; fsdp shards weights, "
+                          "gradients and optimizer states over them (FSDP2, full finetuning only).", choices=DISTRIBUTED)
     activation_checkpointing: bool = _f(False, "Recompute layer activations in backward: less activation memory for extra compute.")
     # --- length of the run
     n_epochs: int = _f(25, "Epochs over the training split (the run length unless max_steps is set).", min=1)
@@ -254,6 +257,9 @@ def make_config(values: dict, source: str = "config") -> TrainConfig:
         unknown = [v for v in getattr(cfg, key) if v not in allowed]
         if unknown:
             raise UserError(f"config key {key!r}: unknown name(s) {', '.join(map(repr, unknown))}; valid: {', '.join(allowed)}")
+    if cfg.distributed == "fsdp" and (cfg.finetune == "lora" or cfg.freeze):
+        raise UserError("distributed: fsdp shards a full finetune of every weight; LoRA and frozen runs keep little "
+                        "state per GPU already: use distributed: ddp")
     if cfg.finetune == "lora":
         if cfg.train_from_scratch:
             raise UserError("finetune: lora adapts pretrained weights; training from scratch must train every weight "

@@ -5,7 +5,6 @@ train.py and every sweep trial run.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 import signal
@@ -23,7 +22,9 @@ from torch import nn
 from tqdm import tqdm
 
 import config as config_mod
+import parallel
 from adapters import apply_finetune_mode, count_trainable, is_partial, merged_model, save_adapter
+from parallel import gradient_sync, grad_norm_value
 from checkpoint import (LoopState, find_resume_checkpoint, prune_checkpoints, restore_checkpoint, save_checkpoint,
                         step_path)
 from config import TrainConfig
@@ -80,8 +81,7 @@ def train_step(loss_model: nn.Module, micro_batches: list, cfg: TrainConfig, rt:
         tokens, mask = tokens.to(rt.device, non_blocking=True), mask.to(rt.device, non_blocking=True)
         target = target.to(rt.device, non_blocking=True)
         last = i == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last or not rt.distributed else loss_model.no_sync()
-        with sync:
+        with gradient_sync(loss_model, last or not rt.distributed):
             with autocast(rt.device, precision):
                 terms = loss_model(tokens, mask, target, cfg.decoder_fraction, generator)
             loss = combine_loss(terms, int(n_c0), int(n_dec), cfg.decoder_loss_weight)
@@ -96,7 +96,7 @@ def train_step(loss_model: nn.Module, micro_batches: list, cfg: TrainConfig, rt:
     if scaler.is_enabled():
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+    grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
     finite = math.isfinite(loss) and (math.isfinite(grad_norm) or scaler.is_enabled())
     if finite:
         # With fp16 the scaler itself skips steps whose gradients overflowed and lowers the scale.
@@ -108,19 +108,21 @@ def train_step(loss_model: nn.Module, micro_batches: list, cfg: TrainConfig, rt:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, cfg: TrainConfig, rt: Runtime, precision: str) -> float:
-    """Validation loss with the decoder on every frame: deterministic, never NaN for small batches."""
-    was_training = model.training
-    model.eval()
+def evaluate(loss_model: nn.Module, loader, cfg: TrainConfig, rt: Runtime, precision: str) -> float:
+    """Validation loss with the decoder on every frame: deterministic, never NaN for small batches.
+    `loss_model` is the (DDP- or FSDP-wrapped) LossModule, or a bare model."""
+    if not isinstance(loss_model, (LossModule, nn.parallel.DistributedDataParallel)):
+        loss_model = LossModule(loss_model)
+    was_training = loss_model.training
+    loss_model.eval()
     c0 = dec = n_c0 = n_dec = 0.0
     for tokens, mask, target in loader:
         with autocast(rt.device, precision):
-            terms = compute_loss(model, tokens.to(rt.device), mask.to(rt.device), target.to(rt.device),
-                                 decoder_fraction=1.0)
+            terms = loss_model(tokens.to(rt.device), mask.to(rt.device), target.to(rt.device), 1.0, None)
         c0, dec = c0 + terms.c0_sum.item(), dec + terms.decoder_sum.item()
         n_c0, n_dec = n_c0 + terms.n_c0, n_dec + terms.n_decoder
     c0, dec, n_c0, n_dec = all_reduce_sum([c0, dec, n_c0, n_dec], rt)
-    model.train(was_training)
+    loss_model.train(was_training)
     return weighted_loss(c0 / max(n_c0, 1), dec / max(n_dec, 1), cfg.decoder_loss_weight)
 
 
@@ -425,6 +427,8 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
     if hasattr(model, "set_activation_checkpointing"):
         model.set_activation_checkpointing(cfg.activation_checkpointing)
     model.train()
+    # DDP or FSDP before the optimizer: fully_shard replaces the parameters with sharded ones.
+    loss_model = parallel.wrap(LossModule(model), cfg.distributed, rt)
     optimizer = make_optimizer(model, cfg, rt.device)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=precision == "fp16")
@@ -444,10 +448,6 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         config_mod.save_yaml(cfg, out / "config.yaml")
 
-    loss_model = LossModule(model)
-    if rt.distributed:
-        loss_model = nn.parallel.DistributedDataParallel(
-            loss_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     tracker = make_tracker(cfg, out, rt, loop.step)
 
     def micro_batches():
@@ -497,31 +497,39 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
                                       f"saved in {ckpt_dir}. Lower learning_rate, raise warmup_steps or use bf16/fp32.")
             evaluated = {}
             if val_loader is not None and ((cfg.val_every and step % cfg.val_every == 0) or last):
-                final_val = evaluated["val_loss"] = evaluate(model, val_loader, cfg, rt, precision)
+                final_val = evaluated["val_loss"] = evaluate(loss_model, val_loader, cfg, rt, precision)
                 tracker.log({"val_loss": final_val}, step)
                 pbar.set_postfix(loss=f"{stats['loss']:.4f}", val=f"{final_val:.4f}")
                 loop.best_val_loss = min(loop.best_val_loss, final_val)  # NaN never becomes the best
-            if cfg.eval_every and (step % cfg.eval_every == 0 or last):
-                evaluated.update(share_metrics(quality(model, step, tracker, precision) if rt.is_main else {}, rt))
+            speaks = cfg.eval_every and (step % cfg.eval_every == 0 or last)
+            if speaks:
+                whole = parallel.gathered_model(model, rt)  # FSDP: a gathered copy on rank 0 (every rank calls)
+                evaluated.update(share_metrics(quality(whole, step, tracker, precision) if rt.is_main else {}, rt))
             score = selection_score(cfg.select_best_by, evaluated)
             if score is not None and score < loop.best_score:
                 loop.best_score = score
+                whole = parallel.gathered_model(model, rt)
                 if rt.is_main:
-                    save_outputs(model, cfg, out, "best", tokenizer_dir, hf_exports)
+                    save_outputs(whole, cfg, out, "best", tokenizer_dir, hf_exports)
             if evaluated and on_eval is not None:
                 on_eval(step, evaluated)
             if (cfg.save_every and step % cfg.save_every == 0) or last or stop.requested:
                 save_checkpoint(step_path(ckpt_dir, step), loop=loop, **state)
                 if rt.is_main:
                     prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
-            if rt.is_main and cfg.gen_every and step % cfg.gen_every == 0:
-                samples(model, step, tracker, precision)  # after the checkpoint, and never fatal
+            if cfg.gen_every and step % cfg.gen_every == 0:
+                whole = parallel.gathered_model(model, rt)
+                if rt.is_main:
+                    samples(whole, step, tracker, precision)  # after the checkpoint, and never fatal
+            whole = None
             if stop.requested:
                 stopped_early = not last
                 break
     pbar.close()
-    if rt.is_main and not stopped_early:
-        save_outputs(model, cfg, out, "final", tokenizer_dir, hf_exports)
+    if not stopped_early:
+        whole = parallel.gathered_model(model, rt)
+        if rt.is_main:
+            save_outputs(whole, cfg, out, "final", tokenizer_dir, hf_exports)
     tracker.finish()
     if rt.distributed:
         dist.barrier()
