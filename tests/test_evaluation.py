@@ -356,3 +356,19 @@ def test_evaluate_speaks_after_the_prompt_of_a_training_config(assets, judges, t
     rc, err = cli("evaluate.py", *base, "--output_dir", tmp_path / "b", "--context_from_config", good)
     assert rc == 0, err
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["generated"]["n"] == 1
+
+
+def test_evaluate_takes_an_adapter(assets, judges, tmp_path):
+    import adapters
+    import config
+    import weights
+
+    cfg = config.make_config({"finetune": "lora", "lora_rank": 2, "model": str(assets["model"])})
+    model = adapters.apply_finetune_mode(weights.load_model(assets["model"]), cfg)
+    adapters.save_adapter(model, tmp_path / "adapter", cfg)
+    rc, err = cli("evaluate.py", "--eval_data", SAMPLE / "val.json", "--n", 1, "--max_audio_seconds", 0.5, "--no_ceilings",
+                  "--adapter", tmp_path / "adapter", "--output_dir", tmp_path / "eval", *common(assets, judges))
+    assert rc == 0, err
+    rc, err = cli("evaluate.py", "--eval_data", SAMPLE / "val.json", "--adapter", tmp_path / "none",
+                  "--output_dir", tmp_path / "eval2", *common(assets, judges))
+    assert_clear_error(rc, err, "--adapter")
