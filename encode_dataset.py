@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -22,7 +23,8 @@ import numpy as np
 from tqdm import tqdm
 
 from audio_io import AudioError, read_audio
-from metadata import Row, SkipRow, check_row, read_metadata
+from dataset_sources import AUDIO_KEY, decode_audio_payload, open_source
+from metadata import Row, SkipRow, check_row
 from token_file import FORMAT_VERSION, write_token_file
 from tokenization import (DEFAULT_SPEAKER, MIMI_FRAME_RATE, MIMI_SAMPLE_RATE, NUM_CODEBOOKS, SAMPLES_PER_FRAME,
                           encode_audio, encode_text, frames_of, load_mimi, load_text_tokenizer)
@@ -34,10 +36,11 @@ SILENCE_PEAK = 1e-4
 # --------------------------------------------------------------------------- audio
 
 
-def load_clip(row: Row) -> np.ndarray:
-    """The row's audio window as float32 mono at 24 kHz; SkipRow for anything unusable."""
+def load_clip(row: Row, payload=None) -> np.ndarray:
+    """The row's audio window (or a dataset row's own audio, `payload`) as float32 mono at 24 kHz;
+    SkipRow for anything unusable."""
     try:
-        audio = read_audio(row.path, row.start, row.end)
+        audio = read_audio(row.path, row.start, row.end) if payload is None else decode_audio_payload(payload)
     except AudioError as e:
         raise SkipRow(e.reason) from None
     if len(audio) < SAMPLES_PER_FRAME:
@@ -98,15 +101,7 @@ def _load_chunk(path: Path) -> dict:
 # --------------------------------------------------------------------------- fingerprint
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
-def fingerprint(args, tokenizer, mimi, metadata: dict) -> dict:
+def fingerprint(args, tokenizer, mimi, sources: dict) -> dict:
     """Everything that decides the output's content; a resumed run must match it exactly."""
     vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
     mimi_state = hashlib.sha256()
@@ -124,8 +119,7 @@ def fingerprint(args, tokenizer, mimi, metadata: dict) -> dict:
         "max_seq_len": args.max_seq_len,
         "omit_speaker_id": bool(args.omit_speaker_id),
         "save_every": args.save_every,
-        "metadata": {split: {"path": str(Path(p).resolve()), "digest": _file_digest(Path(p))}
-                     for split, p in metadata.items()},
+        "metadata": {split: source.identity() for split, source in sources.items()},
     }
 
 
@@ -195,14 +189,14 @@ def _prepare(raw_item: tuple[int, dict]):
     index, raw = raw_item
     try:
         row = check_row(index, raw)
-        return row, load_clip(row)
+        return row, load_clip(row, raw.get(AUDIO_KEY))
     except SkipRow as e:
         return e
 
 
 def _ragged(flat: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
-    """A flat buffer cut back into its rows."""
-    return np.split(flat, np.cumsum(sizes)[:-1])
+    """A flat buffer cut back into its rows (none for a chunk whose rows were all skipped)."""
+    return np.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) else []
 
 
 def write_output(output: Path, work: Path, plan: dict, fp: dict, args, tokenizer) -> None:
@@ -287,28 +281,41 @@ def _done_chunks(work: Path, plan: dict) -> tuple[list, dict]:
     return todo, stats
 
 
+def _streamed_chunks(work: Path, split: str) -> int:
+    """Chunks of a streamed split already on disk: 0, 1, ... without a gap (a damaged last one is redone)."""
+    n = 0
+    while _chunk_path(work, split, n).exists():
+        try:
+            _load_chunk(_chunk_path(work, split, n))
+        except (OSError, ValueError, KeyError, EOFError):
+            _chunk_path(work, split, n).unlink()
+            break
+        n += 1
+    return n
+
+
 def run(args) -> int:
     """Metadata files -> token file, for pretokenize.py's (already validated) arguments; resumable."""
     metadata = {split: p for split, p in (("train", args.train_data), ("val", args.val_data)) if p}
     device = resolve_device(args.device)
     output = Path(args.output)
     previous = check_output(output, metadata, args.overwrite)
-    frames = {split: read_metadata(p, trust_pickle=args.trust_pickle) for split, p in metadata.items()}
+    sources = {split: open_source(spec, args, split) for split, spec in metadata.items()}
     work = output.with_name(output.name + ".partial")
     fresh = not work.exists()
     with OutputLock(work / ".lock", f"--output {output}"):  # one writer per output
         try:
-            return _run(args, device, metadata, frames, output, work, previous)
+            return _run(args, device, sources, output, work, previous)
         except BaseException:
             if fresh and not (work / "manifest.json").exists():
                 shutil.rmtree(work, ignore_errors=True)  # nothing of this run to resume: leave no trace
             raise
 
 
-def _run(args, device, metadata, frames, output, work, previous) -> int:
+def _run(args, device, sources, output, work, previous) -> int:
     tokenizer = load_text_tokenizer(args.text_tokenizer)
     mimi = load_mimi(args.mimi_weights, device=device, num_codebooks=NUM_CODEBOOKS)
-    fp = fingerprint(args, tokenizer, mimi, metadata)
+    fp = fingerprint(args, tokenizer, mimi, sources)
 
     if previous is not None and not (work / "manifest.json").exists():
         if previous == json.loads(json.dumps(fp)):
@@ -331,17 +338,18 @@ def _run(args, device, metadata, frames, output, work, previous) -> int:
     else:
         write_text_atomic(manifest, json.dumps(fp, indent=1, sort_keys=True))
 
-    plan = {split: math.ceil(len(df) / args.save_every) for split, df in frames.items()}
+    # A streamed split's chunk count is known once its stream ends: until then, the chunks already on disk.
+    plan = {split: math.ceil(src.length / args.save_every) if not src.streaming else _streamed_chunks(work, split)
+            for split, src in sources.items()}
     todo, stats = _done_chunks(work, plan)
     done_rows = sum(stats[s].kept + stats[s].skipped for s in plan)
     if done_rows:
         print(f"resuming: {done_rows} rows already done in {work}")
 
     def rows_of(split: str, i: int) -> list[tuple[int, dict]]:
-        df = frames[split].iloc[i * args.save_every:(i + 1) * args.save_every]
-        return [(int(idx), rec) for idx, rec in zip(df.index, df.to_dict("records"))]
+        return sources[split].rows(i * args.save_every, (i + 1) * args.save_every)
 
-    total = sum(len(df) for df in frames.values())
+    total = None if any(src.streaming for src in sources.values()) else sum(src.length for src in sources.values())
     bar = tqdm(total=total, initial=done_rows, unit="clip", desc="pretokenize", dynamic_ncols=True)
     t0, audio_s = time.perf_counter(), 0.0
     pool = ThreadPoolExecutor(args.num_workers) if args.num_workers else None
@@ -364,6 +372,20 @@ def _run(args, device, metadata, frames, output, work, previous) -> int:
             bar.update(len(rows))
             bar.set_postfix(audio_h_per_s=f"{audio_s / 3600 / max(time.perf_counter() - t0, 1e-9):.4f}",
                             skipped=sum(s.skipped for s in stats.values()))
+        for split, src in sources.items():  # streamed splits: read on from where their chunks end
+            if not src.streaming:
+                continue
+            stream = src.stream(plan[split] * args.save_every)
+            while True:
+                rows = list(itertools.islice(stream, args.save_every))
+                if not rows:
+                    break
+                examples, skipped = process_chunk(rows, (_prepare(r) for r in rows), tokenizer, mimi, args, split)
+                chunk = _save_chunk(_chunk_path(work, split, plan[split]), examples, skipped)
+                plan[split] += 1
+                stats[split].add_chunk(chunk)
+                audio_s += float(chunk["seconds"].sum())
+                bar.update(len(rows))
     finally:
         if pool:
             pool.shutdown(wait=False, cancel_futures=True)

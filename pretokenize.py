@@ -18,8 +18,16 @@ from utils import UserError, check_number, resolve_device, run_cli
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Metadata -> HDF5 of Mimi audio codes and Llama text tokens.")
-    p.add_argument("--train_data", help="metadata of the training split (" + ", ".join(METADATA_FORMATS) + ")")
-    p.add_argument("--val_data", help="metadata of the validation split")
+    p.add_argument("--train_data", help="the training split: a metadata file (" + ", ".join(METADATA_FORMATS) + "), "
+                   "a hub dataset hf:NAME[:CONFIG][@SPLIT], or a directory saved with datasets' save_to_disk [@SPLIT]")
+    p.add_argument("--val_data", help="the validation split, in the same forms (a dataset's default split: validation)")
+    p.add_argument("--text_column", default="text", help="a dataset's transcript column")
+    p.add_argument("--audio_column", default="audio", help="a dataset's audio column")
+    p.add_argument("--speaker_column", default=None,
+                   help="a dataset's speaker column (default: 'speaker' if it has one; names that are not numbers "
+                        "are numbered in sorted order)")
+    p.add_argument("--streaming", action="store_true",
+                   help="stream datasets instead of downloading them whole (for datasets bigger than the disk)")
     p.add_argument("--output", required=True, help="HDF5 file to write")
     p.add_argument("--omit_speaker_id", action="store_true", help="tokenize text without the [speaker] prefix")
     p.add_argument("--device", default="auto", help="where Mimi runs: auto, cpu, cuda, cuda:1")
