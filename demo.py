@@ -1,9 +1,10 @@
-"""The whole workflow offline on CPU in a few minutes: pretokenize -> train -> generate -> evaluate -> sweep.
+"""The whole workflow offline on CPU in a few minutes: prepare -> pretokenize -> train -> generate -> evaluate -> sweep.
 
     make demo            (or: .venv/bin/python demo.py [--quick] [--output_dir demo_out])
 
 It uses tiny stand-ins for CSM-1B, the Llama tokenizer, Mimi, Whisper and WavLM (random weights, saved
-in the real layouts) and the bundled espeak-ng clips in data/sample/. It shows every step working; the
+in the real layouts) and the bundled espeak-ng clips in data/sample/, joined into one long recording per
+speaker for prepare.py to cut up (with the real silero-vad model). It shows every step working; the
 audio a tiny random model makes is noise, not speech, and the quality numbers (WER, speaker similarity)
 the tiny random judges give it mean nothing.
 """
@@ -70,6 +71,39 @@ def plot_sweep(sweep_dir: Path, out_dir: Path) -> list[Path]:
     return written
 
 
+def prepare_recordings(out: Path, asr: Path) -> Path:
+    """One long recording per speaker from the bundled training clips, cut up and transcribed by prepare.py.
+
+    The tiny Whisper is random, so its transcripts are noise; the demo then puts in the known text of the
+    clip each utterance came from (what a user who transcribes elsewhere does after `--asr none`)."""
+    import pandas as pd
+
+    import prepare
+    import tiny_assets
+
+    clips = pd.read_csv(SAMPLE / "train.csv")
+    where = out / "recordings"
+    known = []  # (file, start, end, text)
+    for speaker, group in clips.groupby("speaker"):
+        wav = where / str(speaker) / "session.wav"  # the folder name is the speaker id
+        bounds = tiny_assets.make_long_recording(wav, [SAMPLE / p for p in group["path"]], gap=0.8)
+        known += [(wav.resolve(), a, b, text) for (a, b), text in zip(bounds, group["text"])]
+    metadata = where / "metadata.csv"
+    prepare.main(["--audio", str(where), "--output", str(metadata), "--asr", str(asr), "--min_seconds", "1",
+                  "--device", "cpu"])
+    rows = pd.read_csv(metadata, dtype={"text": object})
+    texts = []
+    for _, row in rows.iterrows():
+        path = (metadata.parent / row["path"]).resolve()
+        overlap = [(min(b, row["end"]) - max(a, row["start"]), text) for f, a, b, text in known if f == path]
+        texts.append(max(overlap)[1])
+    print(f"  {len(rows)} utterances found; the random Whisper heard e.g. {str(rows['text'].iloc[0])!r}, "
+          f"replaced by the known text {texts[0]!r}")
+    rows["text"] = texts
+    rows.to_csv(metadata, index=False)
+    return metadata
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output_dir", default=str(ROOT / "demo_out"))
@@ -93,18 +127,21 @@ def main(argv: list[str] | None = None) -> int:
     steps, trials, trial_steps = (20, 3, 8) if args.quick else (300, 3, 40)
     t0 = time.time()
 
-    banner("1/6 tiny model, tokenizer, Mimi, Whisper and WavLM (random weights, real file layouts)")
+    banner("1/7 tiny model, tokenizer, Mimi, Whisper and WavLM (random weights, real file layouts)")
     assets = {**tiny_assets.make_all(out / "assets"), **tiny_assets.make_judges(out / "assets")}
     for name, path in assets.items():
         print(f"  {name}: {path}")
     common = ["--text_tokenizer", str(assets["text_tokenizer"]), "--mimi_weights", str(assets["mimi"])]
 
-    banner("2/6 pretokenize the bundled clips")
+    banner("2/7 prepare: long recordings -> utterances (silero-vad), transcribed by the tiny random Whisper")
+    metadata = prepare_recordings(out, assets["asr"])
+
+    banner("3/7 pretokenize the prepared utterances (and the bundled validation clips)")
     data = out / "data.hdf5"
-    pretokenize.main(["--train_data", str(SAMPLE / "train.csv"), "--val_data", str(SAMPLE / "val.json"),
+    pretokenize.main(["--train_data", str(metadata), "--val_data", str(SAMPLE / "val.json"),
                       "--output", str(data), "--device", "cpu", *common])
 
-    banner(f"3/6 train for {steps} steps (validation, quality evaluation, samples, checkpoints, transformers export)")
+    banner(f"4/7 train for {steps} steps (validation, quality evaluation, samples, checkpoints, transformers export)")
     run = out / "run"
     train.main(["--data", str(data), "--config", str(ROOT / "configs" / "finetune.yaml"), "--output_dir", str(run),
                 "--model", str(assets["model"]), "--max_steps", str(steps), "--device", "cpu",
@@ -117,19 +154,19 @@ def main(argv: list[str] | None = None) -> int:
                 "--export_hf", "--export_codec", str(assets["mimi"]), *common])
     plot_losses(run / "metrics.jsonl", out / "loss_curve.png")
 
-    banner("4/6 generate speech from the trained model")
+    banner("5/7 generate speech from the trained model")
     wav = out / "generated.wav"
     generate.main(["--model", str(run / "best"), "--text", "This is the tiny demo model speaking.",
                    "--speaker", "0", "--output", str(wav), "--max_audio_seconds", "2", "--seed", "0",
                    "--device", "cpu", *common])
 
-    banner("5/6 evaluate the best model: WER/CER, speaker similarity, EOS rate, with the reference and Mimi ceilings")
+    banner("6/7 evaluate the best model: WER/CER, speaker similarity, EOS rate, with the reference and Mimi ceilings")
     evaluation = out / "evaluation"
     evaluate.main(["--model", str(run / "best"), "--eval_data", str(SAMPLE / "val.json"), "--n", "4",
                    "--output_dir", str(evaluation), "--asr", str(assets["asr"]), "--speaker_model", str(assets["speaker_model"]),
                    "--max_audio_seconds", "2", "--device", "cpu", *common])
 
-    banner(f"6/6 a {trials}-trial sweep on 2 CPU workers")
+    banner(f"7/7 a {trials}-trial sweep on 2 CPU workers")
     sweep_dir = out / "sweep"
     sweep.main(["--data", str(data), "--sweep_config", str(ROOT / "configs" / "sweep_demo.yaml"), "--output_dir", str(sweep_dir),
                 "--n_trials", str(trials), "--n_workers", "2", "--max_steps", str(trial_steps), "--model", str(assets["model"]),
@@ -140,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
     banner(f"done in {time.time() - t0:.0f} s; outputs")
     rows = [
-        ("pre-tokenized data", data), ("skipped-rows report (if any)", Path(str(data) + ".skipped.csv")),
+        ("recordings and prepared metadata", metadata.parent), ("pre-tokenized data", data), ("skipped-rows report (if any)", Path(str(data) + ".skipped.csv")),
         ("training metrics", run / "metrics.jsonl"), ("loss curve", out / "loss_curve.png"),
         ("checkpoints (full state, resumable)", run / "checkpoints"), ("best model (official layout)", run / "best"),
         ("final model (official layout)", run / "final"),

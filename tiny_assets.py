@@ -223,3 +223,28 @@ def make_judges(directory: str | Path, seed: int = 0) -> dict[str, Path]:
     """The tiny ASR and speaker models an evaluation loads (`asr`, `speaker_model`)."""
     directory = Path(directory)
     return {"asr": make_whisper(directory / "whisper-tiny-random", seed), "speaker_model": make_wavlm(directory / "wavlm-tiny-random", seed)}
+
+
+# --------------------------------------------------------------------------- a long recording
+
+
+def make_long_recording(path: str | Path, clips: list[str | Path], gap: float = 1.0) -> list[tuple[float, float]]:
+    """Clips one after another with `gap` seconds of silence around each, as one 24 kHz wav (what prepare.py
+    cuts up); returns each clip's (start, end) in seconds."""
+    import numpy as np
+    import soundfile as sf
+
+    from audio_io import read_audio
+
+    rate = 24000
+    silence = np.zeros(int(gap * rate), np.float32)
+    parts, bounds, t = [silence], [], gap
+    for clip in clips:
+        audio = read_audio(clip)
+        parts += [audio, silence]
+        bounds.append((t, t + len(audio) / rate))
+        t += len(audio) / rate + gap
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), np.concatenate(parts), rate)
+    return bounds

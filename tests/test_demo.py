@@ -1,4 +1,4 @@
-"""The demo's steps, shortened: pretokenize -> train -> generate -> evaluate -> sweep on the bundled clips."""
+"""The demo's steps, shortened: prepare -> pretokenize -> train -> generate -> evaluate -> sweep on the bundled clips."""
 import json
 
 import h5py
@@ -13,6 +13,8 @@ import demo
 def test_quick_demo_runs_every_step(tmp_path, capsys):
     out = tmp_path / "demo"
     assert demo.main(["--quick", "--output_dir", str(out)]) == 0
+    prepared = (out / "recordings" / "metadata.csv").read_text().splitlines()
+    assert len(prepared) == 21  # header + the 20 bundled training clips, found in the long recordings by the VAD
     with h5py.File(out / "data.hdf5") as f:
         assert len(f["train/length"]) >= 15 and len(f["val/length"]) >= 3
     metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]

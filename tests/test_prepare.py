@@ -20,19 +20,9 @@ RATE = 24000
 
 
 def long_recording(path: Path, clips: list[str], gap: float = 1.0) -> list[tuple[float, float]]:
-    """The bundled clips one after another with `gap` seconds of silence around each; their (start, end)."""
-    from audio_io import read_audio
+    from tiny_assets import make_long_recording
 
-    silence = np.zeros(int(gap * RATE), np.float32)
-    parts, bounds, t = [silence], [], gap
-    for clip in clips:
-        audio = read_audio(SAMPLE / clip)
-        parts += [audio, silence]
-        bounds.append((t, t + len(audio) / RATE))
-        t += len(audio) / RATE + gap
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, np.concatenate(parts), RATE)
-    return bounds
+    return make_long_recording(path, [SAMPLE / c for c in clips], gap)
 
 
 CLIPS = list(pd.read_csv(SAMPLE / "train.csv")["path"][:4])
