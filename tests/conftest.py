@@ -25,6 +25,14 @@ def assets(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory, assets):
+    """A tiny CsmForConditionalGeneration (with Mimi, tokenizer and processor) as transformers saves it."""
+    import tiny_assets
+
+    return tiny_assets.make_hf_csm(tmp_path_factory.mktemp("hf") / "csm-tiny-hf", tokenizer_dir=assets["text_tokenizer"])
+
+
+@pytest.fixture(scope="session")
 def text_tokenizer(assets):
     import tokenization
 

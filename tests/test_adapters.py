@@ -13,7 +13,7 @@ import training
 import weights
 from conftest import write_token_file
 from test_faults import assert_clear_error, cli
-from test_interop import assert_same_model, codebook0_logits_ours, hf_dir, hf_model  # noqa: F401 (fixture)
+from test_interop import assert_same_model, codebook0_logits_ours, hf_model
 from tokenization import encode_text
 
 
@@ -103,7 +103,7 @@ def test_frozen_parts_stay_bitwise_unchanged(assets, data, tmp_path, part):
     assert not (out / "final_adapter").exists()
 
 
-def test_a_transformers_peft_adapter_loads_onto_the_built_in_model(hf_dir, text_tokenizer, tmp_path):  # noqa: F811
+def test_a_transformers_peft_adapter_loads_onto_the_built_in_model(hf_dir, text_tokenizer, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     hf = hf_model(hf_dir)
@@ -122,7 +122,7 @@ def test_a_transformers_peft_adapter_loads_onto_the_built_in_model(hf_dir, text_
     assert not torch.allclose(codebook0_logits_ours(base, ids), codebook0_logits_ours(ours, ids), atol=1e-3)
 
 
-def test_adapter_key_maps_are_inverses(hf_dir, tmp_path):  # noqa: F811
+def test_adapter_key_maps_are_inverses(hf_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(hf_model(hf_dir), LoraConfig(r=2, init_lora_weights=False,

@@ -1,8 +1,6 @@
 """Conversational context: composed examples against hand-built ones, cut-to-fit, same_speaker draws,
 the loss mask and its gradients, old files, and a tiny model trained with a voice prompt that then
 speaks after one."""
-import json
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -38,7 +36,7 @@ def test_a_composed_example_matches_a_hand_built_one(tmp_path):
     plans, lengths = planner.plans(0)
     assert plans == [(2, 0), (1,), (2,), (2, 0, 3)]  # turn order within "a": row 2, row 0, row 3
     tokens, mask, target = collate([ds[plans[3]]], num_codebooks=2)
-    T, A, E = [1, 0, 0], [0, 1, 1], [0, 0, 0]  # masks: a text frame, an audio frame, padding
+    T, A = [1, 0, 0], [0, 1, 1]  # masks [text, c0, c1]: a text frame, an audio (or EOS) frame
     expected = [  # (tokens, mask) per frame: row 2 (text 1 7 2, 1 frame, EOS), row 0, then the target row 3
         ([0, 0, 1], T), ([0, 0, 7], T), ([0, 0, 2], T), ([50, 60, 0], A), ([0, 0, 0], A),
         ([0, 0, 1], T), ([0, 0, 5], T), ([0, 0, 2], T), ([10, 20, 0], A), ([11, 21, 0], A), ([0, 0, 0], A),

@@ -25,12 +25,6 @@ from utils import UserError
 K = 32
 
 
-@pytest.fixture(scope="session")
-def hf_dir(tmp_path_factory, assets):
-    """A tiny CsmForConditionalGeneration (with Mimi, tokenizer and processor) as transformers saves it."""
-    return tiny_assets.make_hf_csm(tmp_path_factory.mktemp("hf") / "csm-tiny-hf", tokenizer_dir=assets["text_tokenizer"])
-
-
 def hf_model(directory):
     from transformers import CsmForConditionalGeneration
 
