@@ -137,25 +137,37 @@ def read_16k(path: Path) -> tuple[np.ndarray, float]:
 
 
 class Progress:
-    """Per-file results so far (<output>.partial.jsonl): a killed run resumes after the last whole file."""
+    """Per-file results so far (<output>.partial.jsonl, after a first line with the run's settings): a killed
+    run resumes after the last whole file, when it is run again with the same settings."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, settings: dict):
         self.path = path
         self.done: dict[str, dict] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                    self.done[entry["file"]] = entry
-                except (ValueError, KeyError, TypeError):
-                    continue  # a line cut short by the kill
+        if not path.exists():
+            self.add({"settings": settings})
+            return
+        lines = path.read_text().splitlines()
+        try:
+            saved = json.loads(lines[0])["settings"]
+        except (IndexError, ValueError, KeyError, TypeError):
+            saved = None
+        if saved != json.loads(json.dumps(settings)):
+            raise UserError(f"{path} holds a half-done run with other settings or inputs; run it again as it was, "
+                            "or delete that file to start over")
+        for line in lines[1:]:
+            try:
+                entry = json.loads(line)
+                self.done[entry["file"]] = entry
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by the kill
 
     def add(self, entry: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.done[entry["file"]] = entry
+        if "file" in entry:
+            self.done[entry["file"]] = entry
 
 
 def prepare(files: list[Path], output: Path, *, settings: CutSettings, asr=None, speaker: int | None = None,
@@ -164,7 +176,9 @@ def prepare(files: list[Path], output: Path, *, settings: CutSettings, asr=None,
     rows left out to <output>.skipped.csv. Returns counts."""
     vad = load_vad()
     speakers = speaker_ids(files, speaker)
-    state = Progress(output.with_name(output.name + ".partial.jsonl"))
+    run_settings = {"cut": vars(settings), "asr": getattr(asr, "source", None), "language": getattr(asr, "language", None),
+                    "speaker": speaker, "conversations": conversations, "files": [str(f) for f in files]}
+    state = Progress(output.with_name(output.name + ".partial.jsonl"), run_settings)
     todo = [f for f in files if str(f) not in state.done]
     if state.done:
         print(f"resuming: {len(files) - len(todo)} of {len(files)} files already done")

@@ -117,6 +117,10 @@ def test_a_killed_run_resumes_file_by_file(tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             prepare(files, tmp_path / "out.csv", settings=settings, progress=False)
     assert not (tmp_path / "out.csv").exists()
+    from utils import UserError
+
+    with pytest.raises(UserError, match="other settings"):  # a half-done run is not mixed with other settings
+        prepare(files, tmp_path / "out.csv", settings=CutSettings(min_seconds=2), progress=False)
     seen = []
     with monkeypatch.context() as m:
         m.setattr(recordings, "_one_file", lambda *a, **k: seen.append(a[0]) or real(*a, **k))
