@@ -215,14 +215,15 @@ class Attention(nn.Module):
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if self.num_kv_heads != self.num_heads:
-            # Query head i reads kv head i // group, as in torchtune's GQA expansion.
-            group = self.num_heads // self.num_kv_heads
-            k = k.repeat_interleave(group, dim=1)
-            v = v.repeat_interleave(group, dim=1)
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1)
+        if mask is None:  # the causal training path: SDPA reads the kv heads in place (no expanded copies)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, enable_gqa=self.num_kv_heads != self.num_heads)
         else:
+            if self.num_kv_heads != self.num_heads:
+                # With an explicit mask (generation), expand: query head i reads kv head i // group, as in
+                # torchtune's GQA expansion (enable_gqa with a mask would leave the fused kernels anyway).
+                group = self.num_heads // self.num_kv_heads
+                k = k.repeat_interleave(group, dim=1)
+                v = v.repeat_interleave(group, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, :, : k.shape[2]])
         return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
 

@@ -19,10 +19,12 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, write_token_file
 
-# Pinned from a run on the reference stack (torch 2.9.1, CPU, 1 thread).
+# Pinned from a run on the reference stack (torch 2.9.1, CPU, 1 thread). The weights' digest was re-pinned
+# when the causal path moved to SDPA's enable_gqa (no expanded kv copies): a different kernel, so a
+# different float summation order; the losses stayed within the tolerance below.
 GOLDEN_LOSSES = {1: 15.252863883972168, 2: 15.22420883178711, 3: 14.89719820022583, 4: 14.791470527648926}
 GOLDEN_VAL = {2: 15.290760466241956, 4: 15.297225573518435}
-GOLDEN_WEIGHTS_SHA256 = "d073b50be61648fb6db91953f06ab27ba1bac50580196a6f006ed5c83963d814"
+GOLDEN_WEIGHTS_SHA256 = "f55a65d8ae3f150d19c4c124d112781e6e60fee0e81b7aae35cd324af11faa81"
 
 
 def weights_sha256(path) -> str:

@@ -144,3 +144,18 @@ def test_rmsnorm_applies_the_scale_in_float32_before_casting_as_the_official_mod
     cast_first = (xb.float() * torch.rsqrt(xb.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16) * bf.scale
     assert torch.equal(bf(xb), official)
     assert not torch.equal(cast_first, official)  # the old order rounds twice: it gives other bf16 values
+
+
+def test_grouped_query_attention_in_place_equals_the_expanded_heads():
+    """The causal training path lets SDPA read the shared kv heads (enable_gqa); generation's masked path
+    expands them with repeat_interleave. Both compute the same attention."""
+    from csm_model import FLAVORS, Attention, RotaryEmbedding, causal_mask
+
+    flavor = FLAVORS["llama-tiny"]
+    assert flavor.num_kv_heads < flavor.num_heads
+    torch.manual_seed(0)
+    attn = Attention(flavor, RotaryEmbedding(flavor))
+    x = torch.randn(2, 7, flavor.embed_dim)
+    in_place = attn(x)  # mask None: enable_gqa
+    expanded = attn(x, torch.arange(7).expand(2, 7), causal_mask(7)[None].expand(2, 7, 7))
+    torch.testing.assert_close(in_place, expanded, rtol=0, atol=1e-6)
