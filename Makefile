@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/dataloader.py
 	$(BIN)/python bench/pretokenize.py
 	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/memory.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -9,7 +9,7 @@ import config
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
-SCRIPTS = ("pretokenize", "train", "sweep", "generate", "export")
+SCRIPTS = ("prepare", "pretokenize", "train", "sweep", "evaluate", "generate", "export")
 
 
 def _command_lines() -> list[str]:
@@ -42,6 +42,18 @@ def test_config_table_matches_the_dataclass():
     start, end = config.README_MARKERS
     table = README.split(start, 1)[1].split(end, 1)[0].strip()
     assert table == config.config_reference_markdown(), "run: python config.py --update_readme README.md"
+
+
+@pytest.mark.slow
+def test_memory_table_is_the_output_of_bench_memory():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import memory
+
+    start, end = memory.README_MARKERS
+    table = README.split(start, 1)[1].split(end, 1)[0].strip()
+    assert table == memory.table(128, 384), "run: python bench/memory.py --update_readme README.md"
 
 
 def test_every_script_is_shown():

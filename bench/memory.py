@@ -1,0 +1,153 @@
+"""What a CSM-1B training step holds in memory, measured on the CPU, and the largest max_tokens per GPU size.
+
+Activations: the tensors autograd saves for backward, recorded with saved-tensor hooks (each storage
+counted once) during the real `compute_loss` forward, under bf16 autocast, at CSM-1B's real widths
+(backbone llama-1B, decoder llama-100M, real vocabularies). Models with 1 and 2 layers in each stack give
+the cost of one more layer, so no 16-layer model needs to run; each is measured at two batch lengths, so
+the cost splits into a part per frame and a fixed part (the bf16 copies autocast makes of the weights).
+With activation checkpointing, one backbone layer's activations are added: backward runs each layer
+again and holds its activations while it does.
+State: fp32 weights, gradients of what trains, and optimizer states (AdamW 8 bytes a trained parameter,
+8-bit AdamW 2), counted from the real model's parameters.
+
+    python bench/memory.py [--update_readme README.md]
+
+The README's memory table is this script's output (a test checks that they agree). The fit assumes that
+memory is state + activations (+ 10% for the allocator and temporary buffers): a planning figure, to be
+checked against `bench/train_step.py`'s measured peak on a GPU.
+"""
+import argparse
+import functools
+import multiprocessing
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import adapters  # noqa: E402
+import config  # noqa: E402
+from csm_model import CSM, FLAVORS, ModelArgs  # noqa: E402
+from loss import compute_loss  # noqa: E402
+
+GIB = 2**30
+GPU_SIZES_GB = (16, 24, 40, 80)
+OVERHEAD = 1.10  # allocator fragmentation and short-lived buffers, on top of what is counted
+README_MARKERS = ("<!-- memory:start -->", "<!-- memory:end -->")
+MODES = {"full": {}, "lora": {"finetune": "lora"}}
+
+
+def saved_bytes(model, frames: int, checkpointing: bool) -> int:
+    """Bytes autograd keeps for backward in one forward of `frames` audio frames (each storage once)."""
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            storage = t.untyped_storage()
+            seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+        return t
+
+    model.set_activation_checkpointing(checkpointing)
+    model.train()
+    k = model.config.audio_num_codebooks
+    tokens = torch.randint(0, 2048, (1, frames, k + 1))
+    mask = torch.ones(1, frames, k + 1, dtype=torch.bool)
+    mask[:, :, k] = False  # audio frames: every one is a target
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = compute_loss(model, tokens, mask, decoder_fraction=1 / 16, generator=torch.Generator().manual_seed(0))
+    del terms
+    return sum(seen.values())
+
+
+def _measure(backbone_layers: int, decoder_layers: int, mode: str, checkpointing: bool, short: int, long: int):
+    model = build(backbone_layers, decoder_layers, mode)
+    return [saved_bytes(model, n, checkpointing) for n in (short, long)]
+
+
+def build(backbone_layers: int, decoder_layers: int, mode: str) -> CSM:
+    # A small text vocabulary: lookups save the same activations whatever the table's size, and the real
+    # 128k-row table would only make each build 1 GB bigger (the state table counts the real one).
+    args = ModelArgs(backbone=replace(FLAVORS["llama-1B"], num_layers=backbone_layers),
+                     decoder=replace(FLAVORS["llama-100M"], num_layers=decoder_layers), text_vocab_size=4096)
+    torch.manual_seed(0)
+    model = CSM(args)
+    return adapters.apply_finetune_mode(model, config.make_config({"wandb_mode": "disabled", **MODES[mode]}))
+
+
+@functools.lru_cache(maxsize=None)
+def activation_model(mode: str, checkpointing: bool, short: int, long: int) -> tuple[float, float]:
+    """(bytes per frame, fixed bytes) of CSM-1B's saved activations, from 1- and 2-layer models."""
+    def measure(b, d):  # each model in a process of its own: a 1B-wide model is 2.5 GB, freed for sure at exit
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_measure, b, d, mode, checkpointing, short, long).result()
+
+    base, more_b, more_d = measure(1, 1), measure(2, 1), measure(1, 2)
+    full = FLAVORS["llama-1B"].num_layers, FLAVORS["llama-100M"].num_layers
+    at = [base[i] + (full[0] - 1) * (more_b[i] - base[i]) + (full[1] - 1) * (more_d[i] - base[i]) for i in range(2)]
+    if checkpointing:
+        # In backward, one backbone layer at a time is run again and its activations held: add one layer's
+        # activations as measured without checkpointing.
+        layer = activation_layer(mode, short, long)
+        at = [at[i] + layer[i] for i in range(2)]
+    per_frame = (at[1] - at[0]) / (long - short)
+    return per_frame, at[0] - per_frame * short
+
+
+@functools.lru_cache(maxsize=None)
+def activation_layer(mode: str, short: int, long: int) -> list[int]:
+    """Saved bytes of one backbone layer without checkpointing, at the two lengths."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        one = pool.submit(_measure, 1, 1, mode, False, short, long).result()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        two = pool.submit(_measure, 2, 1, mode, False, short, long).result()
+    return [two[i] - one[i] for i in range(2)]
+
+
+def state_bytes(mode: str, optimizer: str) -> float:
+    with torch.device("meta"):
+        model = adapters.apply_finetune_mode(CSM(ModelArgs()), config.make_config({"wandb_mode": "disabled",
+                                                                                      **MODES[mode]}))
+    total = sum(p.numel() for p in model.parameters())
+    trained = adapters.count_trainable(model)
+    return 4 * total + 4 * trained + (8 if optimizer == "adamw" else 2) * trained
+
+
+def table(short: int, long: int) -> str:
+    rows = []
+    for mode, optimizer, label in (("full", "adamw", "full, AdamW"), ("full", "adamw8bit", "full, 8-bit AdamW"),
+                                   ("lora", "adamw", "LoRA r=16, AdamW")):
+        state = state_bytes(mode, optimizer)
+        for checkpointing in (False, True):
+            per_frame, fixed = activation_model(mode, checkpointing, short, long)
+            fits = []
+            for gb in GPU_SIZES_GB:
+                room = gb * 1e9 / OVERHEAD - state - fixed
+                fits.append(f"{int(room / per_frame) // 256 * 256:,}" if room > 256 * per_frame else "does not fit")
+            rows.append(f"| {label}{', checkpointing' if checkpointing else ''} | {state / GIB:.1f} | "
+                        f"{per_frame / 2**20:.2f} | {fixed / GIB:.2f} | " + " | ".join(fits) + " |")
+    head = ("| CSM-1B, bf16 autocast | state GiB | activations MiB/frame | fixed activations GiB | "
+            + " | ".join(f"max_tokens, {gb} GB" for gb in GPU_SIZES_GB) + " |\n|---|---|---|---|" + "---|" * len(GPU_SIZES_GB))
+    return head + "\n" + "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--frames", type=int, nargs=2, default=(128, 384), help="the two batch lengths measured")
+    p.add_argument("--update_readme", metavar="README", help="write the table between the README's memory markers")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    text = table(*args.frames)
+    if args.update_readme:
+        from config import replace_between
+        from utils import write_text_atomic
+
+        path = Path(args.update_readme)
+        write_text_atomic(path, replace_between(path.read_text(), README_MARKERS, text))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
