@@ -39,6 +39,16 @@ def target_rows(mask: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor
     return (mask[:, :, 0] if target is None else target)[:, 1:]
 
 
+def target_indices(mask: torch.Tensor, target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, position) indices of the rows 1.. whose frame is predicted (positions counted from row 1)."""
+    return target_rows(mask, target).nonzero(as_tuple=True)
+
+
+def decoder_subset(n: int, k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Which k of the n target frames the decoder trains on, drawn on the CPU from `generator`."""
+    return torch.randperm(n, generator=generator)[:k]
+
+
 def count_targets(mask: torch.Tensor, decoder_fraction: float, num_codebooks: int,
                   target: torch.Tensor | None = None) -> tuple[int, int]:
     """(n_c0, n_decoder) that compute_loss will report for this batch, known before the forward."""
@@ -47,7 +57,9 @@ def count_targets(mask: torch.Tensor, decoder_fraction: float, num_codebooks: in
 
 
 def compute_loss(model, tokens: torch.Tensor, mask: torch.Tensor, target: torch.Tensor | None = None, *,
-                 decoder_fraction: float = 1 / 16, generator: torch.Generator | None = None) -> LossTerms:
+                 decoder_fraction: float = 1 / 16, generator: torch.Generator | None = None,
+                 rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 decoder_index: torch.Tensor | None = None) -> LossTerms:
     """Summed training losses of a right-padded batch (SPEC §2).
 
     The backbone output at row r predicts the audio frame at row r+1: codebook 0 through
@@ -55,6 +67,10 @@ def compute_loss(model, tokens: torch.Tensor, mask: torch.Tensor, target: torch.
     `decoder_fraction` of them ("compute amortization"), drawn from `generator`. Target frames are the
     audio frames (EOS included), or those `target` [B, S] marks (context turns are then inputs only).
     Padding rows are never targets and, with right padding under a causal mask, never attended to by real rows.
+
+    `rows` (batch and position indices of the target rows, as `target_indices` gives them) and `decoder_index`
+    (the decoder's frames among them) may be computed on the CPU by the caller and passed on the device:
+    then nothing here waits for the GPU (found from a GPU mask, they would each cost a host-device sync).
     """
     b, s, _ = tokens.shape
     max_len = model.backbone.max_seq_len
@@ -63,10 +79,11 @@ def compute_loss(model, tokens: torch.Tensor, mask: torch.Tensor, target: torch.
     dtype = next(model.parameters()).dtype
     h = model.backbone(embed_frames(model, tokens, mask).to(dtype)).to(dtype)
 
-    is_target = target_rows(mask, target)           # rows 1.. whose frame is predicted
-    h_prev = h[:, :-1][is_target]                   # [N, D] the state that predicts each target frame
-    targets = tokens[:, 1:, :-1][is_target]         # [N, K]
-    n = targets.shape[0]
+    if rows is None:
+        rows = target_indices(mask, target)
+    h_prev = h[:, :-1][rows]                        # [N, D] the state that predicts each target frame
+    targets = tokens[:, 1:, :-1][rows]              # [N, K]
+    n = rows[0].shape[0]
     c0_logits = model.codebook0_head(h_prev)
     c0_sum = F.cross_entropy(c0_logits.float(), targets[:, 0], reduction="sum")
 
@@ -74,8 +91,9 @@ def compute_loss(model, tokens: torch.Tensor, mask: torch.Tensor, target: torch.
     if k == 0:
         return LossTerms(c0_sum, c0_sum.new_zeros(()), 0, 0)
     if k < n:
-        idx = torch.randperm(n, generator=generator)[:k].to(h_prev.device)
-        h_prev, targets = h_prev[idx], targets[idx]
+        if decoder_index is None:
+            decoder_index = decoder_subset(n, k, generator).to(h_prev.device)
+        h_prev, targets = h_prev[decoder_index], targets[decoder_index]
     logits = decoder_logits(model, h_prev, targets)
     dec_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1), reduction="sum")
     return LossTerms(c0_sum, dec_sum, n, k * (targets.shape[1] - 1))

@@ -113,8 +113,3 @@ def gathered_model(model: nn.Module, rt: Runtime) -> nn.Module | None:
         copy = build_model(model.config, device=rt.device, dtype=next(iter(state.values())).dtype)
     copy.load_state_dict(state)
     return copy.train(model.training)
-
-
-def grad_norm_value(norm) -> float:
-    """clip_grad_norm_'s result as a float (a DTensor under FSDP)."""
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

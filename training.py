@@ -24,12 +24,13 @@ from tqdm import tqdm
 import config as config_mod
 import parallel
 from adapters import apply_finetune_mode, count_trainable, is_partial, merged_model, save_adapter
-from parallel import gradient_sync, grad_norm_value
+from parallel import gradient_sync
 from checkpoint import (LoopState, find_resume_checkpoint, prune_checkpoints, restore_checkpoint, save_checkpoint,
                         step_path)
 from config import TrainConfig
 from csm_model import ModelArgs, count_parameters
-from loss import combine_loss, compute_loss, count_targets, weighted_loss
+from loss import (combine_loss, compute_loss, count_targets, decoder_frame_count, decoder_subset, target_indices,
+                  weighted_loss)
 from optim import make_optimizer, make_scheduler
 from tracking import Tracker, make_tracker
 from utils import (LOCK_NAME, OutputLock, Runtime, UserError, all_reduce_sum, atomic_path, autocast, check_output_dir,
@@ -52,8 +53,10 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, mask, target, decoder_fraction: float, generator: torch.Generator | None):
-        return compute_loss(self.model, tokens, mask, target, decoder_fraction=decoder_fraction, generator=generator)
+    def forward(self, tokens, mask, target, decoder_fraction: float, generator: torch.Generator | None,
+                rows=None, decoder_index=None):
+        return compute_loss(self.model, tokens, mask, target, decoder_fraction=decoder_fraction, generator=generator,
+                            rows=rows, decoder_index=decoder_index)
 
 
 def build_or_load_model(cfg: TrainConfig, device: torch.device, source: Path | None = None) -> nn.Module:
@@ -73,30 +76,39 @@ def train_step(loss_model: nn.Module, micro_batches: list, cfg: TrainConfig, rt:
                optimizer, scaler, generator, num_codebooks: int) -> dict:
     """Forward/backward over the micro-batches of one step, normalised by the step's total targets
     (summed over micro-batches and ranks), then clip and step. Returns the step's metrics."""
+    # Everything that depends on the batch layout is read from the CPU copies of the masks; the step's
+    # numbers stay on the device until one read at its end (`read_stats`: the step's only host-device sync
+    # in one process; DDP adds the all-reduce of the target counts before the first forward).
     counts = [count_targets(mask, cfg.decoder_fraction, num_codebooks, target) for _, mask, target in micro_batches]
     n_c0, n_dec = all_reduce_sum([sum(c[0] for c in counts), sum(c[1] for c in counts)], rt)
-    sums = torch.zeros(3, dtype=torch.float64)
+    stats = torch.zeros(5, dtype=torch.float64, device=rt.device)  # loss, c0 loss, decoder loss, real, padded
     real = padded = 0
     for i, (tokens, mask, target) in enumerate(micro_batches):
-        tokens, mask = tokens.to(rt.device, non_blocking=True), mask.to(rt.device, non_blocking=True)
-        target = target.to(rt.device, non_blocking=True)
+        rows = target_indices(mask, target)
+        k = decoder_frame_count(len(rows[0]), cfg.decoder_fraction)
+        subset = decoder_subset(len(rows[0]), k, generator) if 0 < k < len(rows[0]) else None
+        real += int(mask.any(-1).sum())
+        padded += mask.shape[0] * mask.shape[1]
+        tokens, mask, target, subset, *rows = (to_device(t, rt.device) for t in (tokens, mask, target, subset, *rows))
         last = i == len(micro_batches) - 1
         with gradient_sync(loss_model, last or not rt.distributed):
             with autocast(rt.device, precision):
-                terms = loss_model(tokens, mask, target, cfg.decoder_fraction, generator)
+                terms = loss_model(tokens, mask, target, cfg.decoder_fraction, generator, tuple(rows), subset)
             loss = combine_loss(terms, int(n_c0), int(n_dec), cfg.decoder_loss_weight)
             # DDP averages gradients over ranks; the loss is already a share of the global sum.
             scaler.scale(loss * rt.world_size).backward()
-        sums += torch.tensor([loss.item(), terms.c0_sum.item() / max(n_c0, 1), terms.decoder_sum.item() / max(n_dec, 1)],
-                             dtype=torch.float64)
-        real += int(mask.any(-1).sum())
-        padded += mask.shape[0] * mask.shape[1]
-    loss, c0, dec, real, padded = all_reduce_sum([*sums.tolist(), real, padded], rt)
+        stats[:3] += torch.stack([loss.detach(), terms.c0_sum.detach() / max(n_c0, 1),
+                                  terms.decoder_sum.detach() / max(n_dec, 1)]).double()
+    stats[3:] += to_device(torch.tensor([real, padded], dtype=torch.float64), rt.device)
+    if rt.distributed:
+        dist.all_reduce(stats)
 
     if scaler.is_enabled():
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
+    loss, c0, dec, real, padded, grad_norm = read_stats(torch.cat([stats, norm.detach().reshape(1).double()]))
     finite = math.isfinite(loss) and (math.isfinite(grad_norm) or scaler.is_enabled())
     if finite:
         # With fp16 the scaler itself skips steps whose gradients overflowed and lowers the scale.
@@ -105,6 +117,20 @@ def train_step(loss_model: nn.Module, micro_batches: list, cfg: TrainConfig, rt:
     optimizer.zero_grad(set_to_none=True)
     return {"loss": loss, "c0_loss": c0, "decoder_loss": dec, "grad_norm": grad_norm, "finite": finite,
             "frames": real, "padding_fraction": 1 - real / max(padded, 1)}
+
+
+def to_device(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """A CPU tensor on the device without waiting: pinned first on CUDA, so the copy can be asynchronous."""
+    if t is None or t.device == device:
+        return t
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def read_stats(stats: torch.Tensor) -> list[float]:
+    """The one read of a step's numbers from the device (a host-device sync)."""
+    return stats.tolist()
 
 
 @torch.no_grad()

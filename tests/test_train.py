@@ -236,3 +236,27 @@ def test_train_from_scratch_uses_the_configured_flavors(token_file, tmp_path, as
 def test_missing_data_file_is_a_clear_error(assets, tmp_path):
     with pytest.raises(utils.UserError, match="no such file"):
         training.train(tiny_cfg(assets), tmp_path / "nope.hdf5", tmp_path / "out", device="cpu")
+
+
+def test_a_training_step_reads_from_the_device_once(assets, token_file, monkeypatch):
+    """On the meta device every host-device sync (.item(), a boolean index's nonzero, .tolist(), float())
+    raises: a whole optimizer step (accumulation, clipping, AdamW) runs there but for its one read of the
+    step's numbers (`read_stats`), which is counted."""
+    from dataloaders import CSMDataset, make_loader
+    from optim import make_optimizer
+
+    cfg = tiny_cfg(assets, grad_acc_steps=3, decoder_fraction=0.5)
+    meta = torch.device("meta")
+    with torch.device("meta"):
+        model = weights.CSM(weights.load_model(assets["model"]).config)
+    model.train()
+    optimizer = make_optimizer(model, cfg, meta)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    batches = list(make_loader(CSMDataset(str(token_file), "train"), batch_size=4, seed=0))[:3]
+    reads = []
+    monkeypatch.setattr(training, "read_stats", lambda t: reads.append(t.shape) or [1.0, 1.0, 1.0, 10.0, 12.0, 1.0])
+    stats = training.train_step(training.LossModule(model), batches, cfg, utils.Runtime(meta), "fp32", optimizer,
+                                scaler, torch.Generator().manual_seed(0), model.config.audio_num_codebooks)
+    assert reads == [torch.Size([6])] and stats["finite"]
+    with pytest.raises(Exception):
+        torch.zeros(1, device="meta").item()  # the premise: a sync on the meta device raises
