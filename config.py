@@ -85,6 +85,8 @@ class TrainConfig:
     precision: str = _f("auto", "auto = bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU.", choices=PRECISIONS)
     distributed: str = _f("ddp", "With several processes (torchrun): ddp keeps a full copy per GPU; fsdp shards weights, "
                           "gradients and optimizer states over them (FSDP2, full finetuning only).", choices=DISTRIBUTED)
+    compile: bool = _f(False, "torch.compile the transformer layers (dynamic shapes: one compilation serves every "
+                       "batch length); the first steps pay for compiling.")
     activation_checkpointing: bool = _f(False, "Recompute layer activations in backward: less activation memory for extra compute.")
     # --- length of the run
     n_epochs: int = _f(25, "Epochs over the training split (the run length unless max_steps is set).", min=1)
@@ -257,6 +259,8 @@ def make_config(values: dict, source: str = "config") -> TrainConfig:
         unknown = [v for v in getattr(cfg, key) if v not in allowed]
         if unknown:
             raise UserError(f"config key {key!r}: unknown name(s) {', '.join(map(repr, unknown))}; valid: {', '.join(allowed)}")
+    if cfg.distributed == "fsdp" and cfg.compile:
+        raise UserError("compile with distributed: fsdp is not supported yet (untested); use one of them")
     if cfg.distributed == "fsdp" and (cfg.finetune == "lora" or cfg.freeze):
         raise UserError("distributed: fsdp shards a full finetune of every weight; LoRA and frozen runs keep little "
                         "state per GPU already: use distributed: ddp")

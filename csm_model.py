@@ -265,6 +265,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Layer(flavor, self.rope) for _ in range(flavor.num_layers))
         self.norm = RMSNorm(flavor.embed_dim, flavor.norm_eps)
         self.activation_checkpointing = False
+        self._compiled = None  # set_compile: the training path's layer call, compiled
 
     def setup_caches(self, batch_size: int, dtype: torch.dtype, max_seq_len: int | None = None):
         device = self.norm.scale.device
@@ -285,15 +286,26 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attn.kv_cache = None
 
+    def set_compile(self, enabled: bool) -> None:
+        """Compile the layers' causal path (training and validation: no KV cache, no mask) once for every
+        layer and every batch shape (torch.compile with dynamic shapes); generation stays eager."""
+        self._compiled = torch.compile(_run_layer, dynamic=True) if enabled else None
+
     def forward(self, h: torch.Tensor, *, input_pos: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """h: [b, s, dim]. With mask None attention is causal over the s positions given."""
+        run = self._compiled if self._compiled is not None and mask is None and not self.caches_are_enabled() \
+            else _run_layer
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, input_pos, mask, use_reentrant=False)
+                h = checkpoint(run, layer, h, input_pos, mask, use_reentrant=False)
             else:
-                h = layer(h, input_pos, mask)
+                h = run(layer, h, input_pos, mask)
         return self.norm(h)
+
+
+def _run_layer(layer: "Layer", h: torch.Tensor, input_pos, mask) -> torch.Tensor:
+    return layer(h, input_pos, mask)
 
 
 # --------------------------------------------------------------------------- sampling

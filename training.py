@@ -452,6 +452,9 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
         check_disk_space(model, cfg, out)
     if hasattr(model, "set_activation_checkpointing"):
         model.set_activation_checkpointing(cfg.activation_checkpointing)
+    if cfg.compile:
+        for stack in (model.backbone, model.decoder):
+            stack.set_compile(True)
     model.train()
     # DDP or FSDP before the optimizer: fully_shard replaces the parameters with sharded ones.
     loss_model = parallel.wrap(LossModule(model), cfg.distributed, rt)
@@ -487,6 +490,7 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
     print0(f"training {type(model).__name__} ({count_parameters(model) / 1e6:.1f}M params{trainable}) "
            f"on {rt.device} x{rt.world_size}, {precision}, {total_steps} steps, {len(train_set)} train examples")
     batches = micro_batches()
+    first_step = loop.step
     final_val = None
     stopped_early = False
     pbar = tqdm(total=total_steps, initial=loop.step, disable=not (rt.is_main and progress), desc="train", unit="step")
@@ -496,6 +500,8 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
             lr = optimizer.param_groups[0]["lr"]
             stats = train_step(loss_model, [next(batches) for _ in range(cfg.grad_acc_steps)], cfg, rt, precision,
                                optimizer, scaler, generator, k)
+            if cfg.compile and loop.step == first_step:
+                print0(f"step {loop.step + 1} took {time.perf_counter() - t0:.1f} s, compiling included")
             with warnings.catch_warnings():
                 # A skipped (non-finite) step still advances the schedule: it follows optimizer steps taken.
                 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")

@@ -62,9 +62,10 @@ def saved_bytes(model, frames: int, checkpointing: bool) -> int:
     return sum(seen.values())
 
 
-def _measure(backbone_layers: int, decoder_layers: int, mode: str, checkpointing: bool, short: int, long: int):
+def _measure(backbone_layers: int, decoder_layers: int, mode: str, short: int, long: int) -> dict:
+    """Saved bytes at the two lengths, without and with checkpointing, of one model (built once)."""
     model = build(backbone_layers, decoder_layers, mode)
-    return [saved_bytes(model, n, checkpointing) for n in (short, long)]
+    return {cp: [saved_bytes(model, n, cp) for n in (short, long)] for cp in (False, True)}
 
 
 def build(backbone_layers: int, decoder_layers: int, mode: str) -> CSM:
@@ -78,32 +79,28 @@ def build(backbone_layers: int, decoder_layers: int, mode: str) -> CSM:
 
 
 @functools.lru_cache(maxsize=None)
+def measurements(mode: str, short: int, long: int) -> tuple[dict, dict, dict]:
+    """The 1+1, 2+1 and 1+2 layer models, each in a process of its own (a 1B-wide model is over 1 GB;
+    freed for sure when its process ends)."""
+    def measure(b, d):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_measure, b, d, mode, short, long).result()
+
+    return measure(1, 1), measure(2, 1), measure(1, 2)
+
+
 def activation_model(mode: str, checkpointing: bool, short: int, long: int) -> tuple[float, float]:
     """(bytes per frame, fixed bytes) of CSM-1B's saved activations, from 1- and 2-layer models."""
-    def measure(b, d):  # each model in a process of its own: a 1B-wide model is 2.5 GB, freed for sure at exit
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return pool.submit(_measure, b, d, mode, checkpointing, short, long).result()
-
-    base, more_b, more_d = measure(1, 1), measure(2, 1), measure(1, 2)
+    base, more_b, more_d = (m[checkpointing] for m in measurements(mode, short, long))
     full = FLAVORS["llama-1B"].num_layers, FLAVORS["llama-100M"].num_layers
     at = [base[i] + (full[0] - 1) * (more_b[i] - base[i]) + (full[1] - 1) * (more_d[i] - base[i]) for i in range(2)]
     if checkpointing:
         # In backward, one backbone layer at a time is run again and its activations held: add one layer's
         # activations as measured without checkpointing.
-        layer = activation_layer(mode, short, long)
-        at = [at[i] + layer[i] for i in range(2)]
+        plain = measurements(mode, short, long)
+        at = [at[i] + plain[1][False][i] - plain[0][False][i] for i in range(2)]
     per_frame = (at[1] - at[0]) / (long - short)
     return per_frame, at[0] - per_frame * short
-
-
-@functools.lru_cache(maxsize=None)
-def activation_layer(mode: str, short: int, long: int) -> list[int]:
-    """Saved bytes of one backbone layer without checkpointing, at the two lengths."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        one = pool.submit(_measure, 1, 1, mode, False, short, long).result()
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        two = pool.submit(_measure, 2, 1, mode, False, short, long).result()
-    return [two[i] - one[i] for i in range(2)]
 
 
 def state_bytes(mode: str, optimizer: str) -> float:

@@ -38,9 +38,10 @@ def _train_args(data, model, max_steps, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("context", [[], ["--set", "context_mode=same_speaker", "--set", "context_turns=2"]])
+@pytest.mark.parametrize("context", [[], ["--set", "context_mode=same_speaker", "--set", "context_turns=2"],
+                                     ["--set", "compile=true"]], ids=["plain", "context", "compiled"])
 def test_two_gloo_processes_match_one_process(assets, tmp_path, context):
-    data = write_token_file(tmp_path / "d.hdf5", n_train=16, n_val=4, speakers=3 if context else 0)
+    data = write_token_file(tmp_path / "d.hdf5", n_train=16, n_val=4, speakers=3 if "context_mode=same_speaker" in context else 0)
     common = _train_args(data, assets["model"], 5, "--val_every", "2", "--save_every", "0",
                          "--set", "decoder_fraction=1.0", *context)
     # One process, 2 micro-batches of 2 per step == 2 ranks x 1 micro-batch of 2 per step.
