@@ -112,22 +112,25 @@ def state_bytes(mode: str, optimizer: str) -> float:
     return 4 * total + 4 * trained + (8 if optimizer == "adamw" else 2) * trained
 
 
+ROWS = (("full", "adamw", "full, AdamW"), ("full", "adamw8bit", "full, 8-bit AdamW"), ("lora", "adamw", "LoRA r=16, AdamW"))
+HEAD = ("| CSM-1B, bf16 autocast | state GiB | activations MiB/frame | fixed activations GiB | "
+        + " | ".join(f"max_tokens, {gb} GB" for gb in GPU_SIZES_GB) + " |\n|---|---|---|---|" + "---|" * len(GPU_SIZES_GB))
+
+
+def row(mode: str, optimizer: str, label: str, checkpointing: bool, short: int, long: int) -> str:
+    """One line of the table: the state, the activations and the largest max_tokens per GPU size."""
+    state = state_bytes(mode, optimizer)
+    per_frame, fixed = activation_model(mode, checkpointing, short, long)
+    fits = []
+    for gb in GPU_SIZES_GB:
+        room = gb * 1e9 / OVERHEAD - state - fixed
+        fits.append(f"{int(room / per_frame) // 256 * 256:,}" if room > 256 * per_frame else "does not fit")
+    return (f"| {label}{', checkpointing' if checkpointing else ''} | {state / GIB:.1f} | "
+            f"{per_frame / 2**20:.2f} | {fixed / GIB:.2f} | " + " | ".join(fits) + " |")
+
+
 def table(short: int, long: int) -> str:
-    rows = []
-    for mode, optimizer, label in (("full", "adamw", "full, AdamW"), ("full", "adamw8bit", "full, 8-bit AdamW"),
-                                   ("lora", "adamw", "LoRA r=16, AdamW")):
-        state = state_bytes(mode, optimizer)
-        for checkpointing in (False, True):
-            per_frame, fixed = activation_model(mode, checkpointing, short, long)
-            fits = []
-            for gb in GPU_SIZES_GB:
-                room = gb * 1e9 / OVERHEAD - state - fixed
-                fits.append(f"{int(room / per_frame) // 256 * 256:,}" if room > 256 * per_frame else "does not fit")
-            rows.append(f"| {label}{', checkpointing' if checkpointing else ''} | {state / GIB:.1f} | "
-                        f"{per_frame / 2**20:.2f} | {fixed / GIB:.2f} | " + " | ".join(fits) + " |")
-    head = ("| CSM-1B, bf16 autocast | state GiB | activations MiB/frame | fixed activations GiB | "
-            + " | ".join(f"max_tokens, {gb} GB" for gb in GPU_SIZES_GB) + " |\n|---|---|---|---|" + "---|" * len(GPU_SIZES_GB))
-    return head + "\n" + "\n".join(rows)
+    return HEAD + "\n" + "\n".join(row(*r, cp, short, long) for r in ROWS for cp in (False, True))
 
 
 def main(argv=None) -> None:

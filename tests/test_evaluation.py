@@ -236,7 +236,7 @@ def step_weights(out: Path, step: int) -> dict:
     return read_checkpoint(out / "checkpoints" / f"step_{step:07d}.pt")["model"]
 
 
-@pytest.mark.parametrize("select_by", ["wer", "speaker_sim"])
+@pytest.mark.parametrize("select_by", ["wer"])  # speaker_sim (maximised): test_two_gloo_processes_evaluate_once...
 def test_quality_metrics_are_logged_and_select_best(assets, judges, pretokenized, tmp_path, select_by):
     import training
     from tracking import read_metrics
