@@ -386,6 +386,9 @@ def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device:
 
     `output_dir` must be empty or new unless `resume` (continue the run in it) or `overwrite` (replace it)."""
     rt = compute_init(device)
+    if cfg.compile and rt.distributed:
+        raise UserError("compile: true with several processes (torchrun) is not tested yet; train in one process "
+                        "or set compile: false")
     out = Path(output_dir)
     created = not out.exists()
     lock = prepare_output_dir(out, resume, overwrite, rt)

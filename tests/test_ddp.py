@@ -38,8 +38,8 @@ def _train_args(data, model, max_steps, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("context", [[], ["--set", "context_mode=same_speaker", "--set", "context_turns=2"],
-                                     ["--set", "compile=true"]], ids=["plain", "context", "compiled"])
+@pytest.mark.parametrize("context", [[], ["--set", "context_mode=same_speaker", "--set", "context_turns=2"]],
+                         ids=["plain", "context"])
 def test_two_gloo_processes_match_one_process(assets, tmp_path, context):
     data = write_token_file(tmp_path / "d.hdf5", n_train=16, n_val=4, speakers=3 if "context_mode=same_speaker" in context else 0)
     common = _train_args(data, assets["model"], 5, "--val_every", "2", "--save_every", "0",
@@ -132,3 +132,13 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly(assets, tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0 and "distributed: fsdp" in proc.stderr
+
+
+def test_compile_with_several_processes_is_refused_in_one_line(assets, tmp_path):
+    data = write_token_file(tmp_path / "d.hdf5", n_train=8, n_val=0)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_free_port()), "train.py", *_train_args(data, assets["model"], 2, "--set", "compile=true"),
+                           "--output_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0 and "compile: true with several processes" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -4,6 +4,7 @@ pretokenize.py reading `datasets` datasets (on disk, streamed, through load_data
 the same clips given as files."""
 import csv
 import json
+import re
 from pathlib import Path
 
 import h5py
@@ -139,24 +140,28 @@ def test_speaker_ids_come_from_folders_or_the_flag(tmp_path):
 
 
 def test_prepare_bad_input(tmp_path):
+    import prepare
+    from utils import UserError
+
     long_recording(tmp_path / "rec" / "a.wav", CLIPS[:1])
     kept = tmp_path / "kept.csv"
     kept.write_text("mine")
+    rc, err = cli("prepare.py", "--audio", tmp_path / "rec", "--output", kept, "--asr", "none")
+    assert_clear_error(rc, err, "--overwrite")  # the command line's one-line form; the rest in process
     cases = [(["--min_seconds", "0"], "--min_seconds"), (["--max_seconds", "nan"], "--max_seconds"),
              (["--min_seconds", "5", "--max_seconds", "3"], "below"), (["--vad_threshold", "1.5"], "--vad_threshold"),
              (["--speaker=-1"], "--speaker")]
     for args, message in cases:
-        rc, err = cli("prepare.py", "--audio", tmp_path / "rec", "--output", tmp_path / "o.csv", "--asr", "none", *args)
-        assert_clear_error(rc, err, message)
+        with pytest.raises(UserError, match=message.replace("-", r"\-")):
+            prepare.main(["--audio", str(tmp_path / "rec"), "--output", str(tmp_path / "o.csv"), "--asr", "none", *args])
+    (tmp_path / "empty").mkdir()
     for audio, output, message in ((tmp_path / "none", tmp_path / "o.csv", "no such file"),
                                    (tmp_path / "empty", tmp_path / "o.csv", "no audio files"),
-                                   (tmp_path / "rec", kept, "--overwrite"),
                                    (tmp_path / "rec", tmp_path / "o.txt", ".csv"),
                                    (tmp_path / "rec", tmp_path / "rec", "directory")):
-        (tmp_path / "empty").mkdir(exist_ok=True)
-        rc, err = cli("prepare.py", "--audio", audio, "--output", output, "--asr", "none")
-        assert_clear_error(rc, err, message)
-    assert kept.read_text() == "mine"
+        with pytest.raises(UserError, match=re.escape(message)):
+            prepare.main(["--audio", str(audio), "--output", str(output), "--asr", "none"])
+    assert kept.read_text() == "mine" and not (tmp_path / "o.csv").exists()
 
 
 # --------------------------------------------------------------------------- datasets

@@ -287,5 +287,4 @@ def test_compiled_layers_train_like_eager_and_resume_exactly(assets, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
     later = [m["loss"] for m in metrics(part) if "loss" in m and m["step"] > 2]
     assert later == pytest.approx([m["loss"] for m in metrics(compiled) if "loss" in m and m["step"] > 2], abs=1e-5)
-    with pytest.raises(utils.UserError, match="fsdp"):
-        tiny_cfg(assets, compile=True, distributed="fsdp")
+
