@@ -72,13 +72,10 @@ class DatasetSource:
         speaker = self.columns[2]
         if speaker is None or self.streaming:
             return {}
-        names = sorted({str(v) for v in self.ds.unique(speaker) if v is not None})
-        numbered = {n for n in names if n.isdigit()}
-        if len(numbered) == len(names):
-            return {}
-        used = {int(n) for n in numbered}
-        free = (i for i in range(2**31) if i not in used)
-        return {n: next(free) for n in names if n not in numbered}
+        from metadata import speaker_numbers
+
+        mapping = speaker_numbers(v for v in self.ds.unique(speaker) if v is not None)
+        return {n: i for n, i in mapping.items() if not n.isdigit()}
 
     def _row(self, index: int, record: dict) -> tuple[int, dict]:
         text, audio, speaker = self.columns

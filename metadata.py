@@ -160,3 +160,13 @@ def check_row(index: int, raw: dict) -> Row:
         if not math.isfinite(turn):
             raise SkipRow(f"turn {turn} is not finite")
     return Row(index, str(path), str(text).strip(), start, end, speaker, conversation, turn)
+
+
+def speaker_numbers(names) -> dict[str, int]:
+    """Speaker ids for names: a name that is a number keeps it; the others get the lowest free ids, in
+    sorted order of their names (folder names for prepare.py, a dataset's speaker column for pretokenize.py)."""
+    names = sorted({str(n) for n in names})
+    numbered = {n: int(n) for n in names if n.isdigit()}
+    used = set(numbered.values())
+    free = (i for i in range(2**31) if i not in used)
+    return {**numbered, **{n: next(free) for n in names if n not in numbered}}

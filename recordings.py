@@ -109,11 +109,9 @@ def speaker_ids(files: list[Path], fixed: int | None) -> dict[Path, int]:
     the folders numbered in sorted order of their names."""
     if fixed is not None:
         return {f: fixed for f in files}
-    names = sorted({f.parent.name for f in files})
-    numbered = {n: int(n) for n in names if n.isdigit()}
-    others = [n for n in names if n not in numbered]
-    free = (i for i in range(2**31) if i not in set(numbered.values()))
-    mapping = {**numbered, **{n: next(free) for n in others}}
+    from metadata import speaker_numbers
+
+    mapping = speaker_numbers(f.parent.name for f in files)
     return {f: mapping[f.parent.name] for f in files}
 
 

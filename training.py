@@ -29,7 +29,7 @@ from checkpoint import (LoopState, find_resume_checkpoint, prune_checkpoints, re
                         step_path)
 from config import TrainConfig
 from csm_model import ModelArgs, count_parameters
-from loss import (combine_loss, compute_loss, count_targets, decoder_frame_count, decoder_subset, target_indices,
+from loss import (combine_loss, compute_loss, decoder_frame_count, decoder_subset, target_indices,
                   weighted_loss)
 from optim import make_optimizer, make_scheduler
 from tracking import Tracker, make_tracker
@@ -79,14 +79,17 @@ def train_step(loss_model: nn.Module, micro_batches: list, cfg: TrainConfig, rt:
     # Everything that depends on the batch layout is read from the CPU copies of the masks; the step's
     # numbers stay on the device until one read at its end (`read_stats`: the step's only host-device sync
     # in one process; DDP adds the all-reduce of the target counts before the first forward).
-    counts = [count_targets(mask, cfg.decoder_fraction, num_codebooks, target) for _, mask, target in micro_batches]
-    n_c0, n_dec = all_reduce_sum([sum(c[0] for c in counts), sum(c[1] for c in counts)], rt)
-    stats = torch.zeros(5, dtype=torch.float64, device=rt.device)  # loss, c0 loss, decoder loss, real, padded
-    real = padded = 0
-    for i, (tokens, mask, target) in enumerate(micro_batches):
+    # Each micro-batch's target rows and decoder frames, found once (their counts normalise the loss).
+    layouts = []
+    for _, mask, target in micro_batches:
         rows = target_indices(mask, target)
         k = decoder_frame_count(len(rows[0]), cfg.decoder_fraction)
-        subset = decoder_subset(len(rows[0]), k, generator) if 0 < k < len(rows[0]) else None
+        layouts.append((rows, k, decoder_subset(len(rows[0]), k, generator) if 0 < k < len(rows[0]) else None))
+    n_c0, n_dec = all_reduce_sum([sum(len(rows[0]) for rows, _, _ in layouts),
+                                  sum(k for _, k, _ in layouts) * (num_codebooks - 1)], rt)
+    stats = torch.zeros(5, dtype=torch.float64, device=rt.device)  # loss, c0 loss, decoder loss, real, padded
+    real = padded = 0
+    for i, ((tokens, mask, target), (rows, _, subset)) in enumerate(zip(micro_batches, layouts)):
         real += int(mask.any(-1).sum())
         padded += mask.shape[0] * mask.shape[1]
         tokens, mask, target, subset, *rows = (to_device(t, rt.device) for t in (tokens, mask, target, subset, *rows))
