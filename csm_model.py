@@ -216,7 +216,10 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)
         if mask is None:  # the causal training path: SDPA reads the kv heads in place (no expanded copies)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, enable_gqa=self.num_kv_heads != self.num_heads)
+            # Without a cache, queries and keys are the same positions: causal for every length (a Python bool,
+            # so a compiled layer does not branch on the symbolic length).
+            causal = self.kv_cache is None or s > 1
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=self.num_kv_heads != self.num_heads)
         else:
             if self.num_kv_heads != self.num_heads:
                 # With an explicit mask (generation), expand: query head i reads kv head i // group, as in
@@ -288,14 +291,17 @@ class Transformer(nn.Module):
 
     def set_compile(self, enabled: bool) -> None:
         """Compile the layers' causal path (training and validation: no KV cache, no mask) once for every
-        layer and every batch shape (torch.compile with dynamic shapes); generation stays eager."""
-        self._compiled = torch.compile(_run_layer, dynamic=True) if enabled else None
+        layer and every batch shape (torch.compile with dynamic shapes); generation stays eager. fullgraph: a
+        graph break inside a layer is an error, not a silent fall back to Python."""
+        self._compiled = torch.compile(_run_layer, dynamic=True, fullgraph=True) if enabled else None
 
     def forward(self, h: torch.Tensor, *, input_pos: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """h: [b, s, dim]. With mask None attention is causal over the s positions given."""
         run = self._compiled if self._compiled is not None and mask is None and not self.caches_are_enabled() \
             else _run_layer
+        if run is not _run_layer:
+            self.rope.table(h.device)  # built here, eagerly: a compiled layer then never sees the cache change
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(run, layer, h, input_pos, mask, use_reentrant=False)
@@ -334,9 +340,11 @@ def causal_mask(seq_len: int, device=None) -> torch.Tensor:
 def embed_frames(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A frame's embedding is the sum of the embeddings of its unmasked entries: [b, s, dim].
 
-    A function rather than a method so it serves the official `Model` too (it has `_embed_tokens`).
+    A function rather than a method so it serves the official `Model` too (it has `_embed_tokens`). The mask
+    multiplies in place (the entries' embeddings are not needed for backward), so no masked copy is made:
+    the same values as the official out-of-place product, bit for bit.
     """
-    return (model._embed_tokens(tokens) * mask.unsqueeze(-1)).sum(dim=2)
+    return model._embed_tokens(tokens).mul_(mask.unsqueeze(-1)).sum(dim=2)
 
 
 # --------------------------------------------------------------------------- the model
@@ -387,12 +395,18 @@ class CSM(nn.Module):
         return self.audio_embeddings(tokens + codebook * self.config.audio_vocab_size)
 
     def _embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [b, s, K+1] -> per-entry embeddings [b, s, K+1, dim] (text last)."""
+        """tokens [b, s, K+1] -> per-entry embeddings [b, s, K+1, dim] (text last).
+
+        One gather from the audio table fills all K+1 columns (the text column reads row 0), then the text
+        embeddings overwrite that column in place: the official version gathers the audio columns and the text
+        column separately and concatenates them, holding the [b, s, K+1, dim] tensor twice. Same values;
+        row 0's gradient gains only exact zeros."""
         k = self.config.audio_num_codebooks
-        text = self.text_embeddings(tokens[:, :, -1]).unsqueeze(-2)
         offsets = self.config.audio_vocab_size * torch.arange(k, device=tokens.device)
-        audio = self.audio_embeddings(tokens[:, :, :-1] + offsets)
-        return torch.cat([audio, text], dim=-2)
+        index = torch.cat([tokens[:, :, :-1] + offsets, torch.zeros_like(tokens[:, :, -1:])], dim=-1)
+        h = self.audio_embeddings(index)
+        h[:, :, -1] = self.text_embeddings(tokens[:, :, -1])
+        return h
 
     # -- inference -----------------------------------------------------------------------
     def setup_caches(self, max_batch_size: int):
