@@ -129,6 +129,84 @@ def row(mode: str, optimizer: str, label: str, checkpointing: bool, short: int, 
             f"{per_frame / 2**20:.2f} | {fixed / GIB:.2f} | " + " | ".join(fits) + " |")
 
 
+def official_frame_embedding(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The official embedding, written out: gather the audio and the text columns, concatenate, multiply by the
+    mask out of place, sum. csm_model.embed_frames gives the same values (tests/test_model.py)."""
+    k = model.config.audio_num_codebooks
+    text = model.text_embeddings(tokens[:, :, -1]).unsqueeze(-2)
+    audio = model.audio_embeddings(tokens[:, :, :-1] + model.config.audio_vocab_size * torch.arange(k))
+    return (torch.cat([audio, text], dim=-2) * mask.unsqueeze(-1)).sum(dim=2)
+
+
+def previous_frame_embedding(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """This project's version before the single gather: the gathered columns are freed once concatenated."""
+    k = model.config.audio_num_codebooks
+    columns = torch.cat([model.audio_embeddings(tokens[:, :, :-1] + model.config.audio_vocab_size * torch.arange(k)),
+                         model.text_embeddings(tokens[:, :, -1]).unsqueeze(-2)], dim=-2)
+    return (columns * mask.unsqueeze(-1)).sum(dim=2)
+
+
+def _resident() -> tuple[int, int]:
+    """(peak, current) resident bytes of this process (Linux)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmHWM"].split()[0]) * 1024, int(fields["VmRSS"].split()[0]) * 1024
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+
+def _embedding_peaks(variant: str, batch: int, length: int) -> tuple[int, int]:
+    """Peak resident bytes above the start of the frame embedding's forward, and of its backward (which
+    allocates the two tables' gradients), at CSM-1B's real tables and width, fp32 as the model keeps them."""
+    from types import SimpleNamespace
+
+    from csm_model import embed_frames
+
+    args = ModelArgs()
+    torch.manual_seed(0)
+    k, dim = args.audio_num_codebooks, FLAVORS[args.backbone_flavor].embed_dim
+    shell = SimpleNamespace(config=args, text_embeddings=torch.nn.Embedding(args.text_vocab_size, dim),
+                            audio_embeddings=torch.nn.Embedding(args.audio_vocab_size * k, dim))
+    shell._embed_tokens = lambda tokens: CSM._embed_tokens(shell, tokens)
+    tokens = torch.randint(0, 2048, (batch, length, k + 1))
+    mask = torch.zeros(batch, length, k + 1, dtype=torch.bool)
+    mask[:, : length // 4, k] = True  # text frames, then audio frames (SPEC 2)
+    mask[:, length // 4:, :k] = True
+    upstream = torch.randn(batch, length, dim)
+    embed = {"official": official_frame_embedding, "previous": previous_frame_embedding, "this": embed_frames}[variant]
+    peaks = []
+    for attempt in range(2):  # the first pass pages in the tables and the allocator's arenas
+        for table in (shell.text_embeddings, shell.audio_embeddings):
+            table.weight.grad = None
+        _reset_peak()
+        start = _resident()[1]
+        out = embed(shell, tokens, mask)
+        forward = _resident()[0] - start
+        _reset_peak()
+        start = _resident()[1]
+        out.backward(upstream)
+        peaks = [forward, _resident()[0] - start]
+        del out
+    return peaks[0], peaks[1]
+
+
+def embedding_table(batch: int = 16, length: int = 256) -> str:
+    """Transient memory of the frame embedding, official vs this (each in a process of its own)."""
+    rows = []
+    for name, variant in (("official: gather audio + text, concatenate, multiply by the mask", "official"),
+                          ("previous version: the same, the gathered columns freed once concatenated", "previous"),
+                          ("this: one gather into one tensor, mask in place", "this")):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            forward, backward = pool.submit(_embedding_peaks, variant, batch, length).result()
+        rows.append((name, forward, backward))
+    base = rows[0][1]
+    lines = [f"| frame embedding, CSM-1B tables, {batch * length} frames, fp32 | forward peak GiB | vs official | "
+             "backward peak GiB (incl. 1.5 GiB of table gradients) |", "|---|---|---|---|"]
+    lines += [f"| {name} | {f / GIB:.2f} | {f / base:.2f}x | {b / GIB:.2f} |" for name, f, b in rows]
+    return "\n".join(lines)
+
+
 def table(short: int, long: int) -> str:
     return HEAD + "\n" + "\n".join(row(*r, cp, short, long) for r in ROWS for cp in (False, True))
 
@@ -137,8 +215,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frames", type=int, nargs=2, default=(128, 384), help="the two batch lengths measured")
     p.add_argument("--update_readme", metavar="README", help="write the table between the README's memory markers")
+    p.add_argument("--embedding", action="store_true",
+                   help="instead, measure the frame embedding's transient memory, official vs this (peak resident "
+                        "memory of a process of its own; Linux)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.embedding:
+        print(embedding_table())
+        return
     text = table(*args.frames)
     if args.update_readme:
         from config import replace_between

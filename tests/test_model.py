@@ -159,3 +159,32 @@ def test_grouped_query_attention_in_place_equals_the_expanded_heads():
     in_place = attn(x)  # mask None: enable_gqa
     expanded = attn(x, torch.arange(7).expand(2, 7), causal_mask(7)[None].expand(2, 7, 7))
     torch.testing.assert_close(in_place, expanded, rtol=0, atol=1e-6)
+
+
+def test_frame_embedding_equals_the_official_gather_concat_and_mask_bit_for_bit():
+    """One gather into one tensor and an in-place mask (csm_model._embed_tokens / embed_frames) give the
+    official `(cat([audio, text]) * mask).sum(2)` exactly in fp32: output and both tables' gradients."""
+    torch.manual_seed(0)
+    args = TINY_MODEL_ARGS
+    model = CSM(args)
+    tokens, mask = _random_frames(3, 10, args)
+    mask[2, 7:] = False  # padding frames
+    tokens[1, :, 0] = 0  # row 0 of the audio table, which the text column's gather also reads, gets real gradient
+    upstream = torch.randn(3, 10, model.text_embeddings.embedding_dim)
+
+    def official(text_table, audio_table):
+        k = args.audio_num_codebooks
+        text = torch.nn.functional.embedding(tokens[:, :, -1], text_table).unsqueeze(-2)
+        audio = torch.nn.functional.embedding(tokens[:, :, :-1] + args.audio_vocab_size * torch.arange(k), audio_table)
+        return (torch.cat([audio, text], dim=-2) * mask.unsqueeze(-1)).sum(dim=2)
+
+    text_ref = model.text_embeddings.weight.detach().clone().requires_grad_()
+    audio_ref = model.audio_embeddings.weight.detach().clone().requires_grad_()
+    ref = official(text_ref, audio_ref)
+    (ref * upstream).sum().backward()
+    out = embed_frames(model, tokens, mask)
+    (out * upstream).sum().backward()
+    assert torch.equal(out, ref)
+    assert torch.equal(model.text_embeddings.weight.grad, text_ref.grad)
+    assert torch.equal(model.audio_embeddings.weight.grad, audio_ref.grad)
+    assert model.audio_embeddings.weight.grad[0].abs().sum() > 0
