@@ -62,7 +62,9 @@ class TrainConfig:
     grad_acc_steps: int = _f(1, "Micro-batches per optimizer step.", min=1)
     max_seq_len: int = _f(2048, "Longest example in frames; longer ones are refused when the data opens.", min=2, max=2048)
     partial_data_loading: bool = _f(False, "Read examples lazily from the HDF5 file instead of loading it into memory.")
-    num_workers: int = _f(0, "DataLoader worker processes.", min=0, max=256)
+    num_workers: int | None = _f(None, "DataLoader worker processes; unset: 2 on CUDA (loading overlaps the GPU's step), 0 "
+                                 "on CPU (workers would take the cores the step runs on). See README: benchmarks.",
+                                 min=0, max=256)
     # --- conversational context (see README: conversational context)
     context_mode: str = _f("none", "Context before each target turn: none; conversation (its earlier turns); same_speaker "
                            "(other utterances of its speaker, re-drawn each epoch: a voice prompt).", choices=CONTEXT_MODES)

@@ -263,6 +263,12 @@ class _Skip:
         return max(0, len(self.sampler) - self.start)
 
 
+def default_num_workers(device: torch.device) -> int:
+    """Loader workers when the config leaves them unset. On a GPU the host mostly waits for the device, so
+    workers prepare the next batches meanwhile; on the CPU the step needs every core (bench/dataloader.py)."""
+    return 2 if device.type == "cuda" else 0
+
+
 class ResumableLoader:
     """Batches of (tokens, mask) that count what they handed out, so training can resume mid-epoch.
 

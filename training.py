@@ -406,7 +406,7 @@ def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device:
 
 
 def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progress) -> TrainResult:
-    from dataloaders import CSMDataset, make_loader
+    from dataloaders import CSMDataset, default_num_workers, make_loader
     from token_file import open_splits
 
     ckpt_dir = out / "checkpoints"
@@ -425,9 +425,9 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
     batching = dict(max_tokens=cfg.max_tokens, batch_size=None if cfg.max_tokens else cfg.batch_size)
     shard = dict(rank=rt.rank, world_size=rt.world_size)
     context = dict(context_mode=cfg.context_mode, context_turns=cfg.context_turns, context_loss=cfg.context_loss)
-    train_loader = make_loader(train_set, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers, **batching, **shard,
-                               **context)
-    val_loader = make_loader(val_set, shuffle=False, seed=cfg.seed, num_workers=cfg.num_workers, **batching, **shard,
+    workers = default_num_workers(rt.device) if cfg.num_workers is None else cfg.num_workers
+    train_loader = make_loader(train_set, shuffle=True, seed=cfg.seed, num_workers=workers, **batching, **shard, **context)
+    val_loader = make_loader(val_set, shuffle=False, seed=cfg.seed, num_workers=workers, **batching, **shard,
                              **context) if val_set else None
     if len(train_loader) == 0:
         raise UserError(f"{data}: the train split gives no batches on {rt.world_size} process(es)")
@@ -458,8 +458,7 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
     if hasattr(model, "set_activation_checkpointing"):
         model.set_activation_checkpointing(cfg.activation_checkpointing)
     if cfg.compile:
-        for stack in (model.backbone, model.decoder):
-            stack.set_compile(True)
+        model.set_compile(True)
     model.train()
     # DDP or FSDP before the optimizer: fully_shard replaces the parameters with sharded ones.
     loss_model = parallel.wrap(LossModule(model), cfg.distributed, rt)

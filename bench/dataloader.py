@@ -4,6 +4,8 @@
    and token budget on examples composed with same_speaker context (1 and 2 turns, 20 speakers).
 2. Dataset memory per stored token: flat int16 buffers vs a list of int64 tensors (the original).
 3. Batches/s of in-memory and partial (lazy HDF5) loading with 0 and 2 workers.
+4. Loading overlapped with compute: time per batch when each batch is followed by a step that leaves the host
+   idle (a sleep, as the host waits on a GPU), with 0 and 2 workers.
 
 Usage: python bench/dataloader.py [--examples 2000] [--batch_size 8] [--max_tokens 4096]
 Prints markdown tables for the README.
@@ -97,12 +99,40 @@ def throughput_table(path: Path, max_tokens: int, seconds: float) -> str:
     return (f"| loading mode (max_tokens={max_tokens}) | workers | batches/s |\n|---|---|---|\n" + "\n".join(rows))
 
 
+def overlap_table(path: Path, step_ms: float, batches: int) -> str:
+    """Time per batch when each batch is followed by a step that leaves the host idle (a sleep: what the host
+    does while a GPU computes), over `batches` batches from the start of an epoch (workers' start included)."""
+    rows = []
+    for max_tokens in (4096, 16384):
+        for partial in (False, True):
+            per_batch = {}
+            for workers in (0, 2):
+                loader = make_loader(CSMDataset(path, "train", partial=partial), max_tokens=max_tokens, seed=0,
+                                     num_workers=workers, pin_memory=False)
+                n, start = 0, time.perf_counter()
+                for _ in loader:
+                    time.sleep(step_ms / 1000)
+                    n += 1
+                    if n == batches:
+                        break
+                per_batch[workers] = (time.perf_counter() - start) / n * 1000
+            exposed = {w: max(0.0, t - step_ms) for w, t in per_batch.items()}
+            rows.append(f"| {max_tokens} | {'partial (lazy HDF5)' if partial else 'in memory'} | {per_batch[0]:.1f} "
+                        f"({exposed[0]:.1f}) | {per_batch[2]:.1f} ({exposed[2]:.1f}) | {per_batch[0] / per_batch[2]:.2f}x |")
+    return ("| max_tokens | loading mode | ms per batch, 0 workers (loading not hidden) | ms per batch, 2 workers "
+            "(not hidden) | 2 workers vs 0 |\n|---|---|---|---|---|\n" + "\n".join(rows))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--examples", type=int, default=2000, help="examples in the generated file for parts 2-3")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_tokens", type=int, default=4096)
     p.add_argument("--seconds", type=float, default=3.0, help="time per throughput measurement")
+    p.add_argument("--step_ms", type=float, default=50.0, help="the idle-host step of the overlap table")
+    p.add_argument("--overlap_batches", type=int, default=150, help="batches per overlap measurement (from an epoch's "
+                   "start: workers start once per epoch)")
+    p.add_argument("--overlap_examples", type=int, default=20000, help="examples in the overlap table's file")
     args = p.parse_args()
     torch.set_num_threads(1)
     print(batching_table(args.batch_size, args.max_tokens), end="\n\n")
@@ -110,7 +140,12 @@ def main() -> None:
         path = Path(tmp) / "reference.hdf5"
         write_reference_file(path, args.examples)
         print(memory_table(path), end="\n\n")
-        print(throughput_table(path, args.max_tokens, args.seconds))
+        print(throughput_table(path, args.max_tokens, args.seconds), end="\n\n")
+        path = Path(tmp) / "large.hdf5"
+        write_reference_file(path, args.overlap_examples)
+        print(f"loading overlapped with a {args.step_ms:.0f} ms step that leaves the host idle (a GPU-bound step), "
+              f"{args.overlap_batches} batches from an epoch's start:")
+        print(overlap_table(path, args.step_ms, args.overlap_batches))
 
 
 if __name__ == "__main__":

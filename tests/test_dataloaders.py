@@ -250,3 +250,13 @@ def test_a_newer_token_file_format_is_refused_with_a_clear_error(tmp_path):
     # The original tool wrote no attributes at all: that still reads.
     plain = write_token_file(tmp_path / "plain.hdf5", attrs=False, audio_dtype="int32")
     assert open_splits(plain) == {"train": 12, "val": 4}
+
+
+def test_loader_workers_default_to_two_on_cuda_and_none_on_cpu():
+    """num_workers unset: workers overlap loading with a GPU's step; on the CPU they would take the step's
+    cores (bench/dataloader.py measures both)."""
+    import config
+    from dataloaders import default_num_workers
+
+    assert config.make_config({}).num_workers is None
+    assert default_num_workers(torch.device("cuda")) == 2 and default_num_workers(torch.device("cpu")) == 0
