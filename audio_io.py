@@ -54,8 +54,17 @@ def read_audio(path: str | Path, start: float | None = None, end: float | None =
         if stop > total + WINDOW_TOLERANCE_S * rate:
             raise AudioError(path, f"window ends at {end:g} s, past the end of the file ({total / rate:.2f} s)")
         stop = min(stop, total)
+    mono, rate = read_mono(path, path, first, stop)
+    return np.ascontiguousarray(resample(mono, rate), dtype=np.float32)
+
+
+def read_mono(source, label, first: int = 0, stop: int | None = None) -> tuple[np.ndarray, int]:
+    """Samples [first, stop) of what soundfile reads (a path or a file object) as float32 mono at the file's
+    own rate, and that rate. libsndfile's error becomes an AudioError naming `label`."""
+    import soundfile as sf
+
     try:
-        data, _ = sf.read(path, start=first, stop=stop, dtype="float32", always_2d=True)
-    except Exception as e:
-        raise AudioError(path, f"unreadable audio ({str(e).splitlines()[0]})") from None
-    return np.ascontiguousarray(resample(data.mean(axis=1), rate), dtype=np.float32)
+        data, rate = sf.read(source, start=first, stop=stop, dtype="float32", always_2d=True)
+    except Exception as e:  # libsndfile reports every format problem as a RuntimeError with its text
+        raise AudioError(label, f"unreadable audio ({str(e).splitlines()[0]})") from None
+    return np.ascontiguousarray(data.mean(axis=1), dtype=np.float32), rate

@@ -154,9 +154,7 @@ def open_source(spec: str, args, split: str):
 def decode_audio_payload(payload) -> np.ndarray:
     """A dataset row's audio as float32 mono at 24 kHz: {"bytes"} or {"path"} (any format soundfile reads),
     or {"array", "sampling_rate"} already decoded."""
-    import soundfile as sf
-
-    from audio_io import AudioError, resample
+    from audio_io import AudioError, read_mono, resample
     from tokenization import MIMI_SAMPLE_RATE
 
     if not isinstance(payload, dict):
@@ -168,11 +166,7 @@ def decode_audio_payload(payload) -> np.ndarray:
         source = io.BytesIO(payload["bytes"]) if payload.get("bytes") else payload.get("path")
         if not source:
             raise AudioError("dataset row", "no audio in the row")
-        try:
-            data, rate = sf.read(source, dtype="float32", always_2d=True)
-        except Exception as e:  # libsndfile's errors are RuntimeErrors with the reason as text
-            raise AudioError(payload.get("path") or "dataset row", f"unreadable audio ({str(e).splitlines()[0]})") from None
-        mono = data.mean(axis=1)
+        mono, rate = read_mono(source, payload.get("path") or "dataset row")
     return np.ascontiguousarray(resample(np.ascontiguousarray(mono, dtype=np.float32), rate, MIMI_SAMPLE_RATE),
                                 dtype=np.float32)
 

@@ -117,17 +117,11 @@ def speaker_ids(files: list[Path], fixed: int | None) -> dict[Path, int]:
 
 def read_16k(path: Path) -> tuple[np.ndarray, float]:
     """A file as 16 kHz mono float32, and its duration in seconds."""
-    import soundfile as sf
+    from audio_io import read_mono, resample
 
-    from audio_io import resample
-
-    try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:  # libsndfile reports every format problem as a RuntimeError with its text
-        raise UserError(f"unreadable audio ({str(e).splitlines()[0]})") from None
-    if len(data) == 0:
+    mono, rate = read_mono(str(path), path)
+    if len(mono) == 0:
         raise UserError("empty audio file")
-    mono = np.ascontiguousarray(data.mean(axis=1))
     return resample(mono, rate, VAD_RATE).astype(np.float32), len(mono) / rate
 
 
@@ -218,7 +212,7 @@ def _one_file(path: Path, vad, s: CutSettings, asr, speaker: int, conversations:
     try:
         audio, seconds = read_16k(path)
     except UserError as e:
-        return [], [{"path": str(path), "start": None, "end": None, "reason": str(e)}], 0.0
+        return [], [{"path": str(path), "start": None, "end": None, "reason": getattr(e, "reason", str(e))}], 0.0
     kept, dropped = cut_utterances(speech_regions(vad, audio, s.threshold), s)
     skipped = [{"path": str(path), "start": round(a, 3), "end": round(b, 3), "reason": why} for a, b, why in dropped]
     if not kept:
