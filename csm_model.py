@@ -390,6 +390,10 @@ class CSM(nn.Module):
         self.backbone.activation_checkpointing = enabled
         self.decoder.activation_checkpointing = enabled
 
+    def set_compile(self, enabled: bool):
+        self.backbone.set_compile(enabled)
+        self.decoder.set_compile(enabled)
+
     # -- embeddings ----------------------------------------------------------------------
     def _embed_audio(self, codebook: int, tokens: torch.Tensor) -> torch.Tensor:
         return self.audio_embeddings(tokens + codebook * self.config.audio_vocab_size)

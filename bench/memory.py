@@ -132,16 +132,20 @@ def row(mode: str, optimizer: str, label: str, checkpointing: bool, short: int, 
 def official_frame_embedding(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The official embedding, written out: gather the audio and the text columns, concatenate, multiply by the
     mask out of place, sum. csm_model.embed_frames gives the same values (tests/test_model.py)."""
-    k = model.config.audio_num_codebooks
     text = model.text_embeddings(tokens[:, :, -1]).unsqueeze(-2)
-    audio = model.audio_embeddings(tokens[:, :, :-1] + model.config.audio_vocab_size * torch.arange(k))
+    audio = model.audio_embeddings(tokens[:, :, :-1] + _offsets(model, tokens))
     return (torch.cat([audio, text], dim=-2) * mask.unsqueeze(-1)).sum(dim=2)
+
+
+def _offsets(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Codebook i's rows in the audio table start at i x audio_vocab_size."""
+    k = model.config.audio_num_codebooks
+    return model.config.audio_vocab_size * torch.arange(k, device=tokens.device)
 
 
 def previous_frame_embedding(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """This project's version before the single gather: the gathered columns are freed once concatenated."""
-    k = model.config.audio_num_codebooks
-    columns = torch.cat([model.audio_embeddings(tokens[:, :, :-1] + model.config.audio_vocab_size * torch.arange(k)),
+    columns = torch.cat([model.audio_embeddings(tokens[:, :, :-1] + _offsets(model, tokens)),
                          model.text_embeddings(tokens[:, :, -1]).unsqueeze(-2)], dim=-2)
     return (columns * mask.unsqueeze(-1)).sum(dim=2)
 

@@ -35,14 +35,17 @@ from dataloaders import CSMDataset, make_loader  # noqa: E402
 from dataloader import write_reference_file  # noqa: E402
 
 
-def measure(data: Path, device: torch.device, args: ModelArgs, steps: int, **settings) -> dict:
-    """Real (non-padding) frames per second over `steps` optimizer steps after one warm-up step."""
+def measure(data: Path, device: torch.device, args: ModelArgs, steps: int, warmup: int = 1, embedding=None,
+            **settings) -> dict:
+    """Real (non-padding) frames per second over `steps` optimizer steps after `warmup` steps (allocation,
+    kernel selection, compiling). `embedding` replaces the frame embedding (the before/after rows)."""
     cfg = config.make_config({"backbone_flavor": args.backbone_flavor,
                               "decoder_flavor": args.decoder_flavor, "text_vocab_size": args.text_vocab_size,
                               "learning_rate": 1e-4, "warmup_steps": 0, "wandb_mode": "disabled", **settings})
     torch.manual_seed(0)
     model = adapters.apply_finetune_mode(weights.build_model(args, device=device), cfg)
     model.set_activation_checkpointing(cfg.activation_checkpointing)
+    model.set_compile(cfg.compile)
     model.train()
     precision = utils.resolve_precision(cfg.precision, device)
     optimizer = optim.make_optimizer(model, cfg, device)
@@ -55,19 +58,14 @@ def measure(data: Path, device: torch.device, args: ModelArgs, steps: int, **set
     loss_model = training.LossModule(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    frames, elapsed = 0, 0.0
-    for i in range(steps + 1):
-        micro = [next(batches) for _ in range(cfg.grad_acc_steps)]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        stats = training.train_step(loss_model, micro, cfg, rt, precision, optimizer, scaler, generator,
-                                 args.audio_num_codebooks)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i > 0:  # the first step pays for allocation and kernel selection
-            elapsed += time.perf_counter() - t0
-            frames += stats["frames"]
+    import loss
+
+    kept, loss.embed_frames = loss.embed_frames, embedding or loss.embed_frames
+    try:
+        frames, elapsed = _timed_steps(loss_model, batches, cfg, rt, precision, optimizer, scaler, generator, args,
+                                       device, steps, warmup)
+    finally:
+        loss.embed_frames = kept
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     optimizer_bytes = sum(v.numel() * v.element_size() for state in optimizer.state.values()
                           for v in state.values() if torch.is_tensor(v))
@@ -78,6 +76,24 @@ def measure(data: Path, device: torch.device, args: ModelArgs, steps: int, **set
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def _timed_steps(loss_model, batches, cfg, rt, precision, optimizer, scaler, generator, args, device, steps: int,
+                 warmup: int) -> tuple[int, float]:
+    frames, elapsed = 0, 0.0
+    for i in range(steps + warmup):
+        micro = [next(batches) for _ in range(cfg.grad_acc_steps)]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        stats = training.train_step(loss_model, micro, cfg, rt, precision, optimizer, scaler, generator,
+                                 args.audio_num_codebooks)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            elapsed += time.perf_counter() - t0
+            frames += stats["frames"]
+    return frames, elapsed
 
 
 def _measure_fresh(*args, **kwargs) -> dict:
@@ -142,6 +158,39 @@ def state_memory_table(args: ModelArgs) -> str:
     return head + "\n" + "\n".join(rows)
 
 
+def step_flops(args: ModelArgs, batch: int = 16, length: int = 256, decoder_fraction: float = 1 / 16) -> int:
+    """FLOPs of one training step's forward and backward on `batch` x `length` audio frames, counted by
+    torch.utils.flop_counter on the meta device (nothing is computed; matmuls and attention are counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from csm_model import CSM
+    from loss import compute_loss, decoder_frame_count, decoder_subset, target_indices
+
+    meta = torch.device("meta")
+    with meta:
+        model = CSM(args)
+    k = args.audio_num_codebooks
+    mask = torch.zeros(batch, length, k + 1, dtype=torch.bool)
+    mask[..., :k] = True
+    rows = target_indices(mask, None)
+    n = rows[0].numel()
+    subset = decoder_subset(n, decoder_frame_count(n, decoder_fraction), torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        terms = compute_loss(model, torch.zeros(batch, length, k + 1, dtype=torch.long, device=meta), mask.to(meta),
+                             rows=tuple(r.to(meta) for r in rows), decoder_index=subset.to(meta))
+        (terms.c0_sum + terms.decoder_sum).backward()
+    return counter.get_total_flops()
+
+
+def predicted_peak_gib(mode: str, optimizer: str, checkpointing: bool, frames: int) -> float:
+    """bench/memory.py's planning figure for this configuration (state + activations, no overhead added)."""
+    import memory
+
+    short, long = 128, 384
+    per_frame, fixed = memory.activation_model(mode, checkpointing, short, long)
+    return (memory.state_bytes(mode, optimizer) + fixed + per_frame * frames) / 2**30
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=8)
@@ -155,11 +204,20 @@ def main() -> None:
         write_reference_file(data, args.examples)
         mid = ModelArgs(backbone_flavor="llama-mid", decoder_flavor="llama-mid-decoder")
         common = {"precision": "fp32"}
+        from memory import previous_frame_embedding
+
+        budget = dict(max_tokens=4096, **common)
         rows = [
             ("mid flavor, fp32, batch_size=8 (original batching)", measure(data, device, mid, args.steps, batch_size=8, **common)),
-            ("mid flavor, fp32, max_tokens=4096", measure(data, device, mid, args.steps, max_tokens=4096, **common)),
+            ("mid flavor, fp32, max_tokens=4096", measure(data, device, mid, args.steps, **budget)),
             ("mid flavor, fp32, max_tokens=4096, activation checkpointing",
-             measure(data, device, mid, args.steps, max_tokens=4096, activation_checkpointing=True, **common)),
+             measure(data, device, mid, args.steps, activation_checkpointing=True, **budget)),
+            ("mid flavor, fp32, max_tokens=4096, previous frame embedding (concatenate, then mask)",
+             measure(data, device, mid, args.steps, embedding=previous_frame_embedding, **budget)),
+            ("mid flavor, fp32, max_tokens=4096, grad_acc_steps=4",
+             measure(data, device, mid, max(1, args.steps // 4), grad_acc_steps=4, **budget)),
+            ("mid flavor, fp32, max_tokens=4096, compile: true (after 3 warm-up steps)",
+             measure(data, device, mid, args.steps, warmup=3, compile=True, **budget)),
         ]
         print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
                                      f" ({torch.get_num_threads()} threads)"))
@@ -179,8 +237,30 @@ def main() -> None:
                     ("1B, bf16, 8-bit AdamW", {"precision": "bf16", "optimizer": "adamw8bit"}),
                     ("1B, bf16, checkpointing + 8-bit AdamW",
                      {"precision": "bf16", "activation_checkpointing": True, "optimizer": "adamw8bit"})]
+            runs += [("1B, bf16, compile: true (after 3 warm-up steps)", {"precision": "bf16", "compile": True, "warmup": 3}),
+                     ("1B, bf16, grad_acc_steps=4", {"precision": "bf16", "grad_acc_steps": 4}),
+                     ("1B, bf16, previous frame embedding", {"precision": "bf16", "embedding": previous_frame_embedding}),
+                     ("1B, bf16, LoRA", {"precision": "bf16", "finetune": "lora"})]
             rows = [(name, measure(data, device, big, args.steps, max_tokens=4096, **kw)) for name, kw in runs]
-            print(table("training step, CSM-1B, max_tokens=4096", rows, memory=True))
+            print(table("training step, CSM-1B, max_tokens=4096", rows, memory=True), end="\n\n")
+            flops = step_flops(big) / 4096
+            peak = {"h100 pcie": 756e12, "h100": 989e12, "h200": 989e12, "a100": 312e12}  # dense bf16, vendor figures
+            name = torch.cuda.get_device_name(device).lower()
+            dense = next((v for k, v in peak.items() if k in name), None)
+            for row_name, r in rows:
+                if dense and r["precision"] == "bf16":
+                    print(f"{row_name}: MFU {r['frames_per_s'] * flops / dense:.1%}")
+            print("\n| CSM-1B, bf16, max_tokens=4096 | predicted (bench/memory.py) GiB | measured peak GiB |\n|---|---|---|")
+            for row_name, r in rows:
+                mode = "lora" if "LoRA" in row_name else "full"
+                opt = "adamw8bit" if "8-bit" in row_name else "adamw"
+                if r["precision"] == "bf16":
+                    predicted = predicted_peak_gib(mode, opt, "checkpointing" in row_name, 4096)
+                    print(f"| {row_name} | {predicted:.1f} | {r['peak_gb']:.1f} |")
+        flops = step_flops(ModelArgs())
+        print(f"\nCSM-1B training step, 16 x 256 audio frames, decoder_fraction 1/16: {flops:.3g} FLOPs forward + "
+              f"backward (torch.utils.flop_counter), {flops / 4096:.3g} per frame. "
+              "MFU = real frames/s x FLOPs per frame / the GPU's dense bf16 peak FLOP/s.")
 
 
 if __name__ == "__main__":

@@ -63,37 +63,16 @@ def test_two_gloo_processes_match_one_process(assets, tmp_path, context):
     assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["step_0000005.pt"]
 
 
-@pytest.mark.slow
-def test_ddp_resume_matches_an_uninterrupted_ddp_run(assets, tmp_path):
-    """Each rank's decoder-frame generator is saved, so a resumed 2-process run repeats exactly."""
-    import shutil
-
-    data = write_token_file(tmp_path / "d.hdf5", n_train=16, n_val=0)
-    common = _train_args(data, assets["model"], 4, "--save_every", "2", "--keep_checkpoints", "5")
-
-    def torchrun(out, *extra):
-        _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-              str(_free_port()), "train.py", *common, "--output_dir", str(out), *extra])
-
-    full, part = tmp_path / "full", tmp_path / "part"
-    torchrun(full)
-    (part / "checkpoints").mkdir(parents=True)
-    shutil.copy(full / "checkpoints" / "step_0000002.pt", part / "checkpoints")
-    torchrun(part, "--resume")
-    a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(part / "final" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert _losses(part)[0] == _losses(full)[0][2:]
-
-
 def _torchrun(*args):
     return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                  str(_free_port()), "train.py", *map(str, args)])
 
 
 @pytest.mark.slow
-def test_fsdp_trains_like_ddp_and_resumes_exactly(assets, tmp_path):
+def test_fsdp_trains_like_ddp_and_both_resume_exactly(assets, tmp_path):
     """distributed: fsdp (FSDP2 over 2 gloo processes) gives DDP's losses and weights; its checkpoints gather
-    the sharded weights and optimizer states and resume exactly; samples and best/ come from the whole model."""
+    the sharded weights and optimizer states and resume exactly; samples and best/ come from the whole model.
+    A resumed DDP run repeats an unbroken one exactly too (each rank's decoder-frame generator is saved)."""
     import shutil
 
     from checkpoint import read_checkpoint
@@ -101,7 +80,7 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly(assets, tmp_path):
 
     data = write_token_file(tmp_path / "d.hdf5", n_train=16, n_val=4)
     common = _train_args(data, assets["model"], 4, "--val_every", "2", "--save_every", "2", "--keep_checkpoints", "5",
-                         "--set", "decoder_fraction=1.0", "--set", "max_grad_norm=0.5",
+                         "--set", "max_grad_norm=0.5",
                          "--text_tokenizer", str(assets["text_tokenizer"]), "--mimi_weights", str(assets["mimi"]))
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     _torchrun(*common, "--output_dir", ddp)
@@ -117,13 +96,14 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly(assets, tmp_path):
     state = read_checkpoint(fsdp / "checkpoints" / "step_0000002.pt")
     assert state["sharded"] and set(state["model"]) == set(a)  # whole weights, official names
 
-    part = tmp_path / "part"
-    (part / "checkpoints").mkdir(parents=True)
-    shutil.copy(fsdp / "checkpoints" / "step_0000002.pt", part / "checkpoints")
-    _torchrun(*common, "--output_dir", part, "--set", "distributed=fsdp", "--resume")
-    c = load_file(str(part / "final" / "model.safetensors"))
-    assert all(torch.equal(b[k], c[k]) for k in b)
-    assert _losses(part)[0] == _losses(fsdp)[0][2:]
+    for run, extra in ((fsdp, ("--set", "distributed=fsdp")), (ddp, ())):
+        part = tmp_path / f"{run.name}-part"
+        (part / "checkpoints").mkdir(parents=True)
+        shutil.copy(run / "checkpoints" / "step_0000002.pt", part / "checkpoints")
+        _torchrun(*common, "--output_dir", part, *extra, "--resume")
+        whole, c = load_file(str(run / "final" / "model.safetensors")), load_file(str(part / "final" / "model.safetensors"))
+        assert all(torch.equal(whole[k], c[k]) for k in whole), run.name
+        assert _losses(part)[0] == _losses(run)[0][2:], run.name
     # A sharded checkpoint is not resumed by DDP (its optimizer state is keyed by name): one clear line.
     other = tmp_path / "other"
     (other / "checkpoints").mkdir(parents=True)

@@ -71,6 +71,19 @@ def test_memory_table_is_consistent_with_bench_memory():
                     assert int(cell.replace(",", "")) == pytest.approx(room / per_frame, rel=0.02, abs=300), (name, gb)
 
 
+def test_flop_figure_is_the_flop_counters():
+    """The README's FLOPs per step are bench/train_step.py's count (torch.utils.flop_counter on the meta device)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import train_step
+    from csm_model import ModelArgs
+
+    flops = train_step.step_flops(ModelArgs())
+    assert f"{flops:.3g} FLOPs forward + backward" in README and f"{flops / 4096:.3g} per frame" in README
+    assert 6e9 < flops / 4096 < 9e9  # about 6 x the 1.2e9 backbone weights a frame meets, plus the decoder's share
+
+
 def test_every_script_is_shown():
     assert {name for name, _ in _script_invocations()} == set(SCRIPTS)
 
