@@ -52,7 +52,7 @@ def measure(data: Path, device: torch.device, args: ModelArgs, steps: int, warmu
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loader = make_loader(CSMDataset(data, "train"), max_tokens=cfg.max_tokens,
                          batch_size=None if cfg.max_tokens else cfg.batch_size, seed=0)
-    batches = iter(loader)
+    batches = (batch for _ in iter(int, 1) for batch in loader)  # epoch after epoch
     rt = utils.Runtime(device)
     generator = torch.Generator().manual_seed(0)
     loss_model = training.LossModule(model)
@@ -191,6 +191,43 @@ def predicted_peak_gib(mode: str, optimizer: str, checkpointing: bool, frames: i
     return (memory.state_bytes(mode, optimizer) + fixed + per_frame * frames) / 2**30
 
 
+BIG_RUNS = [("1B, fp32, AdamW", {"precision": "fp32"}),
+            ("1B, bf16, fused AdamW", {"precision": "bf16"}),
+            ("1B, bf16, activation checkpointing", {"precision": "bf16", "activation_checkpointing": True}),
+            ("1B, bf16, 8-bit AdamW", {"precision": "bf16", "optimizer": "adamw8bit"}),
+            ("1B, bf16, checkpointing + 8-bit AdamW",
+             {"precision": "bf16", "activation_checkpointing": True, "optimizer": "adamw8bit"}),
+            ("1B, bf16, compile: true (after 3 warm-up steps)", {"precision": "bf16", "compile": True, "warmup": 3}),
+            ("1B, bf16, grad_acc_steps=4", {"precision": "bf16", "grad_acc_steps": 4}),
+            ("1B, bf16, previous frame embedding", {"precision": "bf16", "embedding": "previous"}),
+            ("1B, bf16, LoRA", {"precision": "bf16", "finetune": "lora"})]
+DENSE_BF16 = {"h100 pcie": 756e12, "h100": 989e12, "h200": 989e12, "a100": 312e12}  # peak FLOP/s, vendor figures
+
+
+def big_model_report(data: Path, device: torch.device, big: ModelArgs, steps: int, previous_embedding,
+                     runs=BIG_RUNS, predict=None) -> str:
+    """The GPU tables: step speed and peak memory per configuration, MFU, and the measured peak beside
+    bench/memory.py's prediction (`predict(mode, optimizer, checkpointing, frames)` -> GiB)."""
+    predict = predict or predicted_peak_gib
+    rows = []
+    for name, kw in runs:
+        kw = {**kw, "embedding": previous_embedding} if kw.get("embedding") == "previous" else kw
+        rows.append((name, measure(data, device, big, steps, max_tokens=4096, **kw)))
+    lines = [table("training step, CSM-1B, max_tokens=4096", rows, memory=True), ""]
+    per_frame = step_flops(big) / 4096
+    gpu = torch.cuda.get_device_name(device).lower() if device.type == "cuda" else device.type
+    dense = next((v for k, v in DENSE_BF16.items() if k in gpu), None)
+    lines += [f"{name}: MFU {r['frames_per_s'] * per_frame / dense:.1%}" for name, r in rows
+              if dense and r["precision"] == "bf16"]
+    lines += ["", "| CSM-1B, bf16, max_tokens=4096 | predicted (bench/memory.py) GiB | measured peak GiB |", "|---|---|---|"]
+    for name, r in rows:
+        if r["precision"] == "bf16":
+            predicted = predict("lora" if "LoRA" in name else "full", "adamw8bit" if "8-bit" in name else "adamw",
+                                "checkpointing" in name, 4096)
+            lines.append(f"| {name} | {predicted:.1f} | {r['peak_gb']:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=8)
@@ -230,33 +267,7 @@ def main() -> None:
         print(modes_table(f"finetune mode (mid flavor, fp32, max_tokens=4096, {device.type})", rows), end="\n\n")
         print(state_memory_table(ModelArgs()), end="\n\n")
         if device.type == "cuda" and not args.skip_1b:
-            big = ModelArgs()
-            runs = [("1B, fp32, AdamW", {"precision": "fp32"}),
-                    ("1B, bf16, fused AdamW", {"precision": "bf16"}),
-                    ("1B, bf16, activation checkpointing", {"precision": "bf16", "activation_checkpointing": True}),
-                    ("1B, bf16, 8-bit AdamW", {"precision": "bf16", "optimizer": "adamw8bit"}),
-                    ("1B, bf16, checkpointing + 8-bit AdamW",
-                     {"precision": "bf16", "activation_checkpointing": True, "optimizer": "adamw8bit"})]
-            runs += [("1B, bf16, compile: true (after 3 warm-up steps)", {"precision": "bf16", "compile": True, "warmup": 3}),
-                     ("1B, bf16, grad_acc_steps=4", {"precision": "bf16", "grad_acc_steps": 4}),
-                     ("1B, bf16, previous frame embedding", {"precision": "bf16", "embedding": previous_frame_embedding}),
-                     ("1B, bf16, LoRA", {"precision": "bf16", "finetune": "lora"})]
-            rows = [(name, measure(data, device, big, args.steps, max_tokens=4096, **kw)) for name, kw in runs]
-            print(table("training step, CSM-1B, max_tokens=4096", rows, memory=True), end="\n\n")
-            flops = step_flops(big) / 4096
-            peak = {"h100 pcie": 756e12, "h100": 989e12, "h200": 989e12, "a100": 312e12}  # dense bf16, vendor figures
-            name = torch.cuda.get_device_name(device).lower()
-            dense = next((v for k, v in peak.items() if k in name), None)
-            for row_name, r in rows:
-                if dense and r["precision"] == "bf16":
-                    print(f"{row_name}: MFU {r['frames_per_s'] * flops / dense:.1%}")
-            print("\n| CSM-1B, bf16, max_tokens=4096 | predicted (bench/memory.py) GiB | measured peak GiB |\n|---|---|---|")
-            for row_name, r in rows:
-                mode = "lora" if "LoRA" in row_name else "full"
-                opt = "adamw8bit" if "8-bit" in row_name else "adamw"
-                if r["precision"] == "bf16":
-                    predicted = predicted_peak_gib(mode, opt, "checkpointing" in row_name, 4096)
-                    print(f"| {row_name} | {predicted:.1f} | {r['peak_gb']:.1f} |")
+            print(big_model_report(data, device, ModelArgs(), args.steps, previous_frame_embedding))
         flops = step_flops(ModelArgs())
         print(f"\nCSM-1B training step, 16 x 256 audio frames, decoder_fraction 1/16: {flops:.3g} FLOPs forward + "
               f"backward (torch.utils.flop_counter), {flops / 4096:.3g} per frame. "

@@ -1,0 +1,23 @@
+"""bench/train_step.py's GPU report, run on the CPU with a tiny model: its code runs before any GPU does."""
+import sys
+
+import torch
+
+from conftest import ROOT, write_token_file
+
+
+def test_the_gpu_report_runs_every_kind_of_row(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import memory
+    import train_step
+    from tiny_assets import TINY_MODEL_ARGS
+
+    data = write_token_file(tmp_path / "d.hdf5", n_train=40, n_val=0)
+    runs = [r for r in train_step.BIG_RUNS if "8-bit" not in r[0] and "compile" not in r[0]]  # no CPU 8-bit; compile: slow
+    asked = []
+    report = train_step.big_model_report(data, torch.device("cpu"), TINY_MODEL_ARGS, 2, memory.previous_frame_embedding,
+                                         runs=runs, predict=lambda *a: asked.append(a) or 1.0)
+    for name, _ in runs:
+        assert f"| {name} |" in report
+    bf16 = [name for name, kw in runs if kw["precision"] == "bf16"]
+    assert [a[:3] for a in asked] == [("lora" if "LoRA" in n else "full", "adamw", "checkpointing" in n) for n in bf16]
