@@ -154,7 +154,11 @@ class RotaryEmbedding(nn.Module):
             with torch.inference_mode(False):
                 inv_freq = llama3_scaled_inv_freq(self.head_dim, self.base, self.scale_factor)
                 angles = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32), inv_freq)
-                self._tables[device] = torch.stack([angles.cos(), angles.sin()], dim=-1).to(device)
+                table = torch.stack([angles.cos(), angles.sin()], dim=-1).to(device)
+                # Static for torch.compile: its sizes are constants, and as symbols they were "duck-sized" with
+                # equal batch sizes or lengths (its last dim, 2, with a batch of 2), which then compiled static.
+                torch._dynamo.mark_static(table)
+                self._tables[device] = table
         return self._tables[device]
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None) -> torch.Tensor:

@@ -188,3 +188,25 @@ def test_frame_embedding_equals_the_official_gather_concat_and_mask_bit_for_bit(
     assert torch.equal(model.text_embeddings.weight.grad, text_ref.grad)
     assert torch.equal(model.audio_embeddings.weight.grad, audio_ref.grad)
     assert model.audio_embeddings.weight.grad[0].abs().sum() > 0
+
+
+@torch.no_grad()
+def test_one_compilation_serves_every_batch_length():
+    """set_compile: batches of other lengths and sizes (2 and up: PyTorch specializes sizes of 1) reuse the
+    first compiled graph (no recompiles, no graph breaks: fullgraph), and the compiled layers give eager's
+    output. A length equal to a constant dim (64, the width) must not make it static either."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    stack = CSM(TINY_MODEL_ARGS).eval().backbone
+    torch._dynamo.reset()
+    counters.clear()
+    stack.set_compile(True)
+    for b, s in ((2, 5), (3, 9), (2, 64), (4, 6)):
+        h = torch.randn(b, s, stack.norm.scale.shape[0])
+        out = stack(h)
+        stack.set_compile(False)
+        torch.testing.assert_close(out, stack(h), rtol=1e-5, atol=1e-5)
+        stack.set_compile(True)
+    assert counters["stats"]["unique_graphs"] == 1
