@@ -11,7 +11,7 @@ peak allocated on a GPU) and frames/s.
 GPU (when CUDA is available, or --device cuda): the 1B model (random init, no download) in fp32
 vs bf16, and peak memory with activation checkpointing and 8-bit AdamW.
 
-Usage: python bench/train_step.py [--steps 8] [--device auto] [--skip_1b]
+Usage: python bench/train_step.py [--steps 8] [--rounds 3] [--device auto] [--skip_1b]
 """
 import argparse
 import sys
@@ -124,13 +124,23 @@ def modes_table(title: str, rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def _median(results: list[dict]) -> dict:
+    """The round with the median speed, and the range of speeds over all rounds."""
+    ordered = sorted(results, key=lambda r: r["frames_per_s"])
+    speeds = [r["frames_per_s"] for r in ordered]
+    return {**ordered[len(ordered) // 2], "range": (speeds[0], speeds[-1]) if len(speeds) > 1 else None}
+
+
 def table(title: str, rows: list[tuple[str, dict]], memory: bool) -> str:
     base = rows[0][1]["frames_per_s"]
-    head = f"| {title} | real frames/s | vs first row |" + (" peak GPU memory |" if memory else "")
-    sep = "|---|---|---|" + ("---|" if memory else "")
-    lines = [head, sep]
+    ranged = any(r.get("range") for _, r in rows)
+    head = (f"| {title} | real frames/s | vs first row |" + (" range over rounds |" if ranged else "")
+            + (" peak GPU memory |" if memory else ""))
+    lines = [head, "|---|---|---|" + ("---|" if ranged else "") + ("---|" if memory else "")]
     for name, r in rows:
         line = f"| {name} | {r['frames_per_s']:.0f} | {r['frames_per_s'] / base:.2f}x |"
+        if ranged:
+            line += f" {r['range'][0]:.0f}-{r['range'][1]:.0f} |"
         lines.append(line + (f" {r['peak_gb']:.1f} GiB |" if memory else ""))
     return "\n".join(lines)
 
@@ -234,6 +244,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--examples", type=int, default=600)
     p.add_argument("--skip_1b", action="store_true", help="on a GPU, skip the 1B rows")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over the mid-flavor rows (median reported)")
     args = p.parse_args()
     device = utils.resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -244,18 +255,25 @@ def main() -> None:
         from memory import previous_frame_embedding
 
         budget = dict(max_tokens=4096, **common)
-        rows = [
-            ("mid flavor, fp32, batch_size=8 (original batching)", measure(data, device, mid, args.steps, batch_size=8, **common)),
-            ("mid flavor, fp32, max_tokens=4096", measure(data, device, mid, args.steps, **budget)),
-            ("mid flavor, fp32, max_tokens=4096, activation checkpointing",
-             measure(data, device, mid, args.steps, activation_checkpointing=True, **budget)),
-            ("mid flavor, fp32, max_tokens=4096, previous frame embedding (concatenate, then mask)",
-             measure(data, device, mid, args.steps, embedding=previous_frame_embedding, **budget)),
-            ("mid flavor, fp32, max_tokens=4096, grad_acc_steps=4",
-             measure(data, device, mid, max(1, args.steps // 4), grad_acc_steps=4, **budget)),
-            ("mid flavor, fp32, max_tokens=4096, compile: true (after 3 warm-up steps)",
-             measure(data, device, mid, args.steps, warmup=3, compile=True, **budget)),
+        specs = [
+            ("mid flavor, fp32, batch_size=8 (original batching)", args.steps, dict(batch_size=8, **common)),
+            ("mid flavor, fp32, max_tokens=4096", args.steps, budget),
+            ("mid flavor, fp32, max_tokens=4096, activation checkpointing", args.steps,
+             dict(activation_checkpointing=True, **budget)),
+            ("mid flavor, fp32, max_tokens=4096, previous frame embedding (concatenate, then mask)", args.steps,
+             dict(embedding=previous_frame_embedding, **budget)),
+            ("mid flavor, fp32, max_tokens=4096, grad_acc_steps=4", max(1, args.steps // 4),
+             dict(grad_acc_steps=4, **budget)),
+            ("mid flavor, fp32, max_tokens=4096, compile: true (after 3 warm-up steps)", args.steps,
+             dict(warmup=3, compile=True, **budget)),
         ]
+        # Round after round over all rows: the machine's speed drifts over minutes, and a row measured in
+        # every round sees the same drift as its baseline. The median of the rounds is reported.
+        runs = {name: [] for name, _, _ in specs}
+        for _ in range(args.rounds):
+            for name, steps, kw in specs:
+                runs[name].append(measure(data, device, mid, steps, **kw))
+        rows = [(name, _median(results)) for name, results in runs.items()]
         print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
                                      f" ({torch.get_num_threads()} threads)"))
         print(table("training step (mid flavor)", rows, memory=device.type == "cuda"), end="\n\n")
