@@ -50,7 +50,7 @@ def test_memory_table_is_consistent_with_bench_memory():
     the activations takes about a minute: `python bench/memory.py --update_readme README.md` does that."""
     import sys
 
-    sys.path.insert(0, str(ROOT / "bench"))
+    sys.path.append(str(ROOT / "bench"))  # after the project: bench/pretokenize.py is not pretokenize.py
     import memory
 
     start, end = memory.README_MARKERS
@@ -75,7 +75,7 @@ def test_flop_figure_is_the_flop_counters():
     """The README's FLOPs per step are bench/train_step.py's count (torch.utils.flop_counter on the meta device)."""
     import sys
 
-    sys.path.insert(0, str(ROOT / "bench"))
+    sys.path.append(str(ROOT / "bench"))  # after the project: bench/pretokenize.py is not pretokenize.py
     import train_step
     from csm_model import ModelArgs
 
