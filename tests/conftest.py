@@ -16,6 +16,19 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def bench_module(name: str):
+    """A script of bench/ loaded by path, once: bench/ first on sys.path would shadow the project's modules of
+    the same name (bench/pretokenize.py, pretokenize.py)."""
+    import importlib.util
+
+    if f"bench_{name}" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[f"bench_{name}"]
+
+
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
     """{'model': dir, 'text_tokenizer': dir, 'mimi': file} of tiny stand-ins saved like the real ones."""

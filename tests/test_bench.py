@@ -1,17 +1,13 @@
 """bench/train_step.py's GPU report, run on the CPU with a tiny model: its code runs before any GPU does."""
-import sys
-
 import torch
 
-from conftest import ROOT, write_token_file
+from conftest import bench_module, write_token_file
 
 
 def test_the_gpu_report_runs_every_kind_of_row(tmp_path):
-    sys.path.append(str(ROOT / "bench"))  # after the project: bench/pretokenize.py is not pretokenize.py
-    import memory
-    import train_step
     from tiny_assets import TINY_MODEL_ARGS
 
+    memory, train_step = bench_module("memory"), bench_module("train_step")
     data = write_token_file(tmp_path / "d.hdf5", n_train=40, n_val=0)
     runs = [r for r in train_step.BIG_RUNS if "8-bit" not in r[0] and "compile" not in r[0]]  # no CPU 8-bit; compile: slow
     asked = []

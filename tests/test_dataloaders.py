@@ -1,5 +1,4 @@
 """The dataset, batching, sharding, resume and collate of dataloaders.py."""
-import importlib.util
 
 import h5py
 import numpy as np
@@ -8,21 +7,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import ROOT, write_token_file
+from conftest import bench_module, write_token_file
 from utils import UserError
 from dataloaders import CSMDataset, LengthBucketSampler, collate, make_loader
 from token_file import DataError, open_splits
 
 
-def _bench_module(name):
-    """A module of bench/ loaded by path: putting bench/ on sys.path would shadow the scripts of the same name."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_lengths = _bench_module("lengths")
+_lengths = bench_module("lengths")
 padding_waste, sample_lengths = _lengths.padding_waste, _lengths.sample_lengths
 
 
