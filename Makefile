@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/pretokenize.py
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/memory.py --embedding
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
