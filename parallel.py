@@ -113,3 +113,21 @@ def gathered_model(model: nn.Module, rt: Runtime) -> nn.Module | None:
         copy = build_model(model.config, device=rt.device, dtype=next(iter(state.values())).dtype)
     copy.load_state_dict(state)
     return copy.train(model.training)
+
+
+class WholeModel:
+    """`gathered_model`, gathered at most once until `drop()`: eval, best/, samples and final/ of one step share
+    one copy. Every rank asks at the same points (the collective stays in step); drop it before training goes
+    on, so a sharded run never holds a whole copy while it trains."""
+
+    def __init__(self, model: nn.Module, rt: Runtime):
+        self.model, self.rt = model, rt
+        self._held, self._whole = False, None
+
+    def get(self) -> nn.Module | None:
+        if not self._held:
+            self._whole, self._held = gathered_model(self.model, self.rt), True
+        return self._whole
+
+    def drop(self) -> None:
+        self._held, self._whole = False, None

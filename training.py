@@ -495,11 +495,13 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
            f"on {rt.device} x{rt.world_size}, {precision}, {total_steps} steps, {len(train_set)} train examples")
     batches = micro_batches()
     first_step = loop.step
+    whole = parallel.WholeModel(model, rt)  # the model whole on rank 0 for evaluations, best/, samples, final/
     final_val = None
     stopped_early = False
     pbar = tqdm(total=total_steps, initial=loop.step, disable=not (rt.is_main and progress), desc="train", unit="step")
     with StopFlag() as stop:
         while loop.step < total_steps:
+            whole.drop()  # the previous step's whole copy (FSDP), before training needs the memory again
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             stats = train_step(loss_model, [next(batches) for _ in range(cfg.grad_acc_steps)], cfg, rt, precision,
@@ -539,14 +541,13 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
                 loop.best_val_loss = min(loop.best_val_loss, final_val)  # NaN never becomes the best
             speaks = cfg.eval_every and (step % cfg.eval_every == 0 or last)
             if speaks:
-                whole = parallel.gathered_model(model, rt)  # FSDP: a gathered copy on rank 0 (every rank calls)
-                evaluated.update(share_metrics(quality(whole, step, tracker, precision) if rt.is_main else {}, rt))
+                evaluated.update(share_metrics(quality(whole.get(), step, tracker, precision) if rt.is_main else {}, rt))
             score = selection_score(cfg.select_best_by, evaluated)
             if score is not None and score < loop.best_score:
                 loop.best_score = score
-                whole = parallel.gathered_model(model, rt)
+                best_model = whole.get()
                 if rt.is_main:
-                    save_outputs(whole, cfg, out, "best", tokenizer_dir, hf_exports)
+                    save_outputs(best_model, cfg, out, "best", tokenizer_dir, hf_exports)
             if evaluated and on_eval is not None:
                 on_eval(step, evaluated)
             if (cfg.save_every and step % cfg.save_every == 0) or last or stop.requested:
@@ -554,18 +555,18 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
                 if rt.is_main:
                     prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
             if cfg.gen_every and step % cfg.gen_every == 0:
-                whole = parallel.gathered_model(model, rt)
+                sampler = whole.get()
                 if rt.is_main:
-                    samples(whole, step, tracker, precision)  # after the checkpoint, and never fatal
-            whole = None
+                    samples(sampler, step, tracker, precision)  # after the checkpoint, and never fatal
             if stop.requested:
                 stopped_early = not last
                 break
     pbar.close()
     if not stopped_early:
-        whole = parallel.gathered_model(model, rt)
+        final_model = whole.get()  # the last step's copy when it made one: the weights have not changed since
         if rt.is_main:
-            save_outputs(whole, cfg, out, "final", tokenizer_dir, hf_exports)
+            save_outputs(final_model, cfg, out, "final", tokenizer_dir, hf_exports)
+    whole.drop()
     tracker.finish()
     if rt.distributed:
         dist.barrier()

@@ -260,3 +260,18 @@ def test_a_training_step_reads_from_the_device_once(assets, token_file, monkeypa
     assert reads == [torch.Size([6])] and stats["finite"]
     with pytest.raises(Exception):
         torch.zeros(1, device="meta").item()  # the premise: a sync on the meta device raises
+
+
+def test_the_whole_model_is_gathered_once_for_a_steps_samples_and_final(assets, tmp_path, monkeypatch):
+    """Samples at the last step and final/ share one gathered copy (under FSDP each gather is a collective and
+    a whole copy of the model)."""
+    import parallel
+
+    calls = []
+    real = parallel.gathered_model
+    monkeypatch.setattr(parallel, "gathered_model", lambda *a: calls.append(a) or real(*a))
+    data = write_token_file(tmp_path / "d.hdf5", n_train=8, n_val=0)
+    training.train(tiny_cfg(assets, max_steps=2, warmup_steps=0, gen_every=2, save_every=0, gen_max_seconds=0.3), data,
+                   tmp_path / "run", device="cpu", progress=False)
+    assert list((tmp_path / "run" / "samples").glob("step_0000002_*.wav")) and (tmp_path / "run" / "final").is_dir()
+    assert len(calls) == 1
