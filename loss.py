@@ -49,17 +49,37 @@ def decoder_subset(n: int, k: int, generator: torch.Generator | None) -> torch.T
     return torch.randperm(n, generator=generator)[:k]
 
 
-def count_targets(mask: torch.Tensor, decoder_fraction: float, num_codebooks: int,
-                  target: torch.Tensor | None = None) -> tuple[int, int]:
-    """(n_c0, n_decoder) that compute_loss will report for this batch, known before the forward."""
-    n = int(target_rows(mask, target).sum())
-    return n, decoder_frame_count(n, decoder_fraction) * (num_codebooks - 1)
+class TargetPlan(NamedTuple):
+    """A batch's targets, known before the forward: which rows the loss predicts and which of them the decoder
+    trains on. Made from the CPU copy of the mask, nothing in the loss waits for the GPU."""
+
+    rows: tuple[torch.Tensor, torch.Tensor]  # (batch, position) indices of the target rows (`target_indices`)
+    decoder_frames: int                      # how many of them the decoder trains on
+    decoder_index: torch.Tensor | None       # which ones; None: all of them (or none)
+
+    def counts(self, num_codebooks: int) -> tuple[int, int]:
+        """(n_c0, n_decoder) that compute_loss reports for this batch."""
+        return len(self.rows[0]), self.decoder_frames * (num_codebooks - 1)
+
+    def to(self, device: torch.device, move=None) -> "TargetPlan":
+        """The plan's tensors on `device` (through `move(tensor, device)` when given)."""
+        move = move or (lambda t, d: t.to(d))
+        index = None if self.decoder_index is None else move(self.decoder_index, device)
+        return TargetPlan(tuple(move(r, device) for r in self.rows), self.decoder_frames, index)
+
+
+def plan_targets(mask: torch.Tensor, target: torch.Tensor | None, decoder_fraction: float,
+                 generator: torch.Generator | None) -> TargetPlan:
+    """The target rows of a batch and the decoder's random `decoder_fraction` of them (from `generator`)."""
+    rows = target_indices(mask, target)
+    n = len(rows[0])
+    k = decoder_frame_count(n, decoder_fraction)
+    return TargetPlan(rows, k, decoder_subset(n, k, generator) if 0 < k < n else None)
 
 
 def compute_loss(model, tokens: torch.Tensor, mask: torch.Tensor, target: torch.Tensor | None = None, *,
                  decoder_fraction: float = 1 / 16, generator: torch.Generator | None = None,
-                 rows: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 decoder_index: torch.Tensor | None = None) -> LossTerms:
+                 plan: TargetPlan | None = None) -> LossTerms:
     """Summed training losses of a right-padded batch (SPEC §2).
 
     The backbone output at row r predicts the audio frame at row r+1: codebook 0 through
@@ -68,9 +88,8 @@ def compute_loss(model, tokens: torch.Tensor, mask: torch.Tensor, target: torch.
     audio frames (EOS included), or those `target` [B, S] marks (context turns are then inputs only).
     Padding rows are never targets and, with right padding under a causal mask, never attended to by real rows.
 
-    `rows` (batch and position indices of the target rows, as `target_indices` gives them) and `decoder_index`
-    (the decoder's frames among them) may be computed on the CPU by the caller and passed on the device:
-    then nothing here waits for the GPU (found from a GPU mask, they would each cost a host-device sync).
+    `plan` (`plan_targets` of the batch, on the device) may be made by the caller from the CPU copy of the
+    mask: then nothing here waits for the GPU (found from a GPU mask, the rows would cost a host-device sync).
     """
     b, s, _ = tokens.shape
     max_len = model.backbone.max_seq_len
@@ -79,21 +98,18 @@ def compute_loss(model, tokens: torch.Tensor, mask: torch.Tensor, target: torch.
     dtype = next(model.parameters()).dtype
     h = model.backbone(embed_frames(model, tokens, mask).to(dtype)).to(dtype)
 
-    if rows is None:
-        rows = target_indices(mask, target)
-    h_prev = h[:, :-1][rows]                        # [N, D] the state that predicts each target frame
-    targets = tokens[:, 1:, :-1][rows]              # [N, K]
-    n = rows[0].shape[0]
+    if plan is None:
+        plan = plan_targets(mask, target, decoder_fraction, generator).to(h.device)
+    h_prev = h[:, :-1][plan.rows]                   # [N, D] the state that predicts each target frame
+    targets = tokens[:, 1:, :-1][plan.rows]         # [N, K]
+    n, k = len(plan.rows[0]), plan.decoder_frames
     c0_logits = model.codebook0_head(h_prev)
     c0_sum = F.cross_entropy(c0_logits.float(), targets[:, 0], reduction="sum")
 
-    k = decoder_frame_count(n, decoder_fraction)
     if k == 0:
         return LossTerms(c0_sum, c0_sum.new_zeros(()), 0, 0)
-    if k < n:
-        if decoder_index is None:
-            decoder_index = decoder_subset(n, k, generator).to(h_prev.device)
-        h_prev, targets = h_prev[decoder_index], targets[decoder_index]
+    if plan.decoder_index is not None:
+        h_prev, targets = h_prev[plan.decoder_index], targets[plan.decoder_index]
     logits = decoder_logits(model, h_prev, targets)
     dec_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1), reduction="sum")
     return LossTerms(c0_sum, dec_sum, n, k * (targets.shape[1] - 1))

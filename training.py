@@ -29,8 +29,7 @@ from checkpoint import (LoopState, find_resume_checkpoint, prune_checkpoints, re
                         step_path)
 from config import TrainConfig
 from csm_model import ModelArgs, count_parameters
-from loss import (combine_loss, compute_loss, decoder_frame_count, decoder_subset, target_indices,
-                  weighted_loss)
+from loss import combine_loss, compute_loss, plan_targets, weighted_loss
 from optim import make_optimizer, make_scheduler
 from tracking import Tracker, make_tracker
 from utils import (LOCK_NAME, OutputLock, Runtime, UserError, all_reduce_sum, atomic_path, autocast, check_output_dir,
@@ -53,10 +52,9 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, mask, target, decoder_fraction: float, generator: torch.Generator | None,
-                rows=None, decoder_index=None):
+    def forward(self, tokens, mask, target, decoder_fraction: float, generator: torch.Generator | None, plan=None):
         return compute_loss(self.model, tokens, mask, target, decoder_fraction=decoder_fraction, generator=generator,
-                            rows=rows, decoder_index=decoder_index)
+                            plan=plan)
 
 
 def build_or_load_model(cfg: TrainConfig, device: torch.device, source: Path | None = None) -> nn.Module:
@@ -80,23 +78,20 @@ def train_step(loss_model: nn.Module, micro_batches: list, cfg: TrainConfig, rt:
     # numbers stay on the device until one read at its end (`read_stats`: the step's only host-device sync
     # in one process; DDP adds the all-reduce of the target counts before the first forward).
     # Each micro-batch's target rows and decoder frames, found once (their counts normalise the loss).
-    layouts = []
-    for _, mask, target in micro_batches:
-        rows = target_indices(mask, target)
-        k = decoder_frame_count(len(rows[0]), cfg.decoder_fraction)
-        layouts.append((rows, k, decoder_subset(len(rows[0]), k, generator) if 0 < k < len(rows[0]) else None))
-    n_c0, n_dec = all_reduce_sum([sum(len(rows[0]) for rows, _, _ in layouts),
-                                  sum(k for _, k, _ in layouts) * (num_codebooks - 1)], rt)
+    plans = [plan_targets(mask, target, cfg.decoder_fraction, generator) for _, mask, target in micro_batches]
+    counts = [plan.counts(num_codebooks) for plan in plans]
+    n_c0, n_dec = all_reduce_sum([sum(c[0] for c in counts), sum(c[1] for c in counts)], rt)
     stats = torch.zeros(5, dtype=torch.float64, device=rt.device)  # loss, c0 loss, decoder loss, real, padded
     real = padded = 0
-    for i, ((tokens, mask, target), (rows, _, subset)) in enumerate(zip(micro_batches, layouts)):
+    for i, ((tokens, mask, target), plan) in enumerate(zip(micro_batches, plans)):
         real += int(mask.any(-1).sum())
         padded += mask.shape[0] * mask.shape[1]
-        tokens, mask, target, subset, *rows = (to_device(t, rt.device) for t in (tokens, mask, target, subset, *rows))
+        tokens, mask, target = (to_device(t, rt.device) for t in (tokens, mask, target))
+        plan = plan.to(rt.device, to_device)
         last = i == len(micro_batches) - 1
         with gradient_sync(loss_model, last or not rt.distributed):
             with autocast(rt.device, precision):
-                terms = loss_model(tokens, mask, target, cfg.decoder_fraction, generator, tuple(rows), subset)
+                terms = loss_model(tokens, mask, target, cfg.decoder_fraction, generator, plan)
             loss = combine_loss(terms, int(n_c0), int(n_dec), cfg.decoder_loss_weight)
             # DDP averages gradients over ranks; the loss is already a share of the global sum.
             scaler.scale(loss * rt.world_size).backward()

@@ -174,7 +174,7 @@ def step_flops(args: ModelArgs, batch: int = 16, length: int = 256, decoder_frac
     from torch.utils.flop_counter import FlopCounterMode
 
     from csm_model import CSM
-    from loss import compute_loss, decoder_frame_count, decoder_subset, target_indices
+    from loss import compute_loss, plan_targets
 
     meta = torch.device("meta")
     with meta:
@@ -182,12 +182,10 @@ def step_flops(args: ModelArgs, batch: int = 16, length: int = 256, decoder_frac
     k = args.audio_num_codebooks
     mask = torch.zeros(batch, length, k + 1, dtype=torch.bool)
     mask[..., :k] = True
-    rows = target_indices(mask, None)
-    n = rows[0].numel()
-    subset = decoder_subset(n, decoder_frame_count(n, decoder_fraction), torch.Generator().manual_seed(0))
+    plan = plan_targets(mask, None, decoder_fraction, torch.Generator().manual_seed(0))
     with FlopCounterMode(display=False) as counter:
         terms = compute_loss(model, torch.zeros(batch, length, k + 1, dtype=torch.long, device=meta), mask.to(meta),
-                             rows=tuple(r.to(meta) for r in rows), decoder_index=subset.to(meta))
+                             plan=plan.to(meta))
         (terms.c0_sum + terms.decoder_sum).backward()
     return counter.get_total_flops()
 

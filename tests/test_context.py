@@ -83,7 +83,7 @@ def test_same_speaker_draws_only_that_speaker_reproducibly_per_seed_and_epoch():
 
 
 def test_the_loss_predicts_only_the_target_turn_and_its_gradient_ignores_context_frames(assets, tmp_path):
-    from loss import compute_loss, count_targets
+    from loss import compute_loss, plan_targets
     from weights import load_model
 
     path = write_token_file(tmp_path / "d.hdf5", n_train=6, n_val=0, speakers=1)
@@ -100,7 +100,7 @@ def test_the_loss_predicts_only_the_target_turn_and_its_gradient_ignores_context
 
     model.backbone.register_forward_hook(keep_output)
     terms = compute_loss(model, tokens, mask, target, decoder_fraction=1.0)
-    assert (terms.n_c0, terms.n_decoder) == count_targets(mask, 1.0, 32, target)
+    assert (terms.n_c0, terms.n_decoder) == plan_targets(mask, target, 1.0, None).counts(32)
     assert terms.n_c0 == int(target[:, 1:].sum())
     (terms.c0_sum + terms.decoder_sum).backward()
     grad = captured["h"].grad.abs().sum(-1)[:, :-1]  # the state at row r predicts row r + 1

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from loss import SequenceTooLongError, combine_loss, compute_loss, count_targets, decoder_frame_count
+from loss import SequenceTooLongError, combine_loss, compute_loss, decoder_frame_count, plan_targets
 from optim import lr_multiplier
 from csm_model import CSM, embed_frames
 from tiny_assets import TINY_MODEL_ARGS
@@ -106,7 +106,7 @@ def test_eos_frame_is_a_target(model):
 
 def test_decoder_fraction_is_reproducible_and_at_least_one_frame(model):
     tokens, mask = pad_batch([example(3, 40, 0), example(3, 3, 1)])
-    assert count_targets(mask, 1 / 16, K) == (45, 2 * (K - 1))
+    assert plan_targets(mask, None, 1 / 16, None).counts(K) == (45, 2 * (K - 1))
     a = compute_loss(model, tokens, mask, generator=torch.Generator().manual_seed(5))
     b = compute_loss(model, tokens, mask, generator=torch.Generator().manual_seed(5))
     c = compute_loss(model, tokens, mask, generator=torch.Generator().manual_seed(6))
