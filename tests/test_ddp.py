@@ -19,7 +19,9 @@ def _free_port() -> int:
 
 
 def _run(cmd, env_extra=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    # A crash prints every thread's Python stack (and C++ frames for torch's own errors).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1",
+           "TORCH_SHOW_CPP_STACKTRACES": "1", **(env_extra or {})}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -157,3 +159,34 @@ def test_compile_with_fsdp_is_refused_in_one_line(assets, tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0 and "compile: true with distributed: fsdp" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_cleanup_frees_a_sharded_model_before_the_process_group_goes(tmp_path, monkeypatch):
+    """compute_cleanup releases what FSDP holds in reference cycles while the group and the interpreter are
+    alive (without it they were torn down in interpreter shutdown, after destroy_process_group)."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    from utils import compute_cleanup
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    gc.disable()  # the premise below must not depend on when the collector happens to run
+    try:
+        model = fully_shard(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1)))
+        model(torch.randn(2, 4)).sum().backward()
+        alive = weakref.ref(model)
+        del model
+        assert alive() is not None  # the premise: FSDP keeps the model in reference cycles
+        seen = []
+        destroy = dist.destroy_process_group
+        monkeypatch.setattr(dist, "destroy_process_group", lambda *a: (seen.append(alive()), destroy(*a)))
+        compute_cleanup()
+        assert seen == [None] and not dist.is_initialized()
+    finally:
+        gc.enable()
+        if dist.is_initialized():
+            dist.destroy_process_group()
