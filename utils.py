@@ -157,7 +157,8 @@ def compute_cleanup() -> None:
     Garbage is collected first: a sharded model is held in reference cycles (FSDP's hooks and state), so
     without it the model, its DTensors and the group's last references outlive destroy_process_group and
     are torn down during interpreter shutdown instead, in no set order. A 2-process gloo FSDP run once
-    aborted there ("terminate called without an active exception") after every output was written."""
+    aborted at exit ("terminate called without an active exception") after every output was written;
+    this teardown is the likely place (not reproduced here)."""
     if dist.is_available() and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
