@@ -261,7 +261,6 @@ def make_config(values: dict, source: str = "config") -> TrainConfig:
         unknown = [v for v in getattr(cfg, key) if v not in allowed]
         if unknown:
             raise UserError(f"config key {key!r}: unknown name(s) {', '.join(map(repr, unknown))}; valid: {', '.join(allowed)}")
-
     if cfg.distributed == "fsdp" and (cfg.finetune == "lora" or cfg.freeze):
         raise UserError("distributed: fsdp shards a full finetune of every weight; LoRA and frozen runs keep little "
                         "state per GPU already: use distributed: ddp")

@@ -33,15 +33,11 @@ def decoder_frame_count(n_frames: int, fraction: float) -> int:
     return min(n_frames, max(1, int(n_frames * fraction)))
 
 
-def target_rows(mask: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-    """[B, S-1] bool: which rows 1.. hold a frame the loss predicts. Without a target mask every audio frame
-    (EOS included) is one; with one (conversational context) only those it marks."""
-    return (mask[:, :, 0] if target is None else target)[:, 1:]
-
-
 def target_indices(mask: torch.Tensor, target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(batch, position) indices of the rows 1.. whose frame is predicted (positions counted from row 1)."""
-    return target_rows(mask, target).nonzero(as_tuple=True)
+    """(batch, position) indices of the rows 1.. whose frame is predicted (positions counted from row 1).
+    Without a target mask every audio frame (EOS included) is one; with one (conversational context) only
+    those it marks."""
+    return (mask[:, :, 0] if target is None else target)[:, 1:].nonzero(as_tuple=True)
 
 
 def decoder_subset(n: int, k: int, generator: torch.Generator | None) -> torch.Tensor:
