@@ -69,7 +69,7 @@ def test_merged_weights_are_the_same_function_as_base_plus_adapter(lora_run, ass
     merged = weights.load_model(lora_run / "final")
     unmerged = adapters.load_adapter(weights.load_model(assets["model"]), lora_run / "final_adapter")
     ids = encode_text(text_tokenizer, "Hello there, how are you?", 0)
-    torch.testing.assert_close(codebook0_logits_ours(unmerged, ids), codebook0_logits_ours(merged, ids), rtol=0, atol=1e-5)
+    torch.testing.assert_close(codebook0_logits_ours(unmerged, ids), codebook0_logits_ours(merged, ids), rtol=1e-4, atol=1e-4)
     config_json = json.loads((lora_run / "final_adapter" / "adapter_config.json").read_text())
     assert config_json["r"] == 4 and config_json["modules_to_save"] == ["codebook0_head"]
     assert set(config_json["target_modules"]) == set(adapters.LORA_TARGETS)
