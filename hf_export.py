@@ -5,12 +5,14 @@ Directories are written beside the target and renamed onto it, so a crash never 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 from tokenization import MIMI_SAMPLE_RATE, load_text_tokenizer
-from utils import UserError, check_output_dir
+from utils import DiskFullError, UserError, check_apart, check_output_dir, disk_full_error, is_disk_full
 from weights import (HF_CODEC_PREFIX, HF_TIED_AUDIO, hf_config_from_args, official_to_hf, parse_size, read_codec_weights,
                      save_pretrained, save_safetensors)
 
@@ -43,12 +45,11 @@ CHAT_TEMPLATE = (
 # --------------------------------------------------------------------------- output directories
 
 
-def check_output(output: Path, overwrite: bool, inputs: tuple = ()) -> None:
-    """Refuse an output that would lose work or clobber an input, before anything is computed."""
+def check_output(output: Path, overwrite: bool, inputs=()) -> None:
+    """Refuse an output that would lose work or clobber an input ((flag, path) pairs: the output may neither
+    be, hold nor lie inside one), before anything is computed."""
     output = check_output_dir(output, "--output")
-    for src in inputs:
-        if src is not None and Path(str(src)).expanduser().resolve() == output.resolve():
-            raise UserError(f"--output {output} is the model being exported; choose another directory")
+    check_apart(output, "--output", inputs)
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise UserError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
 
@@ -67,11 +68,22 @@ def _replace_dir(tmp: Path, output: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _temp_dir(output: Path) -> Path:
+@contextlib.contextmanager
+def _built_dir(output: Path) -> Iterator[Path]:
+    """A temp directory beside `output` for the body to fill; moved onto `output` when the body succeeds, removed
+    when it fails (a full disk is said in one line)."""
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    return tmp
+    try:
+        yield tmp
+        _replace_dir(tmp, output)
+    except BaseException as e:
+        full = isinstance(e, DiskFullError) or is_disk_full(e, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:  # named as the output the user gave, not the temp directory
+            raise disk_full_error(output, output.parent) from e
+        raise
 
 
 # --------------------------------------------------------------------------- pieces of the transformers directory
@@ -190,16 +202,11 @@ def export_transformers(model, output: str | Path, *, tokenizer, codec: tuple[di
     # The dtype the weights are stored in (transformers loads them in it with dtype="auto").
     config.torch_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     state = hf_state_dict(model, codec[0])
-    tmp = _temp_dir(output)
-    try:
+    with _built_dir(output) as tmp:
         config.save_pretrained(str(tmp))
         generation_config().save_pretrained(str(tmp))
         save_safetensors(state, tmp, max_bytes)
         _processor(tokenizer).save_pretrained(str(tmp))
-        _replace_dir(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
 
 
@@ -207,11 +214,6 @@ def export_official(model, output: str | Path, *, overwrite: bool = False) -> Pa
     """Write `model` in the official layout (config.json + model.safetensors), which the official code loads."""
     output = Path(output)
     check_output(output, overwrite)
-    tmp = _temp_dir(output)
-    try:
+    with _built_dir(output) as tmp:
         save_pretrained(model, tmp)
-        _replace_dir(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import Runtime, UserError, write_text_atomic
+from utils import Runtime, UserError, append_line, write_text_atomic
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 METRICS_NAME = "metrics.jsonl"
@@ -25,8 +25,7 @@ class Tracker:
     def log(self, metrics: dict, step: int) -> None:
         if self.path is None:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        append_line(self.path, json.dumps({"step": step, **metrics}))
         if self.run is not None:
             self.run.log(metrics, step=step)
 

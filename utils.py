@@ -6,11 +6,13 @@ Nothing here does work at import: no environment reads, no network, no CUDA, no 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import hashlib
 import os
 import random
 import resource
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,12 @@ def run_cli(main: Callable[[], object]) -> None:
         result = main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a write outside atomic_path (an appended log, a library's own file) on a full disk
+        if e.errno not in DISK_FULL_ERRNOS:
+            raise
+        where = Path(e.filename) if e.filename else Path.cwd()
+        print(f"error: {disk_full_error(where, where)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -176,6 +184,41 @@ def all_reduce_sum(values: list[float], rt: Runtime) -> list[float]:
 # --------------------------------------------------------------------------- crash-safe writes
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "os error 28", "errno = 28")
+
+
+class DiskFullError(UserError):
+    """A write failed because its disk (or quota) is full."""
+
+
+def is_disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether a failed write failed for want of space: the error says so (errno, or a library's text), or it
+    is an I/O-style error and the disk it wrote to has less than 1 MiB left (torch.save says only
+    "unexpected pos" when its disk fills)."""
+    if isinstance(error, UserError):
+        return False
+    if getattr(error, "errno", None) in DISK_FULL_ERRNOS or any(t in str(error) for t in _DISK_FULL_TEXTS):
+        return True
+    if not isinstance(error, (OSError, RuntimeError)):
+        return False
+    try:
+        return shutil.disk_usage(first_existing(Path(folder).absolute())).free < 2**20
+    except OSError:
+        return False
+
+
+def disk_full_error(path: Path, folder: Path) -> DiskFullError:
+    """One line for a write that found its disk full: what it wrote, and how much room is left there."""
+    base = first_existing(Path(folder).absolute())
+    try:
+        free = f"{shutil.disk_usage(base).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(f"no space left on the disk while writing {path} ({free} in {base}); free some space "
+                         "or choose an output on another disk, then run the same command again")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temp path beside `path`; once the body has written it, fsync it and rename it onto `path`.
@@ -191,8 +234,26 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = is_disk_full(e, path.parent)  # asked before the temp file's space is given back
         tmp.unlink(missing_ok=True)
+        if full:
+            raise disk_full_error(path, path.parent) from e
+        raise
+
+
+def append_line(path: str | Path, line: str, sync: bool = False) -> None:
+    """Append one line to a log file (fsynced with `sync`); a full disk is one line naming the file."""
+    path = Path(path)
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as e:
+        if is_disk_full(e, path.parent):
+            raise disk_full_error(path, path.parent) from e
         raise
 
 
@@ -234,14 +295,31 @@ def check_output_dir(path: str | Path, what: str) -> Path:
     return path
 
 
+def check_apart(output: str | Path, what: str, inputs, *, nested: bool = True) -> None:
+    """Refuse an output that is an input, or (with `nested`, for directory outputs, which --overwrite empties)
+    lies inside one or holds one: replacing it would destroy that input. `inputs` are (flag, path) pairs; None
+    and paths that do not exist (hub ids) are passed over."""
+    out = Path(output).expanduser().resolve()
+    for flag, src in inputs:
+        if src is None or not str(src) or not Path(str(src)).expanduser().exists():
+            continue
+        path, name = Path(str(src)).expanduser().resolve(), f"{flag} {src}" if flag else str(src)
+        if path == out:
+            raise UserError(f"{what} {output} is also an input ({name}); choose another output")
+        if not nested:
+            continue
+        if out.is_relative_to(path):
+            raise UserError(f"{what} {output} lies inside an input ({name}); choose an output apart from it")
+        if path.is_relative_to(out):
+            raise UserError(f"an input ({name}) lies inside {what} {output}; choose an output apart from it")
+
+
 def check_output_file(path: str | Path, what: str, inputs=()) -> Path:
     """An output file path that is not a directory, not one of `inputs`, and whose folder can be written."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise UserError(f"{what} {path} is a directory; give a file name")
-    for src in inputs:
-        if src and Path(src).expanduser().resolve() == path.resolve():
-            raise UserError(f"{what} {path} is also an input; choose another output")
+    check_apart(path, what, [("", src) for src in inputs], nested=False)
     check_output_dir(path.parent if str(path.parent) else Path("."), f"{what} {path}: its folder")
     return path
 
@@ -257,11 +335,23 @@ def dir_entries(path: Path) -> list[str]:
 
 def clear_dir(path: Path, keep: tuple[str, ...] = (LOCK_NAME,)) -> None:
     """Remove everything in a directory but the names in `keep` (--overwrite, once every check has passed)."""
-    import shutil
-
     for p in Path(path).iterdir():
         if p.name not in keep:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def not_a_file(path: Path) -> str:
+    """Why a path that should be a regular file is not one: "not found", "is a directory", "is a FIFO ..."."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "not found"
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return f"is {kind}, not a regular file"
 
 
 def first_existing(path: Path) -> Path:
@@ -273,7 +363,12 @@ def first_existing(path: Path) -> Path:
 
 class OutputLock:
     """An exclusive lock on an output (a lock file beside or inside it), so that two processes never write
-    the same output: the second gets one clear line. Held until released or the process ends."""
+    the same output: the second gets one clear line. Held until released or the process ends.
+
+    Take it before looking at the output: a run that checks first and locks after can find the output
+    free, lose the race to another run that finishes it, and then replace that finished work. The lock
+    file is deleted on release, so an output is left as the run found it or made it; a process that
+    opened the file just before the deletion sees that it is gone and opens it anew."""
 
     def __init__(self, lock_file: str | Path, what: str):
         self.lock_file, self.what, self._fd = Path(lock_file), what, None
@@ -282,18 +377,26 @@ class OutputLock:
         import fcntl
 
         self.lock_file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise UserError(f"{self.what} is in use by another running process (lock {self.lock_file}); "
-                            "wait for it to finish or choose another output") from None
-        self._fd = fd
-        return self
+        while True:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise UserError(f"{self.what} is in use by another running process (lock {self.lock_file}); "
+                                "wait for it to finish or choose another output") from None
+            try:
+                same = os.stat(self.lock_file).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return self
+            os.close(fd)  # locked a file its last holder had already removed: take the new one
 
     def release(self) -> None:
         if self._fd is not None:
+            self.lock_file.unlink(missing_ok=True)  # while still held, so nobody locks the removed file
             os.close(self._fd)
             self._fd = None
 
@@ -302,6 +405,12 @@ class OutputLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def lock_beside(path: str | Path, what: str) -> OutputLock:
+    """The lock of a file or directory output: `<name>.lock` beside it."""
+    path = Path(path)
+    return OutputLock(path.with_name(path.name + ".lock"), what)
 
 
 # --------------------------------------------------------------------------- integrity
