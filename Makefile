@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/memory.py --embedding
+	$(BIN)/python bench/resample.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

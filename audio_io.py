@@ -3,13 +3,15 @@
 """
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from tokenization import MIMI_SAMPLE_RATE
-from utils import UserError
+from utils import UserError, not_a_file
 
 WINDOW_TOLERANCE_S = 0.05  # an `end` this far past the file's end is rounding, not a bad window
 
@@ -22,13 +24,26 @@ class AudioError(UserError):
         super().__init__(f"{path}: {reason}")
 
 
+# torchaudio's sinc resampler builds a kernel of (target/g) x (rate/g + taps) floats, g = gcd(rate, target): small
+# for the usual rates (44.1 kHz -> 24 kHz: 80 x 147), huge for odd ones (22051 Hz -> 16 kHz: 16000 x 22051, 6.6 GB
+# peak). Above this many kernel entries a polyphase resampler (soxr) is used, whose memory does not grow with them.
+EXACT_KERNEL_LIMIT = 2**20
+
+
 def resample(audio: np.ndarray, rate: int, target: int = MIMI_SAMPLE_RATE) -> np.ndarray:
-    """1-D float32 audio from `rate` to `target` Hz (torchaudio's sinc interpolation)."""
+    """1-D float32 audio from `rate` to `target` Hz, in memory and time bounded for any pair of rates: torchaudio's
+    sinc interpolation where its kernel is small (every common rate, so their codes stay as they were), soxr's
+    polyphase resampler (high quality) for the rest."""
     if rate == target:
         return audio
-    import torchaudio
+    g = math.gcd(int(rate), int(target))
+    if (target // g) * (rate // g) <= EXACT_KERNEL_LIMIT:
+        import torchaudio
 
-    return torchaudio.functional.resample(torch.from_numpy(audio), rate, target).numpy()
+        return torchaudio.functional.resample(torch.from_numpy(audio), rate, target).numpy()
+    import soxr
+
+    return soxr.resample(np.ascontiguousarray(audio, dtype=np.float32), rate, target, quality="HQ").astype(np.float32)
 
 
 def read_audio(path: str | Path, start: float | None = None, end: float | None = None) -> np.ndarray:
@@ -40,11 +55,12 @@ def read_audio(path: str | Path, start: float | None = None, end: float | None =
 
     path = str(path)
     if not Path(path).is_file():
-        raise AudioError(path, "audio file not found")
+        why = not_a_file(Path(path))
+        raise AudioError(path, "audio file not found" if why == "not found" else f"audio path {why}")
     try:
         info = sf.info(path)
     except Exception as e:  # libsndfile reports every format problem as a RuntimeError with its text
-        raise AudioError(path, f"unreadable audio ({str(e).splitlines()[0]})") from None
+        raise AudioError(path, f"unreadable audio ({libsndfile_reason(e)})") from None
     rate, total = info.samplerate, info.frames
     first, stop = 0, total
     if start is not None:
@@ -58,6 +74,12 @@ def read_audio(path: str | Path, start: float | None = None, end: float | None =
     return np.ascontiguousarray(resample(mono, rate), dtype=np.float32)
 
 
+def libsndfile_reason(error: Exception) -> str:
+    """libsndfile's own words for a failed read, without soundfile's "Error opening <object at 0x...>:" prefix."""
+    reason = getattr(error, "error_string", None) or (str(error).splitlines() or [type(error).__name__])[0]
+    return re.sub(r"^Error opening .*?: ", "", reason).strip() or type(error).__name__
+
+
 def read_mono(source, label, first: int = 0, stop: int | None = None) -> tuple[np.ndarray, int]:
     """Samples [first, stop) of what soundfile reads (a path or a file object) as float32 mono at the file's
     own rate, and that rate. libsndfile's error becomes an AudioError naming `label`."""
@@ -66,5 +88,5 @@ def read_mono(source, label, first: int = 0, stop: int | None = None) -> tuple[n
     try:
         data, rate = sf.read(source, start=first, stop=stop, dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile reports every format problem as a RuntimeError with its text
-        raise AudioError(label, f"unreadable audio ({str(e).splitlines()[0]})") from None
+        raise AudioError(label, f"unreadable audio ({libsndfile_reason(e)})") from None
     return np.ascontiguousarray(data.mean(axis=1), dtype=np.float32), rate
