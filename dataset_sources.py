@@ -12,6 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
+from metadata import speaker_id, speaker_numbers
 from utils import UserError
 
 AUDIO_KEY = "_audio"  # a dataset row's audio, {"bytes", "path"}, beside the metadata columns
@@ -29,10 +30,16 @@ class MetadataSource:
         self.df = read_metadata(path, trust_pickle=trust_pickle)
         self.path = Path(path)
         self.length = len(self.df)
+        self.speaker_names: dict[str, int] = {}  # set by the caller: one numbering for every split of a file
+
+    def speaker_values(self) -> list:
+        """The distinct cells of the speaker column."""
+        return list(dict.fromkeys(self.df["speaker"].tolist()))
 
     def rows(self, start: int, stop: int) -> list[tuple[int, dict]]:
         df = self.df.iloc[start:stop]
-        return [(int(i), rec) for i, rec in zip(df.index, df.to_dict("records"))]
+        return [(int(i), {**rec, "speaker": speaker_id(rec["speaker"], self.speaker_names)})
+                for i, rec in zip(df.index, df.to_dict("records"))]
 
     def identity(self) -> dict:
         return {"path": str(self.path.resolve()), "digest": _file_digest(self.path)}
@@ -49,7 +56,7 @@ class DatasetSource:
             speaker_column = "speaker"
         self.columns = (text_column, audio_column, speaker_column)
         self._check_columns()
-        self.speaker_ids = self._speaker_ids()
+        self.speaker_names: dict[str, int] = {}  # set by the caller: one numbering for every split of a file
         from datasets import Audio
 
         if isinstance(self.ds.features.get(audio_column), Audio):  # decoded here (soundfile), not by torchcodec
@@ -66,21 +73,20 @@ class DatasetSource:
         if speaker is not None and speaker not in names:
             raise UserError(f"{self.spec} has no column {speaker!r} (columns: {', '.join(names)}); set --speaker_column")
 
-    def _speaker_ids(self) -> dict:
-        """Speaker names that are not integer ids (e.g. "p225"), numbered in sorted order. Only a dataset read
-        in place can be listed up front; a streamed one's names must be integers already."""
+    def speaker_values(self) -> list:
+        """The distinct cells of the speaker column; a streamed dataset's are read in a pass over that column
+        alone, so that its names are numbered as the same dataset read in place numbers them."""
         speaker = self.columns[2]
-        if speaker is None or self.streaming:
-            return {}
-        from metadata import speaker_numbers
-
-        mapping = speaker_numbers(v for v in self.ds.unique(speaker) if v is not None)
-        return {n: i for n, i in mapping.items() if not n.isdigit()}
+        if speaker is None:
+            return []
+        if not self.streaming:
+            return self.ds.unique(speaker)
+        print(f"{self.spec}: reading the {speaker!r} column once to number its speakers")
+        return list(dict.fromkeys(row[speaker] for row in self.ds.select_columns([speaker])))
 
     def _row(self, index: int, record: dict) -> tuple[int, dict]:
         text, audio, speaker = self.columns
-        spk = record.get(speaker) if speaker else None
-        spk = self.speaker_ids.get(str(spk), spk)
+        spk = speaker_id(record.get(speaker), self.speaker_names) if speaker else None
         return index, {"path": f"{self.spec}[{index}]", "text": record.get(text), "start": None, "end": None,
                        "speaker": spk, "conversation": None, "turn": None, AUDIO_KEY: record.get(audio)}
 
@@ -149,6 +155,15 @@ def open_source(spec: str, args, split: str):
                              speaker_column=args.speaker_column, streaming=args.streaming,
                              default_split="validation" if split == "val" else "train")
     return MetadataSource(spec, trust_pickle=args.trust_pickle)
+
+
+def number_speakers(sources) -> dict[str, int]:
+    """One numbering of the speaker names of every split, given to each source (so val's "bob" is train's "bob");
+    returns it (name -> id; integer ids keep their number and need no entry)."""
+    names = speaker_numbers(v for source in sources for v in source.speaker_values())
+    for source in sources:
+        source.speaker_names = names
+    return names
 
 
 def decode_audio_payload(payload) -> np.ndarray:

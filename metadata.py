@@ -4,11 +4,13 @@ with absolute audio paths, and the validation of one row's fields.
 from __future__ import annotations
 
 import math
+import re
 import sqlite3
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils import UserError
+from utils import UserError, not_a_file
 
 METADATA_FORMATS = (".json", ".jsonl", ".csv", ".parquet", ".sql", ".hdf5", ".h5", ".pkl")
 REQUIRED_COLUMNS = ("path", "text")
@@ -36,7 +38,7 @@ def read_metadata(path: str | Path, trust_pickle: bool = False):
     if path.is_dir():
         raise UserError(f"metadata file {path} is a directory; give a .csv/.json/.jsonl/.parquet/... file")
     if not path.is_file():
-        raise UserError(f"metadata file {path} not found")
+        raise UserError(f"metadata file {path} {not_a_file(path)}")
     suffix = path.suffix.lower()
     if suffix in PICKLE_FORMATS and not trust_pickle:
         raise UserError(f"{path}: {suffix} metadata is read through pickle, which can run code hidden in the file; "
@@ -46,8 +48,10 @@ def read_metadata(path: str | Path, trust_pickle: bool = False):
     accepted = ", ".join(METADATA_FORMATS)
     try:
         if suffix in (".json", ".jsonl"):
-            text = path.read_text(encoding="utf-8").lstrip()
-            df = pd.read_json(path, lines=not text.startswith("["))
+            import io
+
+            text = path.read_text(encoding="utf-8-sig").lstrip()  # -sig: a byte order mark is no JSON
+            df = pd.read_json(io.StringIO(text), lines=not text.startswith("["))
         elif suffix == ".csv":
             df = pd.read_csv(path)
         elif suffix == ".parquet":
@@ -100,6 +104,13 @@ def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+def visible_text(value) -> str:
+    """A transcript with its control characters gone (tabs and line breaks become spaces) and its ends stripped:
+    "" when nothing but those was in it."""
+    return "".join(" " if ch in "\t\n\r\v\f" else ch for ch in str(value)
+                   if ch in "\t\n\r\v\f" or unicodedata.category(ch) != "Cc").strip()
+
+
 @dataclass
 class Row:
     index: int
@@ -124,8 +135,9 @@ def check_row(index: int, raw: dict) -> Row:
     path, text = raw["path"], raw["text"]
     if _missing(path) or not str(path).strip():
         raise SkipRow("missing path")
-    if _missing(text) or not str(text).strip():
-        raise SkipRow("empty or missing text")
+    text = "" if _missing(text) else visible_text(text)
+    if not text:
+        raise SkipRow("empty or missing text (nothing but spaces or control characters)")
     start, end = raw["start"], raw["end"]
     if _missing(start) and _missing(end):
         start = end = None
@@ -143,13 +155,12 @@ def check_row(index: int, raw: dict) -> Row:
         if end <= start:
             raise SkipRow(f"end {end} is not after start {start}")
     speaker = raw["speaker"]
-    if _missing(speaker):
-        speaker = None
-    else:
-        as_float = _as_float(speaker, f"speaker {speaker!r} is not an integer id")
-        if not as_float.is_integer() or as_float < 0 or as_float > 2**31 - 1:
-            raise SkipRow(f"speaker {speaker!r} is not a non-negative integer id (below 2^31)")
-        speaker = int(as_float)
+    try:
+        speaker = speaker_value(speaker)
+    except ValueError:
+        raise SkipRow(f"speaker {speaker!r} is not a non-negative integer id (below 2^31) or a name") from None
+    if isinstance(speaker, str):
+        raise SkipRow(f"speaker name {speaker!r} has no id (names are numbered by the source they come from)")
     conversation = raw.get("conversation")
     conversation = None if _missing(conversation) or not str(conversation).strip() else str(conversation).strip()
     turn = raw.get("turn")
@@ -159,14 +170,63 @@ def check_row(index: int, raw: dict) -> Row:
         turn = _as_float(turn, f"turn {turn!r} is not a number")
         if not math.isfinite(turn):
             raise SkipRow(f"turn {turn} is not finite")
-    return Row(index, str(path), str(text).strip(), start, end, speaker, conversation, turn)
+    return Row(index, str(path), text, start, end, speaker, conversation, turn)
 
 
-def speaker_numbers(names) -> dict[str, int]:
-    """Speaker ids for names: a name that is a number keeps it; the others get the lowest free ids, in
-    sorted order of their names (folder names for prepare.py, a dataset's speaker column for pretokenize.py)."""
-    names = sorted({str(n) for n in names})
-    numbered = {n: int(n) for n in names if n.isdigit()}
-    used = set(numbered.values())
-    free = (i for i in range(2**31) if i not in used)
-    return {**numbered, **{n: next(free) for n in names if n not in numbered}}
+UNKNOWN_SPEAKER = -1  # a row without a speaker, as token files store it (its text prompt says [999], as the original)
+MAX_SPEAKER_ID = 2**31 - 1
+
+
+def speaker_value(value) -> int | str | None:
+    """What a speaker cell holds: None when there is none (None, NaN, an empty string), an int for an integer
+    id (an int, a float with no fraction, or a number written as text: "7", "7.0", but not "007"), or the name
+    as a string. A number that is no id (negative, a fraction, too big) raises ValueError."""
+    if _missing(value) or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        name = value.strip()
+        if re.fullmatch(r"[0-9]+", name):  # [0-9], not str.isdigit: that accepts "²", which int() refuses
+            if len(name) > 1 and name.startswith("0"):
+                return name  # "007" is a name, not 7
+            if int(name) > MAX_SPEAKER_ID:
+                raise ValueError(value)
+            return int(name)
+        try:  # "3.0", "-1", "2.5", "1e20": a number written as text (a CSV column of ids and names)
+            value = float(name)
+        except ValueError:
+            return name
+    if isinstance(value, bool):
+        raise ValueError(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(number):  # numpy's NaN, which _missing does not know
+        return None
+    if not number.is_integer() or number < 0 or number > MAX_SPEAKER_ID:
+        raise ValueError(value)
+    return int(number)
+
+
+def speaker_numbers(values) -> dict[str, int]:
+    """The ids of the names among speaker cells: numbered in sorted order from the lowest ids that no integer
+    id among them uses. Integer ids keep their number, so they need no entry; "007" is a name, apart from 7."""
+    keys = set()
+    for value in values:
+        try:
+            keys.add(speaker_value(value))
+        except ValueError:  # a bad id: its rows are skipped with the reason
+            continue
+    used = {k for k in keys if isinstance(k, int)}
+    free = (i for i in range(MAX_SPEAKER_ID + 1) if i not in used)
+    return {name: next(free) for name in sorted(k for k in keys if isinstance(k, str))}
+
+
+def speaker_id(value, names: dict[str, int]):
+    """A speaker cell as its id (None: unknown) through `names` (speaker_numbers); a bad value is returned as
+    it is, for check_row to skip its row with the reason."""
+    try:
+        key = speaker_value(value)
+    except ValueError:
+        return value
+    return names.get(key, key) if isinstance(key, str) else key

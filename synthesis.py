@@ -15,34 +15,58 @@ from tokenization import MIMI_FRAME_RATE, decode_audio, encode_audio, encode_tex
 from utils import UserError, autocast
 
 
-def parse_speaker(value) -> int:
-    """Speaker ids are the non-negative integers CSM was trained with ("[0]Hello")."""
+def parse_speaker(value, names: dict[str, int] | None = None, flag: str = "--speaker") -> int:
+    """Speaker ids are the non-negative integers CSM was trained with ("[0]Hello"); a name is looked up in the
+    speaker names of the data the model was trained on (`names`: a token file's, or its model's speakers.json)."""
     text = str(value).strip()
-    if not re.fullmatch(r"[0-9]+", text):  # not str.isdigit: it accepts "²", which int() rejects
-        raise UserError(f"--speaker must be a non-negative integer id, got {value!r}")
-    return int(text)
+    if re.fullmatch(r"[0-9]+", text) and str(int(text)) == text:  # not str.isdigit: it accepts "²"
+        return int(text)
+    if names and text in names:
+        return names[text]
+    if names:
+        known = ", ".join(sorted(names)[:8]) + (", ..." if len(names) > 8 else "")
+        raise UserError(f"{flag} {value!r} is neither an integer id nor one of the speaker names ({known})")
+    raise UserError(f"{flag} must be a non-negative integer id, or a speaker name when the model directory has "
+                    f"a speakers.json (or --speakers names a token file); got {value!r}")
 
 
-def prompt_segments(turns: list[dict]) -> list[Segment]:
+def prompt_segments(turns: list[dict], names: dict[str, int] | None = None) -> list[Segment]:
     """Prompt turns {audio, text, speaker} (config gen_context, or --context_* flags) as Segments, with their
-    audio read now, so a missing file fails before any work."""
+    audio read now, so a missing file fails before any work; speaker names are looked up in `names`."""
     from audio_io import read_audio
 
     segments = []
     for turn in turns:
         if not str(turn["text"]).strip():
             raise UserError(f"the context turn with audio {turn['audio']} has an empty transcript")
-        segments.append(Segment(str(turn["text"]).strip(), parse_speaker(turn["speaker"]),
+        segments.append(Segment(str(turn["text"]).strip(), parse_speaker(turn["speaker"], names, "--context_speaker"),
                                 torch.from_numpy(read_audio(turn["audio"]))))
     return segments
 
 
-def context_segments(audio: list[str], texts: list[str], speakers: list[str]) -> list[Segment]:
+def context_segments(audio: list[str], texts: list[str], speakers: list[str],
+                     names: dict[str, int] | None = None) -> list[Segment]:
     """Earlier turns given on a command line (--context_audio/_text/_speaker, one of each per turn)."""
     if len(texts) != len(audio) or len(speakers) != len(audio):
         raise UserError(f"give one --context_text and one --context_speaker per --context_audio "
                         f"(got {len(audio)} audio, {len(texts)} texts, {len(speakers)} speakers)")
-    return prompt_segments([{"audio": a, "text": t, "speaker": s} for a, t, s in zip(audio, texts, speakers)])
+    return prompt_segments([{"audio": a, "text": t, "speaker": s} for a, t, s in zip(audio, texts, speakers)], names)
+
+
+def model_speaker_names(source, explicit=None) -> dict[str, int]:
+    """Speaker names for --speaker: from `explicit` (a token file or a speakers.json) when given, else the
+    speakers.json that training writes beside a model's weights ({} when there is none)."""
+    from pathlib import Path
+
+    from token_file import SPEAKERS_NAME, speaker_names
+
+    if explicit:
+        return speaker_names(explicit)
+    path = Path(str(source)).expanduser()
+    if not path.exists():  # a hub id: its files are not here yet
+        return {}
+    beside = (path if path.is_dir() else path.parent) / SPEAKERS_NAME
+    return speaker_names(beside) if beside.is_file() else {}
 
 
 def build_prompt(tokenizer, mimi, segments: list[Segment], k: int) -> tuple[torch.Tensor, torch.Tensor]:

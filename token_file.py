@@ -1,7 +1,8 @@
 """The pre-tokenized HDF5 file of SPEC §3, read and written only here: per split, vlen int16 Mimi codes
 (32 x F, codebook-major), vlen int32 text ids, int32 lengths (len(text) + F + 1), int64 source rows and
 (for conversational context) each row's conversation id, turn order and speaker;
-attributes name the tokenizers and the format version. Files of the original tool (int32 codes, no
+attributes name the tokenizers, the format version and the speaker names (name -> id, JSON; integer
+ids stand for themselves and have no entry; -1 is a row without a speaker). Files of the original tool (int32 codes, no
 attributes) read the same way; a file of a newer format version is refused with a clear message.
 """
 from __future__ import annotations
@@ -122,6 +123,28 @@ def read_turns(f, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     conversation = np.array([c.decode() if isinstance(c, bytes) else str(c) for c in group["conversation"][:]],
                             dtype=object)
     return conversation, group["turn"][:].astype(np.float64), group["speaker"][:].astype(np.int32)
+
+
+SPEAKERS_NAME = "speakers.json"  # a model directory's speaker names, copied from the token file it was trained on
+
+
+def speaker_names(path: str | Path) -> dict[str, int]:
+    """The speaker names (name -> id) of a token file, or of a speakers.json; {} for a file without any."""
+    import json
+
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".json":
+            names = json.loads(path.read_text(encoding="utf-8-sig"))
+        else:
+            with open_token_file(path) as f:
+                raw = f.attrs.get("speakers")
+            names = json.loads(raw) if raw is not None else {}
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read its speaker names ({e})") from None
+    if not isinstance(names, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in names.values()):
+        raise DataError(f"{path}: speaker names must map each name to an integer id")
+    return {str(k): int(v) for k, v in names.items()}
 
 
 def read_row(f, split: str, i: int) -> tuple[np.ndarray, np.ndarray]:

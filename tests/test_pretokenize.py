@@ -217,11 +217,13 @@ def test_every_bad_number_in_metadata_is_a_reported_row(assets, clips, tmp_path)
     run(assets, "--train_data", str(tmp_path / "m.csv"), "--output", str(out))
     report = {int(r["row"]): r["reason"] for r in skipped(out)}
     expected = {1: "not finite", 2: "not finite", 3: "past the end of the file", 4: "non-negative integer id",
-                5: "non-negative integer id", 6: "non-negative integer id", 7: "not an integer id"}
+                5: "non-negative integer id", 6: "non-negative integer id"}
     assert report.keys() == expected.keys()
     for row, reason in expected.items():
         assert reason in report[row], (row, report[row])
-    assert read(out)["train"]["source_row"] == [0, 8]  # a NaN speaker is a missing one: 999
+    # A name is numbered (abc: the lowest id no integer uses); a NaN speaker is a missing one, stored as -1.
+    assert read(out)["train"]["source_row"] == [0, 7, 8]
+    assert read(out)["train"]["speaker"] == [0, 1, -1]
 
 
 def test_conversation_turn_and_speaker_are_stored_per_row(assets, clips, tmp_path):
@@ -240,7 +242,7 @@ def test_conversation_turn_and_speaker_are_stored_per_row(assets, clips, tmp_pat
     ds = CSMDataset(out, "train")
     assert list(ds.conversation) == ["dlg1", "dlg1", "", "dlg2"]
     assert list(ds.turn) == [2.0, 1.0, 0.0, 0.1]  # turn, turn, start (row 2), start
-    assert list(ds.speaker) == [1, 0, 999, 0]  # a missing speaker is 999, as in the text
+    assert list(ds.speaker) == [1, 0, -1, 0]  # a missing speaker is -1 (unknown); its text says [999]
     assert {int(r["row"]): r["reason"] for r in skipped(out)} == {3: "turn inf is not finite"}
     old = write_token_file(tmp_path / "old.hdf5", n_train=3, n_val=0, attrs=False)
     ds = CSMDataset(old, "train")
