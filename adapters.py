@@ -216,6 +216,16 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     if unknown:
         raise UserError(f"--adapter {directory}: LoRA on modules this model has no linear layer for "
                         f"(e.g. {', '.join(unknown[:3])})")
+    layers = dict(model.named_modules())
+    for m in modules:  # peft would stop with a size-mismatch traceback
+        a, b, layer = lora.get(f"{m}.lora_A.weight"), lora.get(f"{m}.lora_B.weight"), layers[m]
+        if a is None or b is None:
+            raise UserError(f"--adapter {directory}: {m} has lora_{'A' if a is None else 'B'} missing")
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != layer.in_features or b.shape[0] != layer.out_features \
+                or b.shape[1] != a.shape[0]:
+            raise UserError(f"--adapter {directory} does not fit this model: its LoRA for {m} has A {tuple(a.shape)} "
+                            f"and B {tuple(b.shape)}, but the layer maps {layer.in_features} -> {layer.out_features} "
+                            "(was it trained on a model of another size?)")
     if modules:
         ranks = {m: int(lora[f"{m}.lora_A.weight"].shape[0]) for m in modules}
         rank = int(config.get("r") or max(ranks.values()))

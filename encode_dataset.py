@@ -23,12 +23,12 @@ import numpy as np
 from tqdm import tqdm
 
 from audio_io import AudioError, read_audio
-from dataset_sources import AUDIO_KEY, decode_audio_payload, open_source
-from metadata import Row, SkipRow, check_row
+from dataset_sources import AUDIO_KEY, decode_audio_payload, number_speakers, open_source
+from metadata import UNKNOWN_SPEAKER, Row, SkipRow, check_row
 from token_file import FORMAT_VERSION, write_token_file
-from tokenization import (DEFAULT_SPEAKER, MIMI_FRAME_RATE, MIMI_SAMPLE_RATE, NUM_CODEBOOKS, SAMPLES_PER_FRAME,
+from tokenization import (MIMI_FRAME_RATE, MIMI_SAMPLE_RATE, NUM_CODEBOOKS, SAMPLES_PER_FRAME,
                           encode_audio, encode_text, frames_of, load_mimi, load_text_tokenizer)
-from utils import OutputLock, UserError, atomic_path, check_output_file, resolve_device, write_text_atomic
+from utils import UserError, atomic_path, check_output_file, lock_beside, resolve_device, write_text_atomic
 
 SILENCE_PEAK = 1e-4
 
@@ -81,7 +81,7 @@ def _save_chunk(path: Path, examples: list[tuple[int, np.ndarray, list[int], flo
         "text_sizes": np.array([len(t) for t in text], dtype=np.int64),
         "seconds": np.array([e[3] for e in examples], dtype=np.float64),
         # Kept with each example for conversational context (a fixed-width string array, no pickle).
-        "speaker": np.array([DEFAULT_SPEAKER if e[4].speaker is None else e[4].speaker for e in examples], dtype=np.int64),
+        "speaker": np.array([UNKNOWN_SPEAKER if e[4].speaker is None else e[4].speaker for e in examples], dtype=np.int64),
         "conversation": np.array([e[4].conversation or "" for e in examples], dtype=str),
         "turn": np.array([turn_order(e[4]) for e in examples], dtype=np.float64),
         "skipped": np.array(json.dumps(skipped)),
@@ -127,7 +127,8 @@ def _describe_change(old: dict, new: dict) -> str:
     changed = [k for k in new if old.get(k) != new[k]]
     names = {"text_tokenizer_vocab": "text tokenizer", "text_tokenizer": "text tokenizer", "mimi": "Mimi weights/config",
              "metadata": "metadata files", "max_seq_len": "--max_seq_len", "omit_speaker_id": "--omit_speaker_id",
-             "save_every": "--save_every", "codebooks": "codebooks", "format_version": "format version"}
+             "save_every": "--save_every", "codebooks": "codebooks", "format_version": "format version",
+             "speakers": "speaker names"}
     return ", ".join(dict.fromkeys(names.get(k, k) for k in changed))
 
 
@@ -205,7 +206,7 @@ def write_output(output: Path, work: Path, plan: dict, fp: dict, args, tokenizer
                  eos_id=tokenizer.eos_token_id, codebooks=NUM_CODEBOOKS, sample_rate=MIMI_SAMPLE_RATE,
                  frame_rate=MIMI_FRAME_RATE, mimi_weights=str(args.mimi_weights or "default"),
                  omit_speaker_id=bool(args.omit_speaker_id), max_seq_len=args.max_seq_len,
-                 fingerprint=json.dumps(fp, sort_keys=True))
+                 speakers=json.dumps(fp["speakers"], sort_keys=True), fingerprint=json.dumps(fp, sort_keys=True))
     with write_token_file(output, attrs, num_codebooks=NUM_CODEBOOKS) as out:
         for split, n_chunks in plan.items():
             paths = [_chunk_path(work, split, i) for i in range(n_chunks)]
@@ -234,6 +235,21 @@ def write_skipped_report(path: Path, work: Path, plan: dict) -> int:
     return count
 
 
+def top_skip_reasons(work: Path, plan: dict, top: int = 3) -> str:
+    """The commonest reasons rows of these splits were skipped, counted ("audio file not found: 12 rows, ...");
+    a reason's details in brackets (a duration, a file's own error) are left out of the grouping."""
+    counts: dict[str, int] = {}
+    for split, n_chunks in plan.items():
+        for i in range(n_chunks):
+            for _, _, reason in _load_chunk(_chunk_path(work, split, i))["skipped"]:
+                key = reason.split(" (")[0]
+                counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        return "the split has no rows"
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+    return "top reasons: " + "; ".join(f"{why}: {n} row{'s' if n > 1 else ''}" for why, n in ranked)
+
+
 def previous_fingerprint(output: Path) -> dict | None:
     """The fingerprint of a token file this tool finished writing; None for any other file."""
     import h5py
@@ -246,10 +262,10 @@ def previous_fingerprint(output: Path) -> dict | None:
         return None
 
 
-def check_output(output: Path, metadata: dict, overwrite: bool) -> dict | None:
-    """Refuse an output that would lose someone's file, before any audio is read. Returns the fingerprint
-    of a finished output of this tool (to compare once the tokenizers are loaded), else None."""
-    check_output_file(output, "--output", inputs=metadata.values())
+def check_existing_output(output: Path, overwrite: bool) -> dict | None:
+    """Refuse an existing output that would lose someone's file, before any audio is read (the output's lock
+    held). Returns the fingerprint of a finished output of this tool (to compare once the tokenizers are
+    loaded), else None."""
     if not output.exists():
         return None
     previous = previous_fingerprint(output)
@@ -298,24 +314,26 @@ def run(args) -> int:
     """Metadata files -> token file, for pretokenize.py's (already validated) arguments; resumable."""
     metadata = {split: p for split, p in (("train", args.train_data), ("val", args.val_data)) if p}
     device = resolve_device(args.device)
-    output = Path(args.output)
-    previous = check_output(output, metadata, args.overwrite)
-    sources = {split: open_source(spec, args, split) for split, spec in metadata.items()}
-    work = output.with_name(output.name + ".partial")
-    fresh = not work.exists()
-    with OutputLock(work / ".lock", f"--output {output}"):  # one writer per output
+    output = check_output_file(Path(args.output), "--output", inputs=metadata.values())
+    # Lock, then look: checked before the lock, a finished output of a run that ends meanwhile would be replaced.
+    with lock_beside(output, f"--output {output}"):
+        previous = check_existing_output(output, args.overwrite)
+        work = output.with_name(output.name + ".partial")
+        fresh = not work.exists()
         try:
-            return _run(args, device, sources, output, work, previous)
+            sources = {split: open_source(spec, args, split) for split, spec in metadata.items()}
+            speakers = number_speakers(sources.values())
+            return _run(args, device, sources, speakers, output, work, previous)
         except BaseException:
             if fresh and not (work / "manifest.json").exists():
                 shutil.rmtree(work, ignore_errors=True)  # nothing of this run to resume: leave no trace
             raise
 
 
-def _run(args, device, sources, output, work, previous) -> int:
+def _run(args, device, sources, speakers: dict[str, int], output, work, previous) -> int:
     tokenizer = load_text_tokenizer(args.text_tokenizer)
     mimi = load_mimi(args.mimi_weights, device=device, num_codebooks=NUM_CODEBOOKS)
-    fp = fingerprint(args, tokenizer, mimi, sources)
+    fp = {**fingerprint(args, tokenizer, mimi, sources), "speakers": speakers}
 
     if previous is not None and not (work / "manifest.json").exists():
         if previous == json.loads(json.dumps(fp)):
@@ -327,6 +345,7 @@ def _run(args, device, sources, output, work, previous) -> int:
                             "changed); pass --overwrite to replace it, or choose another output")
         print(f"{output} will be replaced when this run finishes (--overwrite)")
     manifest = work / "manifest.json"
+    work.mkdir(exist_ok=True)
     if manifest.exists():
         try:
             old = json.loads(manifest.read_text())
@@ -393,6 +412,12 @@ def _run(args, device, sources, output, work, previous) -> int:
 
     report = Path(str(output) + ".skipped.csv")
     n_skipped = write_skipped_report(report, work, plan)
+    empty = [split for split, s in stats.items() if s.kept == 0]
+    if empty:
+        reasons = top_skip_reasons(work, {split: plan[split] for split in empty})
+        shutil.rmtree(work)  # nothing worth resuming: a run after the fix reads every row anew
+        raise UserError(f"the {' and '.join(empty)} split{'s' if len(empty) > 1 else ''} kept no rows, so no token file "
+                        f"was written; {reasons} (every skipped row is in {report})")
     write_output(output, work, plan, fp, args, tokenizer)
     # Renamed first, so that a kill during the deletion cannot leave chunks without their manifest.
     trash = work.with_name(work.name + ".delete")

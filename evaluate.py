@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from speech_metrics import DEFAULT_ASR, DEFAULT_SPEAKER_MODEL
-from utils import (DTYPES, LOCK_NAME, PRECISIONS, OutputLock, UserError, check_number, check_output_dir, clear_dir,
-                   dir_entries, resolve_device, resolve_precision, run_cli)
+from utils import (DTYPES, LOCK_NAME, PRECISIONS, OutputLock, UserError, check_apart, check_number, check_output_dir,
+                   clear_dir, dir_entries, resolve_device, resolve_precision, run_cli)
 from weights import DEFAULT_MODEL
 
 
@@ -53,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mimi_weights", default=None, help="Mimi (default kyutai/mimi); see generate.py")
     p.add_argument("--context_audio", action="append", default=[], help="a prompt turn spoken before every item (repeatable)")
     p.add_argument("--context_text", action="append", default=[], help="its transcript")
-    p.add_argument("--context_speaker", action="append", default=[], help="its speaker id")
+    p.add_argument("--context_speaker", action="append", default=[],
+                   help="its speaker id, or a speaker name of --eval_data's token file (or of --speakers)")
+    p.add_argument("--speakers", default=None,
+                   help="where speaker names are looked up: a token file from pretokenize.py or a speakers.json "
+                        "(default: --eval_data when it is a token file, else the model's speakers.json)")
     p.add_argument("--context_from_config", metavar="CONFIG",
                    help="speak the prompt turns (gen_context) of a training config, e.g. runs/x/config.yaml, before "
                         "every item, as that run's samples and evaluations did")
@@ -74,15 +79,20 @@ def main(argv: list[str] | None = None) -> int:
     if not data.is_file():
         raise UserError(f"--eval_data {data}: no such file")
     out = check_output_dir(args.output_dir, "--output_dir")
-    for name, src in [("--eval_data", data), ("--model", args.model), *[("--context_audio", a) for a in args.context_audio]]:
-        if Path(src).exists() and Path(src).resolve().is_relative_to(out.resolve()):
-            raise UserError(f"{name} {src} lies inside --output_dir {out}; choose an output directory apart from the inputs")
-    existing = dir_entries(out)
-    if existing and not args.overwrite:
-        raise UserError(f"--output_dir {out} is not empty ({', '.join(existing[:4])}); pass --overwrite to replace "
-                        "what it holds, or choose another directory")
-    with OutputLock(out / LOCK_NAME, f"--output_dir {out}"):
-        return _evaluate(args, data, out)
+    check_apart(out, "--output_dir", [("--eval_data", data), ("--model", args.model), ("--adapter", args.adapter),
+                                      *[("--context_audio", a) for a in args.context_audio]])
+    created = not out.exists()
+    try:
+        with OutputLock(out / LOCK_NAME, f"--output_dir {out}"):  # lock, then look (see OutputLock)
+            existing = dir_entries(out)
+            if existing and not args.overwrite:
+                raise UserError(f"--output_dir {out} is not empty ({', '.join(existing[:4])}); pass --overwrite to "
+                                "replace what it holds, or choose another directory")
+            return _evaluate(args, data, out)
+    except BaseException:
+        if created and not dir_entries(out):
+            shutil.rmtree(out, ignore_errors=True)  # a start that failed leaves no directory behind
+        raise
 
 
 def _evaluate(args, data: Path, out: Path) -> int:
@@ -91,7 +101,8 @@ def _evaluate(args, data: Path, out: Path) -> int:
     from adapters import load_adapter, read_adapter
     from evaluation import EvalSettings, evaluate_model, load_items, write_report
     from speech_metrics import QualityModels
-    from synthesis import context_segments
+    from evaluation import is_token_file
+    from synthesis import context_segments, model_speaker_names
     from tokenization import load_mimi, load_text_tokenizer, resolve_text_tokenizer
     from weights import load_model, resolve_source
 
@@ -99,12 +110,13 @@ def _evaluate(args, data: Path, out: Path) -> int:
         read_adapter(args.adapter)  # a bad adapter fails before any model loads
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    context = context_segments(args.context_audio, args.context_text, args.context_speaker)
+    names = model_speaker_names(args.model, args.speakers or (data if is_token_file(data) else None))
+    context = context_segments(args.context_audio, args.context_text, args.context_speaker, names)
     if args.context_from_config:
         from config import load_config
         from synthesis import prompt_segments
 
-        context += prompt_segments(load_config(args.context_from_config).gen_context)
+        context += prompt_segments(load_config(args.context_from_config).gen_context, names)
     # The judges first: a model that cannot be loaded fails in one line before any speech is generated.
     quality = QualityModels(args.asr, args.speaker_model, args.language, device=device, half=device.type == "cuda")
     source = resolve_source(args.model, args.revision)
@@ -124,8 +136,6 @@ def _evaluate(args, data: Path, out: Path) -> int:
     result = evaluate_model(model, tokenizer, mimi, items, quality, settings, ceilings=not args.no_ceilings,
                             device=device, progress=True)
     clear_dir(out)  # --overwrite: only now, with the new results in hand
-    from evaluation import is_token_file
-
     write_report(result, out, extra={"model": str(args.model), "eval_data": str(data),
                                      "split": args.split if is_token_file(data) else None,
                                      "seed": args.seed, "skipped_rows": len(skipped)})

@@ -8,10 +8,11 @@ The command line only: the directories are written by hf_export.py.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from hf_export import DEFAULT_CODEC, check_output, csm_tokenizer, export_official, export_transformers, find_codec
 from tokenization import resolve_text_tokenizer
-from utils import UserError, run_cli
+from utils import UserError, lock_beside, run_cli
 from weights import load_model, parse_size, resolve_source
 
 
@@ -37,8 +38,16 @@ def main(argv: list[str] | None = None) -> int:
         parse_size(args.max_shard_size)
     except UserError as e:
         raise UserError(f"--max_shard_size: {e}") from None
-    check_output(args.output, args.overwrite, (args.model,))
+    with lock_beside(Path(args.output).expanduser(), f"--output {args.output}"):  # lock, then look
+        return export(args)
+
+
+def export(args) -> int:
+    """The export, its output locked."""
+    inputs = [("--model", args.model), ("--codec", args.codec), ("--text_tokenizer", args.text_tokenizer)]
+    check_output(args.output, args.overwrite, inputs)
     source = resolve_source(args.model, args.revision)  # a hub repo is fetched once, at the pinned revision
+    check_output(args.output, args.overwrite, [("--model", source)])  # a hub model's files in the local cache
     if args.to == "hf":  # everything the export needs is found before the model is loaded
         codec = find_codec([args.codec] if args.codec else [source, DEFAULT_CODEC])
         tokenizer = csm_tokenizer(resolve_text_tokenizer(args.text_tokenizer, source))

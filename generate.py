@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 
 from adapters import load_adapter, read_adapter
-from synthesis import context_segments, parse_speaker, synthesize
+from metadata import visible_text
+from synthesis import context_segments, model_speaker_names, parse_speaker, synthesize
 from tokenization import MIMI_SAMPLE_RATE, load_mimi, load_text_tokenizer, resolve_text_tokenizer
-from utils import (DTYPES, PRECISIONS, UserError, atomic_path, check_number, check_output_file, resolve_device,
-                   resolve_precision, run_cli)
+from utils import (DTYPES, PRECISIONS, UserError, atomic_path, check_number, check_output_file, lock_beside,
+                   resolve_device, resolve_precision, run_cli)
 from weights import DEFAULT_MODEL, load_model, resolve_source
 
 
@@ -29,9 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, directory (official or transformers layout), .safetensors or .pt")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="what to say")
-    what.add_argument("--lines", help="text file, one utterance per line; writes <output>_000.wav, _001.wav, ...")
-    p.add_argument("--speaker", default="0", help="speaker id (non-negative integer) as in training")
+    what.add_argument("--lines", help="text file, one utterance per line; line N (from 1) is written to "
+                                       "<output>_{N-1:03d}.wav (_000.wav, _001.wav, ...); blank lines are passed over")
+    p.add_argument("--speaker", default="0",
+                   help="speaker id (non-negative integer) as in training, or a speaker name of the training data "
+                        "(looked up in the speakers.json beside the model's weights, or in --speakers)")
+    p.add_argument("--speakers", default=None,
+                   help="where speaker names are looked up: a token file from pretokenize.py or a speakers.json")
     p.add_argument("--output", default="out.wav", help="wav file to write (24 kHz mono)")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
     p.add_argument("--temperature", type=float, default=0.9)
     p.add_argument("--topk", type=int, default=50)
     p.add_argument("--max_audio_seconds", type=float, default=10.0, help="length cap if no EOS frame comes first")
@@ -55,7 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Load model, tokenizers and context once, then write one wav per utterance."""
     args = build_parser().parse_args(argv)
-    speaker = parse_speaker(args.speaker)
     check_number("--temperature", args.temperature, gt=0, max=100)
     check_number("--topk", args.topk, min=1)
     check_number("--max_audio_seconds", args.max_audio_seconds, gt=0, max=160)
@@ -65,31 +71,46 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             raise UserError(f"--lines {path}: no such file")
         try:
-            texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
         except UnicodeDecodeError:
             raise UserError(f"--lines {path} is not a UTF-8 text file") from None
-        if not texts:
+        # A line keeps its number whatever blank lines stand before it: line 4's wav is _003.
+        numbered = [(i, visible_text(line)) for i, line in enumerate(lines) if visible_text(line)]
+        if not numbered:
             raise UserError(f"--lines {path} has no non-empty line")
+        if len(numbered) < len(lines):
+            print(f"--lines {path}: {len(lines) - len(numbered)} blank line(s) passed over (no wav for them)")
     else:
-        texts = [args.text]
-    if any(not t.strip() for t in texts):
-        raise UserError("--text is empty")
+        if not visible_text(args.text):
+            raise UserError("--text is empty (nothing but spaces or control characters)")
+        numbered = [(None, visible_text(args.text))]
     # Every output is checked before minutes of model loading and sampling.
     output = Path(args.output)
     if output.suffix.lower() not in AUDIO_SUFFIXES:
         raise UserError(f"--output {output}: give a file name ending in {', '.join(AUDIO_SUFFIXES)}")
-    outputs = [output] if not args.lines else [output.with_name(f"{output.stem}_{i:03d}{output.suffix}")
-                                                for i in range(len(texts))]
+    texts = [text for _, text in numbered]
+    outputs = [output if i is None else output.with_name(f"{output.stem}_{i:03d}{output.suffix}") for i, _ in numbered]
     inputs = [*args.context_audio, args.lines]
     for out in outputs:
         check_output_file(out, "--output", inputs=inputs)
+    with lock_beside(output, f"--output {output}"):  # lock, then look (see OutputLock)
+        existing = [str(out) for out in outputs if out.exists()]
+        if existing and not args.overwrite:
+            raise UserError(f"--output {existing[0]} exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}"
+                            "; pass --overwrite to replace it, or choose another output")
+        return _generate(args, texts, outputs)
 
+
+def _generate(args, texts: list[str], outputs: list[Path]) -> int:
+    """The model, tokenizers and context loaded once, then a wav per text (the outputs locked and checked)."""
     if args.adapter:
         read_adapter(args.adapter)  # a bad adapter fails before the model loads
     device = resolve_device(args.device)
-    context = context_segments(args.context_audio, args.context_text, args.context_speaker)
     precision = resolve_precision(args.precision, device)
     source = resolve_source(args.model, args.revision)  # a hub repo is fetched once, at the pinned revision
+    names = model_speaker_names(source, args.speakers)
+    speaker = parse_speaker(args.speaker, names)
+    context = context_segments(args.context_audio, args.context_text, args.context_speaker, names)
     model = load_model(source, device=device, dtype=DTYPES[precision])
     if args.adapter:
         load_adapter(model, args.adapter)

@@ -9,6 +9,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -129,7 +130,14 @@ def storage_for(url: str):
     if url.startswith("journal:") or url.endswith((".log", ".journal")):
         from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+        path = Path(url.removeprefix("journal:")).expanduser()
+        if not path.parent.is_dir():
+            raise UserError(f"--storage {url}: the folder {path.parent} does not exist; create it, or give a journal "
+                            "file in a folder every worker can reach")
+        try:
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        except OSError as e:
+            raise UserError(f"--storage {url}: cannot write the journal file ({e.strerror or e})") from None
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
@@ -361,26 +369,62 @@ def base_values(args) -> dict:
 MARKER_NAME = "sweep.json"  # which study an output directory belongs to
 
 
-def prepare_output_dir(out: Path, args) -> OutputLock:
-    """An output directory for this study: new, or one that already holds the same study (continued),
-    or anything else only with --overwrite (then emptied). Locked, so one sweep process writes it."""
-    check_output_dir(out, "--output_dir")
-    existing = dir_entries(out)
+def study_of(out: Path) -> str | None:
+    """The study an output directory belongs to (its marker), or None."""
     marker = out / MARKER_NAME
     try:
-        owner = json.loads(marker.read_text()).get("study_name") if marker.is_file() else None
+        return json.loads(marker.read_text()).get("study_name") if marker.is_file() else None
     except (OSError, ValueError, AttributeError):
-        owner = None
-    foreign = bool(existing) and owner != args.study_name
-    if foreign and not args.overwrite:
+        return None
+
+
+def prepare_output_dir(out: Path, args) -> OutputLock:
+    """Lock the output directory, then refuse it unless it is new, holds this study already (continued), or
+    --overwrite is given; it is claimed (emptied, marked) only once the study's storage has opened."""
+    check_output_dir(out, "--output_dir")
+    lock = OutputLock(out / LOCK_NAME, f"--output_dir {out}").acquire()  # lock, then look (see OutputLock)
+    existing, owner = dir_entries(out), study_of(out)
+    if existing and owner != args.study_name and not args.overwrite:
+        lock.release()
         what = f"study {owner!r}" if owner else f"other files ({', '.join(existing[:4])})"
         raise UserError(f"--output_dir {out} holds {what}; trials of study {args.study_name!r} would mix with them. "
                         "Choose another --output_dir, the same --study_name to continue, or --overwrite to replace it")
-    lock = OutputLock(out / LOCK_NAME, f"--output_dir {out}").acquire()
-    if foreign:
-        clear_dir(out)
-    write_text_atomic(marker, json.dumps({"study_name": args.study_name}) + "\n")
     return lock
+
+
+# Where the run is longest or shortest, for the warmup check: the largest batches and accumulation and the fewest
+# epochs or steps give the fewest optimizer steps, against the longest warmup.
+_LENGTH_EXTREMES = (("warmup_steps", max), ("batch_size", max), ("max_tokens", max), ("grad_acc_steps", max),
+                    ("n_epochs", min), ("max_steps", min))
+
+
+def _candidates(spec: dict) -> list:
+    return {"categorical": lambda: spec["values"], "fixed": lambda: [spec["value"]]}.get(
+        spec["type"], lambda: [spec["min"], spec["max"]])()
+
+
+def check_trial_lengths(base: dict, space: dict, data: str) -> None:
+    """The training config's launch and run-length checks (no fsdp outside torchrun; warmup shorter than the run,
+    a train split that gives batches), before any trial starts, for the settings the space can draw that make
+    them hardest to pass."""
+    from training import check_launch, check_warmup, planned_steps
+
+    try:
+        check_launch(config_mod.make_config(base, "sweep"))  # trials are plain processes, never torchrun's
+    except UserError as e:
+        raise UserError(f"every trial would fail: {e}") from None
+    worst = dict(base)
+    for key, pick in _LENGTH_EXTREMES:
+        values = [v for v in _candidates(space[key]) if v] if key in space else []
+        if values:
+            worst[key] = pick(values)
+    drawn = {k: worst[k] for k, _ in _LENGTH_EXTREMES if k in space and k in worst}
+    try:
+        cfg = config_mod.make_config(worst, "sweep")
+        check_warmup(cfg, planned_steps(cfg, data))
+    except UserError as e:
+        where = f"trials that draw {', '.join(f'{k}={v}' for k, v in drawn.items())}" if drawn else "every trial"
+        raise UserError(f"{where} would fail: {e}") from None
 
 
 def check_args(args) -> None:
@@ -416,14 +460,33 @@ def run_sweep(args) -> int:
         args.n_gpus = torch.cuda.device_count()
     if args.n_gpus > torch.cuda.device_count():
         raise UserError(f"--n_gpus {args.n_gpus}, but {torch.cuda.device_count()} GPU(s) are visible")
-    with prepare_output_dir(out, args):
-        return _run_study(args, out, base, space)
+    check_trial_lengths(base, space, args.data)
+    created = not out.exists()
+    try:
+        with prepare_output_dir(out, args):
+            return _run_study(args, out, base, space)
+    except BaseException:
+        if created and not dir_entries(out):
+            shutil.rmtree(out, ignore_errors=True)  # a start that failed leaves no directory behind
+        raise
+
+
+def _claim(out: Path, args) -> None:
+    """Make the (locked) output directory this study's: emptied first if it held anything else (--overwrite)."""
+    if dir_entries(out) and study_of(out) != args.study_name:
+        clear_dir(out)
+    write_text_atomic(out / MARKER_NAME, json.dumps({"study_name": args.study_name}) + "\n")
 
 
 def _run_study(args, out: Path, base: dict, space: dict) -> int:
-    args.storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     args.output_dir = str(out)
     args.deadline = time.time() + args.timeout if args.timeout else None
+    if args.storage:  # a storage of the user's is proven usable before the output directory is touched
+        make_study(args, storage_for(args.storage))
+        _claim(out, args)
+    else:
+        _claim(out, args)
+        args.storage = f"sqlite:///{(out / 'study.db').resolve()}"
     study = make_study(args, storage_for(args.storage))
     if mark_interrupted_trials(study):
         print("trials left running by a killed earlier run were marked failed; they will be redone")
@@ -479,6 +542,10 @@ def _run_study(args, out: Path, base: dict, space: dict) -> int:
     if interrupted:
         print("interrupted; run the same command again to continue the study", file=sys.stderr)
         return 130
+    if TrialState.COMPLETE not in states:
+        print(f"error: no trial of study {args.study_name!r} completed (see the reasons above and in "
+              f"{out / 'trials.csv'})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from speech_metrics import DEFAULT_ASR
-from utils import OutputLock, UserError, check_number, check_output_file, resolve_device, run_cli
+from utils import UserError, check_number, check_output_file, lock_beside, resolve_device, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     if output.suffix.lower() != ".csv":
         raise UserError(f"--output {output}: give a file name ending in .csv")
     partial = output.with_name(output.name + ".partial.jsonl")
-    if output.exists() and not args.overwrite and not partial.exists():
-        raise UserError(f"--output {output} exists; pass --overwrite to replace it, or choose another output")
-    with OutputLock(output.with_name(output.name + ".lock"), f"--output {output}"):
+    with lock_beside(output, f"--output {output}"):  # lock, then look (see OutputLock)
+        if output.exists() and not args.overwrite and not partial.exists():
+            raise UserError(f"--output {output} exists; pass --overwrite to replace it, or choose another output")
         asr = None
         if args.asr.lower() != "none":
             from speech_metrics import ASR

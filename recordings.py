@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import UserError, atomic_path, write_text_atomic
+from metadata import visible_text
+from utils import UserError, append_line, atomic_path, not_a_file, write_text_atomic
 
 VAD_RATE = 16_000  # silero-vad and Whisper both listen at 16 kHz
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif")
@@ -96,6 +97,8 @@ def find_audio(paths: list[str]) -> list[Path]:
             found.extend(q for q in sorted(path.rglob("*")) if q.is_file() and q.suffix.lower() in AUDIO_EXTENSIONS)
         elif path.is_file():
             found.append(path)
+        elif path.exists():
+            raise UserError(f"--audio {p} {not_a_file(path)}; give audio files or directories")
         else:
             raise UserError(f"--audio {p}: no such file or directory")
     unique = list(dict.fromkeys(q.resolve() for q in found))
@@ -105,23 +108,25 @@ def find_audio(paths: list[str]) -> list[Path]:
 
 
 def speaker_ids(files: list[Path], fixed: int | None) -> dict[Path, int]:
-    """Each file's speaker id: --speaker for all; else the parent folder's name when it is a number, else
-    the folders numbered in sorted order of their names."""
+    """Each file's speaker id: --speaker for all; else the parent folder's name when it is a number ("7", but
+    not "007"), else the other folders numbered in sorted order of their names."""
     if fixed is not None:
         return {f: fixed for f in files}
-    from metadata import speaker_numbers
+    from metadata import speaker_id, speaker_numbers
 
-    mapping = speaker_numbers(f.parent.name for f in files)
-    return {f: mapping[f.parent.name] for f in files}
+    names = speaker_numbers(f.parent.name for f in files)
+    return {f: speaker_id(f.parent.name, names) for f in files}
 
 
 def read_16k(path: Path) -> tuple[np.ndarray, float]:
     """A file as 16 kHz mono float32, and its duration in seconds."""
-    from audio_io import read_mono, resample
+    from audio_io import AudioError, read_mono, resample
 
     mono, rate = read_mono(str(path), path)
     if len(mono) == 0:
-        raise UserError("empty audio file")
+        raise AudioError(path, "empty audio file")
+    if not np.isfinite(mono).all():  # silero-vad would find no speech in it, which says the wrong thing
+        raise AudioError(path, "audio holds NaN or infinite samples")
     return resample(mono, rate, VAD_RATE).astype(np.float32), len(mono) / rate
 
 
@@ -154,10 +159,7 @@ class Progress:
                 continue  # a line cut short by the kill
 
     def add(self, entry: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.path, json.dumps(entry), sync=True)
         if "file" in entry:
             self.done[entry["file"]] = entry
 
@@ -223,10 +225,11 @@ def _one_file(path: Path, vad, s: CutSettings, asr, speaker: int, conversations:
     rows = []
     for (a, b), text in zip(kept, texts):
         a, b = round(a, 3), round(min(b, seconds), 3)
-        if asr is not None and not text.strip():
+        text = visible_text(text)
+        if asr is not None and not text:
             skipped.append({"path": str(path), "start": a, "end": b, "reason": "empty transcript"})
             continue
-        row = {"path": str(path), "start": a, "end": b, "text": text.strip(), "speaker": speaker}
+        row = {"path": str(path), "start": a, "end": b, "text": text, "speaker": speaker}
         if conversations:
             row.update(conversation=str(path), turn=a)
         rows.append(row)

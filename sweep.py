@@ -11,16 +11,22 @@ The command line only: the study is optuna_sweep.run_sweep.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from optuna_sweep import METRICS, run_sweep
 from utils import run_cli
 
 
+CONFIGS = Path(__file__).resolve().parent / "configs"  # the defaults work from any directory
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Optuna hyperparameter sweep; each trial runs train.py's training loop.")
     p.add_argument("--data", required=True, help="HDF5 file from pretokenize.py (needs a val split for val_loss)")
-    p.add_argument("--sweep_config", default="configs/sweep.yaml", help="YAML search space")
-    p.add_argument("--base_config", default="configs/finetune.yaml", help="training config the trials start from")
+    p.add_argument("--sweep_config", default=str(CONFIGS / "sweep.yaml"),
+                   help="YAML search space (default: this tool's configs/sweep.yaml)")
+    p.add_argument("--base_config", default=str(CONFIGS / "finetune.yaml"),
+                   help="training config the trials start from (default: this tool's configs/finetune.yaml)")
     p.add_argument("--output_dir", default="./sweep", help="study.db, trials/, best_config.yaml, trials.csv, plots")
     p.add_argument("--n_trials", type=int, default=20, help="total trials in the study, across all workers")
     p.add_argument("--n_gpus", type=int, default=None, help="one worker per GPU (default: all visible GPUs)")

@@ -5,7 +5,9 @@ train.py and every sweep trial run.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -33,7 +35,9 @@ from loss import combine_loss, compute_loss, plan_targets, weighted_loss
 from optim import make_optimizer, make_scheduler
 from tracking import Tracker, make_tracker
 from utils import (LOCK_NAME, OutputLock, Runtime, UserError, all_reduce_sum, atomic_path, autocast, check_output_dir,
-                   clear_dir, compute_init, dir_entries, first_existing, peak_memory_bytes, print0, resolve_precision, seed_everything)
+                   clear_dir, compute_init, dir_entries, first_existing, peak_memory_bytes, print0, resolve_precision, seed_everything,
+                   write_text_atomic)
+from token_file import SPEAKERS_NAME
 from tokenization import resolve_text_tokenizer
 from weights import build_model, copy_tokenizer_files, load_model, resolve_source, save_pretrained
 
@@ -291,12 +295,14 @@ class HFExports:
 
 
 def save_outputs(model: nn.Module, cfg: TrainConfig, out: Path, name: str, tokenizer_dir: Path | None,
-                 hf_exports: HFExports | None) -> None:
-    """name/ (merged weights, official layout, with the run's tokenizer files), name_hf/ (export_hf) and, for
-    a LoRA run, name_adapter/ (the adapter in peft's format)."""
+                 hf_exports: HFExports | None, speakers: dict[str, int]) -> None:
+    """name/ (merged weights, official layout, with the run's tokenizer files and the data's speaker names),
+    name_hf/ (export_hf) and, for a LoRA run, name_adapter/ (the adapter in peft's format)."""
     merged = merged_model(model)
     save_pretrained(merged, out / name)
     copy_tokenizer_files(tokenizer_dir, out / name)
+    if speakers:  # so that generate.py --model out/name --speaker alice finds alice
+        write_text_atomic(out / name / SPEAKERS_NAME, json.dumps(speakers, indent=1, sort_keys=True) + "\n")
     if hf_exports:
         hf_exports(merged, out / f"{name}_hf")
     if cfg.finetune == "lora":
@@ -350,11 +356,50 @@ def prepare_output_dir(out: Path, resume: str | None, overwrite: bool, rt: Runti
     check_output_dir(out, "--output_dir")
     if not rt.is_main:
         return None
+    lock = OutputLock(out / LOCK_NAME, f"--output_dir {out}").acquire()  # lock, then look (see OutputLock)
     existing = dir_entries(out)
     if existing and not resume and not overwrite:
+        lock.release()
         raise UserError(f"--output_dir {out} already holds a run ({', '.join(existing[:4])}); pass --resume to continue "
                         "it, --overwrite to replace it, or choose another directory")
-    return OutputLock(out / LOCK_NAME, f"--output_dir {out}").acquire()
+    return lock
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def check_launch(cfg: TrainConfig) -> None:
+    """Settings that need (or do not yet work with) the processes torchrun starts."""
+    if cfg.distributed == "fsdp" and not launched_by_torchrun():
+        raise UserError("distributed: fsdp shards the model over the processes torchrun starts, and this is one plain "
+                        "process; launch it as: torchrun --nproc_per_node NUM_GPUS train.py ... (or use distributed: ddp)")
+    if cfg.compile and cfg.distributed == "fsdp":
+        raise UserError("compile: true with distributed: fsdp is not tested yet; use distributed: ddp or compile: false")
+
+
+def loader_settings(cfg: TrainConfig, rt: Runtime) -> dict:
+    """make_loader's batching, sharding and context arguments for a run."""
+    return dict(max_tokens=cfg.max_tokens, batch_size=None if cfg.max_tokens else cfg.batch_size, seed=cfg.seed,
+                rank=rt.rank, world_size=rt.world_size, context_mode=cfg.context_mode,
+                context_turns=cfg.context_turns, context_loss=cfg.context_loss)
+
+
+def run_length(cfg: TrainConfig, data: str, train_loader, rt: Runtime) -> int:
+    """The run's optimizer steps: max_steps, else n_epochs of the train loader's batches."""
+    if len(train_loader) == 0:
+        raise UserError(f"{data}: the train split gives no batches on {rt.world_size} process(es)")
+    return cfg.max_steps or math.ceil(cfg.n_epochs * len(train_loader) / cfg.grad_acc_steps)
+
+
+def planned_steps(cfg: TrainConfig, data: str) -> int:
+    """The optimizer steps a one-process run of `cfg` on `data` would take, from the train split's lengths alone
+    (what a sweep checks for each trial's settings before any trial starts)."""
+    from dataloaders import CSMDataset, make_loader
+
+    rt = Runtime(torch.device("cpu"))
+    train_set = CSMDataset(data, "train", partial=True, max_seq_len=cfg.max_seq_len)
+    return run_length(cfg, data, make_loader(train_set, shuffle=True, num_workers=0, **loader_settings(cfg, rt)), rt)
 
 
 def check_warmup(cfg: TrainConfig, total_steps: int) -> None:
@@ -383,13 +428,12 @@ def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device:
     the step) may raise to stop it (sweep pruning).
 
     `output_dir` must be empty or new unless `resume` (continue the run in it) or `overwrite` (replace it)."""
+    check_launch(cfg)
     rt = compute_init(device)
-    if cfg.compile and rt.distributed and cfg.distributed == "fsdp":
-        raise UserError("compile: true with distributed: fsdp is not tested yet; use distributed: ddp or compile: false")
     out = Path(output_dir)
-    created = not out.exists()
-    lock = prepare_output_dir(out, resume, overwrite, rt)
+    created, lock = not out.exists(), None
     try:
+        lock = prepare_output_dir(out, resume, overwrite, rt)
         return _train(cfg, data, out, rt, resume, overwrite, on_eval, progress)
     except BaseException:
         if created and rt.is_main and not dir_entries(out):
@@ -402,7 +446,7 @@ def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device:
 
 def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progress) -> TrainResult:
     from dataloaders import CSMDataset, default_num_workers, make_loader
-    from token_file import open_splits
+    from token_file import open_splits, speaker_names
 
     ckpt_dir = out / "checkpoints"
     precision = resolve_precision(cfg.precision, rt.device)
@@ -413,20 +457,15 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
     if not Path(data).is_file():
         raise UserError(f"--data {data}: no such file (make one with pretokenize.py)")
     splits = open_splits(data)
+    speakers = speaker_names(data)
     if "train" not in splits:
         raise UserError(f"{data} has no 'train' split (found: {', '.join(splits) or 'nothing'})")
     train_set = CSMDataset(data, "train", partial=cfg.partial_data_loading, max_seq_len=cfg.max_seq_len)
     val_set = CSMDataset(data, "val", partial=cfg.partial_data_loading, max_seq_len=cfg.max_seq_len) if "val" in splits else None
-    batching = dict(max_tokens=cfg.max_tokens, batch_size=None if cfg.max_tokens else cfg.batch_size)
-    shard = dict(rank=rt.rank, world_size=rt.world_size)
-    context = dict(context_mode=cfg.context_mode, context_turns=cfg.context_turns, context_loss=cfg.context_loss)
     workers = default_num_workers(rt.device) if cfg.num_workers is None else cfg.num_workers
-    train_loader = make_loader(train_set, shuffle=True, seed=cfg.seed, num_workers=workers, **batching, **shard, **context)
-    val_loader = make_loader(val_set, shuffle=False, seed=cfg.seed, num_workers=workers, **batching, **shard,
-                             **context) if val_set else None
-    if len(train_loader) == 0:
-        raise UserError(f"{data}: the train split gives no batches on {rt.world_size} process(es)")
-    total_steps = cfg.max_steps or math.ceil(cfg.n_epochs * len(train_loader) / cfg.grad_acc_steps)
+    train_loader = make_loader(train_set, shuffle=True, num_workers=workers, **loader_settings(cfg, rt))
+    val_loader = make_loader(val_set, shuffle=False, num_workers=workers, **loader_settings(cfg, rt)) if val_set else None
+    total_steps = run_length(cfg, data, train_loader, rt)
     check_warmup(cfg, total_steps)
 
     # The base model is resolved once (a hub repo: fetched once, at model_revision) and everything that
@@ -494,7 +533,7 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
     final_val = None
     stopped_early = False
     pbar = tqdm(total=total_steps, initial=loop.step, disable=not (rt.is_main and progress), desc="train", unit="step")
-    with StopFlag() as stop:
+    with StopFlag() as stop, pbar:  # the bar is closed before an error is printed, so the error is the last line
         while loop.step < total_steps:
             whole.drop()  # the previous step's whole copy (FSDP), before training needs the memory again
             t0 = time.perf_counter()
@@ -542,7 +581,7 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
                 loop.best_score = score
                 best_model = whole.get()
                 if rt.is_main:
-                    save_outputs(best_model, cfg, out, "best", tokenizer_dir, hf_exports)
+                    save_outputs(best_model, cfg, out, "best", tokenizer_dir, hf_exports, speakers)
             if evaluated and on_eval is not None:
                 on_eval(step, evaluated)
             if (cfg.save_every and step % cfg.save_every == 0) or last or stop.requested:
@@ -556,11 +595,10 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
             if stop.requested:
                 stopped_early = not last
                 break
-    pbar.close()
     if not stopped_early:
         final_model = whole.get()  # the last step's copy when it made one: the weights have not changed since
         if rt.is_main:
-            save_outputs(final_model, cfg, out, "final", tokenizer_dir, hf_exports)
+            save_outputs(final_model, cfg, out, "final", tokenizer_dir, hf_exports, speakers)
     whole.drop()
     tracker.finish()
     if rt.distributed:

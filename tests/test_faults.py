@@ -22,10 +22,10 @@ RUN_FLAGS = ["--device", "cpu", "--wandb_mode", "disabled", "--gen_every", "0", 
              "--batch_size", "4", "--warmup_steps", "1", "--log_every", "1", "--learning_rate", "1e-3"]
 
 
-def cli(script, *args, timeout=300, env=None):
-    """Run a script as a user would; returns (exit status, stderr)."""
-    proc = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+def cli(script, *args, timeout=300, env=None, cwd=ROOT):
+    """Run a script as a user would (from `cwd`); returns (exit status, stderr)."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     return proc.returncode, proc.stderr
 
 
@@ -290,7 +290,7 @@ def test_generate_bad_outputs_and_inputs_fail_before_any_work(assets, tmp_path):
         (["--output", tmp_path / "file" / "o.wav"], "is a file"),
         (["--output", wav, "--context_audio", wav, "--context_text", "x", "--context_speaker", "0"], "also an input"),
         (["--output", tmp_path / "o.wav", "--context_audio", tmp_path, "--context_text", "x", "--context_speaker", "0"],
-         "not found"),
+         "audio path is a directory"),
         (["--output", tmp_path / "o.wav", "--context_audio", tmp_path / "file", "--context_text", "x",
           "--context_speaker", "0"], "unreadable audio"),
     ]
@@ -392,7 +392,8 @@ def test_sweep_bad_files_and_other_studies(data, tmp_path):
     old.mkdir()
     (old / "sweep.json").write_text(json.dumps({"study_name": "first"}))
     (old / "trials").mkdir()
-    rc, err = cli("sweep.py", "--data", data, "--output_dir", old, "--study_name", "second", "--max_steps", "2")
+    rc, err = cli("sweep.py", "--data", data, "--output_dir", old, "--study_name", "second", "--max_steps", "6",
+                  "--sweep_config", ROOT / "configs" / "sweep_demo.yaml")
     assert_clear_error(rc, err, "holds study 'first'")
     assert sorted(p.name for p in old.iterdir()) == ["sweep.json", "trials"]
 
@@ -489,7 +490,7 @@ def test_two_pretokenize_runs_on_one_output_get_a_clear_message(assets, tmp_path
     from utils import OutputLock, UserError
 
     (tmp_path / "m.csv").write_text("path,text\na.wav,hi\n")
-    with OutputLock(tmp_path / "o.hdf5.partial" / ".lock", "the other run"):
+    with OutputLock(tmp_path / "o.hdf5.lock", "the other run"):
         with pytest.raises(UserError, match="in use by another running process"):
             pretokenize.main(["--train_data", str(tmp_path / "m.csv"), "--output", str(tmp_path / "o.hdf5"),
                               "--text_tokenizer", str(assets["text_tokenizer"]), "--mimi_weights", str(assets["mimi"])])

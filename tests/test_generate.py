@@ -149,11 +149,18 @@ def test_context_turns_change_the_output(model, text_tokenizer, mimi):
 
 
 def test_lines_file_writes_one_wav_per_line(assets, tmp_path):
+    """Line N's wav is _{N-1:03d} whatever blank lines stand before it; existing wavs need --overwrite."""
     lines = tmp_path / "lines.txt"
-    lines.write_text("First line.\n\nSecond line.\n")
-    assert generate.main(_cli(assets, "--lines", str(lines), "--output", str(tmp_path / "out.wav"),
-                              "--max_audio_seconds", "0.16")) == 0
-    assert sorted(p.name for p in tmp_path.glob("out_*.wav")) == ["out_000.wav", "out_001.wav"]
+    lines.write_text("\ufeffFirst line.\n\n  \nFourth line.\n")
+    args = _cli(assets, "--lines", str(lines), "--output", str(tmp_path / "out.wav"), "--max_audio_seconds", "0.16")
+    assert generate.main(args) == 0
+    assert sorted(p.name for p in tmp_path.glob("out_*.wav")) == ["out_000.wav", "out_003.wav"]
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("out_*.wav")}
+    with pytest.raises(utils.UserError, match="out_000.wav exists .and 1 more.; pass --overwrite"):
+        generate.main(args)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("out_*.wav")} == before
+    assert generate.main([*args, "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lines.txt", "out_000.wav", "out_003.wav"]  # no lock left
 
 
 def test_user_errors(model, text_tokenizer, mimi):

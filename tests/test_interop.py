@@ -300,7 +300,7 @@ def test_export_refuses_to_lose_work(assets, tmp_path):
     with pytest.raises(UserError, match="exists and is not empty; pass --overwrite"):
         export.main(["--model", str(assets["model"]), "--to", "official", "--output", str(out)])
     assert (out / "keep.txt").read_text() == "mine"
-    with pytest.raises(UserError, match="is the model being exported"):
+    with pytest.raises(UserError, match=r"is also an input \(--model"):
         export.main(["--model", str(assets["model"]), "--to", "official", "--output", str(assets["model"]), "--overwrite"])
     with pytest.raises(UserError, match="is a file"):
         export.main(["--model", str(assets["model"]), "--to", "official", "--output", str(out / "keep.txt")])
