@@ -166,6 +166,7 @@ def make_whisper(directory: str | Path, seed: int = 0) -> Path:
     generation config (language and task tokens), so the ASR pipeline runs it as it runs the real one.
     Its transcripts are gibberish."""
     import json
+    import unicodedata
 
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
@@ -184,6 +185,10 @@ def make_whisper(directory: str | Path, seed: int = 0) -> Path:
     tokenizer = WhisperTokenizer(vocab=vocab, merges=merges, pad_token=eot)
     tokenizer.add_special_tokens({"additional_special_tokens": specials})
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in [eot, *specials]}
+    # Byte tokens that decode to control characters are never emitted (the real Whisper never writes them, and a
+    # transcript of them counts as empty), so the random model's gibberish is printable gibberish.
+    control = [i for i in range(len(tokenizer))
+               if any(unicodedata.category(ch) == "Cc" for ch in tokenizer.decode([i]))]
     config = WhisperConfig(vocab_size=len(tokenizer), num_mel_bins=80, d_model=16, encoder_layers=1, decoder_layers=1,
                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
                            max_target_positions=64, pad_token_id=ids[eot], bos_token_id=ids[eot], eos_token_id=ids[eot],
@@ -192,7 +197,7 @@ def make_whisper(directory: str | Path, seed: int = 0) -> Path:
     model = WhisperForConditionalGeneration(config)
     model.generation_config = GenerationConfig(
         decoder_start_token_id=ids["<|startoftranscript|>"], bos_token_id=ids[eot], eos_token_id=ids[eot],
-        pad_token_id=ids[eot], max_length=24, is_multilingual=True, begin_suppress_tokens=[],
+        pad_token_id=ids[eot], max_length=24, is_multilingual=True, begin_suppress_tokens=[], suppress_tokens=control,
         no_timestamps_token_id=ids["<|notimestamps|>"],
         lang_to_id={f"<|{lang}|>": ids[f"<|{lang}|>"] for lang in WHISPER_LANGUAGES},
         task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]})

@@ -13,7 +13,9 @@ if str(ROOT) not in sys.path:
 # Tests must never reach the network, whatever the machine's settings.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (make test runs 2 workers) each worker takes one thread, so the workers do not fight over
+# the cores; alone, the suite takes two.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 def bench_module(name: str):
