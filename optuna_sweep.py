@@ -481,13 +481,12 @@ def _claim(out: Path, args) -> None:
 def _run_study(args, out: Path, base: dict, space: dict) -> int:
     args.output_dir = str(out)
     args.deadline = time.time() + args.timeout if args.timeout else None
-    if args.storage:  # a storage of the user's is proven usable before the output directory is touched
-        make_study(args, storage_for(args.storage))
-        _claim(out, args)
-    else:
-        _claim(out, args)
+    # A storage of the user's is opened before the output directory is touched; the default one lives in it.
+    study = make_study(args, storage_for(args.storage)) if args.storage else None
+    _claim(out, args)
+    if study is None:
         args.storage = f"sqlite:///{(out / 'study.db').resolve()}"
-    study = make_study(args, storage_for(args.storage))
+        study = make_study(args, storage_for(args.storage))
     if mark_interrupted_trials(study):
         print("trials left running by a killed earlier run were marked failed; they will be redone")
     done = budget_used(study)

@@ -124,3 +124,16 @@ def write_token_file(path, n_train=12, n_val=4, seed=0, codebooks=32, audio_fram
 @pytest.fixture
 def token_file(tmp_path):
     return write_token_file(tmp_path / "tokens.hdf5")
+
+
+def wandb_log(run_dir, keys, timeout: float = 30.0) -> bytes:
+    """An offline W&B run's log (protobuf) once it holds every key: W&B's core process may still be writing it
+    when run.finish() returns (seen on a loaded machine, with the log holding only its header)."""
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        log = next(Path(run_dir).glob("*.wandb")).read_bytes()
+        if all(key.encode() in log for key in keys) or time.time() > deadline:
+            return log
+        time.sleep(0.5)

@@ -3,6 +3,7 @@ what was being written and how much room is left, exits non-zero, and leaves no 
 
 Mounting needs root (CI runs as root); elsewhere these tests are skipped with the reason."""
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -59,19 +60,21 @@ def test_pretokenize_on_a_full_disk(assets, small_disk, tmp_path):
     assert not (disk / "tokens.hdf5").exists() and not no_temp_files(disk)
 
 
-def test_export_on_a_full_disk(assets, small_disk):
+def test_export_and_generate_on_a_full_disk(assets, small_disk):
+    """Their main() in this process (the command line's one line is run_cli printing this same error)."""
+    import export
+    import generate
+    from utils import DiskFullError
+
     disk = small_disk("4m")
-    rc, err = cli("export.py", "--model", assets["model"], "--to", "official", "--output", disk / "exported")
-    assert_disk_full(rc, err, str(disk / "exported"))
+    with pytest.raises(DiskFullError, match=f"while writing {re.escape(str(disk / 'exported'))} .* MiB free in"):
+        export.main(["--model", str(assets["model"]), "--to", "official", "--output", str(disk / "exported")])
     assert sorted(p.name for p in disk.iterdir()) == []  # no temp directory, no lock
-
-
-def test_generate_on_a_full_disk(assets, small_disk):
     disk = small_disk("4k")
-    rc, err = cli("generate.py", "--model", assets["model"], "--text", "Hello there.", "--output", disk / "hi.wav",
-                  "--device", "cpu", "--text_tokenizer", assets["text_tokenizer"], "--mimi_weights", assets["mimi"],
-                  "--max_audio_seconds", "0.4")
-    assert_disk_full(rc, err, str(disk / "hi.wav"))
+    with pytest.raises(DiskFullError, match=f"while writing {re.escape(str(disk / 'hi.wav'))} .* MiB free in"):
+        generate.main(["--model", str(assets["model"]), "--text", "Hello there.", "--output", str(disk / "hi.wav"),
+                       "--device", "cpu", "--text_tokenizer", str(assets["text_tokenizer"]),
+                       "--mimi_weights", str(assets["mimi"]), "--max_audio_seconds", "0.4"])
     assert sorted(p.name for p in disk.iterdir()) == []
 
 

@@ -4,7 +4,6 @@ training loop's eval_every / select_best_by / sweep --metric."""
 import csv
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, write_token_file
+from conftest import ROOT, wandb_log, write_token_file
 from test_faults import assert_clear_error, cli
 
 SAMPLE = ROOT / "data" / "sample"
@@ -321,12 +320,9 @@ def test_quality_evaluation_goes_to_wandb_as_a_table(assets, judges, pretokenize
     assert table["columns"][-2:] == ["generated", "reference"] and len(table["data"]) == 2
     staged = [p for p in (tmp_path / "wandb-data").rglob("*") if p.is_file()]
     assert sum(p.read_bytes()[:4] == b"RIFF" for p in staged) == 4  # generated + reference audio of 2 items
-    keys = [key.encode() for key in ("eval_items", "wer", "cer", "speaker_sim", "eos_rate")]
-    deadline = time.time() + 30  # W&B's core process may still be writing its log when finish() returns (seen under load)
-    while not all(key in next(run_dir.glob("*.wandb")).read_bytes() for key in keys) and time.time() < deadline:
-        time.sleep(0.5)
-    log = next(run_dir.glob("*.wandb")).read_bytes()
-    assert all(key in log for key in keys), [k for k in keys if k not in log]
+    keys = ("eval_items", "wer", "cer", "speaker_sim", "eos_rate")
+    log = wandb_log(run_dir, keys)
+    assert all(key.encode() in log for key in keys), [k for k in keys if k.encode() not in log]
 
 
 @pytest.mark.slow

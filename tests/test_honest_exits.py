@@ -3,6 +3,7 @@ that did not do what was asked exits non-zero with one clear line; odd inputs (a
 samples, control characters) get the reason they deserve."""
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,11 @@ import soundfile as sf
 import torch
 from safetensors.torch import save_file
 
+import evaluate
+import sweep
 from conftest import write_token_file
 from test_faults import assert_clear_error, cli
+from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
@@ -27,6 +31,14 @@ def data(tmp_path_factory):
 def _pretokenize_cli(assets, *args):
     return cli("pretokenize.py", *args, "--device", "cpu", "--text_tokenizer", assets["text_tokenizer"],
                "--mimi_weights", assets["mimi"])
+
+
+def _pretokenize(assets, *args):
+    """pretokenize.py's main() in this process (its command line is tested above)."""
+    import pretokenize
+
+    return pretokenize.main([*map(str, args), "--device", "cpu", "--text_tokenizer", str(assets["text_tokenizer"]),
+                             "--mimi_weights", str(assets["mimi"])])
 
 
 # --------------------------------------------------------------------------- exit statuses
@@ -65,11 +77,11 @@ def test_a_sweep_checks_warmup_against_run_length_before_any_trial(data, assets,
     space = tmp_path / "space.yaml"
     space.write_text("warmup_steps: {type: int, min: 0, max: 50}\nbatch_size: {type: categorical, values: [2, 4]}\n")
     out = tmp_path / "s"
-    rc, err = cli("sweep.py", "--data", data, "--output_dir", out, "--model", assets["model"], "--n_epochs", 3,
-                  "--sweep_config", space, "--set", "max_tokens=null")
     # 8 rows in batches of 4 for 3 epochs: 6 steps, which warmup_steps=50 never leaves.
-    assert_clear_error(rc, err, "trials that draw warmup_steps=50, batch_size=4 would fail: warmup_steps 50 is not "
-                                "shorter than the run (6 optimizer steps)")
+    with pytest.raises(UserError, match=re.escape("trials that draw warmup_steps=50, batch_size=4 would fail: "
+                                                  "warmup_steps 50 is not shorter than the run (6 optimizer steps)")):
+        sweep.main([str(a) for a in ("--data", data, "--output_dir", out, "--model", assets["model"], "--n_epochs", 3,
+                                     "--sweep_config", space, "--set", "max_tokens=null")])
     assert not out.exists()
 
 
@@ -93,12 +105,16 @@ def test_unusable_sweep_storage_is_one_line_and_leaves_nothing(data, assets, tmp
                  ("bogus://what", "--storage bogus://")]
         if mounted:
             cases.append((f"{ro / 'j.log'}", "cannot write the journal file"))
-        for storage, message in cases:
-            out = tmp_path / "s"
-            rc, err = cli("sweep.py", "--data", data, "--output_dir", out, "--model", assets["model"], "--max_steps", 6,
-                          "--sweep_config", ROOT / "configs" / "sweep_demo.yaml", "--storage", storage)
-            assert_clear_error(rc, err, message)
-            assert not out.exists(), storage  # no sweep.json, no directory
+        out = tmp_path / "s"
+        args = ["--data", data, "--output_dir", out, "--model", assets["model"], "--max_steps", 6,
+                "--sweep_config", ROOT / "configs" / "sweep_demo.yaml", "--storage"]
+        rc, err = cli("sweep.py", *args, cases[0][0])  # one through the command line; the rest in this process
+        assert_clear_error(rc, err, cases[0][1])
+        assert not out.exists()  # no sweep.json, no directory
+        for storage, message in cases[1:]:
+            with pytest.raises(UserError, match=re.escape(message)):
+                sweep.main([*map(str, args), storage])
+            assert not out.exists(), storage
     finally:
         if mounted:
             os.system(f"umount {ro}")
@@ -123,9 +139,9 @@ def test_an_adapter_that_does_not_fit_the_model_is_one_line(assets, tmp_path):
     rc, err = cli("generate.py", *common, "--text", "Hi.", "--output", tmp_path / "a.wav")
     assert_clear_error(rc, err, "does not fit this model: its LoRA for backbone.layers.0.attn.q_proj has A (4, 999)")
     judges = tiny_assets.make_judges(tmp_path / "judges")
-    rc, err = cli("evaluate.py", *common, "--eval_data", SAMPLE / "train.csv", "--output_dir", tmp_path / "e",
-                  "--asr", judges["asr"], "--speaker_model", judges["speaker_model"])
-    assert_clear_error(rc, err, "does not fit this model")
+    with pytest.raises(UserError, match="does not fit this model"):
+        evaluate.main([*map(str, common), "--eval_data", str(SAMPLE / "train.csv"), "--output_dir", str(tmp_path / "e"),
+                       "--asr", str(judges["asr"]), "--speaker_model", str(judges["speaker_model"])])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "judges"]
 
 
@@ -133,10 +149,12 @@ def test_an_adapter_that_does_not_fit_the_model_is_one_line(assets, tmp_path):
 
 
 def test_prepare_names_a_fifo_and_nan_samples(tmp_path):
+    import prepare
+
     fifo = tmp_path / "pipe.wav"
     os.mkfifo(fifo)
-    rc, err = cli("prepare.py", "--audio", fifo, "--output", tmp_path / "m.csv", "--asr", "none")
-    assert_clear_error(rc, err, "is a FIFO (named pipe), not a regular file")
+    with pytest.raises(UserError, match=re.escape("is a FIFO (named pipe), not a regular file")):
+        prepare.main(["--audio", str(fifo), "--output", str(tmp_path / "m.csv"), "--asr", "none"])
     fifo.unlink()
     # 11 s of real speech with 45 ms of NaN in it: the reason is the NaN, not "no speech found".
     speech = np.concatenate([sf.read(p)[0] for p in sorted((SAMPLE / "clips").glob("train_*.flac"))[:4]])
@@ -156,8 +174,7 @@ def test_bad_dataset_audio_is_reported_without_object_reprs(assets, tmp_path):
     ds = Dataset.from_dict({"audio": [{"bytes": good, "path": "a.flac"}, {"bytes": b"not audio", "path": None}],
                             "text": ["Hello there.", "Broken."]}).cast_column("audio", Audio(decode=False))
     ds.save_to_disk(str(tmp_path / "ds"))
-    rc, err = _pretokenize_cli(assets, "--train_data", tmp_path / "ds", "--output", tmp_path / "o.hdf5")
-    assert rc == 0, err
+    assert _pretokenize(assets, "--train_data", tmp_path / "ds", "--output", tmp_path / "o.hdf5") == 0
     reason = pd.read_csv(tmp_path / "o.hdf5.skipped.csv")["reason"][0]
     assert reason == "unreadable audio (Format not recognised.)" and "0x" not in reason
 
@@ -188,8 +205,7 @@ def test_jsonl_metadata_with_a_byte_order_mark_is_read(assets, tmp_path):
     df = pd.read_csv(SAMPLE / "train.csv").head(2)
     df["path"] = [str(SAMPLE / p) for p in df["path"]]
     (tmp_path / "m.jsonl").write_bytes(b"\xef\xbb\xbf" + df.to_json(orient="records", lines=True).encode())
-    rc, err = _pretokenize_cli(assets, "--train_data", tmp_path / "m.jsonl", "--output", tmp_path / "o.hdf5")
-    assert rc == 0, err[-2000:]
+    assert _pretokenize(assets, "--train_data", tmp_path / "m.jsonl", "--output", tmp_path / "o.hdf5") == 0
     import h5py
 
     with h5py.File(tmp_path / "o.hdf5") as f:
@@ -197,8 +213,8 @@ def test_jsonl_metadata_with_a_byte_order_mark_is_read(assets, tmp_path):
 
 
 def test_a_sweep_refuses_fsdp_before_any_trial(data, assets, tmp_path):
-    rc, err = cli("sweep.py", "--data", data, "--output_dir", tmp_path / "s", "--model", assets["model"],
-                  "--max_steps", 6, "--sweep_config", ROOT / "configs" / "sweep_demo.yaml",
-                  "--set", "distributed=fsdp")
-    assert_clear_error(rc, err, "every trial would fail: distributed: fsdp shards the model over the processes torchrun")
+    with pytest.raises(UserError, match="every trial would fail: distributed: fsdp shards the model over the processes"):
+        sweep.main([str(a) for a in ("--data", data, "--output_dir", tmp_path / "s", "--model", assets["model"],
+                                     "--max_steps", 6, "--sweep_config", ROOT / "configs" / "sweep_demo.yaml",
+                                     "--set", "distributed=fsdp")])
     assert not (tmp_path / "s").exists()
