@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         except UnicodeDecodeError:
             raise UserError(f"--lines {path} is not a UTF-8 text file") from None
         # A line keeps its number whatever blank lines stand before it: line 4's wav is _003.
-        numbered = [(i, visible_text(line)) for i, line in enumerate(lines) if visible_text(line)]
+        numbered = [(i, text) for i, line in enumerate(lines) if (text := visible_text(line))]
         if not numbered:
             raise UserError(f"--lines {path} has no non-empty line")
         if len(numbered) < len(lines):
@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     inputs = [*args.context_audio, args.lines]
     for out in outputs:
         check_output_file(out, "--output", inputs=inputs)
+    if args.speakers or Path(args.model).expanduser().exists():  # a hub model's speakers.json comes with its files
+        parse_speaker(args.speaker, model_speaker_names(args.model, args.speakers))
     with lock_beside(output, f"--output {output}"):  # lock, then look (see OutputLock)
         existing = [str(out) for out in outputs if out.exists()]
         if existing and not args.overwrite:

@@ -90,6 +90,9 @@ def test_metadata_speaker_names_are_numbered_once_across_splits(assets, tmp_path
             assert said[-1] == expected
         with pytest.raises(UserError, match="neither an integer id nor one of the speaker names .alice, bob."):
             generate.main([*common, "--speaker", "carol", "--output", str(tmp_path / "c.wav")])
+        # A local model's names are checked first: before the output (bob.wav exists) and before any loading.
+        with pytest.raises(UserError, match="neither an integer id"):
+            generate.main([*common, "--speaker", "carol", "--output", str(tmp_path / "bob.wav")])
         (tmp_path / "other.json").write_text(json.dumps({"carol": 5}))
         generate.main([*common, "--speaker", "carol", "--speakers", str(tmp_path / "other.json"),
                        "--output", str(tmp_path / "c.wav")])
