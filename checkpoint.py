@@ -38,21 +38,35 @@ def step_path(directory: Path, step: int) -> Path:
     return directory / f"step_{step:07d}.pt"
 
 
-def _rng_state(generator_states: list[torch.Tensor]) -> dict:
+def _device_rng_state(rt: Runtime) -> torch.Tensor | None:
+    """The RNG state of this process's own GPU (dropout on CUDA draws from it); None on the CPU."""
+    return torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None
+
+
+def _rng_state(per_rank: list[tuple]) -> dict:
+    """Every RNG: the host's (as rank 0 has them), and per rank its decoder-frame generator and its GPU's state
+    (each rank draws from a device of its own; none touches the others')."""
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda_by_rank": [cuda for _, cuda in per_rank],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "python": random.getstate(),
-        "loss_generators": generator_states,  # one per rank
+        "loss_generators": [generator for generator, _ in per_rank],  # one per rank
     }
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, rt: Runtime) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if rt.device.type == "cuda":
+        # Only this rank's device: setting every visible GPU's state would open a CUDA context on each of them.
+        if "cuda_by_rank" in state:
+            cuda = state["cuda_by_rank"][rt.rank]
+        else:  # written before cuda_by_rank: rank 0's get_rng_state_all(), one state per visible device
+            index = torch.cuda.current_device() if rt.device.index is None else rt.device.index
+            cuda = state["cuda"][index] if index < len(state["cuda"]) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, rt.device)
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     version, internal, gauss = state["python"]
@@ -62,11 +76,11 @@ def _set_rng_state(state: dict) -> None:
 def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, loader, generator: torch.Generator,
                     cfg, loop: LoopState, rt: Runtime) -> None:
     """Write the full training state to `path` (rank 0 writes; every rank must call it)."""
-    # Every rank draws its own decoder frames: keep each rank's generator, not just rank 0's.
-    generators = [generator.get_state()]
+    # Every rank draws its own decoder frames and its own GPU's dropout: keep each rank's, not just rank 0's.
+    per_rank = [(generator.get_state(), _device_rng_state(rt))]
     if rt.distributed:
-        generators = [None] * rt.world_size
-        dist.all_gather_object(generators, generator.get_state())
+        per_rank = [None] * rt.world_size
+        dist.all_gather_object(per_rank, (generator.get_state(), _device_rng_state(rt)))
     sharded = is_sharded(model)
     if sharded:  # FSDP: every rank takes part in gathering the whole model and optimizer state
         model_state, optimizer_state = full_state_dict(model), optimizer_state_dict(model, optimizer)
@@ -87,7 +101,7 @@ def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, loader, 
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "loader": loader.state_dict(),
-        "rng": _rng_state(generators),
+        "rng": _rng_state(per_rank),
         "config": cfg.to_dict(),
         "best_val_loss": loop.best_val_loss,
         "nonfinite_streak": loop.nonfinite_streak,
@@ -147,12 +161,12 @@ def restore_checkpoint(path: Path, state: dict, *, model, optimizer, scheduler, 
         load_full_state_dict(model, state["model"])
     load_optimizer_state_dict(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    restore_scaler(scaler, state["scaler"])
     loader.load_state_dict(state["loader"])
-    _set_rng_state(state["rng"])
     if len(state["rng"]["loss_generators"]) != rt.world_size:
         raise UserError(f"{path} was saved by {len(state['rng']['loss_generators'])} process(es); "
                         f"resume it with as many (this run has {rt.world_size})")
+    _set_rng_state(state["rng"], rt)
     generator.set_state(state["rng"]["loss_generators"][rt.rank])
     changed = sorted(key for key, v in state["config"].items() if getattr(cfg, key, v) != v)
     print0(f"resumed from {path} at step {state['step']}" + (f" (config changed: {', '.join(changed)})" if changed else ""))
@@ -160,6 +174,18 @@ def restore_checkpoint(path: Path, state: dict, *, model, optimizer, scheduler, 
     best_by = state.get("best_by", "val_loss")
     best_score = state.get("best_score", state["best_val_loss"]) if best_by == cfg.select_best_by else float("inf")
     return LoopState(state["step"], state["best_val_loss"], state["nonfinite_streak"], best_score)
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
+    """The fp16 loss scale as saved. `precision: auto` may resolve differently on the resuming machine (bf16 on an
+    A100, fp16 on a V100 or T4): a run that saved none (bf16, fp32) resumes into fp16 with a fresh scale, and a
+    saved scale is of no use to a run that does not scale."""
+    if not scaler.is_enabled():
+        return
+    if not saved:
+        print0("note: the checkpoint was saved without fp16 loss scaling; this run scales from the default scale")
+        return
+    scaler.load_state_dict(saved)
 
 
 def prune_checkpoints(directory: Path, keep: int) -> None:

@@ -319,10 +319,11 @@ class ResumableLoader:
 
 def make_loader(dataset: CSMDataset, *, max_tokens: int | None = None, batch_size: int | None = None,
                 shuffle: bool = True, seed: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                pin_memory: bool | None = None, context_mode: str = "none", context_turns: int = 1,
+                pin_memory: bool = False, context_mode: str = "none", context_turns: int = 1,
                 context_loss: str = "none") -> ResumableLoader:
-    """A resumable loader over `dataset` with length-bucketed batches (pinned memory when CUDA is in use);
-    with a `context_mode` other than none, each example is composed with its context (context.py)."""
+    """A resumable loader over `dataset` with length-bucketed batches (in pinned memory with `pin_memory`: for a
+    run on a CUDA device, whose copies then need not wait); with a `context_mode` other than none, each example
+    is composed with its context (context.py)."""
     if max_tokens is not None:
         batch_size = None
     elif batch_size is None:
@@ -333,6 +334,4 @@ def make_loader(dataset: CSMDataset, *, max_tokens: int | None = None, batch_siz
                                  context_turns=context_turns, max_seq_len=dataset.max_seq_len, seed=seed)
     sampler = LengthBucketSampler(dataset.lengths, max_tokens=max_tokens, batch_size=batch_size, shuffle=shuffle,
                                   seed=seed, rank=rank, world_size=world_size, planner=planner)
-    if pin_memory is None:
-        pin_memory = torch.cuda.is_available()
     return ResumableLoader(dataset, sampler, num_workers=num_workers, pin_memory=pin_memory, context_loss=context_loss)

@@ -123,6 +123,14 @@ def mimi_device(mimi) -> torch.device:
     return next(mimi.parameters()).device
 
 
+def fp32_convolutions():
+    """cuDNN convolutions in full fp32 for encoding. By default PyTorch runs them in TF32 on Ampere and newer GPUs
+    (a 10-bit mantissa), and Mimi's codes, the training data, would then flip near-ties far more often than
+    fp32 on another device does."""
+    c = torch.backends.cudnn
+    return c.flags(enabled=c.enabled, benchmark=c.benchmark, deterministic=c.deterministic, allow_tf32=False)
+
+
 def frames_of(num_samples: int) -> int:
     """Mimi frames that `num_samples` samples at 24 kHz become (a started frame counts)."""
     return math.ceil(num_samples / SAMPLES_PER_FRAME)
@@ -140,7 +148,8 @@ def encode_audio(mimi, clips: list[np.ndarray], num_codebooks: int = NUM_CODEBOO
     batch = torch.zeros(len(clips), 1, width)
     for i, clip in enumerate(clips):
         batch[i, 0, :len(clip)] = torch.as_tensor(clip, dtype=torch.float32)
-    codes = mimi.encode(batch.to(mimi_device(mimi)), num_quantizers=num_codebooks).audio_codes.cpu().numpy()
+    with fp32_convolutions():
+        codes = mimi.encode(batch.to(mimi_device(mimi)), num_quantizers=num_codebooks).audio_codes.cpu().numpy()
     return [codes[i, :, :frames_of(len(clip))] for i, clip in enumerate(clips)]
 
 

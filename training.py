@@ -35,8 +35,8 @@ from loss import combine_loss, compute_loss, plan_targets, weighted_loss
 from optim import make_optimizer, make_scheduler
 from tracking import Tracker, make_tracker
 from utils import (LOCK_NAME, OutputLock, Runtime, UserError, all_reduce_sum, atomic_path, autocast, check_output_dir,
-                   clear_dir, compute_init, dir_entries, first_existing, peak_memory_bytes, print0, resolve_precision, seed_everything,
-                   write_text_atomic)
+                   clear_dir, compute_init, dir_entries, first_existing, launched_by_torchrun, peak_memory_bytes, print0,
+                   resolve_precision, seed_everything, write_text_atomic)
 from token_file import SPEAKERS_NAME
 from tokenization import resolve_text_tokenizer
 from weights import build_model, copy_tokenizer_files, load_model, resolve_source, save_pretrained
@@ -113,9 +113,11 @@ def train_step(loss_model: nn.Module, micro_batches: list, cfg: TrainConfig, rt:
     loss, c0, dec, real, padded, grad_norm = read_stats(torch.cat([stats, norm.detach().reshape(1).double()]))
     finite = math.isfinite(loss) and (math.isfinite(grad_norm) or scaler.is_enabled())
     if finite:
-        # With fp16 the scaler itself skips steps whose gradients overflowed and lowers the scale.
+        # With fp16 the scaler itself skips steps whose gradients overflowed.
         scaler.step(optimizer)
-        scaler.update()
+    # Also after a skipped step: update() ends the step that unscale_() began (without it the next unscale_()
+    # raises) and lowers the fp16 scale when the gradients overflowed. Disabled (bf16, fp32), it does nothing.
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return {"loss": loss, "c0_loss": c0, "decoder_loss": dec, "grad_norm": grad_norm, "finite": finite,
             "frames": real, "padding_fraction": 1 - real / max(padded, 1)}
@@ -365,10 +367,6 @@ def prepare_output_dir(out: Path, resume: str | None, overwrite: bool, rt: Runti
     return lock
 
 
-def launched_by_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
-
-
 def check_launch(cfg: TrainConfig) -> None:
     """Settings that need (or do not yet work with) the processes torchrun starts."""
     if cfg.distributed == "fsdp" and not launched_by_torchrun():
@@ -378,10 +376,23 @@ def check_launch(cfg: TrainConfig) -> None:
         raise UserError("compile: true with distributed: fsdp is not tested yet; use distributed: ddp or compile: false")
 
 
+def run_precision(cfg: TrainConfig, rt: Runtime) -> str:
+    """The run's precision (`auto` resolved for its device), refused where it would train wrongly."""
+    precision = resolve_precision(cfg.precision, rt.device)
+    if precision == "fp16" and cfg.distributed == "fsdp" and rt.distributed:
+        # The fp16 GradScaler decides per process whether gradients overflowed; sharded, the processes can decide
+        # differently, and then some shards take a step that others skip.
+        why = " (precision: auto picks fp16 on GPUs without bf16)" if cfg.precision == "auto" else ""
+        raise UserError(f"fp16 with distributed: fsdp is not supported{why}: use precision: bf16 on GPUs that have "
+                        "it, or distributed: ddp, or precision: fp32")
+    return precision
+
+
 def loader_settings(cfg: TrainConfig, rt: Runtime) -> dict:
-    """make_loader's batching, sharding and context arguments for a run."""
+    """make_loader's batching, sharding and context arguments for a run. Batches are pinned only for a run on
+    CUDA (a CPU run on a machine with a GPU would pin host memory for nothing)."""
     return dict(max_tokens=cfg.max_tokens, batch_size=None if cfg.max_tokens else cfg.batch_size, seed=cfg.seed,
-                rank=rt.rank, world_size=rt.world_size, context_mode=cfg.context_mode,
+                rank=rt.rank, world_size=rt.world_size, pin_memory=rt.device.type == "cuda", context_mode=cfg.context_mode,
                 context_turns=cfg.context_turns, context_loss=cfg.context_loss)
 
 
@@ -449,7 +460,7 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
     from token_file import open_splits, speaker_names
 
     ckpt_dir = out / "checkpoints"
-    precision = resolve_precision(cfg.precision, rt.device)
+    precision = run_precision(cfg, rt)
     seed_everything(cfg.seed)
 
     # Data first: a bad file fails before minutes of model loading.
@@ -526,7 +537,8 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
 
     trainable = f", {count_trainable(model) / 1e6:.2f}M trained ({cfg.finetune})" if is_partial(model) else ""
     print0(f"training {type(model).__name__} ({count_parameters(model) / 1e6:.1f}M params{trainable}) "
-           f"on {rt.device} x{rt.world_size}, {precision}, {total_steps} steps, {len(train_set)} train examples")
+           f"on {rt.device} x{rt.world_size}{f' ({cfg.distributed})' if rt.distributed else ''}, {precision}, "
+           f"{total_steps} steps, {len(train_set)} train examples")
     batches = micro_batches()
     first_step = loop.step
     whole = parallel.WholeModel(model, rt)  # the model whole on rank 0 for evaluations, best/, samples, final/

@@ -130,10 +130,9 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
+    # Started by torchrun, in a process group (of one process too: `torchrun --nproc_per_node 1` runs DDP or FSDP
+    # and every collective, as the same run on more GPUs does).
+    distributed: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -142,10 +141,10 @@ class Runtime:
 
 def compute_init(device_name: str | None) -> Runtime:
     """Device and (under torchrun) the process group, set up once."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+    if not launched_by_torchrun():
         return Runtime(resolve_device(device_name))
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_name in (None, "", "auto"):
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     if device_name.startswith("cuda"):
@@ -156,7 +155,11 @@ def compute_init(device_name: str | None) -> Runtime:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
-    return Runtime(device, rank, world_size, local_rank)
+    return Runtime(device, rank, world_size, local_rank, distributed=True)
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def compute_cleanup() -> None:

@@ -65,8 +65,8 @@ def test_two_gloo_processes_match_one_process(assets, tmp_path, context):
     assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["step_0000005.pt"]
 
 
-def _torchrun(*args):
-    return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+def _torchrun(*args, processes: int = 2):
+    return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
                  str(_free_port()), "train.py", *map(str, args)])
 
 
@@ -119,10 +119,11 @@ def test_fsdp_trains_like_ddp_and_both_resume_exactly(assets, tmp_path):
 
 @pytest.mark.slow
 def test_compiled_layers_under_ddp_train_like_eager_and_resume(assets, tmp_path):
-    """compile: true under torchrun (2 gloo processes) gives eager one-process training and validation losses
-    (fp32: within 1e-5), and a resumed compiled run repeats the unbroken one within float rounding (a resumed
-    run compiles for the shapes it meets first, and kernels generated for other shapes may add in another
-    order)."""
+    """compile: true under torchrun (DDP in a process group of one gloo process: the collectives and DDP's hooks
+    run as with more) gives eager one-process training and validation losses (fp32: within 1e-5), and a resumed
+    compiled run repeats the unbroken one within float rounding (a resumed run compiles for the shapes it meets
+    first, and kernels generated for other shapes may add in another order). Gradient averaging over 2 processes
+    is checked without compiling (test_two_gloo_processes_match_one_process): compiling costs a minute a process."""
     import shutil
 
     import config
@@ -131,19 +132,20 @@ def test_compiled_layers_under_ddp_train_like_eager_and_resume(assets, tmp_path)
     data = write_token_file(tmp_path / "d.hdf5", n_train=16, n_val=4)
     common = _train_args(data, assets["model"], 4, "--save_every", "2", "--keep_checkpoints", "5", "--val_every", "2",
                          "--set", "decoder_fraction=1.0", "--set", "compile=true")
-    eager = tmp_path / "eager"  # one process, 2 micro-batches of 2 == 2 ranks x 1 micro-batch of 2
-    cfg = config.make_config(dict(model=str(assets["model"]), max_steps=4, batch_size=2, grad_acc_steps=2,
-                                  learning_rate=1e-3, warmup_steps=1, gen_every=0, log_every=1, save_every=0, val_every=2,
+    eager = tmp_path / "eager"
+    cfg = config.make_config(dict(model=str(assets["model"]), max_steps=4, batch_size=2, learning_rate=1e-3,
+                                  warmup_steps=1, gen_every=0, log_every=1, save_every=0, val_every=2,
                                   wandb_mode="disabled", precision="fp32", decoder_fraction=1.0))
     training.train(cfg, data, eager, device="cpu", progress=False)
     full, part = tmp_path / "full", tmp_path / "part"
-    proc = _torchrun(*common, "--output_dir", full)
+    proc = _torchrun(*common, "--output_dir", full, processes=1)
     assert proc.stdout.count("compiling included") == 1, proc.stdout  # the first step's time, printed once
+    assert "on cpu x1 (ddp)" in proc.stdout  # one process, and still DDP
     (train_e, val_e), (train_c, val_c) = _losses(eager), _losses(full)
     assert len(val_e) == 2 and train_c == pytest.approx(train_e, abs=1e-5) and val_c == pytest.approx(val_e, abs=1e-5)
     (part / "checkpoints").mkdir(parents=True)
     shutil.copy(full / "checkpoints" / "step_0000002.pt", part / "checkpoints")
-    _torchrun(*common, "--output_dir", part, "--resume")
+    _torchrun(*common, "--output_dir", part, "--resume", processes=1)
     assert _losses(part)[0] == pytest.approx(_losses(full)[0][2:], abs=1e-5)
     a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(part / "final" / "model.safetensors"))
     for key in a:
