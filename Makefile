@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench clean gpu-check wheelhouse
 
 setup: $(STAMP)
 
@@ -32,6 +32,21 @@ bench: $(STAMP)
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/memory.py --embedding
 	$(BIN)/python bench/resample.py
+
+# The GPU acceptance check, on a GPU machine with its own Python and PyTorch (no .venv needed; a missing
+# package comes from `make wheelhouse`, see the README). Writes gpu_check.md, .json and .log to GPU_CHECK_OUT.
+GPU_CHECK_OUT ?= gpu_check_out
+gpu-check:
+	$(PYTHON) bench/gpu_check.py --output $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+
+# Wheels of what the GPU check needs beyond a stock PyTorch image, at requirements.txt's versions, for a GPU
+# machine of another Python version and no network: make wheelhouse PYTHON_VERSION=3.12
+PYTHON_VERSION ?= 3.12
+WHEELS = $(shell $(PYTHON) bench/gpu_check.py --print_wheelhouse)
+wheelhouse:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version $(PYTHON_VERSION) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(WHEELS)
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from optuna_sweep import METRICS, run_sweep
-from utils import run_cli
+from utils import load_env_file, run_cli
 
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # the defaults work from any directory
@@ -54,9 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dotenv import load_dotenv
-
-    load_dotenv()
+    load_env_file()
     return run_sweep(args)
 
 

@@ -63,6 +63,19 @@ def print0(*args, **kwargs):
 # --------------------------------------------------------------------------- seeding, device, precision
 
 
+def load_env_file() -> None:
+    """Settings from a .env file in the working directory (WANDB_API_KEY, HF_TOKEN, ...), through python-dotenv.
+    Without it (a bare PyTorch machine), a .env file that is there is reported as not read."""
+    try:
+        from dotenv import load_dotenv
+    except ImportError:
+        if Path(".env").is_file():
+            print("warning: .env was not read: python-dotenv is not installed (pip install python-dotenv)",
+                  file=sys.stderr)
+        return
+    load_dotenv()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

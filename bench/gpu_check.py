@@ -1,0 +1,653 @@
+"""GPU acceptance check: every CUDA path of the toolkit in one run, each row in a process of its own.
+
+    python bench/gpu_check.py --output gpu_check_out            (or: make gpu-check)
+    python bench/gpu_check.py --output /tmp/x --device cpu --quick   (what the test suite runs)
+
+Rows: a tiny model trained a few steps in bf16, fp16 (GradScaler), with fused AdamW, compile: true, activation
+checkpointing, LoRA, a frozen backbone and conversational context (each: the loss is finite and falls); a run
+killed with SIGKILL and resumed; torchrun with one process, DDP and FSDP2 (losses agree with one plain process);
+loader workers with pinned batches and the host-device syncs of a step; generate.py, evaluate.py and
+pretokenize.py on the device (batched Mimi codes against CPU-encoded ones); CSM-1B and the full-size Mimi with
+random weights (bench/train_step.py's rows, MFU, peak memory beside bench/memory.py's prediction, Mimi encode
+throughput at batch 1 and 16, generation RTF); 8-bit AdamW when bitsandbytes is installed.
+
+Each row runs in a forked process with a time limit, so a failing, hanging or crashing row never stops the
+others; the report (gpu_check.md, gpu_check.json, gpu_check.log with each row's output) is written when all
+have run. Exit status: 0 when no row failed, 1 when one did, 2 for bad arguments. Needs only torch,
+transformers, peft, safetensors, h5py, numpy, pandas, pyyaml and tqdm, plus the wheels `make wheelhouse`
+downloads (WHEELHOUSE below); nothing else is imported, and nothing is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample"
+sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "bench"))  # after the project: bench/pretokenize.py is not pretokenize.py
+
+# What a stock PyTorch image has (with what those packages need), and what `make wheelhouse` adds for this check.
+STOCK = ("torch", "transformers", "peft", "safetensors", "h5py", "numpy", "pandas", "pyyaml", "tqdm")
+WHEELHOUSE = ("torchaudio", "soundfile", "cffi", "pycparser", "jiwer", "rapidfuzz", "click")
+
+SYNCS_PER_STEP = 1  # the step's one read of its numbers (training.read_stats); more is a regression
+CODE_FLIP_BOUND = 0.01  # at most this share of Mimi codes may differ between CUDA and CPU encoding (near-ties)
+BF16_TOLERANCE = 2e-2  # relative: two bf16 runs of the same steps (CUDA's atomics add in varying order)
+
+
+class Skip(Exception):
+    """The row does not apply here; its message says why."""
+
+
+@dataclass
+class Context:
+    device: str
+    quick: bool
+    work: Path
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def assets(self) -> dict:
+        return json.loads((self.work / "assets.json").read_text())
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.cuda else "fp32"
+
+    def steps(self, quick: int, full: int) -> int:
+        return quick if self.quick else full
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def tiny_config(ctx: Context, **settings):
+    import config
+
+    a = ctx.assets
+    values = dict(model=a["model"], text_tokenizer=a["text_tokenizer"], mimi_weights=a["mimi"], batch_size=4,
+                  learning_rate=2e-3, warmup_steps=2, max_steps=ctx.steps(8, 30), val_every=0, save_every=0,
+                  gen_every=0, log_every=1, wandb_mode="disabled", precision=ctx.precision, seed=0, num_workers=0)
+    return config.make_config({**values, **settings})
+
+
+def logged_losses(out: Path) -> dict[int, float]:
+    """Each step's training loss from metrics.jsonl (a resumed run's line replaces the killed run's)."""
+    losses = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            losses[row["step"]] = row["loss"]
+    return losses
+
+
+def train_tiny(ctx: Context, name: str, **settings) -> list[float]:
+    """Train the tiny model on the check's token file; its losses, one per step."""
+    import training
+
+    out = ctx.work / "runs" / name
+    training.train(tiny_config(ctx, **settings), ctx.work / "data.hdf5", out, device=ctx.device, overwrite=True,
+                   progress=False)
+    return list(logged_losses(out).values())
+
+
+def baseline_losses(ctx: Context) -> list[float]:
+    """The losses of one plain process with the default settings, trained once for the rows that compare with it."""
+    out = ctx.work / "runs" / "baseline"
+    if not (out / "final").is_dir():
+        train_tiny(ctx, "baseline")
+    return list(logged_losses(out).values())
+
+
+def falls(losses: list[float], extra: str = "") -> tuple[bool, str]:
+    """Finite, and the last third's mean below the first third's."""
+    third = max(1, len(losses) // 3)
+    first, last = sum(losses[:third]) / third, sum(losses[-third:]) / third
+    ok = all(math.isfinite(x) for x in losses) and last < first
+    return ok, f"loss {first:.3f} -> {last:.3f} over {len(losses)} steps{extra}"
+
+
+def agree(a: list[float], b: list[float], rel: float) -> tuple[bool, float]:
+    worst = max(abs(x - y) / max(abs(y), 1e-8) for x, y in zip(a, b)) if a and len(a) == len(b) else math.inf
+    return worst <= rel, worst
+
+
+def train_tolerance(ctx: Context) -> float:
+    return BF16_TOLERANCE if ctx.precision == "bf16" else 1e-5
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def row_setup(ctx: Context):
+    """Tiny assets in the real layouts, a token file with conversations, and the sample clips encoded on the CPU."""
+    import torch
+
+    import pretokenize
+    import tiny_assets
+
+    assets = {**tiny_assets.make_all(ctx.work / "assets"), **tiny_assets.make_judges(ctx.work / "assets")}
+    (ctx.work / "assets.json").write_text(json.dumps({k: str(v) for k, v in assets.items()}))
+    tiny_assets.make_token_file(ctx.work / "data.hdf5", n_train=8, n_val=4, speakers=3)
+    pretokenize.main(["--train_data", str(SAMPLE / "train.csv"), "--output", str(ctx.work / "cpu_codes.hdf5"),
+                      "--device", "cpu", "--batch_size", "1", "--text_tokenizer", str(assets["text_tokenizer"]),
+                      "--mimi_weights", str(assets["mimi"])])
+    env = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+    if ctx.cuda:
+        props = torch.cuda.get_device_properties(ctx.device)
+        env["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+        env["driver"] = _driver_version()
+    import transformers
+
+    env["transformers"] = transformers.__version__
+    (ctx.work / "env.json").write_text(json.dumps(env))
+    return True, "tiny model, tokenizer, Mimi, Whisper and WavLM; 8 training rows (2 batches, seen again and again); sample clips encoded on the CPU"
+
+
+def _driver_version() -> str | None:
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+        return text.split("Kernel Module")[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def row_bf16(ctx: Context):
+    return falls(train_tiny(ctx, "bf16", precision="bf16"))
+
+
+def row_fp16(ctx: Context):
+    if not ctx.cuda:
+        raise Skip("fp16 needs CUDA (its loss scaling is tested on the CPU in tests/test_gpu_paths.py)")
+    return falls(train_tiny(ctx, "fp16", precision="fp16"))
+
+
+def row_fused_adamw(ctx: Context):
+    import training
+
+    made = []
+    real = training.make_optimizer
+    training.make_optimizer = lambda *a: made.append(real(*a)) or made[-1]
+    losses = train_tiny(ctx, "fused", precision="fp32")
+    fused = bool(made[0].defaults.get("fused"))
+    ok, figure = falls(losses, f", fused: {'yes' if fused else 'no'}")
+    return ok and fused == ctx.cuda, figure
+
+
+def row_compile(ctx: Context):
+    if ctx.quick and not ctx.cuda:
+        raise Skip("--quick on the CPU: compiling takes a minute here (tests/test_ddp.py and test_model.py compile)")
+    return falls(train_tiny(ctx, "compile", compile=True))
+
+
+def row_checkpointing(ctx: Context):
+    return falls(train_tiny(ctx, "checkpointing", activation_checkpointing=True))
+
+
+def row_lora(ctx: Context):
+    return falls(train_tiny(ctx, "lora", finetune="lora", learning_rate=1e-2))
+
+
+def row_freeze(ctx: Context):
+    return falls(train_tiny(ctx, "freeze", freeze=["backbone"], learning_rate=1e-2))
+
+
+def row_context(ctx: Context):
+    return falls(train_tiny(ctx, "context", context_mode="conversation", context_turns=2, context_loss="all"))
+
+
+def row_resume(ctx: Context):
+    """A run killed (SIGKILL) in the step after its checkpoint, resumed: the same losses as an unbroken run."""
+    import training
+
+    n, every = ctx.steps(6, 20), ctx.steps(3, 10)
+    settings = dict(save_every=every, keep_checkpoints=5)
+    killed = ctx.work / "runs" / "resume_killed"
+    pid = os.fork()  # before this process touches CUDA: the killed run is a process of its own
+    if pid == 0:
+        real, calls = training.train_step, []
+
+        def dies_after_the_checkpoint(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == every + 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+
+        training.train_step = dies_after_the_checkpoint
+        try:
+            training.train(tiny_config(ctx, max_steps=n, **settings), ctx.work / "data.hdf5", killed,
+                           device=ctx.device, progress=False)
+        finally:
+            os._exit(3)  # not reached when killed
+    _, status = os.waitpid(pid, 0)
+    if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
+        return False, f"the run to kill ended otherwise (wait status {status})"
+    training.train(tiny_config(ctx, max_steps=n, **settings), ctx.work / "data.hdf5", killed, device=ctx.device,
+                   resume="auto", progress=False)
+    resumed = logged_losses(killed)
+    unbroken = train_tiny(ctx, "resume_unbroken", max_steps=n, **settings)
+    after = [resumed[s] for s in range(every + 1, n + 1)]
+    ok, worst = agree(after, unbroken[every:], train_tolerance(ctx))
+    return ok, f"killed in step {every + 1}, resumed from step {every}: steps {every + 1}-{n} within {worst:.1e} (rel)"
+
+
+def _torchrun_row(ctx: Context, strategy: str):
+    import subprocess
+
+    out = ctx.work / "runs" / f"torchrun_{strategy}"
+    cfg = tiny_config(ctx, distributed=strategy)
+    settings = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in cfg.to_dict().items()
+                if k in ("batch_size", "learning_rate", "warmup_steps", "precision", "seed", "num_workers",
+                         "distributed", "log_every", "val_every", "save_every", "gen_every")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(_free_port()),
+           str(ROOT / "train.py"), "--data", str(ctx.work / "data.hdf5"), "--model", cfg.model,
+           "--text_tokenizer", cfg.text_tokenizer, "--mimi_weights", cfg.mimi_weights, "--max_steps", str(cfg.max_steps),
+           "--output_dir", str(out), "--device", ctx.device, "--wandb_mode", "disabled", "--overwrite",
+           *[a for s in settings for a in ("--set", s)]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    print(proc.stdout, proc.stderr, sep="\n")
+    if proc.returncode != 0:
+        return False, f"torchrun exited {proc.returncode}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
+    wrapped = f"x1 ({strategy})" in proc.stdout
+    plain = baseline_losses(ctx)
+    ok, worst = agree(list(logged_losses(out).values()), plain, train_tolerance(ctx))
+    backend = "NCCL" if ctx.cuda else "gloo"
+    return ok and wrapped, (f"1 process on {backend}, {strategy.upper()} {'on' if wrapped else 'NOT applied'}; "
+                            f"losses within {worst:.1e} (rel) of one plain process")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def row_ddp(ctx: Context):
+    return _torchrun_row(ctx, "ddp")
+
+
+def row_fsdp(ctx: Context):
+    return _torchrun_row(ctx, "fsdp")
+
+
+def row_workers(ctx: Context):
+    """Loader workers with pinned batches; the host-device syncs of each step after the first."""
+    import torch
+
+    import training
+
+    real, syncs, pinned = training.train_step, [], []
+
+    def counted(loss_model, micro_batches, *args, **kwargs):
+        if not ctx.cuda:
+            return real(loss_model, micro_batches, *args, **kwargs)
+        pinned.append(all(t.is_pinned() for batch in micro_batches for t in batch if t is not None))
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                stats = real(loss_model, micro_batches, *args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+        return stats
+
+    training.train_step = counted
+    ok, figure = falls(train_tiny(ctx, "workers", num_workers=2))
+    if not ctx.cuda:
+        return ok, figure + ", 2 workers (syncs are counted on CUDA only)"
+    per_step = max(syncs[1:]) if len(syncs) > 1 else math.inf
+    return (ok and all(pinned) and per_step <= SYNCS_PER_STEP,
+            f"{figure}, 2 workers, batches pinned: {'yes' if all(pinned) else 'no'}, host syncs per step: {per_step} "
+            f"(at most {SYNCS_PER_STEP})")
+
+
+def row_generate(ctx: Context):
+    import soundfile as sf
+
+    import generate
+
+    a, wav = ctx.assets, ctx.work / "generated.wav"
+    t0 = time.perf_counter()
+    generate.main(["--model", a["model"], "--text", "The GPU check speaks.", "--speaker", "0", "--output", str(wav),
+                   "--max_audio_seconds", str(ctx.steps(1, 2)), "--seed", "0", "--device", ctx.device, "--text_tokenizer",
+                   a["text_tokenizer"], "--mimi_weights", a["mimi"], "--overwrite"])
+    audio, rate = sf.read(str(wav))
+    seconds = len(audio) / rate
+    return bool(len(audio) == 0 or abs(audio).max() < 1e3), f"{seconds:.2f} s of audio in {time.perf_counter() - t0:.1f} s"
+
+
+def row_evaluate(ctx: Context):
+    import evaluate
+
+    a, out = ctx.assets, ctx.work / "evaluation"
+    evaluate.main(["--model", a["model"], "--eval_data", str(SAMPLE / "val.json"), "--n", "2", "--output_dir", str(out),
+                   "--asr", a["asr"], "--speaker_model", a["speaker_model"], "--max_audio_seconds", str(ctx.steps(1, 2)),
+                   "--device", ctx.device, "--text_tokenizer", a["text_tokenizer"], "--mimi_weights", a["mimi"],
+                   "--overwrite"])
+    generated = json.loads((out / "summary.json").read_text())["generated"]
+    shown = {k: generated.get(k) for k in ("wer", "speaker_sim", "eos_rate")}
+    ok = all(v is not None and math.isfinite(v) for v in shown.values())
+    return ok, ", ".join(f"{k} {v:.3f}" for k, v in shown.items() if v is not None) + " (tiny random judges)"
+
+
+def row_pretokenize(ctx: Context):
+    import h5py
+    import numpy as np
+
+    import pretokenize
+    from token_file import read_flat
+
+    a, out = ctx.assets, ctx.work / "device_codes.hdf5"
+    pretokenize.main(["--train_data", str(SAMPLE / "train.csv"), "--output", str(out), "--device", ctx.device,
+                      "--batch_size", "16", "--text_tokenizer", a["text_tokenizer"], "--mimi_weights", a["mimi"],
+                      "--overwrite"])
+    with h5py.File(ctx.work / "cpu_codes.hdf5", "r") as f, h5py.File(out, "r") as g:
+        (cpu, cpu_rows), (dev, dev_rows) = read_flat(f, "cpu", "train", "audio"), read_flat(g, "device", "train", "audio")
+    if not np.array_equal(cpu_rows, dev_rows):
+        return False, "the batched encoding gave other frame counts than the CPU's"
+    differ = float((cpu != dev).mean())
+    return differ <= CODE_FLIP_BOUND, (f"{len(cpu_rows) - 1} clips, batch 16 on {ctx.device} vs one at a time on the "
+                                        f"CPU: {differ:.2%} of {len(cpu)} codes differ (at most {CODE_FLIP_BOUND:.0%})")
+
+
+def _big_args(ctx: Context):
+    """CSM-1B on a GPU; on the CPU its tiny flavors (with the full text vocabulary, as the reference data needs)."""
+    from csm_model import ModelArgs
+
+    return ModelArgs() if ctx.cuda else ModelArgs(backbone_flavor="llama-tiny", decoder_flavor="llama-tiny-decoder")
+
+
+def row_csm1b_train(ctx: Context):
+    """bench/train_step.py's rows on CSM-1B (random weights): eager and compiled bf16, checkpointing, LoRA."""
+    import torch
+    import dataloader
+    import memory
+    import train_step
+
+    wanted = ["1B, bf16, fused AdamW", "1B, bf16, activation checkpointing", "1B, bf16, LoRA"]
+    if ctx.cuda:
+        wanted.insert(1, "1B, bf16, compile: true (after 3 warm-up steps)")
+    runs = [run for run in train_step.BIG_RUNS if run[0] in wanted]
+    data = ctx.work / "reference.hdf5"
+    dataloader.write_reference_file(data, 200 if ctx.cuda else 40)
+    report = train_step.big_model_report(data, torch.device(ctx.device), _big_args(ctx), ctx.steps(2, 6),
+                                         memory.previous_frame_embedding, runs=runs)
+    (ctx.work / "csm1b_train.md").write_text(report + "\n")
+    speeds = [line.split("|")[2].strip() for line in report.splitlines() if line.startswith("| 1B")][:len(runs)]
+    figure = "; ".join(f"{name.removeprefix('1B, bf16, ')}: {speed} frames/s" for (name, _), speed in zip(runs, speeds))
+    return all(float(s) > 0 for s in speeds), figure + " (tables below)"
+
+
+def row_mimi_throughput(ctx: Context):
+    """Mimi (full size on CUDA, random weights) encoding 10 s clips one at a time and 16 at a time."""
+    import numpy as np
+    import torch
+    from transformers import MimiConfig, MimiModel
+
+    import tiny_assets
+    from tokenization import encode_audio
+
+    config = MimiConfig() if ctx.cuda else tiny_assets.tiny_hf_mimi_config()
+    mimi = MimiModel(config).to(ctx.device).eval()
+    seconds, n = (10.0, 32) if ctx.cuda else (1.0, 4)
+    clips = [np.random.default_rng(i).standard_normal(int(seconds * 24000)).astype(np.float32) * 0.1 for i in range(n)]
+    rates = {}
+    for batch in (1, 16):
+        encode_audio(mimi, clips[:batch], 32)  # warm-up
+        if ctx.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(0, n, batch):
+            encode_audio(mimi, clips[i:i + batch], 32)
+        rates[batch] = n * seconds / (time.perf_counter() - t0)
+    return all(r > 0 for r in rates.values()), (f"{rates[1]:.0f} s of audio per s at batch 1, {rates[16]:.0f} at batch "
+                                                f"16 ({rates[16] / rates[1]:.1f}x)")
+
+
+def row_csm1b_generate(ctx: Context):
+    """Single-stream generation with CSM-1B and the full-size Mimi (random weights): the real-time factor."""
+    import torch
+    from transformers import MimiConfig, MimiModel
+
+    import tiny_assets
+    from synthesis import synthesize
+    from tokenization import load_text_tokenizer
+    from weights import build_model
+
+    dtype = torch.bfloat16 if ctx.cuda else torch.float32
+    torch.manual_seed(0)
+    model = build_model(_big_args(ctx), device=torch.device(ctx.device), dtype=dtype).eval()
+    mimi = MimiModel(MimiConfig() if ctx.cuda else tiny_assets.tiny_hf_mimi_config()).to(ctx.device).eval()
+    tokenizer = load_text_tokenizer(ctx.assets["text_tokenizer"])
+    seconds = 4.0 if ctx.cuda else 0.5
+    generator = torch.Generator(device=ctx.device).manual_seed(0)
+    synthesize(model, tokenizer, mimi, "Warm up.", max_audio_seconds=0.2, generator=generator)
+    t0 = time.perf_counter()
+    audio, _ = synthesize(model, tokenizer, mimi, "The real-time factor of one stream.", max_audio_seconds=seconds,
+                          generator=generator)
+    elapsed = time.perf_counter() - t0
+    spoken = len(audio) / 24000
+    rtf = elapsed / spoken if spoken else math.inf
+    return spoken > 0, f"RTF {rtf:.2f} ({spoken:.1f} s of audio in {elapsed:.1f} s; below 1 is faster than real time)"
+
+
+def row_adamw8bit(ctx: Context):
+    if not ctx.cuda:
+        raise Skip("8-bit AdamW needs CUDA")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise Skip("bitsandbytes not installed") from None
+    return falls(train_tiny(ctx, "adamw8bit", optimizer="adamw8bit"))
+
+
+# name, what it checks, function, time limit on a GPU in seconds
+ROWS = [
+    ("setup", "tiny assets and data", row_setup, 120),
+    ("bf16", "tiny model, bf16 autocast", row_bf16, 60),
+    ("fp16", "tiny model, fp16 with GradScaler", row_fp16, 60),
+    ("fused_adamw", "tiny model, fused AdamW (fp32)", row_fused_adamw, 60),
+    ("compile", "tiny model, compile: true", row_compile, 180),
+    ("checkpointing", "tiny model, activation checkpointing", row_checkpointing, 60),
+    ("lora", "tiny model, LoRA", row_lora, 60),
+    ("freeze", "tiny model, backbone frozen", row_freeze, 60),
+    ("context", "tiny model, conversational context", row_context, 60),
+    ("resume", "kill (SIGKILL) and resume", row_resume, 90),
+    ("ddp", "torchrun, 1 process, DDP", row_ddp, 90),
+    ("fsdp", "torchrun, 1 process, FSDP2", row_fsdp, 90),
+    ("workers", "loader workers, pinned memory, host syncs", row_workers, 60),
+    ("generate", "generate.py", row_generate, 60),
+    ("evaluate", "evaluate.py, tiny judges", row_evaluate, 90),
+    ("pretokenize", "pretokenize.py, batched Mimi vs CPU codes", row_pretokenize, 60),
+    ("csm1b_train", "CSM-1B training step (random weights)", row_csm1b_train, 300),
+    ("mimi_throughput", "Mimi encoding, batch 1 vs 16", row_mimi_throughput, 90),
+    ("csm1b_generate", "CSM-1B generation RTF (random weights)", row_csm1b_generate, 120),
+    ("adamw8bit", "tiny model, 8-bit AdamW", row_adamw8bit, 60),
+]
+
+
+# --------------------------------------------------------------------------- running rows apart
+
+
+def run_row(name: str, fn, ctx: Context, limit: float, log: Path) -> dict:
+    """`fn(ctx)` in a forked process (new session) with a time limit; its output goes to `log`."""
+    result_file = ctx.work / "results" / f"{name}.json"
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    t0 = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # also where a host replaced them
+        try:
+            passed, figure = fn(ctx)
+            result = {"status": "pass" if passed else "fail", "figure": figure}
+        except Skip as e:
+            result = {"status": "skip", "figure": str(e)}
+        except BaseException as e:  # noqa: BLE001 - every failure is a row's result
+            traceback.print_exc()
+            first = (str(e).strip().splitlines() or [""])[0]
+            result = {"status": "fail", "figure": f"{type(e).__name__}: {first}"[:300]}
+        result_file.write_text(json.dumps(result))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.perf_counter() - t0 > limit:
+            os.killpg(pid, signal.SIGKILL)  # the row and whatever it started (torchrun, loader workers)
+            os.waitpid(pid, 0)
+            return {"status": "fail", "figure": f"timed out after {limit:.0f} s", "seconds": limit}
+        time.sleep(0.1)
+    seconds = time.perf_counter() - t0
+    if not result_file.is_file():
+        how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit status {os.WEXITSTATUS(status)}"
+        return {"status": "fail", "figure": f"the row's process died ({how}) before reporting", "seconds": seconds}
+    return {**json.loads(result_file.read_text()), "seconds": seconds}
+
+
+def markdown(rows: list[dict], env: dict, details: list[str]) -> str:
+    where = ", ".join(f"{k} {v}" for k, v in env.items() if v)
+    lines = [f"GPU check, {time.strftime('%Y-%m-%d')}: {where}", "",
+             "| row | checks | result | figure | seconds |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['row']} | {r['checks']} | {r['status']} | {r['figure'].replace('|', '/')} | "
+                     f"{r['seconds']:.0f} |")
+    return "\n".join(lines + [""] + details) + "\n"
+
+
+def cuda_visible() -> bool:
+    """torch.cuda.is_available(), asked in a child process: this process forks every row and must never start
+    CUDA itself (a child forked after that could not use it)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        import torch
+
+        os._exit(0 if torch.cuda.is_available() else 1)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+def pinned_wheels() -> list[str]:
+    """WHEELHOUSE at requirements.txt's versions (what `make wheelhouse` downloads)."""
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.strip().lower()] = version.strip()
+    missing = [n for n in WHEELHOUSE if n not in pins]
+    if missing:
+        raise SystemExit(f"requirements.txt pins no version of {', '.join(missing)}")
+    return [f"{n}=={pins[n]}" for n in WHEELHOUSE]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--output", help="directory for gpu_check.md, gpu_check.json and gpu_check.log")
+    p.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (to test the check itself)")
+    p.add_argument("--quick", action="store_true", help="fewer steps, smaller data; on the CPU, the tiny model stands in "
+                                                         "for CSM-1B and compiling is left out")
+    p.add_argument("--only", nargs="+", metavar="ROW", help="these rows (setup always runs)")
+    p.add_argument("--budget", type=float, default=450.0, help="seconds for the whole check (default 450); rows not "
+                                                               "started by then fail as not run")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --output")
+    p.add_argument("--print_wheelhouse", action="store_true", help="print the wheels `make wheelhouse` downloads")
+    args = p.parse_args(argv)
+    if args.print_wheelhouse:
+        print(" ".join(pinned_wheels()))
+        return 0
+    if not args.output:
+        p.error("--output is required")
+    names = [name for name, *_ in ROWS]
+    unknown = sorted(set(args.only or ()) - set(names))
+    if unknown:
+        p.error(f"no row named {', '.join(unknown)} (rows: {', '.join(names)})")
+    if not (math.isfinite(args.budget) and args.budget > 0):
+        p.error(f"--budget must be a positive number of seconds, not {args.budget}")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        p.error(f"--output {out} is a file, not a directory")
+    if (out / "gpu_check.json").exists() and not args.overwrite:
+        p.error(f"--output {out} already holds a check's report; pass --overwrite to replace it")
+
+    import torch
+
+    if args.device.startswith("cuda") and not cuda_visible():
+        print(f"--device {args.device}: no CUDA GPU is visible to this torch {torch.__version__} (CUDA "
+              f"{torch.version.cuda}); run with --device cpu to check the check itself", file=sys.stderr)
+        return 2
+    # Imported once here, before any fork: every row starts with them loaded.
+    import evaluate  # noqa: F401
+    import generate  # noqa: F401
+    import pretokenize  # noqa: F401
+    import synthesis  # noqa: F401
+    import tiny_assets  # noqa: F401
+    import train_step  # noqa: F401
+    import training  # noqa: F401
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        ctx = Context(args.device, args.quick, Path(tmp))
+        deadline = time.perf_counter() + args.budget
+        rows, logs = [], []
+        for name, checks, fn, limit in ROWS:
+            if args.only and name != "setup" and name not in args.only:
+                continue
+            log = ctx.work / f"{name}.log"
+            left = deadline - time.perf_counter()
+            if rows and rows[0]["status"] != "pass":
+                result = {"status": "fail", "figure": "not run: setup failed", "seconds": 0.0}
+            elif left < 5:
+                result = {"status": "fail", "figure": f"not run: the check's --budget of {args.budget:.0f} s ran out",
+                          "seconds": 0.0}
+            else:
+                result = run_row(name, fn, ctx, min(limit * (1 if ctx.cuda else 3), left), log)
+            rows.append({"row": name, "checks": checks, **result})
+            print(f"{name:16s} {result['status']:4s}  {result['figure']}", flush=True)
+            if log.is_file():
+                logs.append(f"===== {name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-200:]))
+        env = json.loads((ctx.work / "env.json").read_text()) if (ctx.work / "env.json").is_file() else {}
+        env = {"device": args.device, **env, "quick": args.quick or None}
+        details = [(ctx.work / "csm1b_train.md").read_text()] if (ctx.work / "csm1b_train.md").is_file() else []
+    from utils import write_text_atomic
+
+    write_text_atomic(out / "gpu_check.md", markdown(rows, env, details))
+    write_text_atomic(out / "gpu_check.json", json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+    write_text_atomic(out / "gpu_check.log", "\n".join(logs) + "\n")
+    failed = [r["row"] for r in rows if r["status"] == "fail"]
+    print(f"\n{len(rows) - len(failed)} of {len(rows)} rows passed or were skipped; report in {out / 'gpu_check.md'}"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

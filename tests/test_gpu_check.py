@@ -1,0 +1,141 @@
+"""bench/gpu_check.py: its every row runs on the CPU (--quick) in an environment holding only a stock PyTorch
+image's packages and the wheelhouse, so the GPU run cannot rot; a failing, dying or hanging row is one row's
+result; the make targets that run it and fetch its wheels."""
+import json
+import os
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, bench_module
+
+gpu_check = bench_module("gpu_check")
+
+
+def stock_environment(directory: Path) -> Path:
+    """A virtual environment holding only STOCK and WHEELHOUSE and what they need (linked from this one): what a
+    stock PyTorch machine has after `pip install .whl/*.whl`. Returns its python."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    dists, todo = {}, list(gpu_check.STOCK + gpu_check.WHEELHOUSE)
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in dists:
+            continue
+        try:
+            dists[name] = dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue  # an optional need that this environment does not have either
+        for text in dist.requires or []:
+            requirement = Requirement(text)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(directory)], check=True)
+    site = directory / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    for dist in dists.values():
+        for file in dist.files or []:
+            top = file.parts[0]
+            if top != ".." and not (site / top).exists():
+                (site / top).symlink_to(dist.locate_file(top))
+    return directory / "bin" / "python"
+
+
+@pytest.mark.slow
+def test_every_row_runs_on_the_cpu_with_only_a_stock_pytorch_and_the_wheelhouse(tmp_path):
+    python = stock_environment(tmp_path / "env")
+    hidden = subprocess.run([python, "-c", "import optuna"], capture_output=True, text=True)
+    assert "No module named 'optuna'" in hidden.stderr  # the premise: the rest of requirements.txt is not there
+    out = tmp_path / "report"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([python, "bench/gpu_check.py", "--output", str(out), "--device", "cpu", "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900, env={**env, "OMP_NUM_THREADS": "1"})
+    report = json.loads((out / "gpu_check.json").read_text())
+    rows = {r["row"]: r for r in report["rows"]}
+    failed = {name: r["figure"] for name, r in rows.items() if r["status"] == "fail"}
+    assert proc.returncode == 0 and not failed, (failed, (out / "gpu_check.log").read_text()[-3000:])
+    assert list(rows) == [name for name, *_ in gpu_check.ROWS]
+    skipped = {name for name, r in rows.items() if r["status"] == "skip"}
+    assert skipped == {"fp16", "compile", "adamw8bit"}  # CUDA only, or left out of a quick CPU run, each saying so
+    assert "needs CUDA" in rows["fp16"]["figure"] and "needs CUDA" in rows["adamw8bit"]["figure"]
+    assert "DDP on" in rows["ddp"]["figure"] and "FSDP on" in rows["fsdp"]["figure"]
+    assert "killed in step" in rows["resume"]["figure"]
+    table = (out / "gpu_check.md").read_text()
+    assert all(f"| {name} |" in table for name in rows) and "| 1B, bf16, LoRA |" in table  # the 1B tables follow
+    assert "===== csm1b_generate" in (out / "gpu_check.log").read_text()
+
+
+def _raises(ctx):
+    raise RuntimeError("broken\nsecond line")
+
+
+def _dies(ctx):
+    os._exit(7)
+
+
+def _hangs(ctx):
+    time.sleep(60)
+
+
+def _skips(ctx):
+    raise gpu_check.Skip("not here")
+
+
+def _passes(ctx):
+    print("some output")
+    return True, "fine"
+
+
+def test_a_failing_dying_or_hanging_row_is_that_rows_result(tmp_path):
+    ctx = gpu_check.Context("cpu", True, tmp_path)
+    results = {fn.__name__: gpu_check.run_row(fn.__name__, fn, ctx, 2.0, tmp_path / f"{fn.__name__}.log")
+               for fn in (_raises, _dies, _hangs, _skips, _passes)}
+    assert results["_raises"]["status"] == "fail" and results["_raises"]["figure"] == "RuntimeError: broken"
+    assert "Traceback" in (tmp_path / "_raises.log").read_text()
+    assert results["_dies"]["figure"] == "the row's process died (exit status 7) before reporting"
+    assert results["_hangs"] == {"status": "fail", "figure": "timed out after 2 s", "seconds": 2.0}
+    assert results["_skips"]["status"] == "skip" and results["_skips"]["figure"] == "not here"
+    assert results["_passes"]["status"] == "pass" and (tmp_path / "_passes.log").read_text() == "some output\n"
+
+
+def test_bad_arguments_are_one_line_each(tmp_path, capsys):
+    for argv, message in ((["--output", str(tmp_path), "--only", "nosuch"], "no row named nosuch"),
+                          (["--output", str(tmp_path), "--budget", "nan"], "--budget must be a positive number"),
+                          (["--device", "cpu"], "--output is required")):
+        with pytest.raises(SystemExit) as e:
+            gpu_check.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    (tmp_path / "gpu_check.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--output", str(tmp_path), "--device", "cpu"])
+    assert "already holds a check's report" in capsys.readouterr().err
+    # This machine has no GPU: --device cuda (the default) is one line and exit 2, before any row.
+    assert gpu_check.main(["--output", str(tmp_path / "new")]) == 2
+    assert "no CUDA GPU is visible" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_make_targets_run_the_check_and_fetch_its_wheels_at_the_pinned_versions():
+    pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line)
+    dry = subprocess.run(["make", "-n", "wheelhouse", "PYTHON_VERSION=3.12", f"PYTHON={sys.executable}"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert "pip download --no-deps --only-binary=:all: --python-version 3.12" in dry and "-d .whl" in dry
+    assert all(f" {name}=={pins[name]}" in dry for name in gpu_check.WHEELHOUSE)
+    dry = subprocess.run(["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "bench/gpu_check.py --output gpu_check_out" in dry and ".venv" not in dry  # the machine's own python
+
+
+def test_without_python_dotenv_a_present_env_file_is_reported_as_not_read(tmp_path, monkeypatch, capsys):
+    """train.py and sweep.py on a bare PyTorch machine: python-dotenv is not there (an import of None fails)."""
+    from utils import load_env_file
+
+    monkeypatch.setitem(sys.modules, "dotenv", None)
+    monkeypatch.chdir(tmp_path)
+    load_env_file()
+    assert capsys.readouterr().err == ""  # no .env: nothing to say
+    (tmp_path / ".env").write_text("WANDB_API_KEY=x\n")
+    load_env_file()
+    assert ".env was not read: python-dotenv is not installed" in capsys.readouterr().err
