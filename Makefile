@@ -1,11 +1,25 @@
 # `make demo` and `make test` each set up .venv first when it is missing or older than requirements.txt
 # (then it is made anew, so no package of an older pin set is left behind).
 PYTHON ?= python3
-VENV := .venv
-BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+VENV ?= .venv
+BIN = $(VENV)/bin
 
-.PHONY: setup test demo bench clean gpu-check wheelhouse
+# PyTorch's CUDA variant. Unset: the registry's torch (the CUDA 13.0 build, which needs an NVIDIA driver of
+# the R580 series or newer). cu126 or cu128 install PyTorch's builds for older drivers, and cpu a CPU-only
+# one, from PyTorch's own package index; every other pin stays as it is. The choice is kept in the
+# environment, so a later `make test` keeps it: make setup TORCH_CUDA=cu126
+TORCH_CUDAS := cu126 cu128 cu130 cpu
+TORCH_CUDA ?= $(shell cat $(VENV)/torch_cuda 2>/dev/null)
+ifneq ($(TORCH_CUDA),)
+ifeq ($(filter $(TORCH_CUDA),$(TORCH_CUDAS)),)
+$(error TORCH_CUDA=$(TORCH_CUDA) is not one of: $(TORCH_CUDAS) (or leave it unset for the registry's build))
+endif
+endif
+TORCH_INDEX = https://download.pytorch.org/whl/$(TORCH_CUDA)
+TORCH_PINS = $(shell grep -E '^(torch|torchaudio)==' requirements.txt)
+STAMP = $(VENV)/.installed$(if $(TORCH_CUDA),-$(TORCH_CUDA))
+
+.PHONY: setup test demo bench clean gpu-check wheelhouse doctor
 
 setup: $(STAMP)
 
@@ -14,7 +28,11 @@ $(STAMP): requirements.txt
 	@# A new requirements.txt gets a fresh environment: the pins are tested together, not on top of old ones.
 	@rm -rf $(VENV) && $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+ifneq ($(TORCH_CUDA),)
+	$(BIN)/python -m pip install --index-url $(TORCH_INDEX) $(TORCH_PINS)
+endif
 	$(BIN)/python -m pip install -r requirements.txt
+	@echo "$(TORCH_CUDA)" > $(VENV)/torch_cuda
 	@touch $(STAMP)
 
 # Two workers (pytest-xdist): CI's and the developers' machines have 2 cores, and half the suite waits on
@@ -47,6 +65,11 @@ wheelhouse:
 	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version $(PYTHON_VERSION) --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 		-d .whl $(WHEELS)
+
+# One screen about this machine for a bug report: Python, torch and CUDA, the driver and GPUs, the pinned
+# packages, hub login, disk space, and the largest max_tokens per GPU. It shows no token.
+doctor:
+	@$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) doctor.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
