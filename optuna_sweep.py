@@ -356,6 +356,37 @@ def write_reports(study, out: Path, base: dict) -> list[Path]:
 # --------------------------------------------------------------------------- the whole sweep
 
 
+def choose_gpus(args, base: dict) -> None:
+    """args.n_gpus from --n_gpus and --device: the visible GPUs unless told otherwise. A CPU chosen because CUDA is
+    unusable is said (why, in one line) and refused for a model of over 100M parameters."""
+    import torch
+
+    from training import check_auto_cpu, meta_parameters, planned_model_args
+    from utils import cuda_unusable_reason, warn_cuda_unusable
+    from weights import resolve_source
+
+    visible = torch.cuda.device_count()
+    chosen = args.n_gpus is None and args.device == "auto"
+    if args.device == "cpu":
+        if args.n_gpus:
+            raise UserError(f"--device cpu and --n_gpus {args.n_gpus} contradict each other; give one of them")
+        args.n_gpus = 0
+    elif args.n_gpus is None:
+        args.n_gpus = visible
+    if args.n_gpus > visible:
+        raise UserError(f"--n_gpus {args.n_gpus}, but {visible} GPU(s) are visible")
+    if args.device == "cuda" and args.n_gpus == 0:
+        raise UserError("--device cuda, but " + ((cuda_unusable_reason() or "no CUDA GPU is visible") if not visible
+                                                  else "--n_gpus 0 asks for none"))
+    if args.n_gpus or not chosen:  # GPUs, or the CPU asked for (--device cpu, --n_gpus 0)
+        return
+    warn_cuda_unusable()
+    cfg = config_mod.make_config(base)
+    source = None if cfg.train_from_scratch else resolve_source(cfg.model, cfg.model_revision)
+    planned = planned_model_args(cfg, source)
+    check_auto_cpu(meta_parameters(planned) if planned else None, True, explicit="--device cpu")
+
+
 def base_values(args) -> dict:
     """The training config every trial starts from: --base_config plus the sweep's flags and --set."""
     overrides = {k: getattr(args, k) for k in ("n_epochs", "max_steps", "model", "wandb_project", "wandb_mode")
@@ -454,12 +485,7 @@ def run_sweep(args) -> int:
     if args.metric in QUALITY and not base.get("eval_every"):
         raise UserError(f"--metric {args.metric} is measured by the quality evaluation: set eval_every in the base "
                         "config or with --set eval_every=N")
-    import torch
-
-    if args.n_gpus is None:
-        args.n_gpus = torch.cuda.device_count()
-    if args.n_gpus > torch.cuda.device_count():
-        raise UserError(f"--n_gpus {args.n_gpus}, but {torch.cuda.device_count()} GPU(s) are visible")
+    choose_gpus(args, base)
     check_trial_lengths(base, space, args.data)
     created = not out.exists()
     try:

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="./sweep", help="study.db, trials/, best_config.yaml, trials.csv, plots")
     p.add_argument("--n_trials", type=int, default=20, help="total trials in the study, across all workers")
     p.add_argument("--n_gpus", type=int, default=None, help="one worker per GPU (default: all visible GPUs)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                   help="auto (default): the GPUs when CUDA works, else the CPU, which is refused for a model of over "
+                        "100M parameters; cpu: train on the CPU anyway (as --n_gpus 0)")
     p.add_argument("--trials_per_gpu", type=int, default=1, help="concurrent trials on each GPU")
     p.add_argument("--n_workers", type=int, default=1, help="worker processes when running on CPU")
     p.add_argument("--storage", help="Optuna storage: SQLAlchemy URL or journal file (default: sqlite in output_dir)")

@@ -38,7 +38,7 @@ from utils import (LOCK_NAME, OutputLock, Runtime, UserError, all_reduce_sum, at
                    resolve_precision, seed_everything, write_text_atomic)
 from token_file import SPEAKERS_NAME
 from tokenization import resolve_text_tokenizer
-from weights import build_model, copy_tokenizer_files, load_model, resolve_source, save_pretrained
+from weights import build_model, config_model_args, copy_tokenizer_files, load_model, resolve_source, save_pretrained
 
 
 class TrainingStopped(UserError):
@@ -421,6 +421,39 @@ def check_warmup(cfg: TrainConfig, total_steps: int) -> None:
                file=sys.stderr)
 
 
+# A model larger than this is not trained on a CPU that was chosen for the user: a GPU box whose CUDA is
+# unusable would otherwise start a finetune of CSM-1B on the CPU, about a thousand times slower, and say nothing.
+AUTO_CPU_PARAMETERS = 100_000_000
+
+
+def planned_model_args(cfg: TrainConfig, base: Path | None) -> ModelArgs | None:
+    """The dimensions the run's model will have, known before its weights are read (None when only they say)."""
+    if cfg.train_from_scratch:
+        return ModelArgs(backbone_flavor=cfg.backbone_flavor, decoder_flavor=cfg.decoder_flavor,
+                         text_vocab_size=cfg.text_vocab_size)
+    return config_model_args(base) if base is not None else None
+
+
+def check_auto_cpu(parameters: int | None, auto_cpu: bool, explicit: str = "--device cpu") -> None:
+    """Refuse a large model on a CPU that the user did not ask for."""
+    if not auto_cpu or parameters is None or parameters <= AUTO_CPU_PARAMETERS:
+        return
+    from utils import cuda_unusable_reason
+
+    why = cuda_unusable_reason() or "no CUDA GPU is visible"
+    raise UserError(f"not training a {parameters / 1e6:,.0f}M-parameter model on the CPU, which was chosen because "
+                    f"CUDA is unusable ({why}); on a CPU it would take about a thousand times longer. Fix CUDA, or "
+                    f"pass {explicit} to train on the CPU anyway")
+
+
+def meta_parameters(args: ModelArgs) -> int:
+    """Parameters of a model of these dimensions, counted on the meta device (nothing is allocated)."""
+    from csm_model import CSM
+
+    with torch.device("meta"):
+        return count_parameters(CSM(args))
+
+
 def check_disk_space(model: nn.Module, cfg: TrainConfig, out: Path) -> None:
     """Room for one checkpoint (weights + optimizer state), estimated from the parameter sizes."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -481,6 +514,9 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
     # The base model is resolved once (a hub repo: fetched once, at model_revision) and everything that
     # needs it later (text tokenizer, samples, exports) is found now, not hours into the run.
     base = None if cfg.train_from_scratch else resolve_source(cfg.model, cfg.model_revision)
+    auto_cpu = rt.auto_device and rt.device.type == "cpu"
+    planned = planned_model_args(cfg, base) if auto_cpu else None
+    check_auto_cpu(meta_parameters(planned) if planned else None, auto_cpu)  # before minutes of loading
     text_tokenizer = resolve_text_tokenizer(cfg.text_tokenizer, base)
     tokenizer_dir = Path(text_tokenizer) if Path(text_tokenizer).is_dir() else None  # copied beside best/, final/
     speech = RunSpeech(cfg, rt.device, text_tokenizer)
@@ -494,6 +530,7 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
         quality = QualityEval(cfg, out, speech, data) if cfg.eval_every else None
         hf_exports = HFExports(cfg, base, text_tokenizer) if cfg.export_hf else None
     model = apply_finetune_mode(build_or_load_model(cfg, rt.device, base), cfg)
+    check_auto_cpu(count_parameters(model), auto_cpu and planned is None)
     k = model.config.audio_num_codebooks
     if train_set.num_codebooks != k:
         raise UserError(f"{data} has {train_set.num_codebooks} codebooks per frame; the model expects {k}")

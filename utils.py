@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gpu_env import driver_advice, nvidia_driver
+
 
 # --------------------------------------------------------------------------- errors at the edge
 
@@ -82,17 +84,45 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+AUTO_DEVICE = (None, "", "auto")
+
+
 def resolve_device(name: str | None = None) -> torch.device:
-    """'auto'/None picks CUDA when present; an unavailable CUDA device is a user error."""
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """'auto'/None picks CUDA when present (else the CPU, saying why CUDA is unusable when this machine has an
+    NVIDIA driver); an unavailable CUDA device is a user error."""
+    if name in AUTO_DEVICE:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        warn_cuda_unusable()
+        return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError as e:
         raise UserError(f"--device {name!r} is not a device name (try cpu, cuda, cuda:1)") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA, but no CUDA GPU is visible; use --device cpu")
+        reason = cuda_unusable_reason()
+        raise UserError(f"--device {name} asked for CUDA, but " + (reason or "no CUDA GPU is visible; use --device cpu"))
     return device
+
+
+_warned_cpu = False
+
+
+def cuda_unusable_reason() -> str | None:
+    """Why torch cannot use CUDA on a machine with an NVIDIA driver, with the versions and the fix, in one line;
+    None on a machine without one."""
+    return driver_advice(nvidia_driver(), torch.__version__, torch.version.cuda)
+
+
+def warn_cuda_unusable() -> str | None:
+    """On a machine with an NVIDIA driver where CUDA is unusable, say why in one line (once per process);
+    returns the reason."""
+    global _warned_cpu
+    reason = cuda_unusable_reason()
+    if reason and not _warned_cpu:
+        _warned_cpu = True
+        print0(f"warning: CUDA is unusable, so this runs on the CPU: {reason}", file=sys.stderr)
+    return reason
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -146,6 +176,7 @@ class Runtime:
     # Started by torchrun, in a process group (of one process too: `torchrun --nproc_per_node 1` runs DDP or FSDP
     # and every collective, as the same run on more GPUs does).
     distributed: bool = False
+    auto_device: bool = False  # the device was chosen for the user (--device auto), not named
 
     @property
     def is_main(self) -> bool:
@@ -154,21 +185,21 @@ class Runtime:
 
 def compute_init(device_name: str | None) -> Runtime:
     """Device and (under torchrun) the process group, set up once."""
+    auto = device_name in AUTO_DEVICE
+    device = resolve_device(device_name)
     if not launched_by_torchrun():
-        return Runtime(resolve_device(device_name))
+        return Runtime(device, auto_device=auto)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name in (None, "", "auto"):
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_name.startswith("cuda"):
+    if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
-        device, backend = torch.device("cpu"), "gloo"
+        backend = "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
-    return Runtime(device, rank, world_size, local_rank, distributed=True)
+    return Runtime(device, rank, world_size, local_rank, distributed=True, auto_device=auto)
 
 
 def launched_by_torchrun() -> bool:

@@ -474,6 +474,19 @@ def resolve_source(source: str | Path, revision: str | None = None) -> Path:
                     "transformers layout), a .safetensors file or a .pt checkpoint")
 
 
+def config_model_args(path: Path) -> ModelArgs | None:
+    """The dimensions a local model's config.json gives (either layout), read without its weights; None where
+    it has none (a checkpoint file carries them inside) or names nothing this code knows."""
+    config = _read_config(path / MODEL_CONFIG_NAME if path.is_dir() else path.with_name(MODEL_CONFIG_NAME))
+    if config is None:
+        return None
+    if "depth_decoder_config" in config:
+        return args_from_hf_config(config, path)
+    if "backbone_flavor" in config or "backbone" in config:
+        return model_args_from_dict(config, path)
+    return None
+
+
 def read_model_weights(source: str | Path, revision: str | None = None) -> tuple[dict[str, torch.Tensor], ModelArgs]:
     """Weights (official names, stored dtype) and config from any source: hub id, official or transformers
     directory (sharded or not), .safetensors file, or .pt checkpoint (ours, the original repo's, ckpt.pt)."""
