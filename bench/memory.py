@@ -121,12 +121,28 @@ def row(mode: str, optimizer: str, label: str, checkpointing: bool, short: int, 
     """One line of the table: the state, the activations and the largest max_tokens per GPU size."""
     state = state_bytes(mode, optimizer)
     per_frame, fixed = activation_model(mode, checkpointing, short, long)
-    fits = []
-    for gb in GPU_SIZES_GB:
-        room = gb * 1e9 / OVERHEAD - state - fixed
-        fits.append(f"{int(room / per_frame) // 256 * 256:,}" if room > 256 * per_frame else "does not fit")
+    fits = [max_tokens(gb * 1e9, state, per_frame, fixed) for gb in GPU_SIZES_GB]
+    fits = [f"{n:,}" if n else "does not fit" for n in fits]
     return (f"| {label}{', checkpointing' if checkpointing else ''} | {state / GIB:.1f} | "
             f"{per_frame / 2**20:.2f} | {fixed / GIB:.2f} | " + " | ".join(fits) + " |")
+
+
+def max_tokens(gpu_bytes: float, state: float, per_frame: float, fixed: float) -> int | None:
+    """The largest max_tokens (a multiple of 256) whose state + activations, with the allocator's overhead, fit in
+    `gpu_bytes`; None when not even 256 do."""
+    room = gpu_bytes / OVERHEAD - state - fixed
+    return int(room / per_frame) // 256 * 256 if room > 256 * per_frame else None
+
+
+def read_guide(readme: str) -> dict[str, tuple[float, float]]:
+    """{row label: (activation bytes per frame, fixed activation bytes)} from the README's memory table, which this
+    script wrote: the measured activations, for tools that cannot measure them again (doctor.py)."""
+    start, end = README_MARKERS
+    if start not in readme or end not in readme:
+        return {}
+    rows = readme.split(start)[1].split(end)[0].strip().splitlines()[2:]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    return {c[0]: (float(c[2]) * 2**20, float(c[3]) * GIB) for c in cells if len(c) >= 4}
 
 
 def official_frame_embedding(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
