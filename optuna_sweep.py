@@ -358,12 +358,10 @@ def write_reports(study, out: Path, base: dict) -> list[Path]:
 
 def choose_gpus(args, base: dict) -> None:
     """args.n_gpus from --n_gpus and --device: the visible GPUs unless told otherwise. A CPU chosen because CUDA is
-    unusable is said (why, in one line) and refused for a model of over 100M parameters."""
+    unusable is said in one line (why), and check_model_size refuses a large model on it."""
     import torch
 
-    from training import check_auto_cpu, meta_parameters, planned_model_args
     from utils import cuda_unusable_reason, warn_cuda_unusable
-    from weights import resolve_source
 
     visible = torch.cuda.device_count()
     chosen = args.n_gpus is None and args.device == "auto"
@@ -378,12 +376,25 @@ def choose_gpus(args, base: dict) -> None:
     if args.device == "cuda" and args.n_gpus == 0:
         raise UserError("--device cuda, but " + ((cuda_unusable_reason() or "no CUDA GPU is visible") if not visible
                                                   else "--n_gpus 0 asks for none"))
-    if args.n_gpus or not chosen:  # GPUs, or the CPU asked for (--device cpu, --n_gpus 0)
+    args.auto_cpu = not args.n_gpus and chosen  # not asked for (--device cpu, --n_gpus 0)
+    if args.auto_cpu:
+        warn_cuda_unusable()
+
+
+def check_model_size(args, base: dict) -> None:
+    """Refuse a model of over 100M parameters on a CPU the sweep chose itself, as train.py does. A model that cannot
+    be found is left to the trials, which report it."""
+    from training import check_auto_cpu, meta_parameters, planned_model_args
+    from weights import resolve_source
+
+    if not args.auto_cpu:
         return
-    warn_cuda_unusable()
     cfg = config_mod.make_config(base)
-    source = None if cfg.train_from_scratch else resolve_source(cfg.model, cfg.model_revision)
-    planned = planned_model_args(cfg, source)
+    try:
+        source = None if cfg.train_from_scratch else resolve_source(cfg.model, cfg.model_revision)
+        planned = planned_model_args(cfg, source)
+    except UserError:
+        return
     check_auto_cpu(meta_parameters(planned) if planned else None, True, explicit="--device cpu")
 
 
@@ -487,6 +498,7 @@ def run_sweep(args) -> int:
                         "config or with --set eval_every=N")
     choose_gpus(args, base)
     check_trial_lengths(base, space, args.data)
+    check_model_size(args, base)
     created = not out.exists()
     try:
         with prepare_output_dir(out, args):

@@ -126,7 +126,8 @@ def test_a_sweep_refuses_a_large_model_on_an_automatic_cpu(old_driver, tmp_path)
 
     data = write_token_file(tmp_path / "d.hdf5", n_train=4, n_val=2)
     argv = ["--data", str(data), "--model", str(_big_model(tmp_path)), "--output_dir", str(tmp_path / "s"),
-            "--n_trials", "1", "--max_steps", "1", "--wandb_mode", "disabled"]
+            "--n_trials", "1", "--max_steps", "8", "--wandb_mode", "disabled", "--set", "warmup_steps=1",
+            "--sweep_config", str(ROOT / "configs" / "sweep_demo.yaml")]
     with pytest.raises(utils.UserError, match="not training a 1,.*pass --device cpu"):
         sweep.main(argv)
     with pytest.raises(utils.UserError, match="--device cuda, but NVIDIA driver 535.154.05 is too old"):
