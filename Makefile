@@ -38,6 +38,7 @@ endif
 # Two workers (pytest-xdist): CI's and the developers' machines have 2 cores, and half the suite waits on
 # subprocesses, imports and files, so two take about 0.6x the time of one.
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2
 
 demo: $(STAMP)

@@ -87,12 +87,14 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], sourc
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise UserError(f"{source} trained other parameters than this run does ({len(missing)} missing, e.g. "
-                        f"{', '.join(missing[:2]) or '-'}; {len(extra)} unexpected, e.g. {', '.join(extra[:2]) or '-'}): "
+                        f"{', '.join(missing[:2]) or '-'}; {len(extra)} unexpected, e.g. "
+                        f"{', '.join(extra[:2]) or '-'}): "
                         "resume with the finetune, lora_* and freeze settings it was saved with")
     with torch.no_grad():
         for name, value in state.items():
             if params[name].shape != value.shape:
-                raise UserError(f"{source}: {name} has shape {tuple(value.shape)}, this run {tuple(params[name].shape)}")
+                raise UserError(f"{source}: {name} has shape {tuple(value.shape)}, this run "
+                                f"{tuple(params[name].shape)}")
             params[name].copy_(value)
 
 
@@ -231,7 +233,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         rank = int(config.get("r") or max(ranks.values()))
         pattern = {m: r for m, r in ranks.items() if r != rank}
         if config.get("alpha_pattern"):
-            raise UserError(f"--adapter {directory} sets alpha_pattern, which is not read; merge it where it was trained")
+            raise UserError(f"--adapter {directory} sets alpha_pattern, which is not read; "
+                            f"merge it where it was trained")
         peft_config = lora_config(rank, config.get("lora_alpha", rank), 0.0, (), target_modules=modules,
                                   rank_pattern=pattern)
         peft_config.use_rslora = bool(config.get("use_rslora", False))

@@ -169,7 +169,8 @@ def restore_checkpoint(path: Path, state: dict, *, model, optimizer, scheduler, 
     _set_rng_state(state["rng"], rt)
     generator.set_state(state["rng"]["loss_generators"][rt.rank])
     changed = sorted(key for key, v in state["config"].items() if getattr(cfg, key, v) != v)
-    print0(f"resumed from {path} at step {state['step']}" + (f" (config changed: {', '.join(changed)})" if changed else ""))
+    print0(f"resumed from {path} at step "
+           f"{state['step']}" + (f" (config changed: {', '.join(changed)})" if changed else ""))
     # Checkpoints from before select_best_by picked best/ by val loss; a changed select_best_by starts afresh.
     best_by = state.get("best_by", "val_loss")
     best_score = state.get("best_score", state["best_val_loss"]) if best_by == cfg.select_best_by else float("inf")

@@ -34,41 +34,62 @@ def _f(default, help: str, *, choices=None, min=None, max=None, gt=None, default
 @dataclass
 class TrainConfig:
     # --- model
-    model: str = _f("sesame/csm-1b", "Weights to finetune: hub id, directory (official or transformers layout), .safetensors or .pt.")
+    model: str = _f("sesame/csm-1b",
+                    "Weights to finetune: hub id, directory (official or transformers layout), .safetensors or .pt.")
     model_revision: str | None = _f(None, "Branch, tag or commit of a hub `model` (default: main).")
     train_from_scratch: bool = _f(False, "Ignore `model` and start from random weights (see README: initialisation).")
     backbone_flavor: str = _f("llama-1B", "Backbone shape when training from scratch.")
     decoder_flavor: str = _f("llama-100M", "Decoder shape when training from scratch.")
     text_vocab_size: int = _f(128_256, "Text vocabulary size when training from scratch.", min=1)
-    text_tokenizer: str | None = _f(None, "Tokenizer for the sample sentences (hub id or dir; default: the model's own, else meta-llama/Llama-3.2-1B).")
-    mimi_weights: str | None = _f(None, "Mimi for decoding samples: MimiModel dir or hub repo, transformers CSM, or moshi file (default: kyutai/mimi).")
-    export_hf: bool = _f(False, "Also write best_hf/ and final_hf/: the transformers CsmForConditionalGeneration layout.")
-    export_codec: str | None = _f(None, "Mimi (MimiModel layout) for export_hf: a transformers CSM or kyutai/mimi (default: the model's own, else kyutai/mimi).")
+    text_tokenizer: str | None = _f(None,
+                                    "Tokenizer for the sample sentences (hub id or dir; default: the model's own, "
+                                    "else meta-llama/Llama-3.2-1B).")
+    mimi_weights: str | None = _f(None,
+                                  "Mimi for decoding samples: MimiModel dir or hub repo, transformers CSM, or moshi "
+                                  "file (default: kyutai/mimi).")
+    export_hf: bool = _f(False,
+                         "Also write best_hf/ and final_hf/: the transformers CsmForConditionalGeneration layout.")
+    export_codec: str | None = _f(None,
+                                  "Mimi (MimiModel layout) for export_hf: a transformers CSM or kyutai/mimi (default: "
+                                  "the model's own, else kyutai/mimi).")
     # --- what trains (see README: LoRA and freezing)
-    finetune: str = _f("full", "full: every weight trains (minus freeze); lora: peft LoRA adapters (plus lora_modules_to_save).",
+    finetune: str = _f("full",
+                       "full: every weight trains (minus freeze); lora: peft LoRA adapters "
+                       "(plus lora_modules_to_save).",
                        choices=FINETUNE_MODES)
     lora_rank: int = _f(16, "LoRA rank r.", min=1, max=4096)
     lora_alpha: float = _f(32.0, "LoRA alpha: the update is scaled by alpha / r.", gt=0)
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", min=0, max=0.9)
-    lora_targets: list[str] = _f(None, "Linear layers (by this model's module names) that get LoRA adapters, in backbone "
+    lora_targets: list[str] = _f(None,
+                                 "Linear layers (by this model's module names) that get LoRA adapters, in backbone "
                                  "and decoder.", default_factory=lambda: list(LORA_TARGETS))
     lora_modules_to_save: list[str] = _f(None, "Modules trained whole beside the LoRA adapters (e.g. codebook0_head, "
                                          "audio_head, projection).", default_factory=list)
     freeze: list[str] = _f(None, "Parts a full finetune leaves untouched (text_embeddings, audio_embeddings, backbone, "
                            "decoder, projection, codebook0_head, audio_head, heads).", default_factory=list)
     # --- batching
-    batch_size: int | None = _f(8, "Examples per micro-batch (the original's batching). Ignored when max_tokens is set.", min=1)
-    max_tokens: int | None = _f(None, "Padded frames per micro-batch (token-budget batching, far less padding). Overrides batch_size.", min=1)
+    batch_size: int | None = _f(8,
+                                "Examples per micro-batch (the original's batching). "
+                                "Ignored when max_tokens is set.", min=1)
+    max_tokens: int | None = _f(None,
+                                "Padded frames per micro-batch (token-budget batching, far less "
+                                "padding). Overrides batch_size.", min=1)
     grad_acc_steps: int = _f(1, "Micro-batches per optimizer step.", min=1)
-    max_seq_len: int = _f(2048, "Longest example in frames; longer ones are refused when the data opens.", min=2, max=2048)
+    max_seq_len: int = _f(2048,
+                          "Longest example in frames; longer ones are refused when the data opens.", min=2, max=2048)
     partial_data_loading: bool = _f(False, "Read examples lazily from the HDF5 file instead of loading it into memory.")
-    num_workers: int | None = _f(None, "DataLoader worker processes; unset: 2 on CUDA (loading overlaps the GPU's step), 0 "
+    num_workers: int | None = _f(None,
+                                 "DataLoader worker processes; unset: 2 on CUDA (loading overlaps the GPU's step), 0 "
                                  "on CPU (workers would take the cores the step runs on). See README: benchmarks.",
                                  min=0, max=256)
     # --- conversational context (see README: conversational context)
-    context_mode: str = _f("none", "Context before each target turn: none; conversation (its earlier turns); same_speaker "
-                           "(other utterances of its speaker, re-drawn each epoch: a voice prompt).", choices=CONTEXT_MODES)
-    context_turns: int = _f(1, "Most context turns per example; the oldest are dropped first to fit max_seq_len.", min=1, max=64)
+    context_mode: str = _f("none",
+                           "Context before each target turn: none; conversation (its earlier turns); same_speaker "
+                           "(other utterances of its speaker, re-drawn each epoch: a voice prompt).",
+                           choices=CONTEXT_MODES)
+    context_turns: int = _f(1,
+                            "Most context turns per example; the oldest are dropped "
+                            "first to fit max_seq_len.", min=1, max=64)
     context_loss: str = _f("none", "none: only the target turn's audio is a loss target; all: every turn's.",
                            choices=CONTEXT_LOSSES)
     # --- optimisation
@@ -81,38 +102,55 @@ class TrainConfig:
     max_grad_norm: float = _f(1.3, "Clip the global gradient norm to this (0 disables clipping).", min=0)
     warmup_steps: int = _f(1000, "Optimizer steps of linear warmup.", min=0)
     lr_decay: str = _f("linear", "Decay after warmup, reaching its end value at the last step.", choices=LR_DECAYS)
-    min_lr_ratio: float = _f(0.0, "Final LR as a fraction of the peak (exponential uses 0.01 when this is 0).", min=0, max=1)
+    min_lr_ratio: float = _f(0.0,
+                             "Final LR as a fraction of the peak (exponential uses 0.01 when this is 0).", min=0, max=1)
     decoder_loss_weight: float = _f(0.5, "w in 2((1-w) c0_loss + w decoder_loss).", min=0, max=1)
-    decoder_fraction: float = _f(1 / 16, "Fraction of audio frames the decoder trains on (compute amortization).", gt=0, max=1)
+    decoder_fraction: float = _f(1 / 16,
+                                 "Fraction of audio frames the decoder trains on (compute amortization).", gt=0, max=1)
     precision: str = _f("auto", "auto = bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU.", choices=PRECISIONS)
-    distributed: str = _f("ddp", "With several processes (torchrun): ddp keeps a full copy per GPU; fsdp shards weights, "
-                          "gradients and optimizer states over them (FSDP2, full finetuning only).", choices=DISTRIBUTED)
+    distributed: str = _f("ddp",
+                          "With several processes (torchrun): ddp keeps a full copy per GPU; fsdp shards weights, "
+                          "gradients and optimizer states over them (FSDP2, full finetuning only).",
+                          choices=DISTRIBUTED)
     compile: bool = _f(False, "torch.compile the transformer layers (dynamic shapes: one compilation serves every "
                        "batch length); the first steps pay for compiling.")
-    activation_checkpointing: bool = _f(False, "Recompute layer activations in backward: less activation memory for extra compute.")
+    activation_checkpointing: bool = _f(False,
+                                        "Recompute layer activations in backward: less "
+                                        "activation memory for extra compute.")
     # --- length of the run
     n_epochs: int = _f(25, "Epochs over the training split (the run length unless max_steps is set).", min=1)
     max_steps: int | None = _f(None, "Optimizer steps; overrides n_epochs.", min=1)
-    seed: int = _f(42, "Seed for weights (from scratch), batching and the decoder's frame subset.", min=0, max=2**32 - 1)
+    seed: int = _f(42, "Seed for weights (from scratch), batching and the decoder's frame subset.",
+                   min=0, max=2**32 - 1)
     # --- cadence, in optimizer steps
     log_every: int = _f(10, "Log training metrics every N steps.", min=1)
     val_every: int = _f(100, "Validation loss every N steps and at the end (0: only at the end).", min=0)
     save_every: int = _f(1000, "Full checkpoint every N steps and at the end (0: only at the end).", min=0)
-    keep_checkpoints: int = _f(2, "How many of the latest step checkpoints to keep (best and final are kept apart).", min=1)
+    keep_checkpoints: int = _f(2,
+                               "How many of the latest step checkpoints to keep (best "
+                               "and final are kept apart).", min=1)
     gen_every: int = _f(1000, "Audio samples every N steps (0: never).", min=0)
     gen_sentences: list[str] = _f(None, "Sentences spoken in the samples.",
                                   default_factory=lambda: ["Bird law in this country is not governed by reason."])
     gen_speaker: int = _f(999, "Speaker id for the samples.", min=0, max=2**31 - 1)
     gen_context: list[dict] = _f(None, "Prompt turns spoken before every sample and evaluation item: a list of "
                                  "{audio: wav path, text: its transcript, speaker: id}.", default_factory=list)
-    gen_max_seconds: float = _f(10.0, "Longest sample, in seconds (the model's 2048 frames hold 160 s with the text).", gt=0, max=160)
+    gen_max_seconds: float = _f(10.0,
+                                "Longest sample, in seconds (the model's 2048 frames "
+                                "hold 160 s with the text).", gt=0, max=160)
     # --- quality evaluation (WER/CER, speaker similarity, EOS rate; see README: evaluation)
     eval_every: int = _f(0, "Quality evaluation of eval_n val items every N steps and at the end (0: never).", min=0)
-    eval_n: int = _f(16, "Val items in each quality evaluation: a fixed subset drawn with the seed.", min=1, max=100_000)
-    eval_max_seconds: float = _f(20.0, "Longest generated item in evaluation (each also stops at 2x its reference + 1 s).", gt=0, max=160)
+    eval_n: int = _f(16,
+                     "Val items in each quality evaluation: a fixed subset drawn with the seed.", min=1, max=100_000)
+    eval_max_seconds: float = _f(20.0,
+                                 "Longest generated item in evaluation (each also stops "
+                                 "at 2x its reference + 1 s).", gt=0, max=160)
     eval_asr: str = _f(DEFAULT_ASR, "ASR model for WER/CER: hub id or local dir.")
-    eval_speaker_model: str = _f(DEFAULT_SPEAKER_MODEL, "Speaker-verification model for speaker_sim: hub id or local dir.")
-    eval_language: str = _f("en", "Language spoken (Whisper code); en uses Whisper's English normaliser, others its basic one.")
+    eval_speaker_model: str = _f(DEFAULT_SPEAKER_MODEL,
+                                 "Speaker-verification model for speaker_sim: hub id or local dir.")
+    eval_language: str = _f("en",
+                            "Language spoken (Whisper code); en uses Whisper's English "
+                            "normaliser, others its basic one.")
     select_best_by: str = _f("val_loss", "What picks best/: val_loss, or a quality metric (needs eval_every).",
                              choices=SELECT_BY)
     # --- safety
@@ -195,14 +233,16 @@ def _coerce_turns(key: str, value) -> list[dict]:
     turns = []
     for i, entry in enumerate(value):
         if not isinstance(entry, dict) or set(entry) != set(TURN_KEYS):
-            raise UserError(f"config key {key!r}: entry {i} must have exactly the keys audio, text, speaker; got {entry!r}")
+            raise UserError(f"config key {key!r}: entry {i} must have exactly the keys audio, "
+                            f"text, speaker; got {entry!r}")
         audio, text, speaker = entry["audio"], entry["text"], entry["speaker"]
         if not isinstance(audio, str) or not audio.strip():
             raise UserError(f"config key {key!r}: entry {i} needs 'audio', the path of a wav file")
         if not isinstance(text, str) or not text.strip():
             raise UserError(f"config key {key!r}: entry {i} needs 'text', the transcript of its audio")
         if isinstance(speaker, bool) or not isinstance(speaker, int) or not 0 <= speaker <= 2**31 - 1:
-            raise UserError(f"config key {key!r}: entry {i} 'speaker' must be a non-negative integer id, got {speaker!r}")
+            raise UserError(f"config key {key!r}: entry {i} 'speaker' must be a "
+                            f"non-negative integer id, got {speaker!r}")
         turns.append({"audio": audio, "text": text.strip(), "speaker": speaker})
     return turns
 
@@ -260,7 +300,8 @@ def make_config(values: dict, source: str = "config") -> TrainConfig:
                          ("lora_modules_to_save", MODULES_TO_SAVE), ("freeze", tuple(FREEZABLE))):
         unknown = [v for v in getattr(cfg, key) if v not in allowed]
         if unknown:
-            raise UserError(f"config key {key!r}: unknown name(s) {', '.join(map(repr, unknown))}; valid: {', '.join(allowed)}")
+            raise UserError(f"config key {key!r}: unknown name(s) "
+                            f"{', '.join(map(repr, unknown))}; valid: {', '.join(allowed)}")
     if cfg.distributed == "fsdp" and (cfg.finetune == "lora" or cfg.freeze):
         raise UserError("distributed: fsdp shards a full finetune of every weight; LoRA and frozen runs keep little "
                         "state per GPU already: use distributed: ddp")
@@ -269,7 +310,8 @@ def make_config(values: dict, source: str = "config") -> TrainConfig:
             raise UserError("finetune: lora adapts pretrained weights; training from scratch must train every weight "
                             "(finetune: full)")
         if cfg.freeze:
-            raise UserError("freeze is for finetune: full; LoRA already trains only its adapters and lora_modules_to_save")
+            raise UserError("freeze is for finetune: full; LoRA already trains only its "
+                            "adapters and lora_modules_to_save")
         if not cfg.lora_targets:
             raise UserError("finetune: lora needs at least one name in lora_targets")
     if cfg.select_best_by != "val_loss" and not cfg.eval_every:
@@ -277,7 +319,8 @@ def make_config(values: dict, source: str = "config") -> TrainConfig:
     if not cfg.eval_language.strip():
         raise UserError("config key 'eval_language' is empty; give a language code such as en")
     if cfg.max_tokens is not None and cfg.max_tokens < cfg.max_seq_len:
-        raise UserError(f"max_tokens ({cfg.max_tokens}) must be at least max_seq_len ({cfg.max_seq_len}) so every example fits")
+        raise UserError(f"max_tokens ({cfg.max_tokens}) must be at least max_seq_len "
+                        f"({cfg.max_seq_len}) so every example fits")
     return cfg
 
 

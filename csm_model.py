@@ -223,7 +223,8 @@ class Attention(nn.Module):
             # Without a cache, queries and keys are the same positions: causal for every length (a Python bool,
             # so a compiled layer does not branch on the symbolic length).
             causal = self.kv_cache is None or s > 1
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=self.num_kv_heads != self.num_heads)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                 enable_gqa=self.num_kv_heads != self.num_heads)
         else:
             if self.num_kv_heads != self.num_heads:
                 # With an explicit mask (generation), expand: query head i reads kv head i // group, as in

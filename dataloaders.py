@@ -59,7 +59,8 @@ class CSMDataset(Dataset):
     def _check_consistency(self) -> None:
         audio = np.diff(self._audio_offsets)
         text = np.diff(self._text_offsets)
-        bad = np.flatnonzero((audio % self.num_codebooks != 0) | (text + audio // self.num_codebooks + 1 != self.lengths))
+        k = self.num_codebooks
+        bad = np.flatnonzero((audio % k != 0) | (text + audio // k + 1 != self.lengths))
         if bad.size:
             raise DataError(f"{self.path}: {bad.size} '{self.split}' rows (first: {int(bad[0])}) have a length that is "
                             f"not len(text) + frames + 1 with {self.num_codebooks} codebooks; re-run pretokenize.py")
@@ -89,7 +90,8 @@ class CSMDataset(Dataset):
         audio, text = self._row(i)
         frames = len(audio) // self.num_codebooks
         if len(text) + frames + 1 != self.lengths[i]:
-            raise DataError(f"{self.path}: /{self.split} row {i} does not match its stored length; re-run pretokenize.py")
+            raise DataError(f"{self.path}: /{self.split} row {i} does not match its stored "
+                            f"length; re-run pretokenize.py")
         audio = torch.from_numpy(audio.astype(np.int64)).view(self.num_codebooks, frames)
         return audio, torch.from_numpy(text.astype(np.int64))
 
@@ -330,7 +332,8 @@ def make_loader(dataset: CSMDataset, *, max_tokens: int | None = None, batch_siz
         raise ValueError("give max_tokens or batch_size")
     planner = None
     if context_mode != "none":
-        planner = ContextPlanner(dataset.lengths, dataset.conversation, dataset.turn, dataset.speaker, mode=context_mode,
+        planner = ContextPlanner(dataset.lengths, dataset.conversation, dataset.turn,
+                                 dataset.speaker, mode=context_mode,
                                  context_turns=context_turns, max_seq_len=dataset.max_seq_len, seed=seed)
     sampler = LengthBucketSampler(dataset.lengths, max_tokens=max_tokens, batch_size=batch_size, shuffle=shuffle,
                                   seed=seed, rank=rank, world_size=world_size, planner=planner)

@@ -71,7 +71,8 @@ class DatasetSource:
             if name not in names:
                 raise UserError(f"{self.spec} has no column {name!r} (columns: {', '.join(names)}); set {flag}")
         if speaker is not None and speaker not in names:
-            raise UserError(f"{self.spec} has no column {speaker!r} (columns: {', '.join(names)}); set --speaker_column")
+            raise UserError(f"{self.spec} has no column {speaker!r} (columns: "
+                            f"{', '.join(names)}); set --speaker_column")
 
     def speaker_values(self) -> list:
         """The distinct cells of the speaker column; a streamed dataset's are read in a pass over that column

@@ -58,7 +58,8 @@ def plot_sweep(sweep_dir: Path, out_dir: Path) -> list[Path]:
 
     study = optuna.load_study(study_name="csm-sweep", storage=f"sqlite:///{(sweep_dir / 'study.db').resolve()}")
     written = []
-    for name, plot in (("sweep_history", ovm.plot_optimization_history), ("sweep_importances", ovm.plot_param_importances)):
+    for name, plot in (("sweep_history", ovm.plot_optimization_history),
+                       ("sweep_importances", ovm.plot_param_importances)):
         try:
             ax = plot(study)
             ax.figure.set_size_inches(6, 3.5)
@@ -163,27 +164,33 @@ def main(argv: list[str] | None = None) -> int:
     banner("6/7 evaluate the best model: WER/CER, speaker similarity, EOS rate, with the reference and Mimi ceilings")
     evaluation = out / "evaluation"
     evaluate.main(["--model", str(run / "best"), "--eval_data", str(SAMPLE / "val.json"), "--n", "4",
-                   "--output_dir", str(evaluation), "--asr", str(assets["asr"]), "--speaker_model", str(assets["speaker_model"]),
+                   "--output_dir", str(evaluation), "--asr", str(assets["asr"]), "--speaker_model",
+                   str(assets["speaker_model"]),
                    "--max_audio_seconds", "2", "--device", "cpu", *common])
 
     banner(f"7/7 a {trials}-trial sweep on 2 CPU workers")
     sweep_dir = out / "sweep"
-    sweep.main(["--data", str(data), "--sweep_config", str(ROOT / "configs" / "sweep_demo.yaml"), "--output_dir", str(sweep_dir),
-                "--n_trials", str(trials), "--n_workers", "2", "--max_steps", str(trial_steps), "--model", str(assets["model"]),
-                "--wandb_mode", "disabled", "--sampler", "random", "--set", "val_every=" + str(max(trial_steps // 2, 1)),
+    sweep.main(["--data", str(data), "--sweep_config", str(ROOT / "configs" / "sweep_demo.yaml"),
+                "--output_dir", str(sweep_dir),
+                "--n_trials", str(trials), "--n_workers", "2", "--max_steps", str(trial_steps), "--model",
+                str(assets["model"]),
+                "--wandb_mode", "disabled", "--sampler", "random", "--set",
+                "val_every=" + str(max(trial_steps // 2, 1)),
                 "--set", "batch_size=4", "--set", f"text_tokenizer={assets['text_tokenizer']}",
                 "--set", f"mimi_weights={assets['mimi']}", "--set", "warmup_steps=2"])
     plots = plot_sweep(sweep_dir, out)
 
     banner(f"done in {time.time() - t0:.0f} s; outputs")
     rows = [
-        ("recordings and prepared metadata", metadata.parent), ("pre-tokenized data", data), ("skipped-rows report (if any)", Path(str(data) + ".skipped.csv")),
+        ("recordings and prepared metadata", metadata.parent), ("pre-tokenized data", data),
+            ("skipped-rows report (if any)", Path(str(data) + ".skipped.csv")),
         ("training metrics", run / "metrics.jsonl"), ("loss curve", out / "loss_curve.png"),
         ("checkpoints (full state, resumable)", run / "checkpoints"), ("best model (official layout)", run / "best"),
         ("final model (official layout)", run / "final"),
         ("best model, transformers layout", run / "best_hf"), ("audio samples from training", run / "samples"),
         ("generated speech", wav), ("quality during training", run / "eval"),
-        ("evaluation report (open in a browser)", evaluation / "report.html"), ("sweep: best config", sweep_dir / "best_config.yaml"),
+        ("evaluation report (open in a browser)", evaluation / "report.html"),
+            ("sweep: best config", sweep_dir / "best_config.yaml"),
         ("sweep: all trials", sweep_dir / "trials.csv"), ("sweep: plots (HTML)", sweep_dir),
         *[(f"sweep plot {p.stem}", p) for p in plots],
     ]

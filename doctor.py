@@ -20,7 +20,8 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-MODES = (("full, AdamW", "full", "adamw"), ("full, 8-bit AdamW", "full", "adamw8bit"), ("LoRA r=16, AdamW", "lora", "adamw"))
+MODES = (("full, AdamW", "full", "adamw"), ("full, 8-bit AdamW", "full", "adamw8bit"),
+         ("LoRA r=16, AdamW", "lora", "adamw"))
 
 
 def pins() -> list[tuple[str, str]]:
@@ -133,7 +134,8 @@ def login_lines() -> list[str]:
     except Exception as e:  # noqa: BLE001
         lines.append(f"  hub: cannot be read ({type(e).__name__}: {e})")
     netrc = Path.home() / ".netrc"
-    wandb = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+    in_netrc = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    wandb = bool(os.environ.get("WANDB_API_KEY")) or in_netrc
     lines.append(f"  W&B: {'a key is set' if wandb else 'no key (wandb_mode offline and disabled need none)'}"
                  + (", .env present" if Path(".env").is_file() else ""))
     return lines

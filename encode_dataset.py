@@ -81,7 +81,8 @@ def _save_chunk(path: Path, examples: list[tuple[int, np.ndarray, list[int], flo
         "text_sizes": np.array([len(t) for t in text], dtype=np.int64),
         "seconds": np.array([e[3] for e in examples], dtype=np.float64),
         # Kept with each example for conversational context (a fixed-width string array, no pickle).
-        "speaker": np.array([UNKNOWN_SPEAKER if e[4].speaker is None else e[4].speaker for e in examples], dtype=np.int64),
+        "speaker": np.array([UNKNOWN_SPEAKER if e[4].speaker is None else e[4].speaker for e in examples],
+                            dtype=np.int64),
         "conversation": np.array([e[4].conversation or "" for e in examples], dtype=str),
         "turn": np.array([turn_order(e[4]) for e in examples], dtype=np.float64),
         "skipped": np.array(json.dumps(skipped)),
@@ -125,7 +126,8 @@ def fingerprint(args, tokenizer, mimi, sources: dict) -> dict:
 
 def _describe_change(old: dict, new: dict) -> str:
     changed = [k for k in new if old.get(k) != new[k]]
-    names = {"text_tokenizer_vocab": "text tokenizer", "text_tokenizer": "text tokenizer", "mimi": "Mimi weights/config",
+    names = {"text_tokenizer_vocab": "text tokenizer", "text_tokenizer": "text tokenizer",
+             "mimi": "Mimi weights/config",
              "metadata": "metadata files", "max_seq_len": "--max_seq_len", "omit_speaker_id": "--omit_speaker_id",
              "save_every": "--save_every", "codebooks": "codebooks", "format_version": "format version",
              "speakers": "speaker names"}
@@ -157,7 +159,8 @@ def process_chunk(rows: list[tuple[int, dict]], clips, tokenizer, mimi, args, st
         ready.sort(key=lambda r: len(r[1]))
         for start in range(0, len(ready), args.batch_size):
             batch = ready[start:start + args.batch_size]
-            for (index, audio, text, row), codes in zip(batch, encode_audio(mimi, [b[1] for b in batch], NUM_CODEBOOKS)):
+            for (index, audio, text, row), codes in zip(batch,
+                                                        encode_audio(mimi, [b[1] for b in batch], NUM_CODEBOOKS)):
                 examples.append((index, codes, text, len(audio) / MIMI_SAMPLE_RATE, row))
         ready.clear()
 
@@ -176,7 +179,8 @@ def process_chunk(rows: list[tuple[int, dict]], clips, tokenizer, mimi, args, st
             ready.append((index, audio, text, row))
         except SkipRow as e:
             if args.strict:
-                raise UserError(f"{strict_label} row {index} ({raw.get('path')}): {e} (--strict stops at the first bad row)")
+                raise UserError(f"{strict_label} row {index} ({raw.get('path')}): {e} "
+                                f"(--strict stops at the first bad row)")
             skipped.append((index, str(raw.get("path")), str(e)))
         if len(ready) >= window:
             encode_ready()
@@ -416,7 +420,8 @@ def _run(args, device, sources, speakers: dict[str, int], output, work, previous
     if empty:
         reasons = top_skip_reasons(work, {split: plan[split] for split in empty})
         shutil.rmtree(work)  # nothing worth resuming: a run after the fix reads every row anew
-        raise UserError(f"the {' and '.join(empty)} split{'s' if len(empty) > 1 else ''} kept no rows, so no token file "
+        raise UserError(f"the {' and '.join(empty)} split{'s' if len(empty) > 1 else ''} "
+                        f"kept no rows, so no token file "
                         f"was written; {reasons} (every skipped row is in {report})")
     write_output(output, work, plan, fp, args, tokenizer)
     # Renamed first, so that a kill during the deletion cannot leave chunks without their manifest.

@@ -23,7 +23,8 @@ from weights import DEFAULT_MODEL
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Quality of a CSM checkpoint: WER/CER, speaker similarity, EOS rate, "
                                             "with the reference and Mimi ceilings")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, directory (official or transformers layout), .safetensors or .pt")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id, directory (official or transformers layout), .safetensors or .pt")
     p.add_argument("--revision", default=None, help="branch, tag or commit of a hub --model")
     p.add_argument("--adapter", default=None,
                    help="a peft LoRA adapter directory to apply to --model without merging it on disk (ours, e.g. "
@@ -50,9 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="model weights: auto = bf16 on CUDA, fp32 on CPU (the ASR and speaker models: fp16 on CUDA)")
-    p.add_argument("--text_tokenizer", default=None, help="hub id or local dir (default: the model's own, else Llama-3.2)")
+    p.add_argument("--text_tokenizer", default=None,
+                   help="hub id or local dir (default: the model's own, else Llama-3.2)")
     p.add_argument("--mimi_weights", default=None, help="Mimi (default kyutai/mimi); see generate.py")
-    p.add_argument("--context_audio", action="append", default=[], help="a prompt turn spoken before every item (repeatable)")
+    p.add_argument("--context_audio", action="append", default=[],
+                   help="a prompt turn spoken before every item (repeatable)")
     p.add_argument("--context_text", action="append", default=[], help="its transcript")
     p.add_argument("--context_speaker", action="append", default=[],
                    help="its speaker id, or a speaker name of --eval_data's token file (or of --speakers)")

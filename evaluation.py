@@ -83,7 +83,8 @@ def is_token_file(path: Path) -> bool:
         return False
 
 
-def items_from_metadata(path: Path, n: int | None, seed: int, trust_pickle: bool = False) -> tuple[list[EvalItem], list]:
+def items_from_metadata(path: Path, n: int | None, seed: int,
+                        trust_pickle: bool = False) -> tuple[list[EvalItem], list]:
     """Items of a metadata file (reference = the recorded window); rows that cannot be used are returned
     as (row, reason) and left out."""
     from audio_io import read_audio
@@ -195,7 +196,8 @@ def evaluate_model(model, tokenizer, mimi, items: list[EvalItem], quality: Quali
         if item.recording is not None:
             clips["reference"] = item.recording
         if item.codes is not None:  # a token file's reference is its codes, decoded
-            clips["reference" if item.recording is None else "codec"] = decode_audio(mimi, torch.as_tensor(item.codes)).numpy()
+            clips["reference" if item.recording is None else "codec"] = decode_audio(mimi,
+                                                                                     torch.as_tensor(item.codes)).numpy()
         elif ceilings:
             codes = encode_audio(mimi, [item.recording], model.config.audio_num_codebooks)[0]
             clips["codec"] = decode_audio(mimi, torch.as_tensor(codes)).numpy()
@@ -228,7 +230,8 @@ def evaluate_model(model, tokenizer, mimi, items: list[EvalItem], quality: Quali
     return EvalResult(rows, summary, audio)
 
 
-def _measure(rows: list[dict], items: list[EvalItem], audio: dict, peers: list, quality: QualityModels, what: str) -> None:
+def _measure(rows: list[dict], items: list[EvalItem], audio: dict, peers: list,
+             quality: QualityModels, what: str) -> None:
     """Transcripts, per-item WER/CER and speaker similarity of one kind of clip, into the rows.
 
     Generated and codec clips are compared with the item's reference; a reference with another reference
@@ -333,14 +336,17 @@ def report_html(result: EvalResult) -> str:
     for what in ROWS:
         metrics = result.summary.get(what)
         if metrics:
-            lines.append(f"<tr><th>{what}</th>" + "".join(f"<td>{_fmt(metrics.get(k))}</td>" for k in SUMMARY_KEYS) + "</tr>")
+            cells = "".join(f"<td>{_fmt(metrics.get(k))}</td>" for k in SUMMARY_KEYS)
+            lines.append(f"<tr><th>{what}</th>{cells}</tr>")
     items = []
     for row in result.rows:
         clips = result.audio.get(row["id"], {})
-        players = "".join(f"<div>{kind}<br><audio controls preload=none src='wavs/{row['id']}_{kind}.wav'></audio></div>"
+        players = "".join(f"<div>{kind}<br><audio controls preload=none "
+                          f"src='wavs/{row['id']}_{kind}.wav'></audio></div>"
                           for kind in ("reference", "generated", "codec") if kind in clips)
         detail = (f"error: {_fmt(row['error'])}" if row["error"] else
-                  f"heard: “{_fmt(row.get('transcript'))}”<br>WER {_fmt(row.get('wer'))} · CER {_fmt(row.get('cer'))} · "
+                  f"heard: “{_fmt(row.get('transcript'))}”<br>WER {_fmt(row.get('wer'))} · "
+                  f"CER {_fmt(row.get('cer'))} · "
                   f"speaker sim {_fmt(row.get('speaker_sim'))} · EOS {_fmt(row.get('stopped_at_eos'))} · "
                   f"{_fmt(row.get('duration_s'))} s of {_fmt(row.get('reference_s'))} s")
         items.append(f"<tr><td>{_fmt(row['id'])}<br>[{row['speaker']}]</td><td>{_fmt(row['text'])}<br><small>{detail}"

@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Export a CSM checkpoint to the transformers or the official layout.")
     p.add_argument("--model", required=True, help="hub id, directory (either layout), .safetensors or .pt checkpoint")
     p.add_argument("--revision", default=None, help="branch, tag or commit of a hub --model (default: main)")
-    p.add_argument("--to", required=True, choices=("hf", "official"), help="hf: CsmForConditionalGeneration; official: Sesame's")
+    p.add_argument("--to", required=True, choices=("hf", "official"),
+                   help="hf: CsmForConditionalGeneration; official: Sesame's")
     p.add_argument("--output", required=True, help="directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--text_tokenizer", default=None,

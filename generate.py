@@ -26,8 +26,10 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of generate.py."""
-    p = argparse.ArgumentParser(description="Speech from a CSM checkpoint (hub id, directory in either layout, .safetensors or .pt)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, directory (official or transformers layout), .safetensors or .pt")
+    p = argparse.ArgumentParser(description="Speech from a CSM checkpoint (hub id, directory in either "
+                                            "layout, .safetensors or .pt)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id, directory (official or transformers layout), .safetensors or .pt")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="what to say")
     what.add_argument("--lines", help="text file, one utterance per line; line N (from 1) is written to "
@@ -51,8 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a peft LoRA adapter directory to apply to --model without merging it on disk (ours, e.g. "
                         "runs/x/best_adapter, or one trained on transformers' CsmForConditionalGeneration)")
     p.add_argument("--text_tokenizer", default=None,
-                   help="hub id or local directory (default: the model's own tokenizer files, else meta-llama/Llama-3.2-1B)")
-    p.add_argument("--mimi_weights", default=None, help="Mimi: MimiModel dir or hub repo, transformers CSM, or moshi .safetensors (default: kyutai/mimi)")
+                   help="hub id or local directory (default: the model's own tokenizer files, "
+                        "else meta-llama/Llama-3.2-1B)")
+    p.add_argument("--mimi_weights", default=None,
+                   help="Mimi: MimiModel dir or hub repo, transformers CSM, or moshi "
+                        ".safetensors (default: kyutai/mimi)")
     p.add_argument("--context_audio", action="append", default=[], help="wav of an earlier turn (repeatable)")
     p.add_argument("--context_text", action="append", default=[], help="its transcript (one per --context_audio)")
     p.add_argument("--context_speaker", action="append", default=[], help="its speaker id (one per --context_audio)")
@@ -98,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     with lock_beside(output, f"--output {output}"):  # lock, then look (see OutputLock)
         existing = [str(out) for out in outputs if out.exists()]
         if existing and not args.overwrite:
-            raise UserError(f"--output {existing[0]} exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}"
+            raise UserError(f"--output {existing[0]} "
+                            f"exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}"
                             "; pass --overwrite to replace it, or choose another output")
         return _generate(args, texts, outputs)
 

@@ -59,7 +59,8 @@ def driver_advice(driver: str | None, torch_version: str, torch_cuda: str | None
     if need is not None and series is not None and series < need:
         fix = (f"make setup TORCH_CUDA={fits[0]} installs a build for it, or update the driver" if fits else
                f"update the driver to R{TORCH_VARIANTS[-1][1]} or newer")
-        return f"NVIDIA driver {driver} is too old for this torch's CUDA {torch_cuda} (it needs R{need} or newer): {fix}"
+        return (f"NVIDIA driver {driver} is too old for this torch's CUDA {torch_cuda} (it needs R{need} or newer): "
+                f"{fix}")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
         return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU (NVIDIA driver {driver}, torch CUDA {torch_cuda})"

@@ -13,7 +13,8 @@ from typing import Iterator
 
 from tokenization import MIMI_SAMPLE_RATE, load_text_tokenizer
 from utils import DiskFullError, UserError, check_apart, check_output_dir, disk_full_error, is_disk_full
-from weights import (HF_CODEC_PREFIX, HF_TIED_AUDIO, hf_config_from_args, official_to_hf, parse_size, read_codec_weights,
+from weights import (HF_CODEC_PREFIX, HF_TIED_AUDIO, hf_config_from_args, official_to_hf,
+                     parse_size, read_codec_weights,
                      save_pretrained, save_safetensors)
 
 DEFAULT_CODEC = "kyutai/mimi"  # Mimi in the MimiModel layout, from its authors

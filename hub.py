@@ -14,15 +14,18 @@ def hub_error(what: str, source: str, err: Exception, local_hint: str) -> UserEr
     from huggingface_hub import errors
 
     text = str(err).lower()
-    if isinstance(err, errors.RevisionNotFoundError) or "revision not found" in text \
-            or "invalid rev id" in text or "not a valid git revision" in text:
+    def says(*words: str) -> bool:
+        return any(word in text for word in words)
+
+    if isinstance(err, errors.RevisionNotFoundError) or says("revision not found", "invalid rev id",
+                                                             "not a valid git revision"):
         why = "no such revision (branch, tag or commit) in that repository"
-    elif isinstance(err, errors.GatedRepoError) or "gated" in text or "401" in text or "403" in text or "restricted" in text:
+    elif isinstance(err, errors.GatedRepoError) or says("gated", "401", "403", "restricted"):
         why = "it is gated: accept its licence on huggingface.co, then `hf auth login` or set HF_TOKEN in .env"
-    elif "offline" in text or "connect" in text or "resolve" in text or "network" in text or "not found in the cache" in text \
-            or "cannot find the requested files" in text or "outgoing traffic has been disabled" in text:
+    elif says("offline", "connect", "resolve", "network", "not found in the cache", "cannot find the requested files",
+              "outgoing traffic has been disabled"):
         why = "the hub cannot be reached and it is not in the local cache"
-    elif "does not exist" in text or "404" in text or "not a valid model identifier" in text or "repository not found" in text:
+    elif says("does not exist", "404", "not a valid model identifier", "repository not found"):
         why = "no such repository or file on the hub"
     else:
         why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
@@ -45,4 +48,5 @@ def hub_snapshot(repo_id: str, patterns: list[str], what: str, local_hint: str, 
 
 def looks_like_repo_id(source: str) -> bool:
     """'owner/name' that is not a checkpoint file name."""
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source)) and not source.endswith((".pt", ".pth", ".safetensors"))
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source)) and not source.endswith((".pt",
+                                                                                              ".pth", ".safetensors"))

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import config as config_mod
 from tracking import best_logged, last_logged
-from utils import (LOCK_NAME, OutputLock, UserError, atomic_path, check_number, check_output_dir, clear_dir, dir_entries,
+from utils import (LOCK_NAME, OutputLock, UserError, atomic_path, check_number, check_output_dir,
+                   clear_dir, dir_entries,
                    write_text_atomic)
 
 PARAM_TYPES = ("categorical", "float", "int", "fixed")
@@ -43,7 +44,8 @@ def _entry_dict(key: str, spec) -> dict:
         return merged
     if isinstance(spec, dict):
         return dict(spec)
-    raise UserError(f"sweep entry {key!r} must be a mapping like {{type: float, min: 1e-5, max: 1e-3, log: true}}, got {spec!r}")
+    raise UserError(f"sweep entry {key!r} must be a mapping like "
+                    f"{{type: float, min: 1e-5, max: 1e-3, log: true}}, got {spec!r}")
 
 
 def _number(key: str, spec: dict, name: str, cast):
@@ -548,7 +550,8 @@ def _run_study(args, out: Path, base: dict, space: dict) -> int:
         except KeyboardInterrupt:
             interrupted = True
             print("stopping: each running trial saves a checkpoint at its next step, is recorded as interrupted, "
-                  "and is redone when the sweep is run again (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+                  "and is redone when the sweep is run again (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
             try:
                 for p in procs:
                     if p.is_alive():

@@ -32,7 +32,8 @@ def wrap(loss_module: nn.Module, strategy: str, rt: Runtime) -> nn.Module:
     # gradient_as_bucket_view: gradients live in DDP's communication buckets (no second copy of them).
     # static_graph: every step uses the same parameters (each micro-batch has audio targets, so the decoder
     # always runs), which lets DDP skip its per-step search for unused parameters.
-    return nn.parallel.DistributedDataParallel(loss_module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+    return nn.parallel.DistributedDataParallel(loss_module,
+                                               device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
                                                gradient_as_bucket_view=True, static_graph=True)
 
 

@@ -37,9 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_workers", type=int, default=None,
                    help="threads reading and resampling audio ahead of the encoder (default: 4 on CUDA, 1 on CPU)")
     p.add_argument("--text_tokenizer", default=DEFAULT_TEXT_TOKENIZER, help="hub id or local directory")
-    p.add_argument("--mimi_weights", default=None, help="Mimi: MimiModel dir or hub repo, transformers CSM, or moshi .safetensors (default: kyutai/mimi)")
+    p.add_argument("--mimi_weights", default=None,
+                   help="Mimi: MimiModel dir or hub repo, transformers CSM, or moshi "
+                        ".safetensors (default: kyutai/mimi)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
-    p.add_argument("--max_seq_len", type=int, default=2048, help="skip examples longer than this many frames (at most 2048)")
+    p.add_argument("--max_seq_len", type=int, default=2048,
+                   help="skip examples longer than this many frames (at most 2048)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --output even if it is not a finished token file with the same settings")
     p.add_argument("--trust_pickle", action="store_true",

@@ -170,7 +170,8 @@ def prepare(files: list[Path], output: Path, *, settings: CutSettings, asr=None,
     rows left out to <output>.skipped.csv. Returns counts."""
     vad = load_vad()
     speakers = speaker_ids(files, speaker)
-    run_settings = {"cut": vars(settings), "asr": getattr(asr, "source", None), "language": getattr(asr, "language", None),
+    run_settings = {"cut": vars(settings), "asr": getattr(asr, "source", None),
+                    "language": getattr(asr, "language", None),
                     "speaker": speaker, "conversations": conversations, "files": [str(f) for f in files]}
     state = Progress(output.with_name(output.name + ".partial.jsonl"), run_settings)
     todo = [f for f in files if str(f) not in state.done]
@@ -204,7 +205,8 @@ def prepare(files: list[Path], output: Path, *, settings: CutSettings, asr=None,
     for f, spk in speakers.items():
         names.setdefault(f.parent.name, spk)
     if speaker is None:
-        write_text_atomic(output.with_name(output.name + ".speakers.json"), json.dumps(names, indent=1, sort_keys=True) + "\n")
+        write_text_atomic(output.with_name(output.name + ".speakers.json"),
+                          json.dumps(names, indent=1, sort_keys=True) + "\n")
     return {"rows": len(rows), "skipped": len(skipped), "files": len(files),
             "hours": sum(r["end"] - r["start"] for r in rows) / 3600}
 

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_workers", type=int, default=1, help="worker processes when running on CPU")
     p.add_argument("--storage", help="Optuna storage: SQLAlchemy URL or journal file (default: sqlite in output_dir)")
     p.add_argument("--study_name", default="csm-sweep")
-    p.add_argument("--metric", default="val_loss", choices=METRICS, help="what to optimise: val_loss = best val loss; wer/cer (minimised) and speaker_sim (maximised) = "
+    p.add_argument("--metric", default="val_loss", choices=METRICS,
+                   help="what to optimise: val_loss = best val loss; wer/cer (minimised) and speaker_sim (maximised) = "
                         "the best a trial's quality evaluations reached (needs eval_every)")
     p.add_argument("--sampler", default="tpe", choices=("tpe", "random"))
     p.add_argument("--pruner", default="median", choices=("median", "none"))

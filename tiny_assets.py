@@ -40,7 +40,8 @@ def make_text_tokenizer(directory: str | Path, vocab_size: int = TEXT_VOCAB_SIZE
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[bos, eos, audio, audio_eos], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[bos, eos, audio, audio_eos],
+                                  show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos,
@@ -93,7 +94,8 @@ TINY_HF_ROPE = {  # CSM's Llama-3 RoPE scaling as the official transformers chec
                 "original_max_position_embeddings": 16},
 }
 # The official transformers chat template's behaviour, for the fixture: BOS [speaker]text EOS per turn.
-TINY_CHAT_TEMPLATE = ("{%- for m in messages -%}{{- bos_token + '[' + m['role'] + ']' + m['content'][0]['text'] + eos_token -}}"
+TINY_CHAT_TEMPLATE = ("{%- for m in messages -%}{{- bos_token + '[' + m['role'] + ']' + "
+                      "m['content'][0]['text'] + eos_token -}}"
                       "{%- if m['content'] | length > 1 -%}{{- '<|AUDIO|><|audio_eos|>' -}}{%- endif -%}{%- endfor -%}")
 
 
@@ -102,7 +104,8 @@ def tiny_hf_mimi_config():
     from transformers import MimiConfig
 
     return MimiConfig(hidden_size=32, num_filters=4, codebook_dim=16, num_hidden_layers=1, intermediate_size=64,
-                      num_attention_heads=2, num_key_value_heads=2, head_dim=16, vector_quantization_hidden_dimension=16,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                      vector_quantization_hidden_dimension=16,
                       upsample_groups=32)
 
 
@@ -120,7 +123,8 @@ def tiny_hf_config(args: ModelArgs = TINY_MODEL_ARGS, **overrides):
     values = dict(num_codebooks=args.audio_num_codebooks, vocab_size=args.audio_vocab_size,
                   text_vocab_size=args.text_vocab_size, hidden_size=b.embed_dim, intermediate_size=b.intermediate_dim,
                   num_hidden_layers=b.num_layers, num_attention_heads=b.num_heads, num_key_value_heads=b.num_kv_heads,
-                  max_position_embeddings=b.max_seq_len, depth_decoder_config=decoder, codec_config=tiny_hf_mimi_config(),
+                  max_position_embeddings=b.max_seq_len, depth_decoder_config=decoder,
+                  codec_config=tiny_hf_mimi_config(),
                   rope_scaling=dict(TINY_HF_ROPE["backbone"]), bos_token_id=0, pad_token_id=2, audio_token_id=2,
                   audio_eos_token_id=3)
     values.update(overrides)
@@ -151,7 +155,8 @@ def make_hf_csm(directory: str | Path, seed: int = 0, dtype=torch.float32, token
                                                                           (tok.eos_token, tok.eos_token_id)])
     tok.pad_token = tok.eos_token  # as the official transformers tokenizer has it
     features = EncodecFeatureExtractor(feature_size=1, sampling_rate=24000)
-    CsmProcessor(feature_extractor=features, tokenizer=tok, chat_template=TINY_CHAT_TEMPLATE).save_pretrained(str(directory))
+    CsmProcessor(feature_extractor=features, tokenizer=tok,
+                 chat_template=TINY_CHAT_TEMPLATE).save_pretrained(str(directory))
     return directory
 
 
@@ -203,7 +208,8 @@ def make_whisper(directory: str | Path, seed: int = 0) -> Path:
         task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]})
     directory = Path(directory)
     model.save_pretrained(str(directory))
-    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tokenizer).save_pretrained(str(directory))
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80),
+                     tokenizer=tokenizer).save_pretrained(str(directory))
     return directory
 
 
@@ -227,7 +233,8 @@ def make_wavlm(directory: str | Path, seed: int = 0) -> Path:
 def make_judges(directory: str | Path, seed: int = 0) -> dict[str, Path]:
     """The tiny ASR and speaker models an evaluation loads (`asr`, `speaker_model`)."""
     directory = Path(directory)
-    return {"asr": make_whisper(directory / "whisper-tiny-random", seed), "speaker_model": make_wavlm(directory / "wavlm-tiny-random", seed)}
+    return {"asr": make_whisper(directory / "whisper-tiny-random", seed),
+            "speaker_model": make_wavlm(directory / "wavlm-tiny-random", seed)}
 
 
 # --------------------------------------------------------------------------- a long recording

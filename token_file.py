@@ -67,7 +67,8 @@ def open_splits(path: str | Path) -> dict[str, int]:
                                 f"expected /{name}/audio, /{name}/text, /{name}/length (see pretokenize.py)")
             sizes = {d: len(group[d]) for d in SPLIT_DATASETS}
             if len(set(sizes.values())) != 1:
-                raise DataError(f"{path}: '{name}' datasets differ in length {sizes}; the file is damaged, re-run pretokenize.py")
+                raise DataError(f"{path}: '{name}' datasets differ in length {sizes}; the file is "
+                                f"damaged, re-run pretokenize.py")
             splits[name] = sizes["length"]
         if not splits:
             raise DataError(f"{path} holds no split groups (expected /train and/or /val with audio, text, length)")

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["WANDB_API_KEY"] = args.wandb_api_key
     cfg = config_from_args(args)
     try:
-        result = train(cfg, args.data, args.output_dir, device=args.device, resume=args.resume, overwrite=args.overwrite)
+        result = train(cfg, args.data, args.output_dir, device=args.device, resume=args.resume,
+                       overwrite=args.overwrite)
     finally:
         compute_cleanup()
     if result.stopped_early:

@@ -34,7 +34,8 @@ from loss import combine_loss, compute_loss, plan_targets, weighted_loss
 from optim import make_optimizer, make_scheduler
 from tracking import Tracker, make_tracker
 from utils import (LOCK_NAME, OutputLock, Runtime, UserError, all_reduce_sum, atomic_path, autocast, check_output_dir,
-                   clear_dir, compute_init, dir_entries, first_existing, launched_by_torchrun, peak_memory_bytes, print0,
+                   clear_dir, compute_init, dir_entries, first_existing, launched_by_torchrun,
+                   peak_memory_bytes, print0,
                    resolve_precision, seed_everything, write_text_atomic)
 from token_file import SPEAKERS_NAME
 from tokenization import resolve_text_tokenizer
@@ -207,7 +208,8 @@ class SampleWriter:
         for i, sentence in enumerate(self.cfg.gen_sentences):
             generator = torch.Generator(device=self.speech.device).manual_seed(self.cfg.seed + step + i)
             audio, _ = synthesize(model, self.speech.tokenizer, self.speech.mimi, sentence, self.cfg.gen_speaker,
-                                  self.speech.context, max_audio_seconds=self.cfg.gen_max_seconds, generator=generator, precision=precision)
+                                  self.speech.context, max_audio_seconds=self.cfg.gen_max_seconds, generator=generator,
+                                  precision=precision)
             audio = audio.float().cpu().numpy()
             with atomic_path(self.dir / f"step_{step:07d}_{i}.wav", suffix=".tmp.wav") as tmp:
                 sf.write(tmp, audio, MIMI_SAMPLE_RATE)
@@ -240,7 +242,8 @@ class QualityEval:
         from evaluation import EvalSettings, evaluate_model, write_report
 
         try:
-            settings = EvalSettings(max_audio_seconds=self.cfg.eval_max_seconds, seed=self.cfg.seed, precision=precision,
+            settings = EvalSettings(max_audio_seconds=self.cfg.eval_max_seconds, seed=self.cfg.seed,
+                                    precision=precision,
                                     context=self.speech.context)
             result = evaluate_model(model, self.speech.tokenizer, self.speech.mimi, self.items, self.quality, settings,
                                     device=self.speech.device)
@@ -361,7 +364,8 @@ def prepare_output_dir(out: Path, resume: str | None, overwrite: bool, rt: Runti
     existing = dir_entries(out)
     if existing and not resume and not overwrite:
         lock.release()
-        raise UserError(f"--output_dir {out} already holds a run ({', '.join(existing[:4])}); pass --resume to continue "
+        raise UserError(f"--output_dir {out} already holds a run "
+                        f"({', '.join(existing[:4])}); pass --resume to continue "
                         "it, --overwrite to replace it, or choose another directory")
     return lock
 
@@ -370,9 +374,11 @@ def check_launch(cfg: TrainConfig) -> None:
     """Settings that need (or do not yet work with) the processes torchrun starts."""
     if cfg.distributed == "fsdp" and not launched_by_torchrun():
         raise UserError("distributed: fsdp shards the model over the processes torchrun starts, and this is one plain "
-                        "process; launch it as: torchrun --nproc_per_node NUM_GPUS train.py ... (or use distributed: ddp)")
+                        "process; launch it as: torchrun --nproc_per_node NUM_GPUS train.py "
+                        "... (or use distributed: ddp)")
     if cfg.compile and cfg.distributed == "fsdp":
-        raise UserError("compile: true with distributed: fsdp is not tested yet; use distributed: ddp or compile: false")
+        raise UserError("compile: true with distributed: fsdp is not tested yet; use "
+                        "distributed: ddp or compile: false")
 
 
 def run_precision(cfg: TrainConfig, rt: Runtime) -> str:
@@ -391,7 +397,8 @@ def loader_settings(cfg: TrainConfig, rt: Runtime) -> dict:
     """make_loader's batching, sharding and context arguments for a run. Batches are pinned only for a run on
     CUDA (a CPU run on a machine with a GPU would pin host memory for nothing)."""
     return dict(max_tokens=cfg.max_tokens, batch_size=None if cfg.max_tokens else cfg.batch_size, seed=cfg.seed,
-                rank=rt.rank, world_size=rt.world_size, pin_memory=rt.device.type == "cuda", context_mode=cfg.context_mode,
+                rank=rt.rank, world_size=rt.world_size, pin_memory=rt.device.type == "cuda",
+                context_mode=cfg.context_mode,
                 context_turns=cfg.context_turns, context_loss=cfg.context_loss)
 
 
@@ -504,10 +511,12 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
     if "train" not in splits:
         raise UserError(f"{data} has no 'train' split (found: {', '.join(splits) or 'nothing'})")
     train_set = CSMDataset(data, "train", partial=cfg.partial_data_loading, max_seq_len=cfg.max_seq_len)
-    val_set = CSMDataset(data, "val", partial=cfg.partial_data_loading, max_seq_len=cfg.max_seq_len) if "val" in splits else None
+    val_set = CSMDataset(data, "val", partial=cfg.partial_data_loading,
+                         max_seq_len=cfg.max_seq_len) if "val" in splits else None
     workers = default_num_workers(rt.device) if cfg.num_workers is None else cfg.num_workers
     train_loader = make_loader(train_set, shuffle=True, num_workers=workers, **loader_settings(cfg, rt))
-    val_loader = make_loader(val_set, shuffle=False, num_workers=workers, **loader_settings(cfg, rt)) if val_set else None
+    val_loader = make_loader(val_set, shuffle=False, num_workers=workers,
+                             **loader_settings(cfg, rt)) if val_set else None
     total_steps = run_length(cfg, data, train_loader, rt)
     check_warmup(cfg, total_steps)
 
@@ -623,7 +632,8 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
                 loop.best_val_loss = min(loop.best_val_loss, final_val)  # NaN never becomes the best
             speaks = cfg.eval_every and (step % cfg.eval_every == 0 or last)
             if speaks:
-                evaluated.update(share_metrics(quality(whole.get(), step, tracker, precision) if rt.is_main else {}, rt))
+                evaluated.update(share_metrics(quality(whole.get(), step, tracker,
+                                                       precision) if rt.is_main else {}, rt))
             score = selection_score(cfg.select_best_by, evaluated)
             if score is not None and score < loop.best_score:
                 loop.best_score = score

@@ -101,7 +101,8 @@ def resolve_device(name: str | None = None) -> torch.device:
         raise UserError(f"--device {name!r} is not a device name (try cpu, cuda, cuda:1)") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         reason = cuda_unusable_reason()
-        raise UserError(f"--device {name} asked for CUDA, but " + (reason or "no CUDA GPU is visible; use --device cpu"))
+        raise UserError(f"--device {name} asked "
+                        f"for CUDA, but " + (reason or "no CUDA GPU is visible; use --device cpu"))
     return device
 
 
@@ -159,7 +160,8 @@ def peak_memory_bytes(device: torch.device) -> int:
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # macOS: bytes
+    # ru_maxrss is in bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 # --------------------------------------------------------------------------- process setup

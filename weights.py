@@ -197,7 +197,8 @@ def adapter_from_hf(state: dict[str, torch.Tensor], args: ModelArgs, source) -> 
             value = rope_rows_from_hf(value, heads).contiguous()
         out[new] = value
     if unknown:
-        raise UserError(f"{source}: adapter tensors for modules a CSM does not have (e.g. {', '.join(sorted(unknown)[:3])})")
+        raise UserError(f"{source}: adapter tensors for modules a CSM does not have (e.g. "
+                        f"{', '.join(sorted(unknown)[:3])})")
     return out
 
 
@@ -246,8 +247,10 @@ def _flavor_from_hf(cfg: dict, part: str, source) -> Flavor:
         if kind != "llama3" or not (low > 0 and high > 0 and _close(original / low, _ROPE_CONTEXT / _ROPE_LOW)
                                     and _close(original / high, _ROPE_CONTEXT / _ROPE_HIGH)):
             raise UserError(f"{where}: rope_scaling {scaling} is not CSM's Llama-3 scaling (wavelength thresholds "
-                            f"{_ROPE_CONTEXT / _ROPE_LOW:g} and {_ROPE_CONTEXT / _ROPE_HIGH:g}); refusing to load a different model")
-        max_seq_len = int(cfg.get("max_position_embeddings", 2048)) if part == "backbone" else FLAVORS["llama-100M"].max_seq_len
+                            f"{_ROPE_CONTEXT / _ROPE_LOW:g} and {_ROPE_CONTEXT / _ROPE_HIGH:g}); "
+                            f"refusing to load a different model")
+        max_seq_len = int(cfg.get("max_position_embeddings",
+                                  2048)) if part == "backbone" else FLAVORS["llama-100M"].max_seq_len
         return Flavor(num_layers=int(cfg["num_hidden_layers"]), num_heads=heads, num_kv_heads=kv, embed_dim=hidden,
                       intermediate_dim=int(cfg["intermediate_size"]), max_seq_len=max_seq_len,
                       norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), rope_base=float(rope_theta),
@@ -376,7 +379,8 @@ def _state_dict_from_pt(ckpt, path) -> tuple[dict, ModelArgs | None]:
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     if ckpt.get("trainable_only"):
-        raise UserError(f"{path} is a checkpoint of a LoRA or partly frozen run: it holds only the weights that trained. "
+        raise UserError(f"{path} is a checkpoint of a LoRA or partly frozen run: it holds "
+                        f"only the weights that trained. "
                         "Load the run's best/ or final/ (merged weights), or resume it with train.py --resume")
     for key in ("model", "model_state_dict", "state_dict"):
         if isinstance(ckpt.get(key), dict):
@@ -419,15 +423,16 @@ def read_safetensors(directory_or_file: Path, skip_prefix: str | None = HF_CODEC
             raise UserError(f"{file} is not a readable safetensors file ({str(e).splitlines()[0]})") from e
         if digest is not None and content_digest(tensors) != digest:
             raise UserError(f"{file} is damaged: its tensors do not match the digest saved with them")
-        out.update({k: v for k, v in tensors.items()
-                    if not (skip_prefix and k.startswith(skip_prefix)) and not (only_prefix and not k.startswith(only_prefix))})
+        out.update({k: v for k, v in tensors.items() if not (skip_prefix and k.startswith(skip_prefix))
+                    and not (only_prefix and not k.startswith(only_prefix))})
     return out
 
 
 def detect_layout(keys, config: dict | None, source) -> str:
     """'transformers' or 'official', from the config's model_type or the tensor names."""
     keys = list(keys)
-    if (config or {}).get("model_type") == "csm" or any(k.startswith(("backbone_model.", "depth_decoder.")) for k in keys):
+    if (config or {}).get("model_type") == "csm" or any(k.startswith(("backbone_model.",
+                                                                      "depth_decoder.")) for k in keys):
         return TRANSFORMERS
     if any(k.startswith(("backbone.layers.", "text_embeddings")) for k in keys):
         return OFFICIAL
@@ -529,7 +534,8 @@ _MIMI_RENAMES = (
     ("quantizer.rvq_rest", "quantizer.acoustic_residual_vector_quantizer"),
     ("_codebook", "codebook"), ("_initialized", "initialized"), ("embedding_sum", "embed_sum"),
     ("encoder.model", "encoder.layers"), ("decoder.model", "decoder.layers"),
-    ("encoder_transformer.transformer", "encoder_transformer"), ("decoder_transformer.transformer", "decoder_transformer"),
+    ("encoder_transformer.transformer", "encoder_transformer"),
+                 ("decoder_transformer.transformer", "decoder_transformer"),
     ("linear1", "mlp.fc1"), ("linear2", "mlp.fc2"), ("self_attn.out_projs.0", "self_attn.o_proj"),
     ("self_attn.out_proj", "self_attn.o_proj"), ("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"),
     ("layer_scale_1", "self_attn_layer_scale"), ("layer_scale_2", "mlp_layer_scale"),
@@ -544,7 +550,8 @@ def mimi_config_from_moshi(cfg: dict | None) -> dict:
     try:
         s, q, t = cfg["seanet"], cfg["quantizer"], cfg["transformer"]
         return {"model_type": "mimi", "sampling_rate": cfg["sample_rate"], "audio_channels": cfg["channels"],
-                "hidden_size": s["dimension"], "num_filters": s["n_filters"], "num_residual_layers": s["n_residual_layers"],
+                "hidden_size": s["dimension"], "num_filters": s["n_filters"],
+                "num_residual_layers": s["n_residual_layers"],
                 "upsampling_ratios": list(s["ratios"]), "kernel_size": s["kernel_size"],
                 "last_kernel_size": s["last_kernel_size"], "residual_kernel_size": s["residual_kernel_size"],
                 "dilation_growth_rate": s["dilation_base"], "use_causal_conv": s["causal"], "pad_mode": s["pad_mode"],
@@ -595,7 +602,8 @@ def _resolve_codec_source(source, revision) -> Path:
     if path.exists():
         return path
     if not looks_like_repo_id(str(source)):
-        raise UserError(f"Mimi weights {str(source)!r} not found: give a MimiModel directory or hub repo (kyutai/mimi), "
+        raise UserError(f"Mimi weights {str(source)!r} not found: give a MimiModel "
+                        f"directory or hub repo (kyutai/mimi), "
                         "a transformers CSM, or moshi's Mimi .safetensors file (--mimi_weights, --codec)")
     hint = ("Or pass --mimi_weights (or --codec) a local MimiModel directory, a transformers CSM directory or "
             "moshi's Mimi .safetensors file.")

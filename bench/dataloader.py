@@ -48,14 +48,16 @@ def batching_table(batch_size: int, max_tokens: int) -> str:
         padded = np.array([int(composed[b].max()) * len(b) for b in batches])
         rows.append(f"| token budget max_tokens={max_tokens}, same_speaker context_turns={turns} "
                     f"(mean example {composed.mean():.0f} frames, was {lengths.mean():.0f}) | {len(batches)} | "
-                    f"{padding_waste(batches, composed):.2%} | {padded.max() / padded.min():.1f}x | {padded.mean():.0f} |")
+                    f"{padding_waste(batches, composed):.2%} | "
+                    f"{padded.max() / padded.min():.1f}x | {padded.mean():.0f} |")
     # The original shuffled examples into fixed-size batches with no length grouping at all.
     rng = np.random.default_rng(0)
     perm = rng.permutation(len(lengths))
     random_batches = [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
     padded = np.array([int(lengths[b].max()) * len(b) for b in random_batches])
     rows.insert(0, f"| random batch_size={batch_size}, no bucketing | {len(random_batches)} | "
-                   f"{padding_waste(random_batches, lengths):.2%} | {padded.max() / padded.min():.1f}x | {padded.mean():.0f} |")
+                   f"{padding_waste(random_batches, lengths):.2%} | "
+                   f"{padded.max() / padded.min():.1f}x | {padded.mean():.0f} |")
     head = ("| batching (20,000 reference utterances) | batches | padding waste | padded tokens/batch max/min "
             "| mean padded tokens/batch |\n|---|---|---|---|---|")
     return head + "\n" + "\n".join(rows)
@@ -118,7 +120,8 @@ def overlap_table(path: Path, step_ms: float, batches: int) -> str:
                 per_batch[workers] = (time.perf_counter() - start) / n * 1000
             exposed = {w: max(0.0, t - step_ms) for w, t in per_batch.items()}
             rows.append(f"| {max_tokens} | {'partial (lazy HDF5)' if partial else 'in memory'} | {per_batch[0]:.1f} "
-                        f"({exposed[0]:.1f}) | {per_batch[2]:.1f} ({exposed[2]:.1f}) | {per_batch[0] / per_batch[2]:.2f}x |")
+                        f"({exposed[0]:.1f}) | {per_batch[2]:.1f} ({exposed[2]:.1f}) | "
+                        f"{per_batch[0] / per_batch[2]:.2f}x |")
     return ("| max_tokens | loading mode | ms per batch, 0 workers (loading not hidden) | ms per batch, 2 workers "
             "(not hidden) | 2 workers vs 0 |\n|---|---|---|---|---|\n" + "\n".join(rows))
 

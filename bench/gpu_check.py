@@ -159,7 +159,8 @@ def row_setup(ctx: Context):
 
     env["transformers"] = transformers.__version__
     (ctx.work / "env.json").write_text(json.dumps(env))
-    return True, "tiny model, tokenizer, Mimi, Whisper and WavLM; 8 training rows (2 batches, seen again and again); sample clips encoded on the CPU"
+    return True, ("tiny model, tokenizer, Mimi, Whisper and WavLM; 8 training rows (2 batches, seen again and again); "
+                  "sample clips encoded on the CPU")
 
 
 def _driver_version() -> str | None:
@@ -259,7 +260,8 @@ def _torchrun_row(ctx: Context, strategy: str):
                          "distributed", "log_every", "val_every", "save_every", "gen_every")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(_free_port()),
            str(ROOT / "train.py"), "--data", str(ctx.work / "data.hdf5"), "--model", cfg.model,
-           "--text_tokenizer", cfg.text_tokenizer, "--mimi_weights", cfg.mimi_weights, "--max_steps", str(cfg.max_steps),
+           "--text_tokenizer", cfg.text_tokenizer, "--mimi_weights", cfg.mimi_weights,
+           "--max_steps", str(cfg.max_steps),
            "--output_dir", str(out), "--device", ctx.device, "--wandb_mode", "disabled", "--overwrite",
            *[a for s in settings for a in ("--set", s)]]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -331,11 +333,13 @@ def row_generate(ctx: Context):
     a, wav = ctx.assets, ctx.work / "generated.wav"
     t0 = time.perf_counter()
     generate.main(["--model", a["model"], "--text", "The GPU check speaks.", "--speaker", "0", "--output", str(wav),
-                   "--max_audio_seconds", str(ctx.steps(1, 2)), "--seed", "0", "--device", ctx.device, "--text_tokenizer",
+                   "--max_audio_seconds", str(ctx.steps(1, 2)), "--seed", "0", "--device",
+                   ctx.device, "--text_tokenizer",
                    a["text_tokenizer"], "--mimi_weights", a["mimi"], "--overwrite"])
     audio, rate = sf.read(str(wav))
     seconds = len(audio) / rate
-    return bool(len(audio) == 0 or abs(audio).max() < 1e3), f"{seconds:.2f} s of audio in {time.perf_counter() - t0:.1f} s"
+    elapsed = time.perf_counter() - t0
+    return bool(len(audio) == 0 or abs(audio).max() < 1e3), f"{seconds:.2f} s of audio in {elapsed:.1f} s"
 
 
 def row_evaluate(ctx: Context):
@@ -343,7 +347,8 @@ def row_evaluate(ctx: Context):
 
     a, out = ctx.assets, ctx.work / "evaluation"
     evaluate.main(["--model", a["model"], "--eval_data", str(SAMPLE / "val.json"), "--n", "2", "--output_dir", str(out),
-                   "--asr", a["asr"], "--speaker_model", a["speaker_model"], "--max_audio_seconds", str(ctx.steps(1, 2)),
+                   "--asr", a["asr"], "--speaker_model", a["speaker_model"], "--max_audio_seconds",
+                   str(ctx.steps(1, 2)),
                    "--device", ctx.device, "--text_tokenizer", a["text_tokenizer"], "--mimi_weights", a["mimi"],
                    "--overwrite"])
     generated = json.loads((out / "summary.json").read_text())["generated"]
@@ -364,7 +369,8 @@ def row_pretokenize(ctx: Context):
                       "--batch_size", "16", "--text_tokenizer", a["text_tokenizer"], "--mimi_weights", a["mimi"],
                       "--overwrite"])
     with h5py.File(ctx.work / "cpu_codes.hdf5", "r") as f, h5py.File(out, "r") as g:
-        (cpu, cpu_rows), (dev, dev_rows) = read_flat(f, "cpu", "train", "audio"), read_flat(g, "device", "train", "audio")
+        (cpu, cpu_rows), (dev, dev_rows) = read_flat(f, "cpu", "train", "audio"), read_flat(g,
+                                                                                            "device", "train", "audio")
     if not np.array_equal(cpu_rows, dev_rows):
         return False, "the batched encoding gave other frame counts than the CPU's"
     differ = float((cpu != dev).mean())
@@ -574,7 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output", help="directory for gpu_check.md, gpu_check.json and gpu_check.log")
     p.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (to test the check itself)")
-    p.add_argument("--quick", action="store_true", help="fewer steps, smaller data; on the CPU, the tiny model stands in "
+    p.add_argument("--quick", action="store_true",
+                   help="fewer steps, smaller data; on the CPU, the tiny model stands in "
                                                          "for CSM-1B and compiling is left out")
     p.add_argument("--only", nargs="+", metavar="ROW", help="these rows (setup always runs)")
     p.add_argument("--budget", type=float, default=450.0, help="seconds for the whole check (default 450); rows not "

@@ -112,9 +112,11 @@ def state_bytes(mode: str, optimizer: str) -> float:
     return 4 * total + 4 * trained + (8 if optimizer == "adamw" else 2) * trained
 
 
-ROWS = (("full", "adamw", "full, AdamW"), ("full", "adamw8bit", "full, 8-bit AdamW"), ("lora", "adamw", "LoRA r=16, AdamW"))
+ROWS = (("full", "adamw", "full, AdamW"), ("full", "adamw8bit", "full, 8-bit AdamW"),
+        ("lora", "adamw", "LoRA r=16, AdamW"))
 HEAD = ("| CSM-1B, bf16 autocast | state GiB | activations MiB/frame | fixed activations GiB | "
-        + " | ".join(f"max_tokens, {gb} GB" for gb in GPU_SIZES_GB) + " |\n|---|---|---|---|" + "---|" * len(GPU_SIZES_GB))
+        + " | ".join(f"max_tokens, "
+                     f"{gb} GB" for gb in GPU_SIZES_GB) + " |\n|---|---|---|---|" + "---|" * len(GPU_SIZES_GB))
 
 
 def row(mode: str, optimizer: str, label: str, checkpointing: bool, short: int, long: int) -> str:

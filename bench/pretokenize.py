@@ -174,7 +174,8 @@ def main() -> None:
                       if mimi_weights.endswith(".safetensors") else "(encoder comparison: needs moshi's file layout)")
         rows = []
         for n, config in enumerate(args.configs.split(",")):
-            extra = [] if config == "auto" else ["--batch_size", config.split(":")[0], "--num_workers", config.split(":")[1]]
+            batch, workers = config.split(":") if config != "auto" else (None, None)
+            extra = [] if config == "auto" else ["--batch_size", batch, "--num_workers", workers]
             out = tmp / f"out{n}.hdf5"
 
             def tool():

@@ -161,7 +161,8 @@ def state_memory_table(args: ModelArgs) -> str:
         total = sum(p.numel() for p in model.parameters())
         trained = adapters.count_trainable(model)
         weights_b, grads_b, opt_b = 4 * total, 4 * trained, state_bytes * trained
-        rows.append(f"| {name} | {trained / 1e6:.1f}M | {weights_b / gib:.2f} | {grads_b / gib:.2f} | {opt_b / gib:.2f} | "
+        rows.append(f"| {name} | {trained / 1e6:.1f}M | {weights_b / gib:.2f} | "
+                    f"{grads_b / gib:.2f} | {opt_b / gib:.2f} | "
                     f"{(weights_b + grads_b + opt_b) / gib:.2f} |")
     head = ("| CSM-1B, fp32 weights (bf16 autocast) | trained parameters | weights GiB | gradients GiB | "
             "optimizer states GiB | total GiB |\n|---|---|---|---|---|---|")
@@ -227,7 +228,8 @@ def big_model_report(data: Path, device: torch.device, big: ModelArgs, steps: in
     dense = next((v for k, v in DENSE_BF16.items() if k in gpu), None)
     lines += [f"{name}: MFU {r['frames_per_s'] * per_frame / dense:.1%}" for name, r in rows
               if dense and r["precision"] == "bf16"]
-    lines += ["", "| CSM-1B, bf16, max_tokens=4096 | predicted (bench/memory.py) GiB | measured peak GiB |", "|---|---|---|"]
+    lines += ["", "| CSM-1B, bf16, max_tokens=4096 | predicted (bench/memory.py) GiB | measured peak GiB |",
+              "|---|---|---|"]
     for name, r in rows:
         if r["precision"] == "bf16":
             predicted = predict("lora" if "LoRA" in name else "full", "adamw8bit" if "8-bit" in name else "adamw",
@@ -279,7 +281,8 @@ def main() -> None:
                  ("LoRA r=16 on q/k/v/o and MLP (backbone and decoder)", {"finetune": "lora"}),
                  ("full, backbone frozen", {"freeze": ["backbone"]}),
                  ("full, backbone and text embeddings frozen", {"freeze": ["backbone", "text_embeddings"]})]
-        rows = [(name, measure_fresh(data, device, mid, args.steps, max_tokens=4096, **common, **kw)) for name, kw in modes]
+        rows = [(name, measure_fresh(data, device, mid, args.steps, max_tokens=4096, **common, **kw))
+                for name, kw in modes]
         print(modes_table(f"finetune mode (mid flavor, fp32, max_tokens=4096, {device.type})", rows), end="\n\n")
         print(state_memory_table(ModelArgs()), end="\n\n")
         if device.type == "cuda" and not args.skip_1b:

@@ -47,7 +47,8 @@ def hf_dir(tmp_path_factory, assets):
     """A tiny CsmForConditionalGeneration (with Mimi, tokenizer and processor) as transformers saves it."""
     import tiny_assets
 
-    return tiny_assets.make_hf_csm(tmp_path_factory.mktemp("hf") / "csm-tiny-hf", tokenizer_dir=assets["text_tokenizer"])
+    return tiny_assets.make_hf_csm(tmp_path_factory.mktemp("hf") / "csm-tiny-hf",
+                                   tokenizer_dir=assets["text_tokenizer"])
 
 
 @pytest.fixture(scope="session")

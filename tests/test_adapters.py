@@ -69,7 +69,8 @@ def test_merged_weights_are_the_same_function_as_base_plus_adapter(lora_run, ass
     merged = weights.load_model(lora_run / "final")
     unmerged = adapters.load_adapter(weights.load_model(assets["model"]), lora_run / "final_adapter")
     ids = encode_text(text_tokenizer, "Hello there, how are you?", 0)
-    torch.testing.assert_close(codebook0_logits_ours(unmerged, ids), codebook0_logits_ours(merged, ids), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(codebook0_logits_ours(unmerged, ids), codebook0_logits_ours(merged, ids),
+                               rtol=1e-4, atol=1e-4)
     config_json = json.loads((lora_run / "final_adapter" / "adapter_config.json").read_text())
     assert config_json["r"] == 4 and config_json["modules_to_save"] == ["codebook0_head"]
     assert set(config_json["target_modules"]) == set(adapters.LORA_TARGETS)
@@ -108,7 +109,8 @@ def test_a_transformers_peft_adapter_loads_onto_the_built_in_model(hf_dir, text_
 
     hf = hf_model(hf_dir)
     torch.manual_seed(0)
-    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, modules_to_save=["lm_head"],  # B random: a real update
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                      modules_to_save=["lm_head"],  # B random: a real update
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     peft_model = get_peft_model(hf, lora)
     with torch.no_grad():  # the head saved whole differs from the base's too
@@ -128,7 +130,8 @@ def test_adapter_key_maps_are_inverses(hf_dir, tmp_path):
     peft_model = get_peft_model(hf_model(hf_dir), LoraConfig(r=2, init_lora_weights=False,
                                                              target_modules=["q_proj", "k_proj", "o_proj"]))
     peft_model.save_pretrained(str(tmp_path / "a"))
-    state = {k.removeprefix(adapters.PEFT_PREFIX): v for k, v in load_file(str(tmp_path / "a" / "adapter_model.safetensors")).items()}
+    state = {k.removeprefix(adapters.PEFT_PREFIX): v for k,
+             v in load_file(str(tmp_path / "a" / "adapter_model.safetensors")).items()}
     args = weights.load_model(hf_dir).config
     ours = weights.adapter_from_hf(state, args, "test")
     assert all(k.startswith(("backbone.", "decoder.")) for k in ours)
@@ -138,7 +141,8 @@ def test_adapter_key_maps_are_inverses(hf_dir, tmp_path):
 
 
 def test_generate_and_evaluate_take_an_adapter(lora_run, assets, tmp_path):
-    common = ["--model", assets["model"], "--text_tokenizer", assets["text_tokenizer"], "--mimi_weights", assets["mimi"],
+    common = ["--model", assets["model"], "--text_tokenizer", assets["text_tokenizer"],
+              "--mimi_weights", assets["mimi"],
               "--device", "cpu"]
     rc, err = cli("generate.py", *common, "--adapter", lora_run / "best_adapter", "--text", "Hi.", "--output",
                   tmp_path / "a.wav", "--max_audio_seconds", 0.3)
@@ -195,5 +199,6 @@ def test_sweep_over_lora_rank(assets, data, tmp_path):
     assert len(study.trials) == 2 and all(t.state.name == "COMPLETE" for t in study.trials)
     assert {t.params["lora_rank"] for t in study.trials} <= {2, 8}
     for t in study.trials:
-        adapter = json.loads((out / "trials" / f"trial_{t.number:04d}" / "final_adapter" / "adapter_config.json").read_text())
+        trial = out / "trials" / f"trial_{t.number:04d}"
+        adapter = json.loads((trial / "final_adapter" / "adapter_config.json").read_text())
         assert adapter["r"] == t.params["lora_rank"]

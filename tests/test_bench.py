@@ -9,7 +9,8 @@ def test_the_gpu_report_runs_every_kind_of_row(tmp_path):
 
     memory, train_step = bench_module("memory"), bench_module("train_step")
     data = write_token_file(tmp_path / "d.hdf5", n_train=40, n_val=0)
-    runs = [r for r in train_step.BIG_RUNS if "8-bit" not in r[0] and "compile" not in r[0]]  # no CPU 8-bit; compile: slow
+    # no 8-bit AdamW on a CPU; compiling is slow here
+    runs = [r for r in train_step.BIG_RUNS if "8-bit" not in r[0] and "compile" not in r[0]]
     asked = []
     report = train_step.big_model_report(data, torch.device("cpu"), TINY_MODEL_ARGS, 2, memory.previous_frame_embedding,
                                          runs=runs, predict=lambda *a: asked.append(a) or 1.0)

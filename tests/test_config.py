@@ -28,7 +28,8 @@ def test_overrides_win_and_are_typed(tmp_path):
     cfg = config.load_config(path, config.parse_set(["learning_rate=3e-5", "lr_decay=cosine", "max_tokens=4096",
                                                      "gen_sentences=[a, b]", "max_steps=null"]))
     assert cfg.learning_rate == 3e-5 and isinstance(cfg.learning_rate, float)
-    assert (cfg.batch_size, cfg.lr_decay, cfg.max_tokens, cfg.gen_sentences, cfg.max_steps) == (4, "cosine", 4096, ["a", "b"], None)
+    assert (cfg.batch_size, cfg.lr_decay, cfg.max_tokens, cfg.gen_sentences, cfg.max_steps) == (4, "cosine",
+                                                                                                4096, ["a", "b"], None)
 
 
 @pytest.mark.parametrize("values, message", [
@@ -58,7 +59,8 @@ def test_bad_yaml_files(tmp_path):
         config.load_config(bad)
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("learning_rat: 1.0e-4\n")
-    with pytest.raises(UserError, match=r"unknown config key 'learning_rat' in .*unknown.yaml \(did you mean 'learning_rate'\?\)"):
+    with pytest.raises(UserError,
+                       match=r"unknown config key 'learning_rat' in .*unknown.yaml \(did you mean 'learning_rate'\?\)"):
         config.load_config(unknown)
 
 

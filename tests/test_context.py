@@ -40,7 +40,8 @@ def test_a_composed_example_matches_a_hand_built_one(tmp_path):
     expected = [  # (tokens, mask) per frame: row 2 (text 1 7 2, 1 frame, EOS), row 0, then the target row 3
         ([0, 0, 1], T), ([0, 0, 7], T), ([0, 0, 2], T), ([50, 60, 0], A), ([0, 0, 0], A),
         ([0, 0, 1], T), ([0, 0, 5], T), ([0, 0, 2], T), ([10, 20, 0], A), ([11, 21, 0], A), ([0, 0, 0], A),
-        ([0, 0, 1], T), ([0, 0, 8], T), ([0, 0, 9], T), ([0, 0, 2], T), ([70, 80, 0], A), ([71, 81, 0], A), ([0, 0, 0], A),
+        ([0, 0, 1], T), ([0, 0, 8], T), ([0, 0, 9], T), ([0, 0, 2], T), ([70, 80, 0], A),
+                ([71, 81, 0], A), ([0, 0, 0], A),
     ]
     # The frame mask stores [codes..., text]; the hand-built rows list [c0, c1, text] the same way.
     assert tokens[0].tolist() == [t for t, _ in expected]
@@ -137,7 +138,8 @@ def test_a_model_trained_with_a_voice_prompt_speaks_after_one(assets, tmp_path):
     prompt = {"audio": str(SAMPLE / "clips" / "train_00.flac"), "text": "The quick brown fox jumps over the lazy dog.",
               "speaker": 0}
     cfg = make_config(dict(model=str(assets["model"]), text_tokenizer=str(assets["text_tokenizer"]),
-                           mimi_weights=str(assets["mimi"]), batch_size=4, learning_rate=1e-3, warmup_steps=1, max_steps=4,
+                           mimi_weights=str(assets["mimi"]), batch_size=4, learning_rate=1e-3,
+                           warmup_steps=1, max_steps=4,
                            val_every=2, save_every=2, gen_every=4, gen_max_seconds=0.5, log_every=1, precision="fp32",
                            wandb_mode="disabled", context_mode="same_speaker", gen_context=[prompt]))
     out = tmp_path / "run"

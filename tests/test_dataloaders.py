@@ -186,7 +186,8 @@ def test_items_match_the_file_in_every_mode(tmp_path):
 
 def test_partial_mode_with_workers_matches_in_memory(token_file):
     a = [t for t, _, _ in make_loader(CSMDataset(token_file, "train"), batch_size=3, seed=0)]
-    b = [t for t, _, _ in make_loader(CSMDataset(token_file, "train", partial=True), batch_size=3, seed=0, num_workers=2)]
+    partial = CSMDataset(token_file, "train", partial=True)
+    b = [t for t, _, _ in make_loader(partial, batch_size=3, seed=0, num_workers=2)]
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 

@@ -42,9 +42,11 @@ def _train_args(data, model, max_steps, *extra):
 @pytest.mark.slow
 # With conversational context: composed examples on top of the plain path (which the resume and FSDP tests
 # below run under DDP too).
-@pytest.mark.parametrize("context", [["--set", "context_mode=same_speaker", "--set", "context_turns=2"]], ids=["context"])
+@pytest.mark.parametrize("context",
+                         [["--set", "context_mode=same_speaker", "--set", "context_turns=2"]], ids=["context"])
 def test_two_gloo_processes_match_one_process(assets, tmp_path, context):
-    data = write_token_file(tmp_path / "d.hdf5", n_train=16, n_val=4, speakers=3 if "context_mode=same_speaker" in context else 0)
+    data = write_token_file(tmp_path / "d.hdf5", n_train=16, n_val=4,
+                            speakers=3 if "context_mode=same_speaker" in context else 0)
     common = _train_args(data, assets["model"], 5, "--val_every", "2", "--save_every", "0",
                          "--set", "decoder_fraction=1.0", *context)
     # One process, 2 micro-batches of 2 per step == 2 ranks x 1 micro-batch of 2 per step.
@@ -103,7 +105,8 @@ def test_fsdp_trains_like_ddp_and_both_resume_exactly(assets, tmp_path):
         (part / "checkpoints").mkdir(parents=True)
         shutil.copy(run / "checkpoints" / "step_0000002.pt", part / "checkpoints")
         _torchrun(*common, "--output_dir", part, *extra, "--resume")
-        whole, c = load_file(str(run / "final" / "model.safetensors")), load_file(str(part / "final" / "model.safetensors"))
+        whole = load_file(str(run / "final" / "model.safetensors"))
+        c = load_file(str(part / "final" / "model.safetensors"))
         assert all(torch.equal(whole[k], c[k]) for k in whole), run.name
         assert _losses(part)[0] == _losses(run)[0][2:], run.name
     # A sharded checkpoint is not resumed by DDP (its optimizer state is keyed by name): one clear line.
@@ -155,9 +158,11 @@ def test_compiled_layers_under_ddp_train_like_eager_and_resume(assets, tmp_path)
 def test_compile_with_fsdp_is_refused_in_one_line(assets, tmp_path):
     data = write_token_file(tmp_path / "d.hdf5", n_train=8, n_val=0)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(_free_port()), "train.py", *_train_args(data, assets["model"], 2, "--set", "compile=true",
+                           str(_free_port()), "train.py",
+                           *_train_args(data, assets["model"], 2, "--set", "compile=true",
                                                                         "--set", "distributed=fsdp"),
-                           "--output_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           "--output_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0 and "compile: true with distributed: fsdp" in proc.stderr
     assert not (tmp_path / "out").exists()

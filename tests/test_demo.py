@@ -1,4 +1,4 @@
-"""The demo's steps, shortened: prepare -> pretokenize -> train -> generate -> evaluate -> sweep on the bundled clips."""
+"""The demo's steps, shortened: prepare -> pretokenize -> train -> generate -> evaluate -> sweep, on the sample."""
 import json
 
 import h5py

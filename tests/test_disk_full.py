@@ -54,7 +54,8 @@ def test_pretokenize_on_a_full_disk(assets, small_disk, tmp_path):
     df = pd.read_csv(SAMPLE / "train.csv").head(4)
     df["path"] = [str(SAMPLE / p) for p in df["path"]]
     df.to_csv(tmp_path / "m.csv", index=False)
-    rc, err = cli("pretokenize.py", "--train_data", tmp_path / "m.csv", "--output", disk / "tokens.hdf5", "--device", "cpu",
+    rc, err = cli("pretokenize.py", "--train_data", tmp_path / "m.csv", "--output",
+                  disk / "tokens.hdf5", "--device", "cpu",
                   "--text_tokenizer", assets["text_tokenizer"], "--mimi_weights", assets["mimi"])
     assert_disk_full(rc, err, str(disk))
     assert not (disk / "tokens.hdf5").exists() and not no_temp_files(disk)

@@ -342,7 +342,8 @@ def test_two_gloo_processes_evaluate_once_and_agree_on_best(assets, judges, pret
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "train.py", "--data", str(pretokenized), "--model", str(assets["model"]), "--max_steps", "2",
            "--output_dir", str(out), "--device", "cpu", "--wandb_mode", "disabled", "--gen_every", "0",
-           "--save_every", "1", "--val_every", "1", "--batch_size", "2", "--warmup_steps", "1", "--learning_rate", "3e-3",
+           "--save_every", "1", "--val_every", "1", "--batch_size", "2", "--warmup_steps", "1",
+           "--learning_rate", "3e-3",
            "--text_tokenizer", str(assets["text_tokenizer"]), "--mimi_weights", str(assets["mimi"]),
            "--set", "keep_checkpoints=5", "--set", "eval_every=1", "--set", "eval_n=2", "--set", "eval_max_seconds=0.5",
            "--set", f"eval_asr={judges['asr']}", "--set", f"eval_speaker_model={judges['speaker_model']}",
@@ -366,7 +367,8 @@ def test_evaluate_speaks_after_the_prompt_of_a_training_config(assets, judges, t
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
     good.write_text(yaml.safe_dump({"gen_context": [prompt]}))
     bad.write_text(yaml.safe_dump({"gen_context": [{**prompt, "audio": str(tmp_path / "gone.wav")}]}))
-    base = ["--eval_data", SAMPLE / "val.json", "--n", 1, "--max_audio_seconds", 0.5, "--no_ceilings", *common(assets, judges)]
+    base = ["--eval_data", SAMPLE / "val.json", "--n", 1, "--max_audio_seconds", 0.5, "--no_ceilings",
+            *common(assets, judges)]
     rc, err = cli("evaluate.py", *base, "--output_dir", tmp_path / "a", "--context_from_config", bad)
     assert_clear_error(rc, err, "gone.wav")
     rc, err = cli("evaluate.py", *base, "--output_dir", tmp_path / "b", "--context_from_config", good)
@@ -382,7 +384,8 @@ def test_evaluate_takes_an_adapter(assets, judges, tmp_path):
     cfg = config.make_config({"finetune": "lora", "lora_rank": 2, "model": str(assets["model"])})
     model = adapters.apply_finetune_mode(weights.load_model(assets["model"]), cfg)
     adapters.save_adapter(model, tmp_path / "adapter", cfg)
-    rc, err = cli("evaluate.py", "--eval_data", SAMPLE / "val.json", "--n", 1, "--max_audio_seconds", 0.5, "--no_ceilings",
+    rc, err = cli("evaluate.py", "--eval_data", SAMPLE / "val.json", "--n", 1, "--max_audio_seconds",
+                  0.5, "--no_ceilings",
                   "--adapter", tmp_path / "adapter", "--output_dir", tmp_path / "eval", *common(assets, judges))
     assert rc == 0, err
     rc, err = cli("evaluate.py", "--eval_data", SAMPLE / "val.json", "--adapter", tmp_path / "none",

@@ -65,7 +65,8 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, data, assets):
     out = tmp_path_factory.mktemp("runs") / "done"
-    rc, err = cli("train.py", "--data", data, "--output_dir", out, "--model", assets["model"], "--max_steps", 4, *RUN_FLAGS)
+    rc, err = cli("train.py", "--data", data, "--output_dir", out, "--model", assets["model"],
+                  "--max_steps", 4, *RUN_FLAGS)
     assert rc == 0, err
     return out
 
@@ -103,12 +104,14 @@ def test_two_runs_on_one_directory_get_a_clear_message(data, assets, tmp_path):
     out = tmp_path / "busy"
     first = subprocess.Popen([sys.executable, "train.py", "--data", str(data), "--output_dir", str(out), "--model",
                               str(assets["model"]), "--max_steps", "100000", *RUN_FLAGS, "--save_every", "0",
-                              "--val_every", "0"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              "--val_every", "0"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not (out / "metrics.jsonl").exists():
             time.sleep(0.2)
-        rc, err = cli("train.py", "--data", data, "--output_dir", out, "--resume", "--model", assets["model"], *RUN_FLAGS)
+        rc, err = cli("train.py", "--data", data, "--output_dir", out, "--resume", "--model",
+                      assets["model"], *RUN_FLAGS)
         assert_clear_error(rc, err, "in use by another running process")
     finally:
         first.send_signal(signal.SIGTERM)
@@ -124,7 +127,8 @@ def test_sample_settings_are_checked_before_step_one(data, assets, tmp_path):
             "--text_tokenizer", assets["text_tokenizer"]]
     rc, err = cli("train.py", *base, "--output_dir", tmp_path / "a", "--mimi_weights", tmp_path / "nope.safetensors")
     assert_clear_error(rc, err, "Mimi weights")
-    rc, err = cli("train.py", *base, "--output_dir", tmp_path / "b", "--mimi_weights", assets["mimi"], "--gen_sentence", " ")
+    rc, err = cli("train.py", *base, "--output_dir", tmp_path / "b", "--mimi_weights", assets["mimi"],
+                  "--gen_sentence", " ")
     assert_clear_error(rc, err, "empty string")
     rc, err = cli("train.py", *base, "--output_dir", tmp_path / "c", "--mimi_weights", assets["mimi"],
                   "--set", "gen_max_seconds=1e9")
@@ -274,7 +278,8 @@ def test_train_bad_config_files(data, assets, tmp_path):
     (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00\x81garbage")
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     for name, message in (("dir.yaml", "is a directory"), ("bin.yaml", "not a text"), ("list.yaml", "mapping")):
-        fails_clearly("train.py", ["--data", data, "--config", tmp_path / name, "--output_dir", tmp_path / "o"], message,
+        fails_clearly("train.py",
+                      ["--data", data, "--config", tmp_path / name, "--output_dir", tmp_path / "o"], message,
                       through_cli=name == "dir.yaml")
 
 
@@ -321,7 +326,8 @@ def test_generate_bad_outputs_and_inputs_fail_before_any_work(assets, tmp_path):
                                       *args], message, through_cli=i == 2)
     assert sf.info(str(wav)).frames == 4800 and not (tmp_path / "o.wav").exists()
     (tmp_path / "lines.txt").write_bytes(b"\xff\xfe\x00bad")
-    rc, err = cli("generate.py", "--model", assets["model"], "--lines", tmp_path / "lines.txt", "--output", tmp_path / "o.wav")
+    rc, err = cli("generate.py", "--model", assets["model"], "--lines", tmp_path / "lines.txt",
+                  "--output", tmp_path / "o.wav")
     assert_clear_error(rc, err, "not a UTF-8 text file")
 
 
@@ -358,7 +364,8 @@ def test_pretokenize_never_replaces_a_file_it_did_not_write(assets, tmp_path):
     common = ["--text_tokenizer", assets["text_tokenizer"], "--mimi_weights", assets["mimi"], "--device", "cpu"]
     rc, err = cli("pretokenize.py", "--train_data", meta, "--output", foreign, *common)
     assert_clear_error(rc, err, "not a token file written by pretokenize.py")
-    fails_clearly("pretokenize.py", ["--train_data", meta, "--output", meta, *common], "also an input", through_cli=False)
+    fails_clearly("pretokenize.py", ["--train_data", meta, "--output", meta, *common],
+                  "also an input", through_cli=False)
     (tmp_path / "d.hdf5").mkdir()
     fails_clearly("pretokenize.py", ["--train_data", meta, "--output", tmp_path / "d.hdf5", *common], "is a directory",
                   through_cli=False)
@@ -424,14 +431,16 @@ def test_sweep_bad_files_and_other_studies(data, tmp_path):
     assert sorted(p.name for p in old.iterdir()) == ["sweep.json", "trials"]
 
 
-# --------------------------------------------------------------------------- 2-4. sweeps that are stopped, killed, re-run
+# --------------------------------------------------------------------------- 2-4. sweeps stopped, killed, re-run
 
 
 def sweep_cmd(data, assets, out, *extra):
     return [sys.executable, "sweep.py", "--data", str(data), "--output_dir", str(out), "--model", str(assets["model"]),
-            "--base_config", str(ROOT / "configs" / "finetune.yaml"), "--sweep_config", str(ROOT / "configs" / "sweep_demo.yaml"),
+            "--base_config", str(ROOT / "configs" / "finetune.yaml"), "--sweep_config",
+            str(ROOT / "configs" / "sweep_demo.yaml"),
             "--n_workers", "1", "--wandb_mode", "disabled", "--sampler", "random", "--set", "batch_size=4",
-            "--set", "warmup_steps=1", "--set", "val_every=1", "--set", f"text_tokenizer={assets['text_tokenizer']}", *extra]
+            "--set", "warmup_steps=1", "--set", "val_every=1", "--set",
+            f"text_tokenizer={assets['text_tokenizer']}", *extra]
 
 
 def study_of(out):
@@ -467,7 +476,7 @@ def test_ctrl_c_on_a_sweep_records_interrupted_trials_and_writes_reports(data, a
 
 
 @pytest.mark.slow
-def test_killing_the_sweep_kills_its_workers_and_a_rerun_redoes_their_trials_with_new_parameters(data, assets, tmp_path):
+def test_killing_the_sweep_kills_its_workers_and_a_rerun_redoes_their_trials_with_new_draws(data, assets, tmp_path):
     from optuna.trial import TrialState
 
     out = tmp_path / "s"

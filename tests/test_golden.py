@@ -103,4 +103,5 @@ def test_golden_run_and_its_resume(assets, golden_data, tmp_path):
 
 
 if __name__ == "__main__":  # re-pin: python tests/test_golden.py FINAL_WEIGHTS INITIAL_WEIGHTS
-    print(json.dumps({k: [round(a, 12), round(b, 14)] for k, (a, b) in weight_updates(*sys.argv[1:3]).items()}, indent=1))
+    print(json.dumps({k: [round(a, 12), round(b, 14)] for k,
+                      (a, b) in weight_updates(*sys.argv[1:3]).items()}, indent=1))

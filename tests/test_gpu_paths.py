@@ -16,7 +16,8 @@ from conftest import write_token_file
 
 def _cfg(assets, **overrides):
     return config.make_config({**dict(model=str(assets["model"]), text_tokenizer=str(assets["text_tokenizer"]),
-                                      mimi_weights=str(assets["mimi"]), batch_size=4, learning_rate=1e-3, warmup_steps=0,
+                                      mimi_weights=str(assets["mimi"]), batch_size=4,
+                                      learning_rate=1e-3, warmup_steps=0,
                                       max_steps=2, val_every=0, save_every=2, gen_every=0, log_every=1,
                                       wandb_mode="disabled", precision="fp32", seed=0), **overrides})
 
@@ -71,11 +72,13 @@ def test_each_rank_keeps_and_restores_its_own_gpus_rng_state(monkeypatch):
     """Rank r saves and restores the state of its own device only: restoring every visible GPU's state opened a
     CUDA context on each (N x N contexts over N ranks), and gave rank r > 0 rank 0's copy of its device's state."""
     asked, restored = [], []
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: asked.append(device) or torch.tensor([device.index]))
+    monkeypatch.setattr(torch.cuda, "get_rng_state",
+                        lambda device: asked.append(device) or torch.tensor([device.index]))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state[0]), device)))
     for name in ("get_rng_state_all", "set_rng_state_all"):
         monkeypatch.setattr(torch.cuda, name, lambda *a: pytest.fail(f"{name} touches every GPU"))
-    ranks = [utils.Runtime(torch.device("cuda", r), rank=r, world_size=2, local_rank=r, distributed=True) for r in (0, 1)]
+    ranks = [utils.Runtime(torch.device("cuda", r), rank=r, world_size=2, local_rank=r,
+                           distributed=True) for r in (0, 1)]
     generator = torch.Generator().manual_seed(0)
     state = checkpoint._rng_state([(generator.get_state(), checkpoint._device_rng_state(rt)) for rt in ranks])
     assert asked == [torch.device("cuda", 0), torch.device("cuda", 1)]
@@ -120,7 +123,8 @@ def test_mimi_encodes_without_tf32(mimi):
 
     seen = []
     real = mimi.encode
-    mimi.encode = lambda *a, **k: seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cudnn.enabled)) or real(*a, **k)
+    mimi.encode = lambda *a, **k: seen.append((torch.backends.cudnn.allow_tf32,
+                                               torch.backends.cudnn.enabled)) or real(*a, **k)
     try:
         tokenization.encode_audio(mimi, [np.zeros(1920, dtype=np.float32)], 8)
     finally:

@@ -213,7 +213,8 @@ def test_jsonl_metadata_with_a_byte_order_mark_is_read(assets, tmp_path):
 
 
 def test_a_sweep_refuses_fsdp_before_any_trial(data, assets, tmp_path):
-    with pytest.raises(UserError, match="every trial would fail: distributed: fsdp shards the model over the processes"):
+    with pytest.raises(UserError,
+                       match="every trial would fail: distributed: fsdp shards the model over the processes"):
         sweep.main([str(a) for a in ("--data", data, "--output_dir", tmp_path / "s", "--model", assets["model"],
                                      "--max_steps", 6, "--sweep_config", ROOT / "configs" / "sweep_demo.yaml",
                                      "--set", "distributed=fsdp")])

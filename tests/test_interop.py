@@ -101,7 +101,8 @@ def test_export_to_transformers_gives_the_same_model_and_converts_back_bit_exact
     processor = AutoProcessor.from_pretrained(str(out))
     inputs = processor(["[1]Hi, how are you?"], add_special_tokens=True)
     with torch.no_grad():
-        audio = hf.generate(**inputs, max_new_tokens=3, do_sample=False, depth_decoder_do_sample=False, output_audio=True)
+        audio = hf.generate(**inputs, max_new_tokens=3, do_sample=False,
+                            depth_decoder_do_sample=False, output_audio=True)
     assert audio[0].shape == (3 * 1920,) and audio[0].abs().sum() > 0
     # Back to ours, and to the official layout: the very same tensors.
     back = weights.load_model(out, dtype=None)
@@ -128,7 +129,8 @@ def test_bf16_is_kept_exactly(tmp_path, assets):
 
 
 def test_a_sharded_transformers_directory_loads(tmp_path, hf_dir, assets):
-    sharded = tiny_assets.make_hf_csm(tmp_path / "sharded", max_shard_size="5MB", tokenizer_dir=assets["text_tokenizer"])
+    sharded = tiny_assets.make_hf_csm(tmp_path / "sharded", max_shard_size="5MB",
+                                      tokenizer_dir=assets["text_tokenizer"])
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     a, b = weights.load_model(sharded), weights.load_model(hf_dir)  # same seed, so the same weights
@@ -152,7 +154,8 @@ def test_two_different_audio_tables_are_refused(hf_dir, tmp_path):
         weights.load_model(bad)
 
     def same(t):
-        t["backbone_model.embed_tokens.embed_audio_tokens.weight"] = t["depth_decoder.model.embed_tokens.weight"].clone()
+        decoder_table = t["depth_decoder.model.embed_tokens.weight"]
+        t["backbone_model.embed_tokens.embed_audio_tokens.weight"] = decoder_table.clone()
 
     weights.load_model(copy_with_weights(hf_dir, tmp_path / "both", same))  # both present and equal: fine
 
@@ -194,7 +197,8 @@ def test_a_model_of_any_size_loads_and_round_trips(tmp_path, assets):
     """Dimensions that match no named flavor still load, and our own save keeps them."""
     from transformers import CsmForConditionalGeneration
 
-    config = tiny_assets.tiny_hf_config(num_hidden_layers=3, hidden_size=48, num_attention_heads=6, intermediate_size=96)
+    config = tiny_assets.tiny_hf_config(num_hidden_layers=3, hidden_size=48, num_attention_heads=6,
+                                        intermediate_size=96)
     config.depth_decoder_config.backbone_hidden_size = 48
     torch.manual_seed(0)
     CsmForConditionalGeneration(config).save_pretrained(str(tmp_path / "odd"))
@@ -224,7 +228,8 @@ def test_token_ids_match_the_csm_processor_and_chat_template(hf_dir, assets, tmp
                     {"role": "0", "content": [{"type": "text", "text": "Hello there."}]}]
     tokenizer = csm_tokenizer(str(assets["text_tokenizer"]))
     rendered = tokenizer.apply_chat_template(conversation, chat_template=CHAT_TEMPLATE, tokenize=False)
-    assert rendered == "<|begin_of_text|>[1]Hi.<|end_of_text|><|AUDIO|><|audio_eos|><|begin_of_text|>[0]Hello there.<|end_of_text|>"
+    assert rendered == ("<|begin_of_text|>[1]Hi.<|end_of_text|><|AUDIO|><|audio_eos|>"
+                        "<|begin_of_text|>[0]Hello there.<|end_of_text|>")
     ids = tokenizer.apply_chat_template(conversation[1:], chat_template=CHAT_TEMPLATE, tokenize=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # transformers 5 returns a BatchEncoding
     assert ids == encode_text(tok, "Hello there.", 0)
@@ -253,12 +258,14 @@ def test_llama3_reserved_ids_become_the_audio_tokens(tmp_path):
 
 
 def test_train_from_a_transformers_checkpoint_and_export_hf(hf_dir, assets, tmp_path):
-    """CsmForConditionalGeneration.save_pretrained -> train.py --model DIR --export_hf -> best_hf/ loads in transformers."""
+    """CsmForConditionalGeneration.save_pretrained -> train.py --model DIR --export_hf -> best_hf/ loads in
+    transformers."""
     data = write_token_file(tmp_path / "d.hdf5", n_train=6, n_val=2)
     out = tmp_path / "run"
     cmd = [sys.executable, "train.py", "--data", str(data), "--output_dir", str(out), "--model", str(hf_dir),
            "--max_steps", "2", "--val_every", "1", "--save_every", "0", "--gen_every", "0", "--batch_size", "3",
-           "--learning_rate", "1e-3", "--warmup_steps", "1", "--wandb_mode", "disabled", "--device", "cpu", "--export_hf"]
+           "--learning_rate", "1e-3", "--warmup_steps", "1", "--wandb_mode", "disabled", "--device",
+           "cpu", "--export_hf"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("best_hf", "final_hf"):
@@ -301,11 +308,13 @@ def test_export_refuses_to_lose_work(assets, tmp_path):
         export.main(["--model", str(assets["model"]), "--to", "official", "--output", str(out)])
     assert (out / "keep.txt").read_text() == "mine"
     with pytest.raises(UserError, match=r"is also an input \(--model"):
-        export.main(["--model", str(assets["model"]), "--to", "official", "--output", str(assets["model"]), "--overwrite"])
+        export.main(["--model", str(assets["model"]), "--to", "official", "--output",
+                     str(assets["model"]), "--overwrite"])
     with pytest.raises(UserError, match="is a file"):
         export.main(["--model", str(assets["model"]), "--to", "official", "--output", str(out / "keep.txt")])
     with pytest.raises(UserError, match="--max_shard_size"):
-        export.main(["--model", str(assets["model"]), "--to", "hf", "--output", str(tmp_path / "x"), "--max_shard_size", "0GB"])
+        export.main(["--model", str(assets["model"]), "--to", "hf", "--output", str(tmp_path / "x"),
+                     "--max_shard_size", "0GB"])
     export.main(["--model", str(assets["model"]), "--to", "official", "--output", str(out), "--overwrite"])
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or old directories left behind

@@ -162,7 +162,8 @@ def test_mimi_default_offline_is_a_clear_error(hub_cache):
 def test_import_does_no_work():
     """Importing the project needs no clone, no network, no CUDA and leaves sys.path alone."""
     code = ("import sys; before = list(sys.path); "
-            "import csm_model, utils, tiny_assets, weights, tokenization, training, synthesis, encode_dataset, optuna_sweep, hf_export, export; "
+            "import csm_model, utils, tiny_assets, weights, tokenization, training, synthesis, encode_dataset, "
+            "optuna_sweep, hf_export, export; "
             "assert sys.path == before; "
             "import torch; assert not torch.cuda.is_initialized()")
     env = {k: v for k, v in os.environ.items() if k not in ("CSM_REPO_PATH", "WANDB_API_KEY")}

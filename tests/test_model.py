@@ -141,7 +141,8 @@ def test_rmsnorm_applies_the_scale_in_float32_before_casting_as_the_official_mod
     xb = x32.to(torch.bfloat16)
     official = (xb.float() * torch.rsqrt(xb.float().pow(2).mean(-1, keepdim=True) + 1e-5)
                 * bf.scale.float()).to(torch.bfloat16)
-    cast_first = (xb.float() * torch.rsqrt(xb.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16) * bf.scale
+    cast_first = (xb.float() * torch.rsqrt(xb.float().pow(2).mean(-1,
+                                                                  keepdim=True) + 1e-5)).to(torch.bfloat16) * bf.scale
     assert torch.equal(bf(xb), official)
     assert not torch.equal(cast_first, official)  # the old order rounds twice: it gives other bf16 values
 

@@ -153,7 +153,8 @@ def test_prepare_bad_input(tmp_path):
              (["--speaker=-1"], "--speaker")]
     for args, message in cases:
         with pytest.raises(UserError, match=message.replace("-", r"\-")):
-            prepare.main(["--audio", str(tmp_path / "rec"), "--output", str(tmp_path / "o.csv"), "--asr", "none", *args])
+            prepare.main(["--audio", str(tmp_path / "rec"), "--output", str(tmp_path / "o.csv"),
+                          "--asr", "none", *args])
     (tmp_path / "empty").mkdir()
     for audio, output, message in ((tmp_path / "none", tmp_path / "o.csv", "no such file"),
                                    (tmp_path / "empty", tmp_path / "o.csv", "no audio files"),
@@ -247,7 +248,8 @@ def test_dataset_errors_are_one_line(assets, same_clips, tmp_path):
     common = ["--output", tmp_path / "o.hdf5", "--device", "cpu", "--text_tokenizer", assets["text_tokenizer"],
               "--mimi_weights", assets["mimi"]]
     for data, extra, message in ((f"{same_clips / 'on_disk'}", [], "--text_column"),
-                                 (f"{same_clips / 'on_disk'}", ["--text_column", "transcript", "--speaker_column", "who"],
+                                 (f"{same_clips / 'on_disk'}",
+                                  ["--text_column", "transcript", "--speaker_column", "who"],
                                   "--speaker_column")):
         fails_clearly("pretokenize.py", ["--train_data", data, *extra, *common], message, through_cli=False)
     rc, err = cli("pretokenize.py", "--train_data", "hf:nobody/no-such-dataset", *common,

@@ -121,7 +121,8 @@ def test_output_layout_and_attributes(assets, clips, tmp_path, text_tokenizer):
     run(assets, "--train_data", str(tmp_path / "n.csv"), "--output", str(tmp_path / "n.hdf5"), "--omit_speaker_id")
     run(assets, "--train_data", str(tmp_path / "n.csv"), "--output", str(tmp_path / "s.hdf5"))
     ids = text_tokenizer.encode("Hi.", add_special_tokens=False)
-    assert read(tmp_path / "n.hdf5")["train"]["text"][0] == [text_tokenizer.bos_token_id, *ids, text_tokenizer.eos_token_id]
+    assert read(tmp_path / "n.hdf5")["train"]["text"][0] == [text_tokenizer.bos_token_id, *ids,
+                                                             text_tokenizer.eos_token_id]
     assert read(tmp_path / "s.hdf5")["train"]["text"][0] == encode_text(text_tokenizer, "Hi.", 999)
     # The training loader reads it.
     assert len(CSMDataset(out, "val")) == 6

@@ -44,7 +44,8 @@ def peak_of(tmp_path, script: str, *args) -> tuple[int, float, str]:
         sys.exit(code)
     """))
     proc = subprocess.run([sys.executable, str(wrapper), str(ROOT / script), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+                          capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
                                                                              "HF_HUB_OFFLINE": "1"})
     peak = [line for line in proc.stderr.splitlines() if line.startswith("PEAK_KB")]
     return proc.returncode, int(peak[-1].split()[1]) / 2**20 if peak else float("nan"), proc.stderr

@@ -22,7 +22,8 @@ def test_make_setup_installs_the_chosen_cuda_variant_and_keeps_every_other_pin(t
     pins = {line.split("==")[0]: line for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line}
     for variant in ("cu126", "cu128", "cpu"):
         dry = _dry_setup(tmp_path, f"TORCH_CUDA={variant}").stdout
-        torch_line = f"pip install --index-url https://download.pytorch.org/whl/{variant} {pins['torch']} {pins['torchaudio']}"
+        index = f"https://download.pytorch.org/whl/{variant}"
+        torch_line = f"pip install --index-url {index} {pins['torch']} {pins['torchaudio']}"
         assert torch_line in dry, dry
         assert "pip install -r requirements.txt" in dry.split(torch_line)[1]  # the rest, at their pins, after it
         assert f"echo \"{variant}\" > {tmp_path / 'venv'}/torch_cuda" in dry  # kept for later make runs
@@ -54,7 +55,8 @@ def test_why_cuda_is_unusable(monkeypatch, driver, torch_cuda, visible, expected
 
 def test_the_driver_is_read_from_the_kernel_module(tmp_path, monkeypatch):
     version = tmp_path / "version"
-    version.write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.133.20  Release Build  (dvs-builder)\n")
+    version.write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.133.20  "
+                       "Release Build  (dvs-builder)\n")
     monkeypatch.setattr(gpu_env, "DRIVER_FILE", version)
     assert gpu_env.nvidia_driver() == "570.133.20"
     version.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.154.05  Thu Dec 28 15:37:48 UTC 2023\n")

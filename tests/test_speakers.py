@@ -52,7 +52,8 @@ def test_metadata_speaker_names_are_numbered_once_across_splits(assets, tmp_path
     train["speaker"], val["speaker"] = ["alice", "bob", "3"], ["bob", None]
     train.to_csv(tmp_path / "train.csv", index=False)
     val.to_json(tmp_path / "val.json", orient="records")
-    (tmp_path / "val.json").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "val.json").read_bytes())  # a BOM, as Windows writes
+    # a BOM, as Windows writes
+    (tmp_path / "val.json").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "val.json").read_bytes())
     out = tmp_path / "tokens.hdf5"
     assert _pretokenize(assets, out, "--train_data", tmp_path / "train.csv", "--val_data", tmp_path / "val.json") == 0
     speakers, names, texts = _speakers(out)
@@ -122,7 +123,8 @@ def speaker_dataset(tmp_path_factory):
 
     def split(rows):
         return Dataset.from_dict({"audio": [audio[i] for i in rows], "text": [df["text"][i] for i in rows],
-                                  "who": [who[i] for i in rows], "num": [num[i] for i in rows]}).cast_column("audio", Audio())
+                                  "who": [who[i] for i in rows],
+                                  "num": [num[i] for i in rows]}).cast_column("audio", Audio())
 
     path = tmp_path_factory.mktemp("speakers") / "ds"
     DatasetDict({"train": split([0, 1, 2, 3]), "validation": split([4, 5])}).save_to_disk(str(path))

@@ -79,12 +79,14 @@ model:
 def test_best_config_trains(assets, token_file, tmp_path):
     """best_config.yaml is a full training config that train.py takes as --config."""
     study = optuna.create_study(direction="minimize")
+    distributions = {"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+                     "lr_decay": optuna.distributions.CategoricalDistribution(["linear", "cosine"])}
     study.add_trial(optuna.trial.create_trial(params={"learning_rate": 2e-3, "lr_decay": "cosine"},
-                                              distributions={"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
-                                                             "lr_decay": optuna.distributions.CategoricalDistribution(["linear", "cosine"])},
+                                              distributions=distributions,
                                               value=1.0))
     base = config.make_config({"model": str(assets["model"]), "max_steps": 2, "batch_size": 4, "val_every": 0,
-                               "gen_every": 0, "wandb_mode": "disabled", "precision": "fp32", "warmup_steps": 1}).to_dict()
+                               "gen_every": 0, "wandb_mode": "disabled", "precision": "fp32",
+                               "warmup_steps": 1}).to_dict()
     optuna_sweep.write_reports(study, tmp_path, base)
     assert train.main(["--data", str(token_file), "--config", str(tmp_path / "best_config.yaml"),
                        "--output_dir", str(tmp_path / "run"), "--device", "cpu"]) == 0
@@ -111,7 +113,8 @@ def test_bad_sweep_yaml_is_one_clear_message(tmp_path, text, message):
 def test_shipped_space_is_valid_and_matches_the_reference():
     space = optuna_sweep.load_space(ROOT / "configs" / "sweep.yaml", config.TrainConfig().to_dict())
     assert space["batch_size"]["values"] == [8, 16, 32]
-    assert (space["learning_rate"]["min"], space["learning_rate"]["max"], space["learning_rate"]["log"]) == (1e-6, 1e-2, True)
+    assert (space["learning_rate"]["min"], space["learning_rate"]["max"],
+            space["learning_rate"]["log"]) == (1e-6, 1e-2, True)
     assert space["lr_decay"]["values"] == ["linear", "cosine", "constant", "exponential"]
     assert (space["warmup_steps"]["min"], space["warmup_steps"]["max"]) == (0, 1000)
     assert (space["grad_acc_steps"]["min"], space["grad_acc_steps"]["max"]) == (1, 3)

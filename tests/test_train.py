@@ -197,7 +197,8 @@ def test_checkpoints_are_complete_and_pruned(assets, token_file, tmp_path):
 
 
 def test_samples_and_offline_wandb(assets, token_file, tmp_path):
-    cfg = tiny_cfg(assets, max_steps=2, warmup_steps=1, gen_every=2, gen_max_seconds=0.5, val_every=2, wandb_mode="offline",
+    cfg = tiny_cfg(assets, max_steps=2, warmup_steps=1, gen_every=2, gen_max_seconds=0.5, val_every=2,
+                   wandb_mode="offline",
                    gen_sentences=["Hello there.", "Second one."])
     training.train(cfg, token_file, tmp_path / "out", device="cpu", progress=False)
     wavs = sorted(p.name for p in (tmp_path / "out" / "samples").iterdir())
@@ -209,7 +210,8 @@ def test_samples_and_offline_wandb(assets, token_file, tmp_path):
     assert sum(f.startswith("files/media/audio/") and f.endswith(".wav") for f in files) == 2
     # The offline run log (protobuf) holds each metric by name with the value metrics.jsonl got.
     val = [m["val_loss"] for m in metrics(tmp_path / "out") if "val_loss" in m][-1]
-    keys = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "padding_fraction", "peak_memory_gb", json.dumps(val))
+    keys = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "padding_fraction",
+            "peak_memory_gb", json.dumps(val))
     log = wandb_log(run_dirs[0], keys)
     for key in keys:
         assert key.encode() in log, key
