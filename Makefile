@@ -46,7 +46,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/dataloader.py
-	$(BIN)/python bench/pretokenize.py
+	$(BIN)/python bench/bench_pretokenize.py
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/memory.py --embedding

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("give --train_data and/or --val_data")
     device = resolve_device(args.device)
     # On CPU the full-size Mimi's convolutions are memory-bound, so big batches stop paying off
-    # there (bench/pretokenize.py: 4 beat 1 with the full-size Mimi too); one reader thread is
+    # there (bench/bench_pretokenize.py: 4 beat 1 with the full-size Mimi too); one reader thread is
     # enough to keep the encoder fed without taking a core from it.
     if args.batch_size is None:
         args.batch_size = 16 if device.type == "cuda" else 1

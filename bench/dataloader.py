@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.append(str(Path(__file__).resolve().parent))  # after the project: bench/pretokenize.py is not pretokenize.py
+sys.path.append(str(Path(__file__).resolve().parent))  # after the project's own modules
 from context import ContextPlanner  # noqa: E402
 from dataloaders import CSMDataset, LengthBucketSampler, make_loader  # noqa: E402
 from token_file import write_token_file  # noqa: E402

@@ -39,7 +39,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 sys.path.insert(0, str(ROOT))
-sys.path.append(str(ROOT / "bench"))  # after the project: bench/pretokenize.py is not pretokenize.py
+sys.path.append(str(ROOT / "bench"))  # after the project's own modules
 
 # What a stock PyTorch image has (with what those packages need), and what `make wheelhouse` adds for this check.
 STOCK = ("torch", "transformers", "peft", "safetensors", "h5py", "numpy", "pandas", "pyyaml", "tqdm")

@@ -23,7 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.append(str(ROOT / "bench"))  # after the project: bench/pretokenize.py is not pretokenize.py
+sys.path.append(str(ROOT / "bench"))  # after the project's own modules
 import adapters  # noqa: E402
 import config  # noqa: E402
 import optim  # noqa: E402

@@ -9,6 +9,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "bench") not in sys.path:
+    sys.path.append(str(ROOT / "bench"))  # the benchmark scripts, whose names shadow no module of the project
 
 # Tests must never reach the network, whatever the machine's settings.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,19 +21,6 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, tor
 
 
 from tiny_assets import make_token_file as write_token_file  # noqa: E402,F401  (tests import it from here)
-
-
-def bench_module(name: str):
-    """A script of bench/ loaded by path, once: bench/ first on sys.path would shadow the project's modules of
-    the same name (bench/pretokenize.py, pretokenize.py)."""
-    import importlib.util
-
-    if f"bench_{name}" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[f"bench_{name}"]
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,15 @@
 """bench/train_step.py's GPU report, run on the CPU with a tiny model: its code runs before any GPU does."""
 import torch
 
-from conftest import bench_module, write_token_file
+from conftest import write_token_file
 
 
 def test_the_gpu_report_runs_every_kind_of_row(tmp_path):
     from tiny_assets import TINY_MODEL_ARGS
 
-    memory, train_step = bench_module("memory"), bench_module("train_step")
+    import memory
+    import train_step
+
     data = write_token_file(tmp_path / "d.hdf5", n_train=40, n_val=0)
     # no 8-bit AdamW on a CPU; compiling is slow here
     runs = [r for r in train_step.BIG_RUNS if "8-bit" not in r[0] and "compile" not in r[0]]

@@ -7,13 +7,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import bench_module, write_token_file
+from conftest import write_token_file
 from utils import UserError
 from dataloaders import CSMDataset, LengthBucketSampler, collate, make_loader
 from token_file import DataError, open_splits
 
 
-_lengths = bench_module("lengths")
+import lengths as _lengths
 padding_waste, sample_lengths = _lengths.padding_waste, _lengths.sample_lengths
 
 

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, bench_module
-
-gpu_check = bench_module("gpu_check")
+import gpu_check
+from conftest import ROOT
 
 
 def stock_environment(directory: Path) -> Path:

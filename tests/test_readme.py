@@ -6,7 +6,7 @@ import shlex
 import pytest
 
 import config
-from conftest import ROOT, bench_module
+from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
 SCRIPTS = ("prepare", "pretokenize", "train", "sweep", "evaluate", "generate", "export")
@@ -48,7 +48,8 @@ def test_memory_table_is_consistent_with_bench_memory():
     """The table's header, state column and max_tokens columns are bench/memory.py's (state from the real
     parameters; fits recomputed from the table's own activation figures, to their rounding). Re-measuring
     the activations takes about a minute: `python bench/memory.py --update_readme README.md` does that."""
-    memory = bench_module("memory")
+    import memory
+
 
     start, end = memory.README_MARKERS
     lines = README.split(start, 1)[1].split(end, 1)[0].strip().splitlines()
@@ -72,7 +73,8 @@ def test_flop_figure_is_the_flop_counters():
     """The README's FLOPs per step are bench/train_step.py's count (torch.utils.flop_counter on the meta device)."""
     from csm_model import ModelArgs
 
-    train_step = bench_module("train_step")
+    import train_step
+
 
     flops = train_step.step_flops(ModelArgs())
     assert f"{flops:.3g} FLOPs forward + backward" in README and f"{flops / 4096:.3g} per frame" in README

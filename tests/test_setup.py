@@ -10,7 +10,7 @@ import torch
 
 import gpu_env
 import utils
-from conftest import ROOT, bench_module
+from conftest import ROOT
 
 
 def _dry_setup(tmp_path, *variables):
@@ -166,7 +166,8 @@ def test_doctor_gives_the_memory_guides_max_tokens_for_each_gpu(monkeypatch):
     """A simulated 80 GB GPU gets about the README's 80 GB column (the guide prints its figures rounded)."""
     import doctor
 
-    memory = bench_module("memory")
+    import memory
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: False)  # its version asks the (absent) GPUs
     monkeypatch.setattr(doctor, "gpus", lambda: [{"name": "Simulated GPU", "bytes": 80e9, "capability": (9, 0),

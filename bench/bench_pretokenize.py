@@ -1,6 +1,6 @@
 """Pretokenizing throughput: this tool end to end vs the bare loop of the original.
 
-    python bench/pretokenize.py [--clips 48] [--mimi_weights FILE | --full_size] [--device cpu]
+    python bench/bench_pretokenize.py [--clips 48] [--mimi_weights FILE | --full_size] [--device cpu]
 
 The bare loop is the floor of what the original does: load Mimi, then for each clip read it with
 soundfile, resample, `mimi.encode` it alone under inference_mode; nothing validated or written.
