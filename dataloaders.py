@@ -110,7 +110,8 @@ class CSMDataset(Dataset):
 
 def collate(batch: list, num_codebooks: int = NUM_CODEBOOKS, pad_to: int | None = None,
             context_loss: str = "none") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Examples -> tokens [B, S, K+1] int64, mask [B, S, K+1] bool (SPEC §2) and target [B, S] bool.
+    """Examples -> tokens [B, S, K+1] int64, mask [B, S, K+1] bool and target [B, S] bool (docs/formats.md,
+    "The frame layout").
 
     An example is one turn (audio [K, F], text [T]) or a list of turns (context turns, then the target
     turn); each turn is laid out by `frames.turn_frames` (text, audio, EOS frame), one after the other,

@@ -1,5 +1,5 @@
-"""The frame layout of SPEC §2, in one place: a frame is K audio codes plus one text token, with a
-mask saying which entries are real. A turn is its text frames, then its audio frames and the
+"""The frame layout (docs/formats.md, "The frame layout"), in one place: a frame is K audio codes plus one
+text token, with a mask saying which entries are real. A turn is its text frames, then its audio frames and the
 all-zero EOS frame. Training batches (collate), generation prompts and context turns all use these.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The training objective of SPEC §2 as pure functions of (model, batch): summed cross-entropies and
-their target counts, the one implementation of the teacher-forced decoder logits, and the original
+"""The training objective (docs/formats.md, "Target rows") as pure functions of (model, batch): summed
+cross-entropies and their target counts, the one implementation of the teacher-forced decoder logits, and the original
 weighting 2((1-w) c0 + w dec) normalised by the target count of the whole accumulated step.
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ def plan_targets(mask: torch.Tensor, target: torch.Tensor | None, decoder_fracti
 def compute_loss(model, tokens: torch.Tensor, mask: torch.Tensor, target: torch.Tensor | None = None, *,
                  decoder_fraction: float = 1 / 16, generator: torch.Generator | None = None,
                  plan: TargetPlan | None = None) -> LossTerms:
-    """Summed training losses of a right-padded batch (SPEC §2).
+    """Summed training losses of a right-padded batch (docs/formats.md, "The frame layout").
 
     The backbone output at row r predicts the audio frame at row r+1: codebook 0 through
     `codebook0_head` on every target frame, codebooks 1..K-1 through the decoder on a random

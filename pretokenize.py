@@ -1,4 +1,4 @@
-"""Metadata (path, text, optional start/end/speaker) -> one HDF5 file of Mimi codes and text tokens (SPEC §3).
+"""Metadata (path, text, optional start/end/speaker) -> one HDF5 file of Mimi codes and text tokens (docs/formats.md).
 
     python pretokenize.py --train_data train.csv --val_data val.csv --output data.hdf5
 

@@ -1,8 +1,8 @@
-"""The pre-tokenized HDF5 file of SPEC §3, read and written only here: per split, vlen int16 Mimi codes
-(32 x F, codebook-major), vlen int32 text ids, int32 lengths (len(text) + F + 1), int64 source rows and
-(for conversational context) each row's conversation id, turn order and speaker;
-attributes name the tokenizers, the format version and the speaker names (name -> id, JSON; integer
-ids stand for themselves and have no entry; -1 is a row without a speaker). Files of the original tool (int32 codes, no
+"""The pre-tokenized HDF5 file (docs/formats.md, "The token file"), read and written only here: per split,
+vlen int16 Mimi codes (32 x F, codebook-major), vlen int32 text ids, int32 lengths (len(text) + F + 1), int64
+source rows and (for conversational context) each row's conversation id, turn order and speaker; attributes
+name the tokenizers, the format version and the speaker names (name -> id, JSON; integer ids stand for
+themselves and have no entry; -1 is a row without a speaker). Files of the original tool (int32 codes, no
 attributes) read the same way; a file of a newer format version is refused with a clear message.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def open_token_file(path: str | Path):
 
 
 def open_splits(path: str | Path) -> dict[str, int]:
-    """Names and sizes of the splits in a token file; one clear error if it is not in the SPEC §3 layout."""
+    """Names and sizes of the splits in a token file; one clear error if it is not a token file."""
     h5py = _h5py()
     with open_token_file(path) as f:
         splits = {}

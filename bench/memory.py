@@ -193,7 +193,7 @@ def _embedding_peaks(variant: str, batch: int, length: int) -> tuple[int, int]:
     shell._embed_tokens = lambda tokens: CSM._embed_tokens(shell, tokens)
     tokens = torch.randint(0, 2048, (batch, length, k + 1))
     mask = torch.zeros(batch, length, k + 1, dtype=torch.bool)
-    mask[:, : length // 4, k] = True  # text frames, then audio frames (SPEC 2)
+    mask[:, : length // 4, k] = True  # text frames, then audio frames (docs/formats.md)
     mask[:, length // 4:, :k] = True
     upstream = torch.randn(batch, length, dim)
     embed = {"official": official_frame_embedding, "previous": previous_frame_embedding, "this": embed_frames}[variant]

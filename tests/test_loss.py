@@ -13,7 +13,7 @@ K = TINY_MODEL_ARGS.audio_num_codebooks
 
 
 def example(n_text, n_audio, seed):
-    """(tokens, mask) of one utterance laid out as SPEC §2: text frames, audio frames, EOS frame."""
+    """(tokens, mask) of one utterance laid out as docs/formats.md says: text frames, audio frames, EOS frame."""
     g = torch.Generator().manual_seed(seed)
     s = n_text + n_audio + 1
     tokens = torch.zeros(s, K + 1, dtype=torch.long)

@@ -6,7 +6,7 @@ from tiny_assets import TINY_MODEL_ARGS
 
 
 def spec_keys() -> dict[str, tuple]:
-    """The state-dict keys and shapes listed in SPEC §1 for sesame/csm-1b, written out independently."""
+    """The state-dict keys and shapes of sesame/csm-1b's released checkpoint, written out independently."""
     keys = {
         "text_embeddings.weight": (128256, 2048),
         "audio_embeddings.weight": (65632, 2048),

@@ -110,3 +110,28 @@ def test_file_table_lists_every_top_level_module_with_a_docstring():
     assert sorted(listed) == on_disk
     for name in on_disk:
         assert (ROOT / name).read_text().startswith('"""'), f"{name} has no module docstring"
+
+
+def test_the_formats_page_names_every_dataset_and_attribute_and_nothing_cites_an_outside_spec(tmp_path):
+    """docs/formats.md is this project's own description of the token file: every dataset a split holds and every
+    attribute pretokenize.py writes is named there; no file cites a specification that is not in the repository."""
+    import ast
+    import subprocess
+
+    import h5py
+
+    from tiny_assets import make_token_file
+
+    page = (ROOT / "docs" / "formats.md").read_text()
+    with h5py.File(make_token_file(tmp_path / "t.hdf5", speakers=3), "r") as f:
+        datasets = set(f["train"].keys())
+    source = ast.parse((ROOT / "encode_dataset.py").read_text())
+    write_output = next(n for n in ast.walk(source) if isinstance(n, ast.FunctionDef) and n.name == "write_output")
+    attrs = next(n.value for n in ast.walk(write_output)
+                 if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "attrs")
+    names = datasets | {k.arg for k in attrs.keywords} | {"format_version"}
+    assert {"audio", "text", "length", "conversation", "turn", "speaker"} <= datasets
+    assert not [n for n in names if f"`{n}`" not in page]
+    files = subprocess.run(["git", "ls-files", "*.py", "*.md"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    outside = "SPEC" + " §"  # written apart, so this file does not cite it either
+    assert not [f for f in files if outside in (ROOT / f).read_text()]
