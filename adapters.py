@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from utils import UserError, atomic_path, write_text_atomic
+from utils import UserError
+from outputs import atomic_path, write_text_atomic
 
 FINETUNE_MODES = ("full", "lora")
 # The parts a full finetune can freeze, as module paths of the built-in model ("heads": both output heads).

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from tokenization import MIMI_SAMPLE_RATE
-from utils import UserError, not_a_file
+from utils import UserError
+from outputs import not_a_file
 
 WINDOW_TOLERANCE_S = 0.05  # an `end` this far past the file's end is rounding, not a bad window
 

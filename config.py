@@ -15,13 +15,15 @@ import yaml
 
 from adapters import FINETUNE_MODES, FREEZABLE, LORA_TARGETS, MODULES_TO_SAVE
 from context import CONTEXT_LOSSES, CONTEXT_MODES
+from metrics import SELECTS_BEST
 from optim import LR_DECAYS, OPTIMIZERS
 from parallel import DISTRIBUTED
 from speech_metrics import DEFAULT_ASR, DEFAULT_SPEAKER_MODEL
 from tracking import WANDB_MODES
-from utils import PRECISIONS, UserError, write_text_atomic
+from utils import UserError
+from runtime import PRECISIONS
+from outputs import write_text_atomic
 
-SELECT_BY = ("val_loss", "wer", "cer", "speaker_sim")
 
 
 def _f(default, help: str, *, choices=None, min=None, max=None, gt=None, default_factory=None):
@@ -152,7 +154,7 @@ class TrainConfig:
                             "Language spoken (Whisper code); en uses Whisper's English "
                             "normaliser, others its basic one.")
     select_best_by: str = _f("val_loss", "What picks best/: val_loss, or a quality metric (needs eval_every).",
-                             choices=SELECT_BY)
+                             choices=SELECTS_BEST)
     # --- safety
     max_nonfinite_steps: int = _f(10, "Stop (with a checkpoint) after this many non-finite steps in a row.", min=1)
     # --- tracking
@@ -372,14 +374,27 @@ def save_yaml(cfg: TrainConfig | dict, path: str | Path) -> None:
     write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
 
 
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def key_help(key: str) -> str:
+    """A config key's help text, with its choices."""
+    meta = FIELDS[key].metadata
+    return meta["help"] + (f" One of: {', '.join(map(str, meta['choices']))}." if meta.get("choices") else "")
+
+
+def type_name(key: str) -> str:
+    """INT, FLOAT, TEXT, ... for a key's command-line flag."""
+    tp, _ = _base_type(FIELDS[key].type)
+    return {int: "INT", float: "FLOAT", bool: "BOOL", str: "TEXT"}.get(tp, "VALUE")
+
+
 def config_reference_markdown() -> str:
     """The README's config table, generated from the dataclass so they cannot drift apart."""
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
     for f in fields(TrainConfig):
         default = f.default_factory() if f.default is MISSING else f.default
-        meta = f.metadata
-        extra = f" One of: {', '.join(map(str, meta['choices']))}." if meta.get("choices") else ""
-        rows.append(f"| `{f.name}` | `{default!r}` | {meta['help']}{extra} |")
+        rows.append(f"| `{f.name}` | `{default!r}` | {key_help(f.name)} |")
     return "\n".join(rows)
 
 

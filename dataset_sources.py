@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -17,6 +18,18 @@ from utils import UserError
 
 AUDIO_KEY = "_audio"  # a dataset row's audio, {"bytes", "path"}, beside the metadata columns
 HF_PREFIX = "hf:"
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """How pretokenize.py reads its sources: a dataset's columns and streaming, and whether pickled metadata
+    may be read."""
+
+    text_column: str = "text"
+    audio_column: str = "audio"
+    speaker_column: str | None = None
+    streaming: bool = False
+    trust_pickle: bool = False
 
 
 class MetadataSource:
@@ -149,13 +162,13 @@ def is_dataset_spec(spec: str) -> bool:
                                                                         "state.json"))
 
 
-def open_source(spec: str, args, split: str):
+def open_source(spec: str, options: SourceOptions, split: str):
     """The rows of one split given on pretokenize.py's command line."""
     if is_dataset_spec(spec):
-        return DatasetSource(spec, text_column=args.text_column, audio_column=args.audio_column,
-                             speaker_column=args.speaker_column, streaming=args.streaming,
+        return DatasetSource(spec, text_column=options.text_column, audio_column=options.audio_column,
+                             speaker_column=options.speaker_column, streaming=options.streaming,
                              default_split="validation" if split == "val" else "train")
-    return MetadataSource(spec, trust_pickle=args.trust_pickle)
+    return MetadataSource(spec, trust_pickle=options.trust_pickle)
 
 
 def number_speakers(sources) -> dict[str, int]:

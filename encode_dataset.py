@@ -17,18 +17,21 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from audio_io import AudioError, read_audio
-from dataset_sources import AUDIO_KEY, decode_audio_payload, number_speakers, open_source
+from dataset_sources import AUDIO_KEY, SourceOptions, decode_audio_payload, number_speakers, open_source
 from metadata import UNKNOWN_SPEAKER, Row, SkipRow, check_row
 from token_file import FORMAT_VERSION, write_token_file
-from tokenization import (MIMI_FRAME_RATE, MIMI_SAMPLE_RATE, NUM_CODEBOOKS, SAMPLES_PER_FRAME,
+from tokenization import (DEFAULT_TEXT_TOKENIZER, MIMI_FRAME_RATE, MIMI_SAMPLE_RATE, NUM_CODEBOOKS, SAMPLES_PER_FRAME,
                           encode_audio, encode_text, frames_of, load_mimi, load_text_tokenizer)
-from utils import UserError, atomic_path, check_output_file, lock_beside, resolve_device, write_text_atomic
+from utils import UserError
+from runtime import resolve_device
+from outputs import atomic_path, check_output_file, lock_beside, write_text_atomic
 
 SILENCE_PEAK = 1e-4
 
@@ -102,7 +105,26 @@ def _load_chunk(path: Path) -> dict:
 # --------------------------------------------------------------------------- fingerprint
 
 
-def fingerprint(args, tokenizer, mimi, sources: dict) -> dict:
+@dataclass(frozen=True)
+class EncodeSettings:
+    """What pretokenize.py was asked to do, its defaults settled and its numbers checked."""
+
+    splits: dict[str, str]  # split name -> metadata file or dataset spec
+    output: Path
+    device: str = "auto"
+    text_tokenizer: str = DEFAULT_TEXT_TOKENIZER
+    mimi_weights: str | None = None
+    batch_size: int = 1  # clips encoded together
+    num_workers: int = 0  # reader threads
+    save_every: int = 500  # rows per committed chunk
+    max_seq_len: int = 2048
+    omit_speaker_id: bool = False
+    strict: bool = False
+    overwrite: bool = False
+    sources: SourceOptions = field(default_factory=SourceOptions)
+
+
+def fingerprint(args: EncodeSettings, tokenizer, mimi, sources: dict) -> dict:
     """Everything that decides the output's content; a resumed run must match it exactly."""
     vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
     mimi_state = hashlib.sha256()
@@ -149,7 +171,7 @@ class Stats:
         self.seconds += float(chunk["seconds"].sum())
 
 
-def process_chunk(rows: list[tuple[int, dict]], clips, tokenizer, mimi, args, strict_label: str):
+def process_chunk(rows: list[tuple[int, dict]], clips, tokenizer, mimi, args: EncodeSettings, strict_label: str):
     """Encode one chunk's clips (an iterable of _prepare results in row order, e.g. reader futures
     resolving one by one): returns kept examples and skipped rows, both in row order."""
     examples, skipped, ready = [], [], []
@@ -204,7 +226,7 @@ def _ragged(flat: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
     return np.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) else []
 
 
-def write_output(output: Path, work: Path, plan: dict, fp: dict, args, tokenizer) -> None:
+def write_output(output: Path, work: Path, plan: dict, fp: dict, args: EncodeSettings, tokenizer) -> None:
     """Assemble the chunks into the token file (written beside it, then renamed onto it)."""
     attrs = dict(text_tokenizer=str(args.text_tokenizer), text_vocab_size=len(tokenizer), bos_id=tokenizer.bos_token_id,
                  eos_id=tokenizer.eos_token_id, codebooks=NUM_CODEBOOKS, sample_rate=MIMI_SAMPLE_RATE,
@@ -314,18 +336,18 @@ def _streamed_chunks(work: Path, split: str) -> int:
     return n
 
 
-def run(args) -> int:
-    """Metadata files -> token file, for pretokenize.py's (already validated) arguments; resumable."""
-    metadata = {split: p for split, p in (("train", args.train_data), ("val", args.val_data)) if p}
+def run(args: EncodeSettings) -> int:
+    """Metadata files -> token file, for pretokenize.py's settings; resumable."""
+    metadata = args.splits
     device = resolve_device(args.device)
-    output = check_output_file(Path(args.output), "--output", inputs=metadata.values())
+    output = check_output_file(args.output, "--output", inputs=metadata.values())
     # Lock, then look: checked before the lock, a finished output of a run that ends meanwhile would be replaced.
     with lock_beside(output, f"--output {output}"):
         previous = check_existing_output(output, args.overwrite)
         work = output.with_name(output.name + ".partial")
         fresh = not work.exists()
         try:
-            sources = {split: open_source(spec, args, split) for split, spec in metadata.items()}
+            sources = {split: open_source(spec, args.sources, split) for split, spec in metadata.items()}
             speakers = number_speakers(sources.values())
             return _run(args, device, sources, speakers, output, work, previous)
         except BaseException:
@@ -334,7 +356,7 @@ def run(args) -> int:
             raise
 
 
-def _run(args, device, sources, speakers: dict[str, int], output, work, previous) -> int:
+def _run(args: EncodeSettings, device, sources, speakers: dict[str, int], output, work, previous) -> int:
     tokenizer = load_text_tokenizer(args.text_tokenizer)
     mimi = load_mimi(args.mimi_weights, device=device, num_codebooks=NUM_CODEBOOKS)
     fp = {**fingerprint(args, tokenizer, mimi, sources), "speakers": speakers}

@@ -14,9 +14,11 @@ import json
 import shutil
 from pathlib import Path
 
+from metrics import BY_NAME, QUALITY, ROWS
 from speech_metrics import DEFAULT_ASR, DEFAULT_SPEAKER_MODEL
-from utils import (DTYPES, LOCK_NAME, PRECISIONS, OutputLock, UserError, check_apart, check_number, check_output_dir,
-                   clear_dir, dir_entries, resolve_device, resolve_precision, run_cli)
+from utils import check_number, run_cli, UserError
+from runtime import DTYPES, PRECISIONS, resolve_device, resolve_precision
+from outputs import check_apart, check_output_dir, clear_dir, dir_entries, LOCK_NAME, OutputLock
 from weights import DEFAULT_MODEL
 
 
@@ -149,12 +151,11 @@ def _evaluate(args, data: Path, out: Path) -> int:
 
 def summary_table(summary: dict) -> str:
     """The summary as a small text table: the model's row and the ceilings."""
-    keys = ("wer", "cer", "speaker_sim", "eos_rate", "duration_ratio", "rtf")
-    lines = [f"{'':10s}" + "".join(f"{k:>15s}" for k in keys)]
-    for what in ("generated", "reference", "codec"):
+    lines = [f"{'':10s}" + "".join(f"{k:>15s}" for k in QUALITY)]
+    for what in ROWS:
         metrics = summary.get(what)
         if metrics:
-            cells = "".join(f"{metrics[k]:15.3f}" if metrics.get(k) is not None else f"{'-':>15s}" for k in keys)
+            cells = "".join(f"{BY_NAME[k].show(metrics.get(k)):>15s}" for k in QUALITY)
             lines.append(f"{what:10s}{cells}")
     if summary["n_failed"]:
         lines.append(f"{summary['n_failed']} of {summary['n_items']} items failed to generate (see items.csv)")

@@ -21,14 +21,12 @@ import torch
 from tqdm import tqdm
 
 from frames import Segment
+from metrics import QUALITY, ROWS
 from speech_metrics import QualityModels, cosine, error_rates
 from tokenization import MIMI_SAMPLE_RATE, decode_audio, encode_audio
-from utils import UserError, atomic_path, write_text_atomic
+from utils import UserError
+from outputs import atomic_path, write_text_atomic
 
-ROWS = ("generated", "reference", "codec")  # what is measured: the model's speech and the two ceilings
-SUMMARY_KEYS = ("wer", "cer", "speaker_sim", "eos_rate", "duration_ratio", "rtf")
-# How selection reads each metric: lower is better except for speaker similarity.
-HIGHER_IS_BETTER = {"val_loss": False, "wer": False, "cer": False, "speaker_sim": True}
 
 
 @dataclass
@@ -331,12 +329,12 @@ def _fmt(value) -> str:
 
 def report_html(result: EvalResult) -> str:
     """A page with the summary table (model vs ceilings) and, per item, the players and transcripts."""
-    head = "<tr><th></th>" + "".join(f"<th>{k}</th>" for k in SUMMARY_KEYS) + "</tr>"
+    head = "<tr><th></th>" + "".join(f"<th>{k}</th>" for k in QUALITY) + "</tr>"
     lines = []
     for what in ROWS:
         metrics = result.summary.get(what)
         if metrics:
-            cells = "".join(f"<td>{_fmt(metrics.get(k))}</td>" for k in SUMMARY_KEYS)
+            cells = "".join(f"<td>{_fmt(metrics.get(k))}</td>" for k in QUALITY)
             lines.append(f"<tr><th>{what}</th>{cells}</tr>")
     items = []
     for row in result.rows:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from hf_export import DEFAULT_CODEC, check_output, csm_tokenizer, export_official, export_transformers, find_codec
 from tokenization import resolve_text_tokenizer
-from utils import UserError, lock_beside, run_cli
+from utils import run_cli, UserError
+from outputs import lock_beside
 from weights import load_model, parse_size, resolve_source
 
 

@@ -16,8 +16,9 @@ from adapters import load_adapter, read_adapter
 from metadata import visible_text
 from synthesis import context_segments, model_speaker_names, parse_speaker, synthesize
 from tokenization import MIMI_SAMPLE_RATE, load_mimi, load_text_tokenizer, resolve_text_tokenizer
-from utils import (DTYPES, PRECISIONS, UserError, atomic_path, check_number, check_output_file, lock_beside,
-                   resolve_device, resolve_precision, run_cli)
+from utils import check_number, run_cli, UserError
+from runtime import DTYPES, PRECISIONS, resolve_device, resolve_precision
+from outputs import atomic_path, check_output_file, lock_beside
 from weights import DEFAULT_MODEL, load_model, resolve_source
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Iterator
 
 from tokenization import MIMI_SAMPLE_RATE, load_text_tokenizer
-from utils import DiskFullError, UserError, check_apart, check_output_dir, disk_full_error, is_disk_full
+from utils import DiskFullError, UserError
+from outputs import check_apart, check_output_dir, disk_full_error, is_disk_full
 from weights import (HF_CODEC_PREFIX, HF_TIED_AUDIO, hf_config_from_args, official_to_hf,
                      parse_size, read_codec_weights,
                      save_pretrained, save_safetensors)

@@ -15,21 +15,18 @@ import socket
 import sys
 import time
 import traceback
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import config as config_mod
+from metrics import BY_NAME, SWEEPABLE, direction
 from tracking import best_logged, last_logged
-from utils import (LOCK_NAME, OutputLock, UserError, atomic_path, check_number, check_output_dir,
-                   clear_dir, dir_entries,
-                   write_text_atomic)
+from utils import check_number, UserError
+from outputs import atomic_path, check_output_dir, clear_dir, dir_entries, LOCK_NAME, OutputLock, write_text_atomic
 
 PARAM_TYPES = ("categorical", "float", "int", "fixed")
-QUALITY = ("wer", "cer", "speaker_sim")  # the best value a trial's quality evaluations reached (needs eval_every)
-METRICS = ("val_loss", "final_val_loss", "train_loss", *QUALITY)
-
-
-def direction(metric: str) -> str:
-    return "maximize" if metric == "speaker_sim" else "minimize"
+# The sweepable quality metrics: the best value a trial's quality evaluations reached (needs eval_every).
+QUALITY = tuple(name for name in SWEEPABLE if BY_NAME[name].quality)
 
 
 # --------------------------------------------------------------------------- the search space
@@ -147,19 +144,46 @@ def storage_for(url: str):
         raise UserError(f"--storage {url}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
-def make_study(args, storage, seed: int | None = None):
+@dataclass(frozen=True)
+class Study:
+    """Which study, optimising what, sampled and pruned how."""
+
+    name: str
+    metric: str
+    sampler: str
+    pruner: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """What one run of the sweep settled before its workers start, and all they are given of it (with the base
+    config and the search space): no argparse Namespace travels to them."""
+
+    study: Study
+    storage: str | None  # the study's storage (URL or journal file); None until the default one is made
+    data: str
+    output_dir: Path
+    n_trials: int
+    n_gpus: int  # 0: the CPU
+    n_workers: int  # CPU worker processes (with GPUs: n_gpus x trials_per_gpu)
+    deadline: float | None  # no trial starts after this time.time()
+    trials_at_start: int  # trials in the study when this run started (seeds its samplers)
+
+
+def make_study(spec: Study, storage, seed: int | None = None):
     import optuna
 
-    seed = args.seed if seed is None else seed
-    sampler = (optuna.samplers.TPESampler(seed=seed) if args.sampler == "tpe"
+    seed = spec.seed if seed is None else seed
+    sampler = (optuna.samplers.TPESampler(seed=seed) if spec.sampler == "tpe"
                else optuna.samplers.RandomSampler(seed=seed))
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) if args.pruner == "median" \
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) if spec.pruner == "median" \
         else optuna.pruners.NopPruner()
-    study = optuna.create_study(study_name=args.study_name, storage=storage, direction=direction(args.metric),
+    study = optuna.create_study(study_name=spec.name, storage=storage, direction=direction(spec.metric),
                                 sampler=sampler, pruner=pruner, load_if_exists=True)
-    if study.direction.name.lower() != direction(args.metric):  # load_if_exists keeps the stored direction
-        raise UserError(f"study {args.study_name!r} was run to {study.direction.name.lower()} its metric; --metric "
-                        f"{args.metric} needs {direction(args.metric)}: use another --study_name or --output_dir")
+    if study.direction.name.lower() != direction(spec.metric):  # load_if_exists keeps the stored direction
+        raise UserError(f"study {spec.name!r} was run to {study.direction.name.lower()} its metric; --metric "
+                        f"{spec.metric} needs {direction(spec.metric)}: use another --study_name or --output_dir")
     return study
 
 
@@ -226,18 +250,19 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run_trial(trial, args, base: dict, space: dict, device: str) -> float:
+def run_trial(trial, run: SweepRun, base: dict, space: dict, device: str) -> float:
     """One trial: the base config plus the suggested values, trained by train.train()."""
     import optuna
 
     from training import train
 
     params = suggest(trial, space)
-    values = {**base, **params, "wandb_group": args.study_name, "wandb_name": f"{args.study_name}-trial-{trial.number}"}
+    name, metric = run.study.name, run.study.metric
+    values = {**base, **params, "wandb_group": name, "wandb_name": f"{name}-trial-{trial.number}"}
     cfg = config_mod.make_config(values, "sweep")
-    out = Path(args.output_dir) / "trials" / f"trial_{trial.number:04d}"
+    out = run.output_dir / "trials" / f"trial_{trial.number:04d}"
 
-    key = args.metric if args.metric in QUALITY else "val_loss"  # what the pruner compares between trials
+    key = metric if metric in QUALITY else "val_loss"  # what the pruner compares between trials
 
     def report(step: int, metrics: dict):
         if key not in metrics:
@@ -249,52 +274,53 @@ def run_trial(trial, args, base: dict, space: dict, device: str) -> float:
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step} ({key} {value:.4f})")
 
-    result = train(cfg, args.data, out, device=device, on_eval=report, progress=False)
+    result = train(cfg, run.data, out, device=device, on_eval=report, progress=False)
     if result.stopped_early:
         raise TrialInterrupted(f"interrupted at step {result.step}")
-    if args.metric == "val_loss":
+    if metric == "val_loss":
         value = result.best_val_loss
-    elif args.metric == "final_val_loss":
+    elif metric == "final_val_loss":
         value = result.final_val_loss
-    elif args.metric in QUALITY:
-        value = best_logged(out, args.metric, maximize=direction(args.metric) == "maximize")
+    elif metric in QUALITY:
+        value = best_logged(out, metric, maximize=direction(metric) == "maximize")
     else:
         value = last_logged(out, "loss")
     if value is None or not math.isfinite(value):
-        raise RuntimeError(f"metric {args.metric} is {value}")
+        raise RuntimeError(f"metric {metric} is {value}")
     return value
 
 
-def worker(index: int, args, base: dict, space: dict, lock, parent_pid: int) -> None:
+def worker(index: int, run: SweepRun, base: dict, space: dict, lock, parent_pid: int) -> None:
     """Take trials from the shared study until --n_trials have been started, recording each outcome.
 
     SIGTERM (sent by the main process when it is stopped, or when it dies) or Ctrl-C stops the trial
     in progress at its next step boundary; the trial is recorded as interrupted and the worker exits."""
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # between trials; training has its own handler
-    if args.n_gpus:
+    if run.n_gpus:
         # Before anything touches CUDA: this process sees one GPU.
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(index % args.n_gpus)
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(index % run.n_gpus)
     import optuna
     import torch
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    device = "cuda" if args.n_gpus else "cpu"
-    if not args.n_gpus:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, args.n_workers)))
-    study = make_study(args, storage_for(args.storage), seed=sampler_seed(args.seed, args.trials_at_start, index))
+    device = "cuda" if run.n_gpus else "cpu"
+    if not run.n_gpus:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, run.n_workers)))
+    seed = sampler_seed(run.study.seed, run.trials_at_start, index)
+    study = make_study(run.study, storage_for(run.storage), seed=seed)
     while True:
-        if args.deadline is not None and time.time() > args.deadline:
+        if run.deadline is not None and time.time() > run.deadline:
             return
         with lock:
-            if budget_used(study) >= args.n_trials:
+            if budget_used(study) >= run.n_trials:
                 return
             trial = study.ask()
             trial.set_user_attr("host", socket.gethostname())
             trial.set_user_attr("pid", os.getpid())
         try:
-            value = run_trial(trial, args, base, space, device)
+            value = run_trial(trial, run, base, space, device)
         except optuna.TrialPruned as e:
             trial.set_user_attr("fail_reason", str(e) or "pruned")
             study.tell(trial, state=TrialState.PRUNED)
@@ -315,7 +341,7 @@ def worker(index: int, args, base: dict, space: dict, lock, parent_pid: int) -> 
                 traceback.print_exc()
         else:
             study.tell(trial, value)
-            print(f"[worker {index}] trial {trial.number} done: {args.metric} = {value:.4f}", flush=True)
+            print(f"[worker {index}] trial {trial.number} done: {run.study.metric} = {value:.4f}", flush=True)
         finally:
             gc.collect()
             if torch.cuda.is_available():
@@ -358,38 +384,37 @@ def write_reports(study, out: Path, base: dict) -> list[Path]:
 # --------------------------------------------------------------------------- the whole sweep
 
 
-def choose_gpus(args, base: dict) -> None:
-    """args.n_gpus from --n_gpus and --device: the visible GPUs unless told otherwise. A CPU chosen because CUDA is
-    unusable is said in one line (why), and check_model_size refuses a large model on it."""
+def choose_gpus(args) -> tuple[int, bool]:
+    """(GPUs to use, whether the CPU was chosen for the user) from --n_gpus and --device: the visible GPUs unless
+    told otherwise. A CPU chosen because CUDA is unusable is said in one line (why); check_model_size refuses a
+    large model on it."""
     import torch
 
-    from utils import cuda_unusable_reason, warn_cuda_unusable
+    from runtime import cuda_unusable_reason, warn_cuda_unusable
 
     visible = torch.cuda.device_count()
     chosen = args.n_gpus is None and args.device == "auto"
-    if args.device == "cpu":
-        if args.n_gpus:
-            raise UserError(f"--device cpu and --n_gpus {args.n_gpus} contradict each other; give one of them")
-        args.n_gpus = 0
-    elif args.n_gpus is None:
-        args.n_gpus = visible
-    if args.n_gpus > visible:
-        raise UserError(f"--n_gpus {args.n_gpus}, but {visible} GPU(s) are visible")
-    if args.device == "cuda" and args.n_gpus == 0:
+    if args.device == "cpu" and args.n_gpus:
+        raise UserError(f"--device cpu and --n_gpus {args.n_gpus} contradict each other; give one of them")
+    n_gpus = 0 if args.device == "cpu" else visible if args.n_gpus is None else args.n_gpus
+    if n_gpus > visible:
+        raise UserError(f"--n_gpus {n_gpus}, but {visible} GPU(s) are visible")
+    if args.device == "cuda" and n_gpus == 0:
         raise UserError("--device cuda, but " + ((cuda_unusable_reason() or "no CUDA GPU is visible") if not visible
                                                   else "--n_gpus 0 asks for none"))
-    args.auto_cpu = not args.n_gpus and chosen  # not asked for (--device cpu, --n_gpus 0)
-    if args.auto_cpu:
+    auto_cpu = not n_gpus and chosen  # not asked for (--device cpu, --n_gpus 0)
+    if auto_cpu:
         warn_cuda_unusable()
+    return n_gpus, auto_cpu
 
 
-def check_model_size(args, base: dict) -> None:
+def check_model_size(auto_cpu: bool, base: dict) -> None:
     """Refuse a model of over 100M parameters on a CPU the sweep chose itself, as train.py does. A model that cannot
     be found is left to the trials, which report it."""
     from training import check_auto_cpu, meta_parameters, planned_model_args
     from weights import resolve_source
 
-    if not args.auto_cpu:
+    if not auto_cpu:
         return
     cfg = config_mod.make_config(base)
     try:
@@ -422,16 +447,16 @@ def study_of(out: Path) -> str | None:
         return None
 
 
-def prepare_output_dir(out: Path, args) -> OutputLock:
+def prepare_output_dir(out: Path, study_name: str, overwrite: bool) -> OutputLock:
     """Lock the output directory, then refuse it unless it is new, holds this study already (continued), or
     --overwrite is given; it is claimed (emptied, marked) only once the study's storage has opened."""
     check_output_dir(out, "--output_dir")
     lock = OutputLock(out / LOCK_NAME, f"--output_dir {out}").acquire()  # lock, then look (see OutputLock)
     existing, owner = dir_entries(out), study_of(out)
-    if existing and owner != args.study_name and not args.overwrite:
+    if existing and owner != study_name and not overwrite:
         lock.release()
         what = f"study {owner!r}" if owner else f"other files ({', '.join(existing[:4])})"
-        raise UserError(f"--output_dir {out} holds {what}; trials of study {args.study_name!r} would mix with them. "
+        raise UserError(f"--output_dir {out} holds {what}; trials of study {study_name!r} would mix with them. "
                         "Choose another --output_dir, the same --study_name to continue, or --overwrite to replace it")
     return lock
 
@@ -498,46 +523,48 @@ def run_sweep(args) -> int:
     if args.metric in QUALITY and not base.get("eval_every"):
         raise UserError(f"--metric {args.metric} is measured by the quality evaluation: set eval_every in the base "
                         "config or with --set eval_every=N")
-    choose_gpus(args, base)
+    n_gpus, auto_cpu = choose_gpus(args)
     check_trial_lengths(base, space, args.data)
-    check_model_size(args, base)
+    check_model_size(auto_cpu, base)
+    spec = Study(args.study_name, args.metric, args.sampler, args.pruner, args.seed)
+    run = SweepRun(spec, args.storage, str(args.data), out, args.n_trials, n_gpus,
+                   n_workers=n_gpus * args.trials_per_gpu if n_gpus else args.n_workers,
+                   deadline=time.time() + args.timeout if args.timeout else None, trials_at_start=0)
     created = not out.exists()
     try:
-        with prepare_output_dir(out, args):
-            return _run_study(args, out, base, space)
+        with prepare_output_dir(out, spec.name, args.overwrite):
+            return _run_study(run, base, space)
     except BaseException:
         if created and not dir_entries(out):
             shutil.rmtree(out, ignore_errors=True)  # a start that failed leaves no directory behind
         raise
 
 
-def _claim(out: Path, args) -> None:
+def _claim(out: Path, study_name: str) -> None:
     """Make the (locked) output directory this study's: emptied first if it held anything else (--overwrite)."""
-    if dir_entries(out) and study_of(out) != args.study_name:
+    if dir_entries(out) and study_of(out) != study_name:
         clear_dir(out)
-    write_text_atomic(out / MARKER_NAME, json.dumps({"study_name": args.study_name}) + "\n")
+    write_text_atomic(out / MARKER_NAME, json.dumps({"study_name": study_name}) + "\n")
 
 
-def _run_study(args, out: Path, base: dict, space: dict) -> int:
-    args.output_dir = str(out)
-    args.deadline = time.time() + args.timeout if args.timeout else None
+def _run_study(run: SweepRun, base: dict, space: dict) -> int:
+    out = run.output_dir
     # A storage of the user's is opened before the output directory is touched; the default one lives in it.
-    study = make_study(args, storage_for(args.storage)) if args.storage else None
-    _claim(out, args)
+    study = make_study(run.study, storage_for(run.storage)) if run.storage else None
+    _claim(out, run.study.name)
     if study is None:
-        args.storage = f"sqlite:///{(out / 'study.db').resolve()}"
-        study = make_study(args, storage_for(args.storage))
+        run = replace(run, storage=f"sqlite:///{(out / 'study.db').resolve()}")
+        study = make_study(run.study, storage_for(run.storage))
     if mark_interrupted_trials(study):
         print("trials left running by a killed earlier run were marked failed; they will be redone")
     done = budget_used(study)
-    args.trials_at_start = len(study.get_trials(deepcopy=False))  # seeds this run's samplers (see sampler_seed)
-    print(f"study {args.study_name!r} in {args.storage}: {done} of {args.n_trials} trials already done")
+    run = replace(run, trials_at_start=len(study.get_trials(deepcopy=False)))  # seeds the samplers (sampler_seed)
+    print(f"study {run.study.name!r} in {run.storage}: {done} of {run.n_trials} trials already done")
 
-    n_workers = args.n_gpus * args.trials_per_gpu if args.n_gpus else args.n_workers
-    n_workers = max(1, min(n_workers, args.n_trials - done)) if done < args.n_trials else 0
+    n_workers = max(1, min(run.n_workers, run.n_trials - done)) if done < run.n_trials else 0
     ctx = multiprocessing.get_context("spawn")
     lock = ctx.Lock()
-    procs = [ctx.Process(target=worker, args=(i, args, base, space, lock, os.getpid()), daemon=False)
+    procs = [ctx.Process(target=worker, args=(i, run, base, space, lock, os.getpid()), daemon=False)
              for i in range(n_workers)]
     interrupted = False
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if _main_thread() else None
@@ -565,7 +592,7 @@ def _run_study(args, out: Path, base: dict, space: dict) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
-    study = make_study(args, storage_for(args.storage))
+    study = make_study(run.study, storage_for(run.storage))
     mark_interrupted_trials(study)  # a worker killed outright leaves its trial RUNNING
     written = write_reports(study, out, base)
     from optuna.trial import TrialState
@@ -577,13 +604,14 @@ def _run_study(args, out: Path, base: dict, space: dict) -> int:
         if t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"):
             print(f"  trial {t.number} failed: {t.user_attrs.get('fail_reason', '?')}")
     if any(s == TrialState.COMPLETE for s in states):
-        print(f"best: trial {study.best_trial.number}, {args.metric} = {study.best_value:.4f}, {study.best_params}")
+        print(f"best: trial {study.best_trial.number}, {run.study.metric} = {study.best_value:.4f}, "
+              f"{study.best_params}")
     print("wrote " + ", ".join(str(p) for p in written))
     if interrupted:
         print("interrupted; run the same command again to continue the study", file=sys.stderr)
         return 130
     if TrialState.COMPLETE not in states:
-        print(f"error: no trial of study {args.study_name!r} completed (see the reasons above and in "
+        print(f"error: no trial of study {run.study.name!r} completed (see the reasons above and in "
               f"{out / 'trials.csv'})", file=sys.stderr)
         return 1
     return 0

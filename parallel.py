@@ -9,7 +9,7 @@ import contextlib
 import torch
 from torch import nn
 
-from utils import Runtime
+from runtime import Runtime
 
 DISTRIBUTED = ("ddp", "fsdp")
 

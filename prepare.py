@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 
 from speech_metrics import DEFAULT_ASR
-from utils import UserError, check_number, check_output_file, lock_beside, resolve_device, run_cli
+from utils import check_number, run_cli, UserError
+from runtime import resolve_device
+from outputs import check_output_file, lock_beside
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,11 +9,14 @@ run resumes when the same command is run again.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from encode_dataset import run
+from dataset_sources import SourceOptions
+from encode_dataset import EncodeSettings, run
 from metadata import METADATA_FORMATS
 from tokenization import DEFAULT_TEXT_TOKENIZER
-from utils import UserError, check_number, resolve_device, run_cli
+from utils import check_number, run_cli, UserError
+from runtime import resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,15 +62,20 @@ def main(argv: list[str] | None = None) -> int:
     # On CPU the full-size Mimi's convolutions are memory-bound, so big batches stop paying off
     # there (bench/bench_pretokenize.py: 4 beat 1 with the full-size Mimi too); one reader thread is
     # enough to keep the encoder fed without taking a core from it.
-    if args.batch_size is None:
-        args.batch_size = 16 if device.type == "cuda" else 1
-    if args.num_workers is None:
-        args.num_workers = 4 if device.type == "cuda" else 0
+    batch_size = (16 if device.type == "cuda" else 1) if args.batch_size is None else args.batch_size
+    num_workers = (4 if device.type == "cuda" else 0) if args.num_workers is None else args.num_workers
     check_number("--save_every", args.save_every, min=1, max=10**7)
-    check_number("--batch_size", args.batch_size, min=1, max=4096)
+    check_number("--batch_size", batch_size, min=1, max=4096)
     check_number("--max_seq_len", args.max_seq_len, min=2, max=2048)
-    check_number("--num_workers", args.num_workers, min=0, max=256)
-    return run(args)
+    check_number("--num_workers", num_workers, min=0, max=256)
+    sources = SourceOptions(text_column=args.text_column, audio_column=args.audio_column,
+                            speaker_column=args.speaker_column, streaming=args.streaming,
+                            trust_pickle=args.trust_pickle)
+    return run(EncodeSettings(metadata, Path(args.output), device=args.device, text_tokenizer=args.text_tokenizer,
+                              mimi_weights=args.mimi_weights, batch_size=batch_size, num_workers=num_workers,
+                              save_every=args.save_every, max_seq_len=args.max_seq_len,
+                              omit_speaker_id=args.omit_speaker_id, strict=args.strict, overwrite=args.overwrite,
+                              sources=sources))
 
 
 if __name__ == "__main__":

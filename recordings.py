@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 from metadata import visible_text
-from utils import UserError, append_line, atomic_path, not_a_file, write_text_atomic
+from utils import UserError
+from outputs import append_line, atomic_path, not_a_file, write_text_atomic
 
 VAD_RATE = 16_000  # silero-vad and Whisper both listen at 16 kHz
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif")

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from optuna_sweep import METRICS, run_sweep
+from metrics import SWEEPABLE, describe
+from optuna_sweep import run_sweep
 from utils import load_env_file, run_cli
 
 
@@ -37,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_workers", type=int, default=1, help="worker processes when running on CPU")
     p.add_argument("--storage", help="Optuna storage: SQLAlchemy URL or journal file (default: sqlite in output_dir)")
     p.add_argument("--study_name", default="csm-sweep")
-    p.add_argument("--metric", default="val_loss", choices=METRICS,
-                   help="what to optimise: val_loss = best val loss; wer/cer (minimised) and speaker_sim (maximised) = "
-                        "the best a trial's quality evaluations reached (needs eval_every)")
+    p.add_argument("--metric", default="val_loss", choices=SWEEPABLE,
+                   help=f"what to optimise: {describe(SWEEPABLE)}; val_loss is the best validation loss, a quality "
+                        "metric the best value a trial's quality evaluations reached (needs eval_every)")
     p.add_argument("--sampler", default="tpe", choices=("tpe", "random"))
     p.add_argument("--pruner", default="median", choices=("median", "none"))
     p.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")

@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from frames import Segment, audio_frames, next_input_frames, text_frames
 from tokenization import MIMI_FRAME_RATE, decode_audio, encode_audio, encode_text
-from utils import UserError, autocast
+from utils import UserError
+from runtime import autocast
 
 
 def parse_speaker(value, names: dict[str, int] | None = None, flag: str = "--speaker") -> int:

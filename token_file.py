@@ -13,7 +13,8 @@ from typing import Iterator
 
 import numpy as np
 
-from utils import UserError, atomic_path
+from utils import UserError
+from outputs import atomic_path
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")

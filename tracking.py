@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import Runtime, UserError, append_line, write_text_atomic
+from utils import UserError
+from runtime import Runtime
+from outputs import append_line, write_text_atomic
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 METRICS_NAME = "metrics.jsonl"

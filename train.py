@@ -15,18 +15,17 @@ from pathlib import Path
 import config as config_mod
 from config import TrainConfig
 from training import train
-from utils import EXIT_STOPPED, compute_cleanup, load_env_file, run_cli
+from utils import EXIT_STOPPED, load_env_file, run_cli
+from runtime import compute_cleanup
 
 
-# Flags that set a config key of the same name (None = keep the YAML's value).
-CONFIG_FLAGS = {
-    "n_epochs": int, "max_steps": int, "val_every": int, "save_every": int, "gen_every": int, "log_every": int,
-    "seed": int, "batch_size": int, "max_tokens": int, "grad_acc_steps": int, "learning_rate": float,
-    "model": str, "precision": str, "wandb_project": str, "wandb_name": str, "wandb_mode": str,
-    "gen_speaker": int, "num_workers": int, "text_tokenizer": str, "mimi_weights": str,
-    "warmup_steps": int, "lr_decay": str, "weight_decay": float, "max_grad_norm": float,
-    "decoder_loss_weight": float, "keep_checkpoints": int, "model_revision": str, "export_codec": str,
-}
+# Flags that set a config key of the same name (unset: keep the YAML's value). Their values are parsed and
+# checked as the key's type in TrainConfig says, as YAML values and --set are.
+CONFIG_FLAGS = ("n_epochs", "max_steps", "val_every", "save_every", "gen_every", "log_every", "seed", "batch_size",
+                "max_tokens", "grad_acc_steps", "learning_rate", "model", "precision", "wandb_project", "wandb_name",
+                "wandb_mode", "gen_speaker", "num_workers", "text_tokenizer", "mimi_weights", "warmup_steps",
+                "lr_decay", "weight_decay", "max_grad_norm", "decoder_loss_weight", "keep_checkpoints",
+                "model_revision", "export_codec")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sentence for audio samples (repeat for several, or give a .txt file with one per line)")
     p.add_argument("--use_amp", action="store_true", help="compatibility with the original: same as --precision auto")
     p.add_argument("--wandb_api_key", help="compatibility with the original; prefer WANDB_API_KEY in .env")
-    for key, tp in CONFIG_FLAGS.items():
-        p.add_argument(f"--{key}", type=tp, default=None, help=f"config key {key}")
+    for key in CONFIG_FLAGS:
+        p.add_argument(f"--{key}", default=None, metavar=config_mod.type_name(key),
+                       help=f"config key {key}: {config_mod.key_help(key)}")
     return p
 
 

@@ -30,13 +30,15 @@ from checkpoint import (LoopState, find_resume_checkpoint, prune_checkpoints, re
                         step_path)
 from config import TrainConfig
 from csm_model import ModelArgs, count_parameters
+from metrics import QUALITY, lower_is_better
 from loss import combine_loss, compute_loss, plan_targets, weighted_loss
 from optim import make_optimizer, make_scheduler
 from tracking import Tracker, make_tracker
-from utils import (LOCK_NAME, OutputLock, Runtime, UserError, all_reduce_sum, atomic_path, autocast, check_output_dir,
-                   clear_dir, compute_init, dir_entries, first_existing, launched_by_torchrun,
-                   peak_memory_bytes, print0,
-                   resolve_precision, seed_everything, write_text_atomic)
+from utils import print0, seed_everything, UserError
+from runtime import (all_reduce_sum, autocast, compute_init, launched_by_torchrun, peak_memory_bytes, resolve_precision,
+                     Runtime)
+from outputs import (atomic_path, check_output_dir, clear_dir, dir_entries, first_existing, LOCK_NAME, OutputLock,
+                     write_text_atomic)
 from token_file import SPEAKERS_NAME
 from tokenization import resolve_text_tokenizer
 from weights import build_model, config_model_args, copy_tokenizer_files, load_model, resolve_source, save_pretrained
@@ -216,7 +218,6 @@ class SampleWriter:
             tracker.log_audio(f"sample_{i}", audio, MIMI_SAMPLE_RATE, step, sentence)
 
 
-QUALITY_METRICS = ("wer", "cer", "speaker_sim", "eos_rate", "duration_ratio", "rtf")
 
 
 class QualityEval:
@@ -252,7 +253,7 @@ class QualityEval:
             _warn_failed(step, "the quality evaluation", e)
             return {}
         generated = result.summary["generated"]
-        metrics = {k: generated[k] for k in QUALITY_METRICS if generated.get(k) is not None}
+        metrics = {k: generated[k] for k in QUALITY if generated.get(k) is not None}
         tracker.log(metrics, step)
         tracker.log_eval_table(step, result.rows, result.audio)
         return metrics
@@ -262,18 +263,16 @@ def share_metrics(metrics: dict, rt: Runtime) -> dict:
     """Rank 0's quality metrics on every rank (so all ranks select best/ and report alike)."""
     if not rt.distributed:
         return metrics
-    values = all_reduce_sum([metrics.get(k, math.nan) if rt.is_main else 0.0 for k in QUALITY_METRICS], rt)
-    return {k: v for k, v in zip(QUALITY_METRICS, values) if math.isfinite(v)}
+    values = all_reduce_sum([metrics.get(k, math.nan) if rt.is_main else 0.0 for k in QUALITY], rt)
+    return {k: v for k, v in zip(QUALITY, values) if math.isfinite(v)}
 
 
 def selection_score(select_by: str, evaluated: dict) -> float | None:
     """This step's score for best/ (lower is better), or None when it measured no such thing."""
-    from evaluation import HIGHER_IS_BETTER
-
     value = evaluated.get(select_by)
     if value is None or not math.isfinite(value):
         return None
-    return -value if HIGHER_IS_BETTER[select_by] else value
+    return lower_is_better(select_by, value)
 
 
 # --------------------------------------------------------------------------- transformers exports
@@ -445,7 +444,7 @@ def check_auto_cpu(parameters: int | None, auto_cpu: bool, explicit: str = "--de
     """Refuse a large model on a CPU that the user did not ask for."""
     if not auto_cpu or parameters is None or parameters <= AUTO_CPU_PARAMETERS:
         return
-    from utils import cuda_unusable_reason
+    from runtime import cuda_unusable_reason
 
     why = cuda_unusable_reason() or "no CUDA GPU is visible"
     raise UserError(f"not training a {parameters / 1e6:,.0f}M-parameter model on the CPU, which was chosen because "
@@ -663,7 +662,7 @@ def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progre
         dist.barrier()
     best = loop.best_val_loss
     by = cfg.select_best_by
-    score = -loop.best_score if by == "speaker_sim" else loop.best_score
+    score = lower_is_better(by, loop.best_score)  # the score's sign undone
     print0(f"{'stopped' if stopped_early else 'done'} at step {loop.step}; outputs in {out}"
            + (f"; best val loss {best:.4f}" if math.isfinite(best) else "")
            + (f"; best/ has the best {by}, {score:.4f}" if by != "val_loss" and math.isfinite(score) else ""))

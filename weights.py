@@ -25,7 +25,8 @@ import torch
 
 from csm_model import CSM, FLAVORS, Flavor, ModelArgs
 from hub import hub_snapshot, looks_like_repo_id
-from utils import UserError, atomic_path, content_digest, write_text_atomic
+from utils import content_digest, UserError
+from outputs import atomic_path, write_text_atomic
 
 DEFAULT_MODEL = "sesame/csm-1b"
 MODEL_CONFIG_NAME = "config.json"

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import pretokenize  # noqa: E402
 import tiny_assets  # noqa: E402
 import tokenization  # noqa: E402
-import utils  # noqa: E402
+import runtime  # noqa: E402
 
 
 def make_clips(directory: Path, n: int, rate: int, seed: int) -> tuple[Path, float]:
@@ -156,7 +156,7 @@ def main() -> None:
                    help="tool settings to time, comma-separated BATCH:WORKERS pairs or 'auto' (the defaults)")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    device = utils.resolve_device(args.device)
+    device = runtime.resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         assets = tiny_assets.make_all(tmp / "assets")

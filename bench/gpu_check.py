@@ -645,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         env = json.loads((ctx.work / "env.json").read_text()) if (ctx.work / "env.json").is_file() else {}
         env = {"device": args.device, **env, "quick": args.quick or None}
         details = [(ctx.work / "csm1b_train.md").read_text()] if (ctx.work / "csm1b_train.md").is_file() else []
-    from utils import write_text_atomic
+    from outputs import write_text_atomic
 
     write_text_atomic(out / "gpu_check.md", markdown(rows, env, details))
     write_text_atomic(out / "gpu_check.json", json.dumps({"env": env, "rows": rows}, indent=2) + "\n")

@@ -248,7 +248,7 @@ def main(argv=None) -> None:
     text = table(*args.frames)
     if args.update_readme:
         from config import replace_between
-        from utils import write_text_atomic
+        from outputs import write_text_atomic
 
         path = Path(args.update_readme)
         write_text_atomic(path, replace_between(path.read_text(), README_MARKERS, text))

@@ -28,7 +28,7 @@ import adapters  # noqa: E402
 import config  # noqa: E402
 import optim  # noqa: E402
 import training  # noqa: E402
-import utils  # noqa: E402
+import runtime  # noqa: E402
 import weights  # noqa: E402
 from csm_model import ModelArgs  # noqa: E402
 from dataloaders import CSMDataset, make_loader  # noqa: E402
@@ -47,13 +47,13 @@ def measure(data: Path, device: torch.device, args: ModelArgs, steps: int, warmu
     model.set_activation_checkpointing(cfg.activation_checkpointing)
     model.set_compile(cfg.compile)
     model.train()
-    precision = utils.resolve_precision(cfg.precision, device)
+    precision = runtime.resolve_precision(cfg.precision, device)
     optimizer = optim.make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loader = make_loader(CSMDataset(data, "train"), max_tokens=cfg.max_tokens,
                          batch_size=None if cfg.max_tokens else cfg.batch_size, seed=0)
     batches = (batch for _ in iter(int, 1) for batch in loader)  # epoch after epoch
-    rt = utils.Runtime(device)
+    rt = runtime.Runtime(device)
     generator = torch.Generator().manual_seed(0)
     loss_model = training.LossModule(model)
     if device.type == "cuda":
@@ -101,7 +101,7 @@ def _measure_fresh(*args, **kwargs) -> dict:
     torch.set_num_threads(kwargs.pop("threads"))
     result = measure(*args, **kwargs)
     if result["peak_gb"] != result["peak_gb"]:  # NaN: on CPU, the process's peak resident memory
-        result["peak_gb"] = utils.peak_memory_bytes(torch.device("cpu")) / 2**30
+        result["peak_gb"] = runtime.peak_memory_bytes(torch.device("cpu")) / 2**30
     return result
 
 
@@ -246,7 +246,7 @@ def main() -> None:
     p.add_argument("--skip_1b", action="store_true", help="on a GPU, skip the 1B rows")
     p.add_argument("--rounds", type=int, default=3, help="rounds over the mid-flavor rows (median reported)")
     args = p.parse_args()
-    device = utils.resolve_device(args.device)
+    device = runtime.resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "reference.hdf5"
         write_reference_file(data, args.examples)

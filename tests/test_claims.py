@@ -12,6 +12,7 @@ import pytest
 import evaluate
 import export
 import generate
+import outputs
 import prepare
 import pretokenize
 import sweep
@@ -30,7 +31,7 @@ def just_before_the_lock(monkeypatch):
     taken = []
 
     def install(action):
-        real = utils.OutputLock.acquire
+        real = outputs.OutputLock.acquire
 
         def acquire(self):
             taken.append(self.lock_file)
@@ -38,7 +39,7 @@ def just_before_the_lock(monkeypatch):
                 action()
             return real(self)
 
-        monkeypatch.setattr(utils.OutputLock, "acquire", acquire)
+        monkeypatch.setattr(outputs.OutputLock, "acquire", acquire)
         return taken
 
     return install

@@ -178,7 +178,7 @@ def test_cleanup_frees_a_sharded_model_before_the_process_group_goes(tmp_path, m
     from torch import nn
     from torch.distributed.fsdp import fully_shard
 
-    from utils import compute_cleanup
+    from runtime import compute_cleanup
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     gc.disable()  # the premise below must not depend on when the collector happens to run

@@ -510,7 +510,8 @@ def test_killing_the_sweep_kills_its_workers_and_a_rerun_redoes_their_trials_wit
 
 def test_two_pretokenize_runs_on_one_output_get_a_clear_message(assets, tmp_path):
     import pretokenize
-    from utils import OutputLock, UserError
+    from utils import UserError
+    from outputs import OutputLock
 
     (tmp_path / "m.csv").write_text("path,text\na.wav,hi\n")
     with OutputLock(tmp_path / "o.hdf5.lock", "the other run"):
@@ -521,7 +522,8 @@ def test_two_pretokenize_runs_on_one_output_get_a_clear_message(assets, tmp_path
 
 def test_two_sweeps_on_one_output_dir_get_a_clear_message(data, assets, tmp_path):
     import sweep
-    from utils import OutputLock, UserError
+    from utils import UserError
+    from outputs import OutputLock
 
     out = tmp_path / "s"
     with OutputLock(out / ".lock", "the other sweep"):

@@ -9,6 +9,7 @@ import torch
 import checkpoint
 import config
 import training
+import runtime
 import utils
 import weights
 from conftest import write_token_file
@@ -42,7 +43,7 @@ def test_an_fp16_step_after_a_non_finite_loss_trains(assets, token_file):
 
     batches = list(make_loader(CSMDataset(str(token_file), "train"), batch_size=4, seed=0))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    rt = utils.Runtime(torch.device("cpu"))
+    rt = runtime.Runtime(torch.device("cpu"))
     steps = [training.train_step(FirstLossIsNaN(model), [batch], cfg, rt, "fp16", optimizer, scaler,
                                  torch.Generator().manual_seed(0), 32) for batch in batches[:2]]
     assert [s["finite"] for s in steps] == [False, True]
@@ -56,7 +57,7 @@ def test_a_run_resumes_across_loss_scaling(assets, tmp_path, monkeypatch, capsys
     into fp16 from a checkpoint without a scale used to fail ('The source state dict is empty')."""
     data = write_token_file(tmp_path / "d.hdf5", n_train=8, n_val=0)
     out = tmp_path / "run"
-    real = utils.resolve_precision
+    real = runtime.resolve_precision
     # fp16 autocast and loss scaling run on the CPU too; the tool refuses them there only because they are slow.
     monkeypatch.setattr(training, "resolve_precision", lambda p, d: "fp16" if p == "fp16" else real(p, d))
     training.train(_cfg(assets, precision=saved), data, out, device="cpu", progress=False)
@@ -77,7 +78,7 @@ def test_each_rank_keeps_and_restores_its_own_gpus_rng_state(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state[0]), device)))
     for name in ("get_rng_state_all", "set_rng_state_all"):
         monkeypatch.setattr(torch.cuda, name, lambda *a: pytest.fail(f"{name} touches every GPU"))
-    ranks = [utils.Runtime(torch.device("cuda", r), rank=r, world_size=2, local_rank=r,
+    ranks = [runtime.Runtime(torch.device("cuda", r), rank=r, world_size=2, local_rank=r,
                            distributed=True) for r in (0, 1)]
     generator = torch.Generator().manual_seed(0)
     state = checkpoint._rng_state([(generator.get_state(), checkpoint._device_rng_state(rt)) for rt in ranks])
@@ -88,13 +89,13 @@ def test_each_rank_keeps_and_restores_its_own_gpus_rng_state(monkeypatch):
     old = {**{k: v for k, v in state.items() if k != "cuda_by_rank"}, "cuda": [torch.tensor([5]), torch.tensor([6])]}
     checkpoint._set_rng_state(old, ranks[1])
     assert restored[-1] == (6, torch.device("cuda", 1))
-    checkpoint._set_rng_state(state, utils.Runtime(torch.device("cpu")))  # a CPU run touches no GPU
+    checkpoint._set_rng_state(state, runtime.Runtime(torch.device("cpu")))  # a CPU run touches no GPU
     assert len(restored) == 2
 
 
 def test_fp16_is_refused_with_fsdp(assets, monkeypatch):
     """The plain GradScaler decides per process whether a step overflowed; sharded, processes could disagree."""
-    gpu = utils.Runtime(torch.device("cuda", 0), distributed=True)
+    gpu = runtime.Runtime(torch.device("cuda", 0), distributed=True)
     with pytest.raises(utils.UserError, match="fp16 with distributed: fsdp.*bf16"):
         training.run_precision(_cfg(assets, precision="fp16", distributed="fsdp"), gpu)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # a V100 or T4: auto means fp16
@@ -110,7 +111,7 @@ def test_batches_are_pinned_only_for_a_cuda_run(assets, token_file, monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU in the machine, and a CPU run
     cfg = _cfg(assets)
     for device, pinned in (("cpu", False), ("cuda", True)):
-        settings = training.loader_settings(cfg, utils.Runtime(torch.device(device)))
+        settings = training.loader_settings(cfg, runtime.Runtime(torch.device(device)))
         loader = make_loader(CSMDataset(str(token_file), "train"), shuffle=True, num_workers=0, **settings)
         assert loader.pin_memory is pinned, device
 

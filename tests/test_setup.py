@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import gpu_env
+import runtime
 import utils
 from conftest import ROOT
 
@@ -66,22 +67,22 @@ def test_the_driver_is_read_from_the_kernel_module(tmp_path, monkeypatch):
 @pytest.fixture
 def old_driver(monkeypatch):
     """A GPU machine whose driver (R535) is too old for this torch's CUDA 13: CUDA is unusable."""
-    monkeypatch.setattr(utils, "nvidia_driver", lambda: "535.154.05")
+    monkeypatch.setattr(runtime, "nvidia_driver", lambda: "535.154.05")
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    monkeypatch.setattr(utils, "_warned_cpu", False)
+    monkeypatch.setattr(runtime, "_warned_cpu", False)
 
 
 def test_an_automatic_cpu_on_a_gpu_machine_says_why_once(old_driver, capsys):
-    assert utils.resolve_device("auto") == torch.device("cpu")
-    assert utils.resolve_device(None) == torch.device("cpu")
+    assert runtime.resolve_device("auto") == torch.device("cpu")
+    assert runtime.resolve_device(None) == torch.device("cpu")
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["warning: CUDA is unusable, so this runs on the CPU: NVIDIA driver 535.154.05 is too old for this "
                    "torch's CUDA 13.0 (it needs R580 or newer): make setup TORCH_CUDA=cu128 installs a build for it, "
                    "or update the driver"]
     with pytest.raises(utils.UserError, match="--device cuda asked for CUDA, but NVIDIA driver 535.154.05 is too old"):
-        utils.resolve_device("cuda")
+        runtime.resolve_device("cuda")
 
 
 def _big_model(tmp_path):

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import config
 import tracking
 import training
+import runtime
 import utils
 import weights
 from conftest import wandb_log, write_token_file
@@ -63,7 +64,7 @@ def _micro_batches(token_file, sizes):
 def test_accumulation_equals_one_big_batch(assets, token_file):
     """B x 1 and B/2 x 2 (and uneven splits) give the same update when the decoder sees every frame."""
     cfg = tiny_cfg(assets, decoder_fraction=1.0, max_grad_norm=0.5)
-    rt = utils.Runtime(torch.device("cpu"))
+    rt = runtime.Runtime(torch.device("cpu"))
     results = []
     for sizes in ([4], [2, 2], [1, 3]):
         model = weights.load_model(assets["model"])
@@ -175,7 +176,7 @@ def test_validation_is_deterministic_and_best_is_kept(assets, token_file, tmp_pa
 
     model = weights.load_model(tmp_path / "out" / "best")
     loader = make_loader(CSMDataset(str(token_file), "val"), batch_size=4, shuffle=False)
-    rt = utils.Runtime(torch.device("cpu"))
+    rt = runtime.Runtime(torch.device("cpu"))
     again = [training.evaluate(model, loader, cfg, rt, "fp32") for _ in range(2)]
     assert again[0] == again[1] == pytest.approx(min(vals), rel=1e-6)
 
@@ -257,7 +258,7 @@ def test_a_training_step_reads_from_the_device_once(assets, token_file, monkeypa
     batches = list(make_loader(CSMDataset(str(token_file), "train"), batch_size=4, seed=0))[:3]
     reads = []
     monkeypatch.setattr(training, "read_stats", lambda t: reads.append(t.shape) or [1.0, 1.0, 1.0, 10.0, 12.0, 1.0])
-    stats = training.train_step(training.LossModule(model), batches, cfg, utils.Runtime(meta), "fp32", optimizer,
+    stats = training.train_step(training.LossModule(model), batches, cfg, runtime.Runtime(meta), "fp32", optimizer,
                                 scaler, torch.Generator().manual_seed(0), model.config.audio_num_codebooks)
     assert reads == [torch.Size([6])] and stats["finite"]
     with pytest.raises(Exception):

@@ -1,7 +1,7 @@
 """Shared helpers: crash-safe writes."""
 import pytest
 
-from utils import atomic_path, write_text_atomic
+from outputs import atomic_path, write_text_atomic
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):

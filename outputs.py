@@ -1,0 +1,225 @@
+"""Output files and directories: written to a temporary file, synced, then renamed (atomic_path), never
+half-written on a full disk; refused when they would overwrite or sit inside an input; and locked, so that a
+run takes its output before it looks at it (OutputLock).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import stat
+from pathlib import Path
+from typing import Iterator
+
+from errors import DiskFullError, UserError
+
+# --------------------------------------------------------------------------- crash-safe writes
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "os error 28", "errno = 28")
+
+
+def is_disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether a failed write failed for want of space: the error says so (errno, or a library's text), or it
+    is an I/O-style error and the disk it wrote to has less than 1 MiB left (torch.save says only
+    "unexpected pos" when its disk fills)."""
+    if isinstance(error, UserError):
+        return False
+    if getattr(error, "errno", None) in DISK_FULL_ERRNOS or any(t in str(error) for t in _DISK_FULL_TEXTS):
+        return True
+    if not isinstance(error, (OSError, RuntimeError)):
+        return False
+    try:
+        return shutil.disk_usage(first_existing(Path(folder).absolute())).free < 2**20
+    except OSError:
+        return False
+
+
+def disk_full_error(path: Path, folder: Path) -> DiskFullError:
+    """One line for a write that found its disk full: what it wrote, and how much room is left there."""
+    base = first_existing(Path(folder).absolute())
+    try:
+        free = f"{shutil.disk_usage(base).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(f"no space left on the disk while writing {path} ({free} in {base}); free some space "
+                         "or choose an output on another disk, then run the same command again")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temp path beside `path`; once the body has written it, fsync it and rename it onto `path`.
+
+    A crash or an exception never leaves half a file at `path` (the temp file is removed on error).
+    `suffix` lets writers that insist on an extension (numpy's .npz) keep it.
+    """
+    path = Path(path)
+    # The process id keeps two processes writing one output from sharing (and fighting over) a temp file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        full = is_disk_full(e, path.parent)  # asked before the temp file's space is given back
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise disk_full_error(path, path.parent) from e
+        raise
+
+
+def append_line(path: str | Path, line: str, sync: bool = False) -> None:
+    """Append one line to a log file (fsynced with `sync`); a full disk is one line naming the file."""
+    path = Path(path)
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as e:
+        if is_disk_full(e, path.parent):
+            raise disk_full_error(path, path.parent) from e
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file through atomic_path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+# --------------------------------------------------------------------------- output paths and locks
+
+
+def check_output_dir(path: str | Path, what: str) -> Path:
+    """An output directory that exists as a directory or can be created, and can be written."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a directory")
+    base = first_existing(path.absolute())
+    if not base.is_dir():
+        raise UserError(f"{what} {path} is under {base}, which is a file")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: cannot write in {base}")
+    return path
+
+
+def check_apart(output: str | Path, what: str, inputs, *, nested: bool = True) -> None:
+    """Refuse an output that is an input, or (with `nested`, for directory outputs, which --overwrite empties)
+    lies inside one or holds one: replacing it would destroy that input. `inputs` are (flag, path) pairs; None
+    and paths that do not exist (hub ids) are passed over."""
+    out = Path(output).expanduser().resolve()
+    for flag, src in inputs:
+        if src is None or not str(src) or not Path(str(src)).expanduser().exists():
+            continue
+        path, name = Path(str(src)).expanduser().resolve(), f"{flag} {src}" if flag else str(src)
+        if path == out:
+            raise UserError(f"{what} {output} is also an input ({name}); choose another output")
+        if not nested:
+            continue
+        if out.is_relative_to(path):
+            raise UserError(f"{what} {output} lies inside an input ({name}); choose an output apart from it")
+        if path.is_relative_to(out):
+            raise UserError(f"an input ({name}) lies inside {what} {output}; choose an output apart from it")
+
+
+def check_output_file(path: str | Path, what: str, inputs=()) -> Path:
+    """An output file path that is not a directory, not one of `inputs`, and whose folder can be written."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory; give a file name")
+    check_apart(path, what, [("", src) for src in inputs], nested=False)
+    check_output_dir(path.parent if str(path.parent) else Path("."), f"{what} {path}: its folder")
+    return path
+
+
+LOCK_NAME = ".lock"  # the lock file an output directory holds while a run writes it
+
+
+def dir_entries(path: Path) -> list[str]:
+    """The names in an output directory, its lock file aside ([] when it does not exist)."""
+    path = Path(path)
+    return sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME) if path.is_dir() else []
+
+
+def clear_dir(path: Path, keep: tuple[str, ...] = (LOCK_NAME,)) -> None:
+    """Remove everything in a directory but the names in `keep` (--overwrite, once every check has passed)."""
+    for p in Path(path).iterdir():
+        if p.name not in keep:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def not_a_file(path: Path) -> str:
+    """Why a path that should be a regular file is not one: "not found", "is a directory", "is a FIFO ..."."""
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "not found"
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return f"is {kind}, not a regular file"
+
+
+def first_existing(path: Path) -> Path:
+    """The path itself, or its nearest ancestor that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+class OutputLock:
+    """An exclusive lock on an output (a lock file beside or inside it), so that two processes never write
+    the same output: the second gets one clear line. Held until released or the process ends.
+
+    Take it before looking at the output: a run that checks first and locks after can find the output
+    free, lose the race to another run that finishes it, and then replace that finished work. The lock
+    file is deleted on release, so an output is left as the run found it or made it; a process that
+    opened the file just before the deletion sees that it is gone and opens it anew."""
+
+    def __init__(self, lock_file: str | Path, what: str):
+        self.lock_file, self.what, self._fd = Path(lock_file), what, None
+
+    def acquire(self) -> "OutputLock":
+        import fcntl
+
+        self.lock_file.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise UserError(f"{self.what} is in use by another running process (lock {self.lock_file}); "
+                                "wait for it to finish or choose another output") from None
+            try:
+                same = os.stat(self.lock_file).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return self
+            os.close(fd)  # locked a file its last holder had already removed: take the new one
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.lock_file.unlink(missing_ok=True)  # while still held, so nobody locks the removed file
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self if self._fd is not None else self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def lock_beside(path: str | Path, what: str) -> OutputLock:
+    """The lock of a file or directory output: `<name>.lock` beside it."""
+    path = Path(path)
+    return OutputLock(path.with_name(path.name + ".lock"), what)
