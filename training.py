@@ -1,6 +1,8 @@
-"""The training loop, read top to bottom: one optimizer step over accumulated micro-batches, validation,
-samples, checkpoints. Every count (schedule, logging, eval, saving) is in optimizer steps; the loss of
-a step is normalised by its true number of targets over all micro-batches and ranks. `train()` is what
+"""Training, read top to bottom: one optimizer step over accumulated micro-batches (`train_step`), the pieces a
+run speaks and saves with, the checks made before any work, then the run itself: `setup_run` builds a `Run`
+(data, model, wrapping, optimizer, resumed state, outputs, tracker) and `fit` is the loop, with the work after
+each step in `after_step`. Every count (schedule, logging, eval, saving) is in optimizer steps; the loss of a
+step is normalised by its true number of targets over all micro-batches and ranks. `train()`, last, is what
 train.py and every sweep trial run.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -29,18 +31,23 @@ from parallel import gradient_sync
 from checkpoint import (LoopState, find_resume_checkpoint, prune_checkpoints, restore_checkpoint, save_checkpoint,
                         step_path)
 from config import TrainConfig
-from csm_model import ModelArgs, count_parameters
+from csm_model import CSM, ModelArgs, count_parameters
+from dataloaders import CSMDataset, ResumableLoader, default_num_workers, make_loader
+from evaluation import EvalSettings, evaluate_model, items_from_token_file, write_report
+from hf_export import DEFAULT_CODEC, csm_tokenizer, export_transformers, find_codec
 from metrics import QUALITY, lower_is_better
-from loss import combine_loss, compute_loss, plan_targets, weighted_loss
+from loss import LossTerms, TargetPlan, combine_loss, compute_loss, plan_targets, weighted_loss
 from optim import make_optimizer, make_scheduler
 from tracking import Tracker, make_tracker
 from utils import print0, seed_everything, UserError
-from runtime import (all_reduce_sum, autocast, compute_init, launched_by_torchrun, peak_memory_bytes, resolve_precision,
-                     Runtime)
+from runtime import (all_reduce_sum, autocast, compute_init, cuda_unusable_reason, launched_by_torchrun,
+                     peak_memory_bytes, resolve_precision, Runtime)
 from outputs import (atomic_path, check_output_dir, clear_dir, dir_entries, first_existing, LOCK_NAME, OutputLock,
                      write_text_atomic)
-from token_file import SPEAKERS_NAME
-from tokenization import resolve_text_tokenizer
+from token_file import SPEAKERS_NAME, open_splits, speaker_names
+from speech_metrics import QualityModels
+from synthesis import prompt_segments, synthesize
+from tokenization import MIMI_SAMPLE_RATE, load_mimi, load_text_tokenizer, resolve_text_tokenizer
 from weights import build_model, config_model_args, copy_tokenizer_files, load_model, resolve_source, save_pretrained
 
 
@@ -58,7 +65,8 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, mask, target, decoder_fraction: float, generator: torch.Generator | None, plan=None):
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, target: torch.Tensor | None, decoder_fraction: float,
+                generator: torch.Generator | None, plan: TargetPlan | None = None) -> LossTerms:
         return compute_loss(self.model, tokens, mask, target, decoder_fraction=decoder_fraction, generator=generator,
                             plan=plan)
 
@@ -77,7 +85,8 @@ def build_or_load_model(cfg: TrainConfig, device: torch.device, source: Path | N
 
 
 def train_step(loss_model: nn.Module, micro_batches: list, cfg: TrainConfig, rt: Runtime, precision: str,
-               optimizer, scaler, generator, num_codebooks: int) -> dict:
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, generator: torch.Generator,
+               num_codebooks: int) -> dict:
     """Forward/backward over the micro-batches of one step, normalised by the step's total targets
     (summed over micro-batches and ranks), then clip and step. Returns the step's metrics."""
     # Everything that depends on the batch layout is read from the CPU copies of the masks; the step's
@@ -140,7 +149,8 @@ def read_stats(stats: torch.Tensor) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(loss_model: nn.Module, loader, cfg: TrainConfig, rt: Runtime, precision: str) -> float:
+def validation_loss(loss_model: nn.Module, loader: ResumableLoader, cfg: TrainConfig, rt: Runtime,
+                    precision: str) -> float:
     """Validation loss with the decoder on every frame: deterministic, never NaN for small batches.
     `loss_model` is the (DDP- or FSDP-wrapped) LossModule, or a bare model."""
     if not isinstance(loss_model, (LossModule, nn.parallel.DistributedDataParallel)):
@@ -172,9 +182,6 @@ class RunSpeech:
         self.context = []
 
     def load(self, num_codebooks: int = 32) -> None:
-        from synthesis import prompt_segments
-        from tokenization import load_mimi, load_text_tokenizer
-
         if self.tokenizer is None:
             self.context = prompt_segments(self.cfg.gen_context)
             self.tokenizer = load_text_tokenizer(self.text_tokenizer)
@@ -200,10 +207,7 @@ class SampleWriter:
             _warn_failed(step, "writing audio samples", e)
 
     def _write(self, model: nn.Module, step: int, tracker: Tracker, precision: str) -> None:
-        import soundfile as sf
-
-        from synthesis import synthesize
-        from tokenization import MIMI_SAMPLE_RATE
+        import soundfile as sf  # a third-party library only the runs that write samples need
 
         self.speech.load(model.config.audio_num_codebooks)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -228,9 +232,6 @@ class QualityEval:
     training goes on."""
 
     def __init__(self, cfg: TrainConfig, out: Path, speech: RunSpeech, data: str):
-        from evaluation import items_from_token_file
-        from speech_metrics import QualityModels
-
         self.cfg, self.dir, self.speech = cfg, out / "eval", speech
         speech.load()
         self.quality = QualityModels(cfg.eval_asr, cfg.eval_speaker_model, cfg.eval_language, device="cpu",
@@ -240,8 +241,6 @@ class QualityEval:
             raise UserError(f"{data}: no val item has text to speak, so eval_every cannot evaluate; set eval_every: 0")
 
     def __call__(self, model: nn.Module, step: int, tracker: Tracker, precision: str) -> dict:
-        from evaluation import EvalSettings, evaluate_model, write_report
-
         try:
             settings = EvalSettings(max_audio_seconds=self.cfg.eval_max_seconds, seed=self.cfg.seed,
                                     precision=precision,
@@ -283,14 +282,10 @@ class HFExports:
     starts, so a missing one fails before any training, not at the first validation."""
 
     def __init__(self, cfg: TrainConfig, base: Path | None, text_tokenizer: str):
-        from hf_export import DEFAULT_CODEC, csm_tokenizer, find_codec
-
         self.codec = find_codec([cfg.export_codec] if cfg.export_codec else [base, DEFAULT_CODEC])
         self.tokenizer = csm_tokenizer(text_tokenizer)
 
     def __call__(self, model: nn.Module, directory: Path) -> None:
-        from hf_export import export_transformers
-
         export_transformers(model, directory, tokenizer=self.tokenizer, codec=self.codec, overwrite=True)
 
 
@@ -328,7 +323,7 @@ class StopFlag:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum: int, frame: object) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         self.requested = True
@@ -401,7 +396,7 @@ def loader_settings(cfg: TrainConfig, rt: Runtime) -> dict:
                 context_turns=cfg.context_turns, context_loss=cfg.context_loss)
 
 
-def run_length(cfg: TrainConfig, data: str, train_loader, rt: Runtime) -> int:
+def run_length(cfg: TrainConfig, data: str, train_loader: ResumableLoader, rt: Runtime) -> int:
     """The run's optimizer steps: max_steps, else n_epochs of the train loader's batches."""
     if len(train_loader) == 0:
         raise UserError(f"{data}: the train split gives no batches on {rt.world_size} process(es)")
@@ -411,8 +406,6 @@ def run_length(cfg: TrainConfig, data: str, train_loader, rt: Runtime) -> int:
 def planned_steps(cfg: TrainConfig, data: str) -> int:
     """The optimizer steps a one-process run of `cfg` on `data` would take, from the train split's lengths alone
     (what a sweep checks for each trial's settings before any trial starts)."""
-    from dataloaders import CSMDataset, make_loader
-
     rt = Runtime(torch.device("cpu"))
     train_set = CSMDataset(data, "train", partial=True, max_seq_len=cfg.max_seq_len)
     return run_length(cfg, data, make_loader(train_set, shuffle=True, num_workers=0, **loader_settings(cfg, rt)), rt)
@@ -444,7 +437,6 @@ def check_auto_cpu(parameters: int | None, auto_cpu: bool, explicit: str = "--de
     """Refuse a large model on a CPU that the user did not ask for."""
     if not auto_cpu or parameters is None or parameters <= AUTO_CPU_PARAMETERS:
         return
-    from runtime import cuda_unusable_reason
 
     why = cuda_unusable_reason() or "no CUDA GPU is visible"
     raise UserError(f"not training a {parameters / 1e6:,.0f}M-parameter model on the CPU, which was chosen because "
@@ -454,7 +446,6 @@ def check_auto_cpu(parameters: int | None, auto_cpu: bool, explicit: str = "--de
 
 def meta_parameters(args: ModelArgs) -> int:
     """Parameters of a model of these dimensions, counted on the meta device (nothing is allocated)."""
-    from csm_model import CSM
 
     with torch.device("meta"):
         return count_parameters(CSM(args))
@@ -470,6 +461,262 @@ def check_disk_space(model: nn.Module, cfg: TrainConfig, out: Path) -> None:
                         "free some space or choose another --output_dir")
 
 
+@dataclass
+class Run:
+    """A training run, built by `setup_run` before its first step: the data, the model and how it is wrapped, the
+    optimizer, the loop's counters (restored on resume), the outputs and the tracker; `fit` runs it."""
+
+    cfg: TrainConfig
+    rt: Runtime
+    out: Path
+    data: str
+    precision: str
+    train_loader: ResumableLoader
+    val_loader: ResumableLoader | None
+    train_examples: int
+    total_steps: int
+    speakers: dict[str, int]
+    model: nn.Module
+    loss_model: nn.Module  # the model as the loss sees it: wrapped by DDP or sharded by FSDP when distributed
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator  # the decoder's frame subset
+    loop: LoopState
+    tokenizer_dir: Path | None  # copied beside best/ and final/
+    samples: SampleWriter
+    quality: QualityEval | None
+    hf_exports: HFExports | None
+    tracker: Tracker | None = None  # made once the run's first step is known (after a resume)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+    def checkpoint_state(self) -> dict:
+        """What save_checkpoint and restore_checkpoint take."""
+        return dict(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                    loader=self.train_loader, generator=self.generator, cfg=self.cfg, rt=self.rt)
+
+    def save_checkpoint(self) -> None:
+        save_checkpoint(step_path(self.checkpoints, self.loop.step), loop=self.loop, **self.checkpoint_state())
+
+
+@dataclass
+class RunData:
+    """A token file opened for training."""
+
+    path: str
+    train_set: CSMDataset
+    train_loader: ResumableLoader
+    val_loader: ResumableLoader | None
+    speakers: dict[str, int]
+    total_steps: int
+
+
+def open_data(cfg: TrainConfig, data: str, rt: Runtime) -> RunData:
+    """The token file's splits, loaders and speaker names, checked before any model is loaded."""
+    if not Path(data).is_file():
+        raise UserError(f"--data {data}: no such file (make one with pretokenize.py)")
+    splits = open_splits(data)
+    if "train" not in splits:
+        raise UserError(f"{data} has no 'train' split (found: {', '.join(splits) or 'nothing'})")
+    if cfg.eval_every and "val" not in splits:
+        raise UserError(f"eval_every needs a val split in {data}; give pretokenize.py --val_data, or set eval_every: 0")
+    train_set = CSMDataset(data, "train", partial=cfg.partial_data_loading, max_seq_len=cfg.max_seq_len)
+    val_set = CSMDataset(data, "val", partial=cfg.partial_data_loading,
+                         max_seq_len=cfg.max_seq_len) if "val" in splits else None
+    workers = default_num_workers(rt.device) if cfg.num_workers is None else cfg.num_workers
+    train_loader = make_loader(train_set, shuffle=True, num_workers=workers, **loader_settings(cfg, rt))
+    val_loader = make_loader(val_set, shuffle=False, num_workers=workers,
+                             **loader_settings(cfg, rt)) if val_set else None
+    total_steps = run_length(cfg, data, train_loader, rt)
+    check_warmup(cfg, total_steps)
+    return RunData(data, train_set, train_loader, val_loader, speaker_names(data), total_steps)
+
+
+def build_model_for(cfg: TrainConfig, rt: Runtime, base: Path | None, planned: ModelArgs | None, auto_cpu: bool,
+                    data: RunData, out: Path) -> nn.Module:
+    """The model to train: loaded or built, its finetune mode applied, checked against the data, set up to train."""
+    model = apply_finetune_mode(build_or_load_model(cfg, rt.device, base), cfg)
+    check_auto_cpu(count_parameters(model), auto_cpu and planned is None)
+    k = model.config.audio_num_codebooks
+    if data.train_set.num_codebooks != k:
+        raise UserError(f"{data.path} has {data.train_set.num_codebooks} codebooks per frame; the model expects {k}")
+    if rt.is_main:
+        check_disk_space(model, cfg, out)
+    if hasattr(model, "set_activation_checkpointing"):
+        model.set_activation_checkpointing(cfg.activation_checkpointing)
+    if cfg.compile:
+        model.set_compile(True)
+    return model.train()
+
+
+def setup_run(cfg: TrainConfig, data: str, out: Path, rt: Runtime, resume: str | None, overwrite: bool) -> Run:
+    """Everything before the first step, in the order that fails fastest: the data, then what the base model
+    brings (tokenizer, codec, judges), then the model, its wrapping and optimizer, then the resumed state; only
+    when all of it is ready is the output directory changed."""
+    precision = run_precision(cfg, rt)
+    seed_everything(cfg.seed)
+    run_data = open_data(cfg, data, rt)
+    # The base model is resolved once (a hub repo: fetched once, at model_revision) and everything that
+    # needs it later (text tokenizer, samples, exports) is found now, not hours into the run.
+    base = None if cfg.train_from_scratch else resolve_source(cfg.model, cfg.model_revision)
+    auto_cpu = rt.auto_device and rt.device.type == "cpu"
+    planned = planned_model_args(cfg, base) if auto_cpu else None
+    check_auto_cpu(meta_parameters(planned) if planned else None, auto_cpu)  # before minutes of loading
+    text_tokenizer = resolve_text_tokenizer(cfg.text_tokenizer, base)
+    speech = RunSpeech(cfg, rt.device, text_tokenizer)
+    quality = hf_exports = None
+    if rt.is_main:
+        if cfg.gen_every:
+            speech.load()
+        quality = QualityEval(cfg, out, speech, data) if cfg.eval_every else None
+        hf_exports = HFExports(cfg, base, text_tokenizer) if cfg.export_hf else None
+    model = build_model_for(cfg, rt, base, planned, auto_cpu, run_data, out)
+    # DDP or FSDP before the optimizer: fully_shard replaces the parameters with sharded ones.
+    loss_model = parallel.wrap(LossModule(model), cfg.distributed, rt)
+    optimizer = make_optimizer(model, cfg, rt.device)
+    run = Run(cfg, rt, out, data, precision, run_data.train_loader, run_data.val_loader, len(run_data.train_set),
+              run_data.total_steps, run_data.speakers, model, loss_model, optimizer,
+              make_scheduler(optimizer, cfg, run_data.total_steps),
+              torch.amp.GradScaler(rt.device.type, enabled=precision == "fp16"),
+              torch.Generator().manual_seed(cfg.seed + rt.rank), LoopState(),
+              tokenizer_dir=Path(text_tokenizer) if Path(text_tokenizer).is_dir() else None,
+              samples=SampleWriter(cfg, out, speech), quality=quality, hf_exports=hf_exports)
+    found = find_resume_checkpoint(resume, run.checkpoints) if resume else None
+    if resume and found is None:
+        print0(f"--resume auto: no checkpoint in {run.checkpoints}, starting fresh")
+    if found is not None:
+        run.loop = restore_checkpoint(*found, **run.checkpoint_state())
+    if rt.is_main:  # all checks passed: only now is the directory changed
+        if overwrite and found is None:
+            clear_dir(out)
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        config_mod.save_yaml(cfg, out / "config.yaml")
+    run.tracker = make_tracker(cfg, out, rt, run.loop.step)
+    return run
+
+
+def micro_batches(loader: ResumableLoader) -> Iterator:
+    """Micro-batches forever, crossing epochs; the loader's state says where we are."""
+    while True:
+        yield from loader
+        loader.set_epoch(loader.state_dict()["epoch"] + 1)
+
+
+def fit(run: Run, on_eval: Callable[[int, dict], None] | None, progress: bool) -> TrainResult:
+    """The loop: one optimizer step, its log line, then `after_step`, until the last step or a stop request."""
+    cfg, rt, loop = run.cfg, run.rt, run.loop
+    trainable = f", {count_trainable(run.model) / 1e6:.2f}M trained ({cfg.finetune})" if is_partial(run.model) else ""
+    print0(f"training {type(run.model).__name__} ({count_parameters(run.model) / 1e6:.1f}M params{trainable}) "
+           f"on {rt.device} x{rt.world_size}{f' ({cfg.distributed})' if rt.distributed else ''}, {run.precision}, "
+           f"{run.total_steps} steps, {run.train_examples} train examples")
+    batches = micro_batches(run.train_loader)
+    codebooks = run.model.config.audio_num_codebooks
+    first_step, final_val, stopped_early = loop.step, None, False
+    whole = parallel.WholeModel(run.model, rt)  # the model whole on rank 0 for evaluations, best/, samples, final/
+    pbar = tqdm(total=run.total_steps, initial=loop.step, disable=not (rt.is_main and progress), desc="train",
+                unit="step")
+    with StopFlag() as stop, pbar:  # the bar is closed before an error is printed, so the error is the last line
+        while loop.step < run.total_steps:
+            whole.drop()  # the previous step's whole copy (FSDP), before training needs the memory again
+            t0 = time.perf_counter()
+            lr = run.optimizer.param_groups[0]["lr"]
+            stats = train_step(run.loss_model, [next(batches) for _ in range(cfg.grad_acc_steps)], cfg, rt,
+                               run.precision, run.optimizer, run.scaler, run.generator, codebooks)
+            if cfg.compile and loop.step == first_step:
+                print0(f"step {loop.step + 1} took {time.perf_counter() - t0:.1f} s, compiling included")
+            with warnings.catch_warnings():
+                # A skipped (non-finite) step still advances the schedule: it follows optimizer steps taken.
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                run.scheduler.step()
+            loop.step += 1
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
+            log_step(run, stats, lr, time.perf_counter() - t0)
+            val = after_step(run, whole, stop.requested, on_eval)
+            if val is not None:
+                final_val = val
+                pbar.set_postfix(loss=f"{stats['loss']:.4f}", val=f"{val:.4f}")
+            if stop.requested:
+                stopped_early = loop.step < run.total_steps
+                break
+    return finish(run, whole, final_val, stopped_early)
+
+
+def log_step(run: Run, stats: dict, lr: float, seconds: float) -> None:
+    """The step's line in metrics.jsonl and the tracker; a run of non-finite steps stops the run."""
+    cfg, loop, step = run.cfg, run.loop, run.loop.step
+    loop.nonfinite_streak = 0 if stats["finite"] else loop.nonfinite_streak + 1
+    if not stats["finite"]:
+        print0(f"warning: step {step}: non-finite loss or gradient (loss={stats['loss']}, "
+               f"grad_norm={stats['grad_norm']}); update skipped ({loop.nonfinite_streak} in a row)")
+    if step % cfg.log_every == 0 or step == run.total_steps or not stats["finite"]:
+        run.tracker.log({"loss": stats["loss"], "c0_loss": stats["c0_loss"], "decoder_loss": stats["decoder_loss"],
+                         "lr": lr, "grad_norm": stats["grad_norm"], "tokens_per_s": stats["frames"] / seconds,
+                         "step_time": seconds, "peak_memory_gb": peak_memory_bytes(run.rt.device) / 2**30,
+                         "padding_fraction": stats["padding_fraction"],
+                         "epoch": run.train_loader.state_dict()["epoch"]}, step)
+    if loop.nonfinite_streak >= cfg.max_nonfinite_steps:
+        run.save_checkpoint()
+        run.tracker.finish()
+        raise TrainingStopped(f"{loop.nonfinite_streak} non-finite steps in a row at step {step}; checkpoint "
+                              f"saved in {run.checkpoints}. Lower learning_rate, raise warmup_steps or use bf16/fp32.")
+
+
+def after_step(run: Run, whole: parallel.WholeModel, stopping: bool,
+               on_eval: Callable[[int, dict], None] | None) -> float | None:
+    """What follows an optimizer step, in order: validation, the quality evaluation, best/, `on_eval`, the
+    checkpoint, samples. Returns the step's validation loss when it measured one."""
+    cfg, rt, loop, step = run.cfg, run.rt, run.loop, run.loop.step
+    last = step == run.total_steps
+    evaluated = {}
+    if run.val_loader is not None and ((cfg.val_every and step % cfg.val_every == 0) or last):
+        evaluated["val_loss"] = validation_loss(run.loss_model, run.val_loader, cfg, rt, run.precision)
+        run.tracker.log({"val_loss": evaluated["val_loss"]}, step)
+        loop.best_val_loss = min(loop.best_val_loss, evaluated["val_loss"])  # NaN never becomes the best
+    if cfg.eval_every and (step % cfg.eval_every == 0 or last):
+        measured = run.quality(whole.get(), step, run.tracker, run.precision) if rt.is_main else {}
+        evaluated.update(share_metrics(measured, rt))
+    score = selection_score(cfg.select_best_by, evaluated)
+    if score is not None and score < loop.best_score:
+        loop.best_score = score
+        best_model = whole.get()
+        if rt.is_main:
+            save_outputs(best_model, cfg, run.out, "best", run.tokenizer_dir, run.hf_exports, run.speakers)
+    if evaluated and on_eval is not None:
+        on_eval(step, evaluated)
+    if (cfg.save_every and step % cfg.save_every == 0) or last or stopping:
+        run.save_checkpoint()
+        if rt.is_main:
+            prune_checkpoints(run.checkpoints, cfg.keep_checkpoints)
+    if cfg.gen_every and step % cfg.gen_every == 0:
+        sampler = whole.get()
+        if rt.is_main:
+            run.samples(sampler, step, run.tracker, run.precision)  # after the checkpoint, and never fatal
+    return evaluated.get("val_loss")
+
+
+def finish(run: Run, whole: parallel.WholeModel, final_val: float | None, stopped_early: bool) -> TrainResult:
+    """final/ (unless stopped early), the tracker closed, and the run's last line."""
+    cfg, rt, loop = run.cfg, run.rt, run.loop
+    if not stopped_early:
+        final_model = whole.get()  # the last step's copy when it made one: the weights have not changed since
+        if rt.is_main:
+            save_outputs(final_model, cfg, run.out, "final", run.tokenizer_dir, run.hf_exports, run.speakers)
+    whole.drop()
+    run.tracker.finish()
+    if rt.distributed:
+        dist.barrier()
+    best, by = loop.best_val_loss, cfg.select_best_by
+    score = lower_is_better(by, loop.best_score)  # the score's sign undone
+    print0(f"{'stopped' if stopped_early else 'done'} at step {loop.step}; outputs in {run.out}"
+           + (f"; best val loss {best:.4f}" if math.isfinite(best) else "")
+           + (f"; best/ has the best {by}, {score:.4f}" if by != "val_loss" and math.isfinite(score) else ""))
+    return TrainResult(loop.step, best, final_val, run.out, stopped_early)
+
+
 def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device: str | None = "auto",
           resume: str | None = None, overwrite: bool = False, on_eval: Callable[[int, dict], None] | None = None,
           progress: bool = True) -> TrainResult:
@@ -483,7 +730,7 @@ def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device:
     created, lock = not out.exists(), None
     try:
         lock = prepare_output_dir(out, resume, overwrite, rt)
-        return _train(cfg, data, out, rt, resume, overwrite, on_eval, progress)
+        return fit(setup_run(cfg, str(data), out, rt, resume, overwrite), on_eval, progress)
     except BaseException:
         if created and rt.is_main and not dir_entries(out):
             shutil.rmtree(out, ignore_errors=True)  # a start that failed its checks leaves no directory behind
@@ -491,179 +738,3 @@ def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device:
     finally:
         if lock is not None:
             lock.release()
-
-
-def _train(cfg, data, out: Path, rt: Runtime, resume, overwrite, on_eval, progress) -> TrainResult:
-    from dataloaders import CSMDataset, default_num_workers, make_loader
-    from token_file import open_splits, speaker_names
-
-    ckpt_dir = out / "checkpoints"
-    precision = run_precision(cfg, rt)
-    seed_everything(cfg.seed)
-
-    # Data first: a bad file fails before minutes of model loading.
-    data = str(data)
-    if not Path(data).is_file():
-        raise UserError(f"--data {data}: no such file (make one with pretokenize.py)")
-    splits = open_splits(data)
-    speakers = speaker_names(data)
-    if "train" not in splits:
-        raise UserError(f"{data} has no 'train' split (found: {', '.join(splits) or 'nothing'})")
-    train_set = CSMDataset(data, "train", partial=cfg.partial_data_loading, max_seq_len=cfg.max_seq_len)
-    val_set = CSMDataset(data, "val", partial=cfg.partial_data_loading,
-                         max_seq_len=cfg.max_seq_len) if "val" in splits else None
-    workers = default_num_workers(rt.device) if cfg.num_workers is None else cfg.num_workers
-    train_loader = make_loader(train_set, shuffle=True, num_workers=workers, **loader_settings(cfg, rt))
-    val_loader = make_loader(val_set, shuffle=False, num_workers=workers,
-                             **loader_settings(cfg, rt)) if val_set else None
-    total_steps = run_length(cfg, data, train_loader, rt)
-    check_warmup(cfg, total_steps)
-
-    # The base model is resolved once (a hub repo: fetched once, at model_revision) and everything that
-    # needs it later (text tokenizer, samples, exports) is found now, not hours into the run.
-    base = None if cfg.train_from_scratch else resolve_source(cfg.model, cfg.model_revision)
-    auto_cpu = rt.auto_device and rt.device.type == "cpu"
-    planned = planned_model_args(cfg, base) if auto_cpu else None
-    check_auto_cpu(meta_parameters(planned) if planned else None, auto_cpu)  # before minutes of loading
-    text_tokenizer = resolve_text_tokenizer(cfg.text_tokenizer, base)
-    tokenizer_dir = Path(text_tokenizer) if Path(text_tokenizer).is_dir() else None  # copied beside best/, final/
-    speech = RunSpeech(cfg, rt.device, text_tokenizer)
-    samples = SampleWriter(cfg, out, speech)
-    hf_exports = quality = None
-    if cfg.eval_every and val_set is None:
-        raise UserError(f"eval_every needs a val split in {data}; give pretokenize.py --val_data, or set eval_every: 0")
-    if rt.is_main:
-        if cfg.gen_every:
-            speech.load()
-        quality = QualityEval(cfg, out, speech, data) if cfg.eval_every else None
-        hf_exports = HFExports(cfg, base, text_tokenizer) if cfg.export_hf else None
-    model = apply_finetune_mode(build_or_load_model(cfg, rt.device, base), cfg)
-    check_auto_cpu(count_parameters(model), auto_cpu and planned is None)
-    k = model.config.audio_num_codebooks
-    if train_set.num_codebooks != k:
-        raise UserError(f"{data} has {train_set.num_codebooks} codebooks per frame; the model expects {k}")
-    if rt.is_main:
-        check_disk_space(model, cfg, out)
-    if hasattr(model, "set_activation_checkpointing"):
-        model.set_activation_checkpointing(cfg.activation_checkpointing)
-    if cfg.compile:
-        model.set_compile(True)
-    model.train()
-    # DDP or FSDP before the optimizer: fully_shard replaces the parameters with sharded ones.
-    loss_model = parallel.wrap(LossModule(model), cfg.distributed, rt)
-    optimizer = make_optimizer(model, cfg, rt.device)
-    scheduler = make_scheduler(optimizer, cfg, total_steps)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=precision == "fp16")
-    generator = torch.Generator().manual_seed(cfg.seed + rt.rank)  # the decoder's frame subset
-    state = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, loader=train_loader,
-                 generator=generator, cfg=cfg, rt=rt)
-
-    loop = LoopState()
-    found = find_resume_checkpoint(resume, ckpt_dir) if resume else None
-    if resume and found is None:
-        print0(f"--resume auto: no checkpoint in {ckpt_dir}, starting fresh")
-    if found is not None:
-        loop = restore_checkpoint(*found, **state)
-    if rt.is_main:  # all checks passed: only now is the directory changed
-        if overwrite and found is None:
-            clear_dir(out)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        config_mod.save_yaml(cfg, out / "config.yaml")
-
-    tracker = make_tracker(cfg, out, rt, loop.step)
-
-    def micro_batches():
-        """Micro-batches forever, crossing epochs; the loader's state says where we are."""
-        while True:
-            for batch in train_loader:
-                yield batch
-            train_loader.set_epoch(train_loader.state_dict()["epoch"] + 1)
-
-    trainable = f", {count_trainable(model) / 1e6:.2f}M trained ({cfg.finetune})" if is_partial(model) else ""
-    print0(f"training {type(model).__name__} ({count_parameters(model) / 1e6:.1f}M params{trainable}) "
-           f"on {rt.device} x{rt.world_size}{f' ({cfg.distributed})' if rt.distributed else ''}, {precision}, "
-           f"{total_steps} steps, {len(train_set)} train examples")
-    batches = micro_batches()
-    first_step = loop.step
-    whole = parallel.WholeModel(model, rt)  # the model whole on rank 0 for evaluations, best/, samples, final/
-    final_val = None
-    stopped_early = False
-    pbar = tqdm(total=total_steps, initial=loop.step, disable=not (rt.is_main and progress), desc="train", unit="step")
-    with StopFlag() as stop, pbar:  # the bar is closed before an error is printed, so the error is the last line
-        while loop.step < total_steps:
-            whole.drop()  # the previous step's whole copy (FSDP), before training needs the memory again
-            t0 = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            stats = train_step(loss_model, [next(batches) for _ in range(cfg.grad_acc_steps)], cfg, rt, precision,
-                               optimizer, scaler, generator, k)
-            if cfg.compile and loop.step == first_step:
-                print0(f"step {loop.step + 1} took {time.perf_counter() - t0:.1f} s, compiling included")
-            with warnings.catch_warnings():
-                # A skipped (non-finite) step still advances the schedule: it follows optimizer steps taken.
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
-                scheduler.step()
-            loop.step += 1
-            step = loop.step
-            loop.nonfinite_streak = 0 if stats["finite"] else loop.nonfinite_streak + 1
-            dt = time.perf_counter() - t0
-            pbar.update(1)
-            pbar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
-            last = step == total_steps
-            if not stats["finite"]:
-                print0(f"warning: step {step}: non-finite loss or gradient (loss={stats['loss']}, "
-                       f"grad_norm={stats['grad_norm']}); update skipped ({loop.nonfinite_streak} in a row)")
-            if step % cfg.log_every == 0 or last or not stats["finite"]:
-                tracker.log({"loss": stats["loss"], "c0_loss": stats["c0_loss"], "decoder_loss": stats["decoder_loss"],
-                             "lr": lr, "grad_norm": stats["grad_norm"], "tokens_per_s": stats["frames"] / dt,
-                             "step_time": dt, "peak_memory_gb": peak_memory_bytes(rt.device) / 2**30,
-                             "padding_fraction": stats["padding_fraction"],
-                             "epoch": train_loader.state_dict()["epoch"]}, step)
-            if loop.nonfinite_streak >= cfg.max_nonfinite_steps:
-                save_checkpoint(step_path(ckpt_dir, step), loop=loop, **state)
-                tracker.finish()
-                raise TrainingStopped(f"{loop.nonfinite_streak} non-finite steps in a row at step {step}; checkpoint "
-                                      f"saved in {ckpt_dir}. Lower learning_rate, raise warmup_steps or use bf16/fp32.")
-            evaluated = {}
-            if val_loader is not None and ((cfg.val_every and step % cfg.val_every == 0) or last):
-                final_val = evaluated["val_loss"] = evaluate(loss_model, val_loader, cfg, rt, precision)
-                tracker.log({"val_loss": final_val}, step)
-                pbar.set_postfix(loss=f"{stats['loss']:.4f}", val=f"{final_val:.4f}")
-                loop.best_val_loss = min(loop.best_val_loss, final_val)  # NaN never becomes the best
-            speaks = cfg.eval_every and (step % cfg.eval_every == 0 or last)
-            if speaks:
-                evaluated.update(share_metrics(quality(whole.get(), step, tracker,
-                                                       precision) if rt.is_main else {}, rt))
-            score = selection_score(cfg.select_best_by, evaluated)
-            if score is not None and score < loop.best_score:
-                loop.best_score = score
-                best_model = whole.get()
-                if rt.is_main:
-                    save_outputs(best_model, cfg, out, "best", tokenizer_dir, hf_exports, speakers)
-            if evaluated and on_eval is not None:
-                on_eval(step, evaluated)
-            if (cfg.save_every and step % cfg.save_every == 0) or last or stop.requested:
-                save_checkpoint(step_path(ckpt_dir, step), loop=loop, **state)
-                if rt.is_main:
-                    prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
-            if cfg.gen_every and step % cfg.gen_every == 0:
-                sampler = whole.get()
-                if rt.is_main:
-                    samples(sampler, step, tracker, precision)  # after the checkpoint, and never fatal
-            if stop.requested:
-                stopped_early = not last
-                break
-    if not stopped_early:
-        final_model = whole.get()  # the last step's copy when it made one: the weights have not changed since
-        if rt.is_main:
-            save_outputs(final_model, cfg, out, "final", tokenizer_dir, hf_exports, speakers)
-    whole.drop()
-    tracker.finish()
-    if rt.distributed:
-        dist.barrier()
-    best = loop.best_val_loss
-    by = cfg.select_best_by
-    score = lower_is_better(by, loop.best_score)  # the score's sign undone
-    print0(f"{'stopped' if stopped_early else 'done'} at step {loop.step}; outputs in {out}"
-           + (f"; best val loss {best:.4f}" if math.isfinite(best) else "")
-           + (f"; best/ has the best {by}, {score:.4f}" if by != "val_loss" and math.isfinite(score) else ""))
-    return TrainResult(loop.step, best, final_val, out, stopped_early)

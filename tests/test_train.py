@@ -177,7 +177,7 @@ def test_validation_is_deterministic_and_best_is_kept(assets, token_file, tmp_pa
     model = weights.load_model(tmp_path / "out" / "best")
     loader = make_loader(CSMDataset(str(token_file), "val"), batch_size=4, shuffle=False)
     rt = runtime.Runtime(torch.device("cpu"))
-    again = [training.evaluate(model, loader, cfg, rt, "fp32") for _ in range(2)]
+    again = [training.validation_loss(model, loader, cfg, rt, "fp32") for _ in range(2)]
     assert again[0] == again[1] == pytest.approx(min(vals), rel=1e-6)
 
 
