@@ -291,8 +291,8 @@ def test_sweep_optimises_wer(assets, judges, pretokenized, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("learning_rate: {type: float, min: 1.0e-4, max: 1.0e-2, log: true}\n")
     flags = ["--data", pretokenized, "--sweep_config", space, "--output_dir", out, "--n_trials", 1, "--n_workers", 1,
-             "--max_steps", 2, "--model", assets["model"], "--wandb_mode", "disabled", "--metric", "wer",
-             "--set", "batch_size=4", "--set", "warmup_steps=1", "--set", f"text_tokenizer={assets['text_tokenizer']}",
+             "--max_steps", 1, "--model", assets["model"], "--wandb_mode", "disabled", "--metric", "wer",
+             "--set", "batch_size=4", "--set", "warmup_steps=0", "--set", f"text_tokenizer={assets['text_tokenizer']}",
              "--set", f"mimi_weights={assets['mimi']}", "--set", "eval_n=2", "--set", "eval_max_seconds=0.5",
              "--set", f"eval_asr={judges['asr']}", "--set", f"eval_speaker_model={judges['speaker_model']}"]
     import sweep
