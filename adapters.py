@@ -196,7 +196,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     built-in model, unmerged: LoRA layers through peft, modules saved whole copied in. Returns the model."""
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
-    from weights import HF_CODEC_PREFIX, adapter_from_hf, is_hf_adapter
+    from conversions import adapter_from_hf, HF_CODEC_PREFIX, is_hf_adapter
 
     config, state = read_adapter(directory)
     if not all(k.startswith(PEFT_PREFIX) for k in state):

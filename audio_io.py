@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenization import MIMI_SAMPLE_RATE
+from codec import MIMI_SAMPLE_RATE
 from utils import UserError
 from outputs import not_a_file
 

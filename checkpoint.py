@@ -19,7 +19,8 @@ from parallel import full_state_dict, is_sharded, load_full_state_dict, load_opt
 from utils import content_digest, print0, UserError
 from runtime import Runtime
 from outputs import atomic_path
-from weights import check_keys, clean_state_dict, model_config_dict, read_pt
+from weights import check_keys, read_pt
+from conversions import clean_state_dict, model_config_dict
 
 CHECKPOINT_FORMAT = "csm-train/1"
 STEP_GLOB = "step_*.pt"

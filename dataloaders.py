@@ -24,7 +24,7 @@ import token_file
 from context import ContextPlanner
 from frames import turn_frames
 from token_file import DataError
-from tokenization import NUM_CODEBOOKS
+from codec import NUM_CODEBOOKS
 from utils import UserError
 
 

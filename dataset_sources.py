@@ -184,7 +184,7 @@ def decode_audio_payload(payload) -> np.ndarray:
     """A dataset row's audio as float32 mono at 24 kHz: {"bytes"} or {"path"} (any format soundfile reads),
     or {"array", "sampling_rate"} already decoded."""
     from audio_io import AudioError, read_mono, resample
-    from tokenization import MIMI_SAMPLE_RATE
+    from codec import MIMI_SAMPLE_RATE
 
     if not isinstance(payload, dict):
         raise AudioError("dataset row", "no audio in the row")

@@ -27,8 +27,9 @@ from audio_io import AudioError, read_audio
 from dataset_sources import AUDIO_KEY, SourceOptions, decode_audio_payload, number_speakers, open_source
 from metadata import UNKNOWN_SPEAKER, Row, SkipRow, check_row
 from token_file import FORMAT_VERSION, write_token_file
-from tokenization import (DEFAULT_TEXT_TOKENIZER, MIMI_FRAME_RATE, MIMI_SAMPLE_RATE, NUM_CODEBOOKS, SAMPLES_PER_FRAME,
-                          encode_audio, encode_text, frames_of, load_mimi, load_text_tokenizer)
+from tokenization import DEFAULT_TEXT_TOKENIZER, encode_text, load_text_tokenizer
+from codec import (encode_audio, frames_of, load_mimi, MIMI_FRAME_RATE, MIMI_SAMPLE_RATE, NUM_CODEBOOKS,
+                   SAMPLES_PER_FRAME)
 from utils import UserError
 from runtime import resolve_device
 from outputs import atomic_path, check_output_file, lock_beside, write_text_atomic

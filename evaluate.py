@@ -108,7 +108,8 @@ def _evaluate(args, data: Path, out: Path) -> int:
     from speech_metrics import QualityModels
     from evaluation import is_token_file
     from synthesis import context_segments, model_speaker_names
-    from tokenization import load_mimi, load_text_tokenizer, resolve_text_tokenizer
+    from tokenization import load_text_tokenizer, resolve_text_tokenizer
+    from codec import load_mimi
     from weights import load_model, resolve_source
 
     if args.adapter:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from frames import Segment
 from metrics import QUALITY, ROWS
 from speech_metrics import QualityModels, cosine, error_rates
-from tokenization import MIMI_SAMPLE_RATE, decode_audio, encode_audio
+from codec import decode_audio, encode_audio, MIMI_SAMPLE_RATE
 from utils import UserError
 from outputs import atomic_path, write_text_atomic
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hf_export import DEFAULT_CODEC, check_output, csm_tokenizer, export_official, export_transformers, find_codec
+from hf_export import check_output, csm_tokenizer, DEFAULT_CODEC, export_official, export_transformers
+from codec import find_codec
 from tokenization import resolve_text_tokenizer
 from utils import run_cli, UserError
 from outputs import lock_beside

@@ -15,7 +15,8 @@ import torch
 from adapters import load_adapter, read_adapter
 from metadata import visible_text
 from synthesis import context_segments, model_speaker_names, parse_speaker, synthesize
-from tokenization import MIMI_SAMPLE_RATE, load_mimi, load_text_tokenizer, resolve_text_tokenizer
+from tokenization import load_text_tokenizer, resolve_text_tokenizer
+from codec import load_mimi, MIMI_SAMPLE_RATE
 from utils import check_number, run_cli, UserError
 from runtime import DTYPES, PRECISIONS, resolve_device, resolve_precision
 from outputs import atomic_path, check_output_file, lock_beside

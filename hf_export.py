@@ -11,14 +11,14 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from tokenization import MIMI_SAMPLE_RATE, load_text_tokenizer
+from codec import DEFAULT_MIMI, MIMI_SAMPLE_RATE
+from tokenization import load_text_tokenizer
 from utils import DiskFullError, UserError
 from outputs import check_apart, check_output_dir, disk_full_error, is_disk_full
-from weights import (HF_CODEC_PREFIX, HF_TIED_AUDIO, hf_config_from_args, official_to_hf,
-                     parse_size, read_codec_weights,
-                     save_pretrained, save_safetensors)
+from weights import parse_size, save_pretrained, save_safetensors
+from conversions import HF_CODEC_PREFIX, hf_config_from_args, HF_TIED_AUDIO, official_to_hf
 
-DEFAULT_CODEC = "kyutai/mimi"  # Mimi in the MimiModel layout, from its authors
+DEFAULT_CODEC = DEFAULT_MIMI  # the codec an export gets when the model brings none
 AUDIO_TOKEN, AUDIO_EOS_TOKEN = "<|AUDIO|>", "<|audio_eos|>"
 LLAMA3_AUDIO_IDS = (128002, 128003)  # reserved Llama-3 ids that CSM's tokenizer names as the two above
 MAX_SHARD_SIZE = "5GB"
@@ -130,23 +130,6 @@ def _with_audio_tokens(tok, name):
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token=tok.bos_token,
                                    eos_token=tok.eos_token, pad_token=tok.pad_token or tok.eos_token,
                                    model_max_length=tok.model_max_length)
-
-
-def find_codec(sources: list) -> tuple[dict, dict]:
-    """Mimi weights + config (MimiModel layout) from the first source that has them (None entries skipped)."""
-    for source in sources:
-        if source is None:
-            continue
-        try:
-            found = read_codec_weights(source)
-        except UserError:
-            if source == sources[-1]:
-                raise
-            continue
-        if found is not None:
-            return found
-    raise UserError(f"none of {', '.join(str(s) for s in sources if s)} holds Mimi in the MimiModel layout; "
-                    f"pass --codec {DEFAULT_CODEC} (or a transformers CSM directory)")
 
 
 def _processor(tokenizer):

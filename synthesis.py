@@ -11,7 +11,8 @@ import torch
 from tqdm import tqdm
 
 from frames import Segment, audio_frames, next_input_frames, text_frames
-from tokenization import MIMI_FRAME_RATE, decode_audio, encode_audio, encode_text
+from tokenization import encode_text
+from codec import decode_audio, encode_audio, MIMI_FRAME_RATE
 from utils import UserError
 from runtime import autocast
 

@@ -43,7 +43,7 @@ class Tracker:
             return
         import wandb
 
-        from tokenization import MIMI_SAMPLE_RATE
+        from codec import MIMI_SAMPLE_RATE
 
         def player(item_id, kind):
             clip = audio.get(item_id, {}).get(kind)

@@ -34,7 +34,8 @@ from config import TrainConfig
 from csm_model import CSM, ModelArgs, count_parameters
 from dataloaders import CSMDataset, ResumableLoader, default_num_workers, make_loader
 from evaluation import EvalSettings, evaluate_model, items_from_token_file, write_report
-from hf_export import DEFAULT_CODEC, csm_tokenizer, export_transformers, find_codec
+from hf_export import csm_tokenizer, DEFAULT_CODEC, export_transformers
+from codec import find_codec
 from metrics import QUALITY, lower_is_better
 from loss import LossTerms, TargetPlan, combine_loss, compute_loss, plan_targets, weighted_loss
 from optim import make_optimizer, make_scheduler
@@ -47,7 +48,8 @@ from outputs import (atomic_path, check_output_dir, clear_dir, dir_entries, firs
 from token_file import SPEAKERS_NAME, open_splits, speaker_names
 from speech_metrics import QualityModels
 from synthesis import prompt_segments, synthesize
-from tokenization import MIMI_SAMPLE_RATE, load_mimi, load_text_tokenizer, resolve_text_tokenizer
+from tokenization import load_text_tokenizer, resolve_text_tokenizer
+from codec import load_mimi, MIMI_SAMPLE_RATE
 from weights import build_model, config_model_args, copy_tokenizer_files, load_model, resolve_source, save_pretrained
 
 

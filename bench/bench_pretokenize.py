@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import pretokenize  # noqa: E402
 import tiny_assets  # noqa: E402
-import tokenization  # noqa: E402
+import codec  # noqa: E402
 import runtime  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def full_size_random_mimi(directory: Path) -> Path:
         return directory
     from safetensors.torch import save_file
 
-    mimi = loaders.get_mimi(None, device="cpu", num_codebooks=tokenization.NUM_CODEBOOKS)
+    mimi = loaders.get_mimi(None, device="cpu", num_codebooks=codec.NUM_CODEBOOKS)
     for module in mimi.modules():
         if type(module).__name__ == "EuclideanCodebook":
             module.embedding_sum.normal_(0.0, 1.0)
@@ -88,18 +88,18 @@ def read_clip(path: Path) -> torch.Tensor:
 
     data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     audio = torch.from_numpy(data.mean(axis=1))
-    if rate != tokenization.MIMI_SAMPLE_RATE:
-        audio = torchaudio.functional.resample(audio, rate, tokenization.MIMI_SAMPLE_RATE)
+    if rate != codec.MIMI_SAMPLE_RATE:
+        audio = torchaudio.functional.resample(audio, rate, codec.MIMI_SAMPLE_RATE)
     return audio
 
 
 def bare_loop(meta: Path, mimi_weights: str, device) -> None:
     """Load Mimi, then read, resample and encode one clip at a time (the original's inner loop)."""
-    mimi = tokenization.load_mimi(mimi_weights, device=device)
+    mimi = codec.load_mimi(mimi_weights, device=device)
     df = pd.read_csv(meta)
     with torch.inference_mode():
         for path in df["path"]:
-            tokenization.encode_audio(mimi, [read_clip(meta.parent / path).numpy()])
+            codec.encode_audio(mimi, [read_clip(meta.parent / path).numpy()])
 
 
 def encoder_comparison(meta: Path, moshi_file: str, device, repeats: int) -> str:
@@ -112,20 +112,20 @@ def encoder_comparison(meta: Path, moshi_file: str, device, repeats: int) -> str
 
     config = Path(moshi_file).with_name("mimi_config.json")
     moshi = loaders.get_mimi(moshi_file, mimi_config=json.loads(config.read_text()) if config.is_file() else None,
-                             device=device, num_codebooks=tokenization.NUM_CODEBOOKS)
-    ours = tokenization.load_mimi(moshi_file, device=device)
+                             device=device, num_codebooks=codec.NUM_CODEBOOKS)
+    ours = codec.load_mimi(moshi_file, device=device)
     clips = [read_clip(meta.parent / p).numpy() for p in pd.read_csv(meta)["path"]]
 
     def run_moshi():
         with torch.inference_mode():
             for clip in clips:
-                padded = torch.zeros(1, 1, tokenization.frames_of(len(clip)) * tokenization.SAMPLES_PER_FRAME)
+                padded = torch.zeros(1, 1, codec.frames_of(len(clip)) * codec.SAMPLES_PER_FRAME)
                 padded[0, 0, :len(clip)] = torch.from_numpy(clip)
                 moshi.encode(padded.to(device))
 
     def run_ours():
         for clip in clips:
-            tokenization.encode_audio(ours, [clip])
+            codec.encode_audio(ours, [clip])
 
     t_moshi, t_ours = timed(run_moshi, repeats), timed(run_ours, repeats)
     return ("| encoder (same weights, same clips, one at a time) | clips/s | vs moshi |\n|---|---|---|\n"

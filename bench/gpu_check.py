@@ -413,7 +413,7 @@ def row_mimi_throughput(ctx: Context):
     from transformers import MimiConfig, MimiModel
 
     import tiny_assets
-    from tokenization import encode_audio
+    from codec import encode_audio
 
     config = MimiConfig() if ctx.cuda else tiny_assets.tiny_hf_mimi_config()
     mimi = MimiModel(config).to(ctx.device).eval()

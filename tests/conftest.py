@@ -49,9 +49,9 @@ def text_tokenizer(assets):
 
 @pytest.fixture(scope="session")
 def mimi(assets):
-    import tokenization
+    import codec
 
-    return tokenization.load_mimi(str(assets["mimi"]))
+    return codec.load_mimi(str(assets["mimi"]))
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import adapters
 import config
 import training
+import conversions
 import weights
 from conftest import write_token_file
 from test_faults import assert_clear_error, cli
@@ -133,10 +134,11 @@ def test_adapter_key_maps_are_inverses(hf_dir, tmp_path):
     state = {k.removeprefix(adapters.PEFT_PREFIX): v for k,
              v in load_file(str(tmp_path / "a" / "adapter_model.safetensors")).items()}
     args = weights.load_model(hf_dir).config
-    ours = weights.adapter_from_hf(state, args, "test")
+    ours = conversions.adapter_from_hf(state, args, "test")
     assert all(k.startswith(("backbone.", "decoder.")) for k in ours)
-    back = weights.adapter_to_hf(ours, args)
-    state = {k: v for k, v in state.items() if not k.startswith(weights.HF_CODEC_PREFIX)}  # Mimi's layers are left out
+    back = conversions.adapter_to_hf(ours, args)
+    # Mimi's layers are left out
+    state = {k: v for k, v in state.items() if not k.startswith(conversions.HF_CODEC_PREFIX)}
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
 
 

@@ -120,14 +120,14 @@ def test_mimi_encodes_without_tf32(mimi):
     """cuDNN runs fp32 convolutions in TF32 by default on Ampere and newer; codes are encoded in full fp32."""
     import numpy as np
 
-    import tokenization
+    import codec
 
     seen = []
     real = mimi.encode
     mimi.encode = lambda *a, **k: seen.append((torch.backends.cudnn.allow_tf32,
                                                torch.backends.cudnn.enabled)) or real(*a, **k)
     try:
-        tokenization.encode_audio(mimi, [np.zeros(1920, dtype=np.float32)], 8)
+        codec.encode_audio(mimi, [np.zeros(1920, dtype=np.float32)], 8)
     finally:
         del mimi.encode
     assert seen == [(False, True)] and torch.backends.cudnn.allow_tf32

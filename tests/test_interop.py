@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import export
 import tiny_assets
+import conversions
 import weights
 from conftest import ROOT, write_token_file
 from csm_model import embed_frames
@@ -366,13 +367,13 @@ def test_the_1b_key_map_covers_transformers_exactly():
     args = ModelArgs()
     with torch.device("meta"):
         ours = CSM(args).state_dict()
-        hf_config = CsmConfig(**weights.hf_config_from_args(args))
+        hf_config = CsmConfig(**conversions.hf_config_from_args(args))
         theirs = CsmForConditionalGeneration(hf_config).state_dict()
-    mapped = {weights.official_key_to_hf(k): tuple(v.shape) for k, v in ours.items()}
+    mapped = {conversions.official_key_to_hf(k): tuple(v.shape) for k, v in ours.items()}
     expected = {k: tuple(v.shape) for k, v in theirs.items() if not k.startswith("codec_model.")}
-    expected.pop(weights.HF_TIED_AUDIO)
+    expected.pop(conversions.HF_TIED_AUDIO)
     assert mapped == expected
-    assert all(weights.hf_key_to_official(weights.official_key_to_hf(k)) == k for k in ours)
+    assert all(conversions.hf_key_to_official(conversions.official_key_to_hf(k)) == k for k in ours)
     w = torch.randn(512, 2048)
-    assert torch.equal(weights.rope_rows_from_hf(weights.rope_rows_to_hf(w, 8), 8), w)
-    assert not torch.equal(weights.rope_rows_to_hf(w, 8), w)
+    assert torch.equal(conversions.rope_rows_from_hf(conversions.rope_rows_to_hf(w, 8), 8), w)
+    assert not torch.equal(conversions.rope_rows_to_hf(w, 8), w)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import hub
+import codec
 import tokenization
 import utils
 import weights
@@ -148,7 +149,7 @@ def test_gated_repo_message_says_how_to_fix():
 def test_mimi_loads_from_a_local_directory_with_distinct_codes(mimi):
     t = torch.linspace(0, 1, 24000)
     audio = (0.3 * torch.sin(2 * torch.pi * 220 * t) + 0.05 * torch.randn(24000)).numpy()
-    codes = tokenization.encode_audio(mimi, [audio])[0]
+    codes = codec.encode_audio(mimi, [audio])[0]
     assert codes.shape == (32, 13)
     assert 0 <= int(codes.min()) and int(codes.max()) < 2048
     assert len(set(codes.flatten().tolist())) > 10  # non-empty codebooks
@@ -156,7 +157,7 @@ def test_mimi_loads_from_a_local_directory_with_distinct_codes(mimi):
 
 def test_mimi_default_offline_is_a_clear_error(hub_cache):
     with pytest.raises(utils.UserError, match="--mimi_weights"):
-        tokenization.load_mimi(None)
+        codec.load_mimi(None)
 
 
 def test_import_does_no_work():

@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 import torch
 
-import tokenization
+import codec
 from utils import UserError
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "moshi_mimi"
@@ -17,7 +17,7 @@ CLIPS = Path(__file__).resolve().parents[1] / "data" / "sample" / "clips"
 
 @pytest.fixture(scope="module")
 def converted():
-    return tokenization.load_mimi(FIXTURE / "mimi-tiny.safetensors")
+    return codec.load_mimi(FIXTURE / "mimi-tiny.safetensors")
 
 
 def test_moshi_weights_give_moshis_codes_on_the_bundled_clips(converted):
@@ -27,7 +27,7 @@ def test_moshi_weights_give_moshis_codes_on_the_bundled_clips(converted):
     total = mismatched = 0
     for path in clips:
         audio = sf.read(str(path), dtype="float32", always_2d=True)[0].mean(axis=1)
-        codes = tokenization.encode_audio(converted, [audio])[0]
+        codes = codec.encode_audio(converted, [audio])[0]
         expected = reference[path.stem]
         assert codes.shape == expected.shape, path.name
         total += codes.size
@@ -39,16 +39,16 @@ def test_decoding_matches_moshi_within_float_tolerance(converted):
     reference = np.load(FIXTURE / "reference.npz")
     name = next(k for k in reference.files if k.startswith("decoded_"))
     codes = torch.from_numpy(reference[name.removeprefix("decoded_")].astype(np.int64))
-    audio = tokenization.decode_audio(converted, codes).numpy()
+    audio = codec.decode_audio(converted, codes).numpy()
     np.testing.assert_allclose(audio, reference[name], rtol=0, atol=1e-5)
 
 
 def test_mimi_sources_and_errors(tmp_path, assets):
     # A MimiModel directory (kyutai/mimi's layout) and a transformers CSM's codec_model.* both load.
-    mimi = tokenization.load_mimi(assets["mimi"])
+    mimi = codec.load_mimi(assets["mimi"])
     assert type(mimi).__name__ == "MimiModel" and not any(p.requires_grad for p in mimi.parameters())
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not found"):
-        tokenization.load_mimi(tmp_path / "empty")
+        codec.load_mimi(tmp_path / "empty")
     with pytest.raises(UserError, match="64 were asked for|has 32 codebooks"):
-        tokenization.load_mimi(assets["mimi"], num_codebooks=64)
+        codec.load_mimi(assets["mimi"], num_codebooks=64)

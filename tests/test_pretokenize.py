@@ -20,7 +20,8 @@ from conftest import ROOT, write_token_file
 from dataloaders import CSMDataset
 from encode_dataset import load_clip
 from metadata import check_row
-from tokenization import encode_audio, encode_text
+from tokenization import encode_text
+from codec import encode_audio
 
 RATE = 24000
 
