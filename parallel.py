@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from runtime import Runtime
+from weights import build_model
 
 DISTRIBUTED = ("ddp", "fsdp")
 
@@ -105,7 +106,6 @@ def gathered_model(model: nn.Module, rt: Runtime) -> nn.Module | None:
     call this; ranks other than 0 get None)."""
     if not is_sharded(model):
         return model if rt.is_main else None
-    from weights import build_model
 
     state = full_state_dict(model)
     if not rt.is_main:
