@@ -14,8 +14,6 @@ from torch import nn
 
 from utils import UserError
 from outputs import atomic_path, write_text_atomic
-from weights import build_model
-from conversions import adapter_from_hf, HF_CODEC_PREFIX, is_hf_adapter
 
 FINETUNE_MODES = ("full", "lora")
 # The parts a full finetune can freeze, as module paths of the built-in model ("heads": both output heads).
@@ -134,6 +132,7 @@ def merged_model(model: nn.Module) -> nn.Module:
     model keeps its adapters, so training goes on exactly as before)."""
     if not has_lora(model):
         return model
+    from weights import build_model
 
     dtype = next(p for n, p in model.named_parameters() if ".lora_" not in n).dtype
     with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave training's RNG as it was
@@ -196,6 +195,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Put a LoRA adapter (ours, or one trained on transformers' CsmForConditionalGeneration) onto the
     built-in model, unmerged: LoRA layers through peft, modules saved whole copied in. Returns the model."""
     from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    from conversions import adapter_from_hf, HF_CODEC_PREFIX, is_hf_adapter
 
     config, state = read_adapter(directory)
     if not all(k.startswith(PEFT_PREFIX) for k in state):

@@ -15,13 +15,6 @@ import json
 import shutil
 import time
 from pathlib import Path
-import prepare
-import tiny_assets
-import evaluate
-import generate
-import pretokenize
-import sweep
-import train
 
 ROOT = Path(__file__).resolve().parent
 SAMPLE = ROOT / "data" / "sample"
@@ -86,6 +79,9 @@ def prepare_recordings(out: Path, asr: Path) -> Path:
     clip each utterance came from (what a user who transcribes elsewhere does after `--asr none`)."""
     import pandas as pd
 
+    import prepare
+    import tiny_assets
+
     clips = pd.read_csv(SAMPLE / "train.csv")
     where = out / "recordings"
     known = []  # (file, start, end, text)
@@ -118,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
+    import evaluate
+    import generate
+    import pretokenize
+    import sweep
+    import tiny_assets
+    import train
 
     out = Path(args.output_dir)
     if out.exists():

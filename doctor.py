@@ -18,7 +18,6 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from gpu_env import driver_advice, nvidia_driver
 
 ROOT = Path(__file__).resolve().parent
 MODES = (("full, AdamW", "full", "adamw"), ("full, 8-bit AdamW", "full", "adamw8bit"),
@@ -102,6 +101,8 @@ def max_tokens_lines(gpu_bytes: float) -> list[str]:
 
 
 def torch_lines() -> list[str]:
+    from gpu_env import driver_advice, nvidia_driver
+
     driver = nvidia_driver()
     lines = [f"  NVIDIA driver: {driver or 'none found (no /proc/driver/nvidia/version, no nvidia-smi)'}"]
     try:

@@ -26,10 +26,6 @@ from speech_metrics import QualityModels, cosine, error_rates
 from codec import decode_audio, encode_audio, MIMI_SAMPLE_RATE
 from utils import UserError
 from outputs import atomic_path, write_text_atomic
-from audio_io import read_audio
-from metadata import SkipRow, check_row, read_metadata
-import token_file
-from synthesis import synthesize
 
 
 
@@ -89,6 +85,8 @@ def items_from_metadata(path: Path, n: int | None, seed: int,
                         trust_pickle: bool = False) -> tuple[list[EvalItem], list]:
     """Items of a metadata file (reference = the recorded window); rows that cannot be used are returned
     as (row, reason) and left out."""
+    from audio_io import read_audio
+    from metadata import SkipRow, check_row, read_metadata
 
     df = read_metadata(path, trust_pickle=trust_pickle)
     if len(df) == 0:
@@ -111,6 +109,7 @@ _SPEAKER_PREFIX = re.compile(r"^\[(\d+)\](.*)$", re.S)
 def items_from_token_file(path: Path, split: str, n: int | None, seed: int, tokenizer) -> list[EvalItem]:
     """Items of one split of a token file: the text decoded from its ids ("[speaker]text"), the codes kept
     as the reference (decoded by Mimi when evaluated)."""
+    import token_file
 
     splits = token_file.open_splits(path)
     if split not in splits:
@@ -153,6 +152,8 @@ def load_items(source: str | Path, *, split: str = "val", n: int | None = None, 
 
 
 def _speak(model, tokenizer, mimi, item: EvalItem, index: int, settings: EvalSettings, reference_s: float | None):
+    from synthesis import synthesize
+
     cap = settings.max_audio_seconds
     if reference_s:
         cap = min(cap, 2 * reference_s + 1.0)  # an item not done by then will not stop: no need to wait

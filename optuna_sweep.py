@@ -23,11 +23,6 @@ from metrics import BY_NAME, SWEEPABLE, direction
 from tracking import best_logged, last_logged
 from utils import check_number, UserError
 from outputs import atomic_path, check_output_dir, clear_dir, dir_entries, LOCK_NAME, OutputLock, write_text_atomic
-from training import (check_auto_cpu, check_launch, check_warmup, meta_parameters, planned_model_args, planned_steps,
-                      train)
-from runtime import cuda_unusable_reason, warn_cuda_unusable
-from weights import resolve_source
-from token_file import open_splits
 
 PARAM_TYPES = ("categorical", "float", "int", "fixed")
 # The sweepable quality metrics: the best value a trial's quality evaluations reached (needs eval_every).
@@ -259,6 +254,8 @@ def run_trial(trial, run: SweepRun, base: dict, space: dict, device: str) -> flo
     """One trial: the base config plus the suggested values, trained by train.train()."""
     import optuna
 
+    from training import train
+
     params = suggest(trial, space)
     name, metric = run.study.name, run.study.metric
     values = {**base, **params, "wandb_group": name, "wandb_name": f"{name}-trial-{trial.number}"}
@@ -393,6 +390,8 @@ def choose_gpus(args) -> tuple[int, bool]:
     large model on it."""
     import torch
 
+    from runtime import cuda_unusable_reason, warn_cuda_unusable
+
     visible = torch.cuda.device_count()
     chosen = args.n_gpus is None and args.device == "auto"
     if args.device == "cpu" and args.n_gpus:
@@ -412,6 +411,8 @@ def choose_gpus(args) -> tuple[int, bool]:
 def check_model_size(auto_cpu: bool, base: dict) -> None:
     """Refuse a model of over 100M parameters on a CPU the sweep chose itself, as train.py does. A model that cannot
     be found is left to the trials, which report it."""
+    from training import check_auto_cpu, meta_parameters, planned_model_args
+    from weights import resolve_source
 
     if not auto_cpu:
         return
@@ -475,6 +476,7 @@ def check_trial_lengths(base: dict, space: dict, data: str) -> None:
     """The training config's launch and run-length checks (no fsdp outside torchrun; warmup shorter than the run,
     a train split that gives batches), before any trial starts, for the settings the space can draw that make
     them hardest to pass."""
+    from training import check_launch, check_warmup, planned_steps
 
     try:
         check_launch(config_mod.make_config(base, "sweep"))  # trials are plain processes, never torchrun's
@@ -514,6 +516,7 @@ def run_sweep(args) -> int:
     space = load_space(args.sweep_config, base)
     if not Path(args.data).is_file():
         raise UserError(f"--data {args.data}: no such file (make one with pretokenize.py)")
+    from token_file import open_splits
 
     if args.metric != "train_loss" and "val" not in open_splits(args.data):
         raise UserError(f"{args.data} has no 'val' split; give pretokenize.py --val_data or use --metric train_loss")

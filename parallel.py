@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from runtime import Runtime
-from weights import build_model
 
 DISTRIBUTED = ("ddp", "fsdp")
 
@@ -106,6 +105,7 @@ def gathered_model(model: nn.Module, rt: Runtime) -> nn.Module | None:
     call this; ranks other than 0 get None)."""
     if not is_sharded(model):
         return model if rt.is_main else None
+    from weights import build_model
 
     state = full_state_dict(model)
     if not rt.is_main:

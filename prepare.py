@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 
-from speech_metrics import ASR, DEFAULT_ASR
+from speech_metrics import DEFAULT_ASR
 from utils import check_number, run_cli, UserError
 from runtime import resolve_device
 from outputs import check_output_file, lock_beside
-from recordings import CutSettings, find_audio, prepare
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         check_number("--speaker", args.speaker, min=0, max=2**31 - 1)
     if args.max_seconds < args.min_seconds:
         raise UserError(f"--max_seconds {args.max_seconds:g} is below --min_seconds {args.min_seconds:g}")
+    from recordings import CutSettings, find_audio, prepare
 
     files = find_audio(args.audio)
     output = check_output_file(args.output, "--output", inputs=files)
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--output {output} exists; pass --overwrite to replace it, or choose another output")
         asr = None
         if args.asr.lower() != "none":
+            from speech_metrics import ASR
 
             device = resolve_device(args.device)
             import torch

@@ -17,10 +17,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from metadata import speaker_id, speaker_numbers, visible_text
+from metadata import visible_text
 from utils import UserError
 from outputs import append_line, atomic_path, not_a_file, write_text_atomic
-from audio_io import AudioError, read_mono, resample
 
 VAD_RATE = 16_000  # silero-vad and Whisper both listen at 16 kHz
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif")
@@ -114,6 +113,7 @@ def speaker_ids(files: list[Path], fixed: int | None) -> dict[Path, int]:
     not "007"), else the other folders numbered in sorted order of their names."""
     if fixed is not None:
         return {f: fixed for f in files}
+    from metadata import speaker_id, speaker_numbers
 
     names = speaker_numbers(f.parent.name for f in files)
     return {f: speaker_id(f.parent.name, names) for f in files}
@@ -121,6 +121,7 @@ def speaker_ids(files: list[Path], fixed: int | None) -> dict[Path, int]:
 
 def read_16k(path: Path) -> tuple[np.ndarray, float]:
     """A file as 16 kHz mono float32, and its duration in seconds."""
+    from audio_io import AudioError, read_mono, resample
 
     mono, rate = read_mono(str(path), path)
     if len(mono) == 0:

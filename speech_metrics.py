@@ -14,7 +14,6 @@ import torch
 
 from hub import hub_snapshot, looks_like_repo_id
 from utils import UserError
-from audio_io import resample
 
 DEFAULT_ASR = "openai/whisper-large-v3-turbo"
 DEFAULT_SPEAKER_MODEL = "microsoft/wavlm-base-plus-sv"
@@ -141,6 +140,7 @@ class ASR:
 
     def transcribe(self, clips: list[np.ndarray], rate: int, batch_size: int = 8) -> list[str]:
         """Transcripts of mono float clips at `rate` Hz (resampled to 16 kHz here); an empty clip is ''."""
+        from audio_io import resample
 
         out = [""] * len(clips)
         todo = [i for i, c in enumerate(clips) if len(c) > 0]
@@ -176,6 +176,7 @@ class SpeakerEncoder:
     @torch.no_grad()
     def embed(self, clip: np.ndarray, rate: int) -> torch.Tensor | None:
         """The embedding of one mono clip (None for a clip too short to embed: under 0.1 s)."""
+        from audio_io import resample
 
         if len(clip) < rate // 10:
             return None

@@ -17,8 +17,6 @@ import torch
 
 from csm_model import CSM, ModelArgs
 from weights import save_pretrained
-from audio_io import read_audio
-import token_file
 
 TEXT_VOCAB_SIZE = 512
 TINY_MODEL_ARGS = ModelArgs(backbone_flavor="llama-tiny", decoder_flavor="llama-tiny-decoder",
@@ -248,6 +246,8 @@ def make_long_recording(path: str | Path, clips: list[str | Path], gap: float = 
     import numpy as np
     import soundfile as sf
 
+    from audio_io import read_audio
+
     rate = 24000
     silence = np.zeros(int(gap * rate), np.float32)
     parts, bounds, t = [silence], [], gap
@@ -268,6 +268,8 @@ def make_token_file(path, n_train=12, n_val=4, seed=0, codebooks=32, audio_frame
     `attrs=False` and `audio_dtype="int32"` give a file like the original tool's. With `speakers`, rows also
     carry conversations (row i in conversation "c{i % 3}", turn i) and random speakers below that."""
     import numpy as np
+
+    import token_file
 
     rng = np.random.default_rng(seed)
     meta = dict(codebooks=codebooks, sample_rate=24000, frame_rate=12.5) if attrs else None

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from hub import hub_error
 from utils import UserError
-from weights import model_tokenizer_dir
 
 DEFAULT_TEXT_TOKENIZER = "meta-llama/Llama-3.2-1B"
 DEFAULT_SPEAKER = 999
@@ -24,6 +23,7 @@ def resolve_text_tokenizer(explicit: str | None, model: str | Path | None = None
     if explicit:
         return str(explicit)
     if model is not None:
+        from weights import model_tokenizer_dir
 
         found = model_tokenizer_dir(model, revision)
         if found is not None:

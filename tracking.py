@@ -13,7 +13,6 @@ import numpy as np
 from utils import UserError
 from runtime import Runtime
 from outputs import append_line, write_text_atomic
-from codec import MIMI_SAMPLE_RATE
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 METRICS_NAME = "metrics.jsonl"
@@ -43,6 +42,8 @@ class Tracker:
         if self.run is None:
             return
         import wandb
+
+        from codec import MIMI_SAMPLE_RATE
 
         def player(item_id, kind):
             clip = audio.get(item_id, {}).get(kind)

@@ -35,7 +35,7 @@ from csm_model import CSM, ModelArgs, count_parameters
 from dataloaders import CSMDataset, ResumableLoader, default_num_workers, make_loader
 from evaluation import EvalSettings, evaluate_model, items_from_token_file, write_report
 from hf_export import csm_tokenizer, DEFAULT_CODEC, export_transformers
-from codec import find_codec, load_mimi, MIMI_SAMPLE_RATE
+from codec import find_codec
 from metrics import QUALITY, lower_is_better
 from loss import LossTerms, TargetPlan, combine_loss, compute_loss, plan_targets, weighted_loss
 from optim import make_optimizer, make_scheduler
@@ -49,6 +49,7 @@ from token_file import SPEAKERS_NAME, open_splits, speaker_names
 from speech_metrics import QualityModels
 from synthesis import prompt_segments, synthesize
 from tokenization import load_text_tokenizer, resolve_text_tokenizer
+from codec import load_mimi, MIMI_SAMPLE_RATE
 from weights import build_model, config_model_args, copy_tokenizer_files, load_model, resolve_source, save_pretrained
 
 
