@@ -411,7 +411,7 @@ def choose_gpus(args) -> tuple[int, bool]:
 def check_model_size(auto_cpu: bool, base: dict) -> None:
     """Refuse a model of over 100M parameters on a CPU the sweep chose itself, as train.py does. A model that cannot
     be found is left to the trials, which report it."""
-    from training import check_auto_cpu, meta_parameters, planned_model_args
+    from training import check_planned_size, planned_model_args
     from weights import resolve_source
 
     if not auto_cpu:
@@ -419,10 +419,10 @@ def check_model_size(auto_cpu: bool, base: dict) -> None:
     cfg = config_mod.make_config(base)
     try:
         source = None if cfg.train_from_scratch else resolve_source(cfg.model, cfg.model_revision)
-        planned = planned_model_args(cfg, source)
+        planned_model_args(cfg, source)  # a model or config that cannot be read is the trials' to report
     except UserError:
         return
-    check_auto_cpu(meta_parameters(planned) if planned else None, True, explicit="--device cpu")
+    check_planned_size(cfg, source, auto_cpu)
 
 
 def base_values(args) -> dict:

@@ -35,7 +35,6 @@ from csm_model import CSM, ModelArgs, count_parameters
 from dataloaders import CSMDataset, ResumableLoader, default_num_workers, make_loader
 from evaluation import EvalSettings, evaluate_model, items_from_token_file, write_report
 from hf_export import csm_tokenizer, DEFAULT_CODEC, export_transformers
-from codec import find_codec
 from metrics import QUALITY, lower_is_better
 from loss import LossTerms, TargetPlan, combine_loss, compute_loss, plan_targets, weighted_loss
 from optim import make_optimizer, make_scheduler
@@ -49,7 +48,7 @@ from token_file import SPEAKERS_NAME, open_splits, speaker_names
 from speech_metrics import QualityModels
 from synthesis import prompt_segments, synthesize
 from tokenization import load_text_tokenizer, resolve_text_tokenizer
-from codec import load_mimi, MIMI_SAMPLE_RATE
+from codec import find_codec, load_mimi, MIMI_SAMPLE_RATE
 from weights import build_model, config_model_args, copy_tokenizer_files, load_model, resolve_source, save_pretrained
 
 
@@ -446,6 +445,14 @@ def check_auto_cpu(parameters: int | None, auto_cpu: bool, explicit: str = "--de
                     f"pass {explicit} to train on the CPU anyway")
 
 
+def check_planned_size(cfg: TrainConfig, base: Path | None, auto_cpu: bool) -> ModelArgs | None:
+    """check_auto_cpu for the model the config will build or load, counted from its config alone; returns
+    those dimensions (None on a CPU that was asked for, or when only the weights say)."""
+    planned = planned_model_args(cfg, base) if auto_cpu else None
+    check_auto_cpu(meta_parameters(planned) if planned else None, auto_cpu)
+    return planned
+
+
 def meta_parameters(args: ModelArgs) -> int:
     """Parameters of a model of these dimensions, counted on the meta device (nothing is allocated)."""
 
@@ -565,8 +572,7 @@ def setup_run(cfg: TrainConfig, data: str, out: Path, rt: Runtime, resume: str |
     # needs it later (text tokenizer, samples, exports) is found now, not hours into the run.
     base = None if cfg.train_from_scratch else resolve_source(cfg.model, cfg.model_revision)
     auto_cpu = rt.auto_device and rt.device.type == "cpu"
-    planned = planned_model_args(cfg, base) if auto_cpu else None
-    check_auto_cpu(meta_parameters(planned) if planned else None, auto_cpu)  # before minutes of loading
+    planned = check_planned_size(cfg, base, auto_cpu)  # before minutes of loading
     text_tokenizer = resolve_text_tokenizer(cfg.text_tokenizer, base)
     speech = RunSpeech(cfg, rt.device, text_tokenizer)
     quality = hf_exports = None
