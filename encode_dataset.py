@@ -32,7 +32,7 @@ from codec import (encode_audio, frames_of, load_mimi, MIMI_FRAME_RATE, MIMI_SAM
                    SAMPLES_PER_FRAME)
 from utils import UserError
 from runtime import resolve_device
-from outputs import atomic_path, check_output_file, lock_beside, write_text_atomic
+from outputs import atomic_path, claim_output_files, write_text_atomic
 
 SILENCE_PEAK = 1e-4
 
@@ -341,9 +341,9 @@ def run(args: EncodeSettings) -> int:
     """Metadata files -> token file, for pretokenize.py's settings; resumable."""
     metadata = args.splits
     device = resolve_device(args.device)
-    output = check_output_file(args.output, "--output", inputs=metadata.values())
-    # Lock, then look: checked before the lock, a finished output of a run that ends meanwhile would be replaced.
-    with lock_beside(output, f"--output {output}"):
+    # An existing output is not refused here: check_existing_output weighs it against this run's settings.
+    with claim_output_files([Path(args.output)], "--output", inputs=metadata.values(),
+                            continues=lambda: True) as (output,):
         previous = check_existing_output(output, args.overwrite)
         work = output.with_name(output.name + ".partial")
         fresh = not work.exists()

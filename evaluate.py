@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 from metrics import BY_NAME, QUALITY, ROWS
 from speech_metrics import DEFAULT_ASR, DEFAULT_SPEAKER_MODEL
 from utils import check_number, run_cli, UserError
 from runtime import DTYPES, PRECISIONS, resolve_device, resolve_precision
-from outputs import check_apart, check_output_dir, clear_dir, dir_entries, LOCK_NAME, OutputLock
+from outputs import claim_output_dir, clear_dir
 from weights import DEFAULT_MODEL
 
 
@@ -83,21 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--eval_data {data} is a directory; give a metadata file or a token file (.hdf5)")
     if not data.is_file():
         raise UserError(f"--eval_data {data}: no such file")
-    out = check_output_dir(args.output_dir, "--output_dir")
-    check_apart(out, "--output_dir", [("--eval_data", data), ("--model", args.model), ("--adapter", args.adapter),
-                                      *[("--context_audio", a) for a in args.context_audio]])
-    created = not out.exists()
-    try:
-        with OutputLock(out / LOCK_NAME, f"--output_dir {out}"):  # lock, then look (see OutputLock)
-            existing = dir_entries(out)
-            if existing and not args.overwrite:
-                raise UserError(f"--output_dir {out} is not empty ({', '.join(existing[:4])}); pass --overwrite to "
-                                "replace what it holds, or choose another directory")
-            return _evaluate(args, data, out)
-    except BaseException:
-        if created and not dir_entries(out):
-            shutil.rmtree(out, ignore_errors=True)  # a start that failed leaves no directory behind
-        raise
+    inputs = [("--eval_data", data), ("--model", args.model), ("--adapter", args.adapter),
+              *[("--context_audio", a) for a in args.context_audio]]
+    with claim_output_dir(args.output_dir, "--output_dir", inputs=inputs, overwrite=args.overwrite) as out:
+        return _evaluate(args, data, out)
 
 
 def _evaluate(args, data: Path, out: Path) -> int:

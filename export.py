@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hf_export import check_output, csm_tokenizer, DEFAULT_CODEC, export_official, export_transformers
+from hf_export import csm_tokenizer, DEFAULT_CODEC, export_official, export_transformers
 from codec import find_codec
 from tokenization import resolve_text_tokenizer
 from utils import run_cli, UserError
-from outputs import lock_beside
+from outputs import check_apart, claim_output_dir
 from weights import load_model, parse_size, resolve_source
 
 
@@ -41,25 +41,24 @@ def main(argv: list[str] | None = None) -> int:
         parse_size(args.max_shard_size)
     except UserError as e:
         raise UserError(f"--max_shard_size: {e}") from None
-    with lock_beside(Path(args.output).expanduser(), f"--output {args.output}"):  # lock, then look
-        return export(args)
-
-
-def export(args) -> int:
-    """The export, its output locked."""
     inputs = [("--model", args.model), ("--codec", args.codec), ("--text_tokenizer", args.text_tokenizer)]
-    check_output(args.output, args.overwrite, inputs)
+    # The export replaces the directory whole, so its lock sits beside it.
+    with claim_output_dir(args.output, "--output", inputs=inputs, overwrite=args.overwrite, lock_inside=False) as out:
+        return export(args, out)
+
+
+def export(args, output: Path) -> int:
+    """The export into its claimed output."""
     source = resolve_source(args.model, args.revision)  # a hub repo is fetched once, at the pinned revision
-    check_output(args.output, args.overwrite, [("--model", source)])  # a hub model's files in the local cache
+    check_apart(output, "--output", [("--model", source)])  # a hub model's files in the local cache
     if args.to == "hf":  # everything the export needs is found before the model is loaded
         codec = find_codec([args.codec] if args.codec else [source, DEFAULT_CODEC])
         tokenizer = csm_tokenizer(resolve_text_tokenizer(args.text_tokenizer, source))
     model = load_model(source, dtype=None)  # the stored dtype, bit for bit
     if args.to == "official":
-        out = export_official(model, args.output, overwrite=args.overwrite)
+        out = export_official(model, output)
     else:
-        out = export_transformers(model, args.output, tokenizer=tokenizer, codec=codec, overwrite=args.overwrite,
-                                  max_shard_size=args.max_shard_size)
+        out = export_transformers(model, output, tokenizer=tokenizer, codec=codec, max_shard_size=args.max_shard_size)
     print(f"wrote {out} ({'transformers CsmForConditionalGeneration' if args.to == 'hf' else 'official'} layout)")
     return 0
 

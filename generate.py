@@ -19,7 +19,7 @@ from tokenization import load_text_tokenizer, resolve_text_tokenizer
 from codec import load_mimi, MIMI_SAMPLE_RATE
 from utils import check_number, run_cli, UserError
 from runtime import DTYPES, PRECISIONS, resolve_device, resolve_precision
-from outputs import atomic_path, check_output_file, lock_beside
+from outputs import atomic_path, claim_output_files
 from weights import DEFAULT_MODEL, load_model, resolve_source
 
 
@@ -97,17 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--output {output}: give a file name ending in {', '.join(AUDIO_SUFFIXES)}")
     texts = [text for _, text in numbered]
     outputs = [output if i is None else output.with_name(f"{output.stem}_{i:03d}{output.suffix}") for i, _ in numbered]
-    inputs = [*args.context_audio, args.lines]
-    for out in outputs:
-        check_output_file(out, "--output", inputs=inputs)
-    if args.speakers or Path(args.model).expanduser().exists():  # a hub model's speakers.json comes with its files
-        parse_speaker(args.speaker, model_speaker_names(args.model, args.speakers))
-    with lock_beside(output, f"--output {output}"):  # lock, then look (see OutputLock)
-        existing = [str(out) for out in outputs if out.exists()]
-        if existing and not args.overwrite:
-            raise UserError(f"--output {existing[0]} "
-                            f"exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}"
-                            "; pass --overwrite to replace it, or choose another output")
+    with claim_output_files(outputs, "--output", inputs=[*args.context_audio, args.lines],
+                            overwrite=args.overwrite) as outputs:
+        if args.speakers or Path(args.model).expanduser().exists():  # a hub model's speakers.json comes with its files
+            parse_speaker(args.speaker, model_speaker_names(args.model, args.speakers))
         return _generate(args, texts, outputs)
 
 

@@ -14,7 +14,7 @@ from typing import Iterator
 from codec import DEFAULT_MIMI, MIMI_SAMPLE_RATE
 from tokenization import load_text_tokenizer
 from utils import DiskFullError, UserError
-from outputs import check_apart, check_output_dir, disk_full_error, is_disk_full
+from outputs import disk_full_error, is_disk_full
 from weights import parse_size, save_pretrained, save_safetensors
 from conversions import HF_CODEC_PREFIX, hf_config_from_args, HF_TIED_AUDIO, official_to_hf
 
@@ -45,15 +45,6 @@ CHAT_TEMPLATE = (
 
 
 # --------------------------------------------------------------------------- output directories
-
-
-def check_output(output: Path, overwrite: bool, inputs=()) -> None:
-    """Refuse an output that would lose work or clobber an input ((flag, path) pairs: the output may neither
-    be, hold nor lie inside one), before anything is computed."""
-    output = check_output_dir(output, "--output")
-    check_apart(output, "--output", inputs)
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise UserError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
 
 
 def _replace_dir(tmp: Path, output: Path) -> None:
@@ -173,14 +164,14 @@ def hf_state_dict(model, codec_weights: dict) -> dict:
 # --------------------------------------------------------------------------- exports
 
 
-def export_transformers(model, output: str | Path, *, tokenizer, codec: tuple[dict, dict], overwrite: bool = False,
+def export_transformers(model, output: str | Path, *, tokenizer, codec: tuple[dict, dict],
                         max_shard_size: str = MAX_SHARD_SIZE) -> Path:
     """Write `model` as a transformers CSM directory that `CsmForConditionalGeneration.from_pretrained` and
     `AutoProcessor.from_pretrained` load. `tokenizer` comes from csm_tokenizer, `codec` from find_codec.
     The files are written here, in the checkpoint layout, rather than by a transformers model object, so
-    the export does not depend on how a transformers version arranges its modules."""
+    the export does not depend on how a transformers version arranges its modules. The caller owns `output`
+    (export.py claims it; a training run writes into its own directory): it is replaced whole."""
     output = Path(output)
-    check_output(output, overwrite)
     max_bytes = parse_size(max_shard_size)
     config = hf_config(model.config, codec[1], tokenizer)
     config.architectures = ["CsmForConditionalGeneration"]
@@ -195,10 +186,10 @@ def export_transformers(model, output: str | Path, *, tokenizer, codec: tuple[di
     return output
 
 
-def export_official(model, output: str | Path, *, overwrite: bool = False) -> Path:
-    """Write `model` in the official layout (config.json + model.safetensors), which the official code loads."""
+def export_official(model, output: str | Path) -> Path:
+    """Write `model` in the official layout (config.json + model.safetensors), which the official code loads.
+    `output` is replaced whole, as by export_transformers."""
     output = Path(output)
-    check_output(output, overwrite)
     with _built_dir(output) as tmp:
         save_pretrained(model, tmp)
     return output

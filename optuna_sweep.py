@@ -9,7 +9,6 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -22,7 +21,7 @@ import config as config_mod
 from metrics import BY_NAME, SWEEPABLE, direction
 from tracking import best_logged, last_logged
 from utils import check_number, UserError
-from outputs import atomic_path, check_output_dir, clear_dir, dir_entries, LOCK_NAME, OutputLock, write_text_atomic
+from outputs import atomic_path, claim_output_dir, clear_dir, dir_entries, write_text_atomic
 
 PARAM_TYPES = ("categorical", "float", "int", "fixed")
 # The sweepable quality metrics: the best value a trial's quality evaluations reached (needs eval_every).
@@ -447,18 +446,11 @@ def study_of(out: Path) -> str | None:
         return None
 
 
-def prepare_output_dir(out: Path, study_name: str, overwrite: bool) -> OutputLock:
-    """Lock the output directory, then refuse it unless it is new, holds this study already (continued), or
-    --overwrite is given; it is claimed (emptied, marked) only once the study's storage has opened."""
-    check_output_dir(out, "--output_dir")
-    lock = OutputLock(out / LOCK_NAME, f"--output_dir {out}").acquire()  # lock, then look (see OutputLock)
-    existing, owner = dir_entries(out), study_of(out)
-    if existing and owner != study_name and not overwrite:
-        lock.release()
-        what = f"study {owner!r}" if owner else f"other files ({', '.join(existing[:4])})"
-        raise UserError(f"--output_dir {out} holds {what}; trials of study {study_name!r} would mix with them. "
-                        "Choose another --output_dir, the same --study_name to continue, or --overwrite to replace it")
-    return lock
+def _holds_other_work(out: Path, study_name: str, existing: list[str]) -> str:
+    owner = study_of(out)
+    what = f"study {owner!r}" if owner else f"other files ({', '.join(existing[:4])})"
+    return (f"--output_dir {out} holds {what}; trials of study {study_name!r} would mix with them. "
+            "Choose another --output_dir, the same --study_name to continue, or --overwrite to replace it")
 
 
 # Where the run is longest or shortest, for the warmup check: the largest batches and accumulation and the fewest
@@ -530,14 +522,13 @@ def run_sweep(args) -> int:
     run = SweepRun(spec, args.storage, str(args.data), out, args.n_trials, n_gpus,
                    n_workers=n_gpus * args.trials_per_gpu if n_gpus else args.n_workers,
                    deadline=time.time() + args.timeout if args.timeout else None, trials_at_start=0)
-    created = not out.exists()
-    try:
-        with prepare_output_dir(out, spec.name, args.overwrite):
-            return _run_study(run, base, space)
-    except BaseException:
-        if created and not dir_entries(out):
-            shutil.rmtree(out, ignore_errors=True)  # a start that failed leaves no directory behind
-        raise
+    # Held until the sweep ends; the directory is emptied and marked only once the study's storage has opened.
+    with claim_output_dir(out, "--output_dir", inputs=[("--data", args.data), ("--sweep_config", args.sweep_config),
+                                                       ("--base_config", args.base_config),
+                                                       ("model", base.get("model"))],
+                          overwrite=args.overwrite, continues=lambda _: study_of(out) == spec.name,
+                          refusal=lambda existing: _holds_other_work(out, spec.name, existing)):
+        return _run_study(run, base, space)
 
 
 def _claim(out: Path, study_name: str) -> None:

@@ -10,7 +10,7 @@ import os
 import shutil
 import stat
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 from errors import DiskFullError, UserError
 
@@ -223,3 +223,66 @@ def lock_beside(path: str | Path, what: str) -> OutputLock:
     """The lock of a file or directory output: `<name>.lock` beside it."""
     path = Path(path)
     return OutputLock(path.with_name(path.name + ".lock"), what)
+
+
+# --------------------------------------------------------------------------- the guard of every output
+
+Inputs = Iterable[tuple[str, "str | Path | None"]]  # (flag, path) pairs; hub ids and None are passed over
+
+
+def _not_empty(what: str, out: Path, existing: list[str]) -> str:
+    return (f"{what} {out} is not empty ({', '.join(existing[:4])}); pass --overwrite to replace what it holds, "
+            "or choose another directory")
+
+
+@contextlib.contextmanager
+def claim_output_dir(path: str | Path, what: str, *, inputs: Inputs = (), overwrite: bool = False,
+                     continues: Callable[[list[str]], bool] | None = None,
+                     refusal: Callable[[list[str]], str] | None = None, lock_inside: bool = True,
+                     main: bool = True) -> Iterator[Path]:
+    """The one guard of an output directory (train.py, sweep.py, evaluate.py, export.py).
+
+    The path is checked first: a directory that exists or can be made, and can be written, apart from every
+    input (neither one of them, nor inside one, nor holding one: --overwrite empties it). Then it is locked
+    (`.lock` inside it, or `<name>.lock` beside it for an output that is replaced whole), and only then
+    looked at: a directory that holds anything is refused unless `overwrite`, or `continues(entries)` says
+    this run carries on what it holds (--resume, the same study). `refusal(entries)` words the refusal.
+
+    Nothing in the directory is changed here but the lock file; the body empties it (--overwrite) once its own
+    checks pass. A directory this claim created is removed again when the body fails before writing anything
+    into it. `main=False` (a run's other processes) checks the path only: the main process locks and looks."""
+    out = check_output_dir(path, what)
+    check_apart(out, what, inputs)
+    created, lock = not out.exists(), None
+    try:
+        if main:
+            name = f"{what} {out}"
+            lock = (OutputLock(out / LOCK_NAME, name) if lock_inside else lock_beside(out, name)).acquire()
+            existing = dir_entries(out)  # lock, then look (see OutputLock)
+            if existing and not overwrite and not (continues and continues(existing)):
+                raise UserError(refusal(existing) if refusal else _not_empty(what, out, existing))
+        yield out
+    except BaseException:
+        if created and main and not dir_entries(out):
+            shutil.rmtree(out, ignore_errors=True)  # a start that failed leaves no directory behind
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+@contextlib.contextmanager
+def claim_output_files(paths: list[Path], what: str, *, inputs: Iterable["str | Path"] = (), overwrite: bool = False,
+                       continues: Callable[[], bool] | None = None) -> Iterator[list[Path]]:
+    """The one guard of file outputs (prepare.py, pretokenize.py, generate.py): each path checked (not a directory,
+    not an input, in a folder that can be written), then the lock beside the first taken, then the paths
+    looked at: one that exists is refused unless `overwrite` or `continues()` (a run that resumes its own
+    unfinished work)."""
+    paths = [check_output_file(p, what, inputs=list(inputs)) for p in paths]
+    with lock_beside(paths[0], f"{what} {paths[0]}"):  # lock, then look (see OutputLock)
+        existing = [str(p) for p in paths if p.exists()]
+        if existing and not overwrite and not (continues and continues()):
+            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+            raise UserError(f"{what} {existing[0]} exists{more}; pass --overwrite to replace it, or choose another "
+                            "output")
+        yield paths

@@ -11,11 +11,12 @@ in <output>.skipped.csv.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from speech_metrics import DEFAULT_ASR
 from utils import check_number, run_cli, UserError
 from runtime import resolve_device
-from outputs import check_output_file, lock_beside
+from outputs import claim_output_files
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,13 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     from recordings import CutSettings, find_audio, prepare
 
     files = find_audio(args.audio)
-    output = check_output_file(args.output, "--output", inputs=files)
-    if output.suffix.lower() != ".csv":
+    output = Path(args.output).expanduser()
+    if output.suffix.lower() != ".csv" and not output.is_dir():
         raise UserError(f"--output {output}: give a file name ending in .csv")
-    partial = output.with_name(output.name + ".partial.jsonl")
-    with lock_beside(output, f"--output {output}"):  # lock, then look (see OutputLock)
-        if output.exists() and not args.overwrite and not partial.exists():
-            raise UserError(f"--output {output} exists; pass --overwrite to replace it, or choose another output")
+    partial = output.with_name(output.name + ".partial.jsonl")  # an unfinished run's work, which this one resumes
+    with claim_output_files([output], "--output", inputs=files, overwrite=args.overwrite, continues=partial.exists):
         asr = None
         if args.asr.lower() != "none":
             from speech_metrics import ASR

@@ -42,8 +42,7 @@ from tracking import Tracker, make_tracker
 from utils import print0, seed_everything, UserError
 from runtime import (all_reduce_sum, autocast, compute_init, cuda_unusable_reason, launched_by_torchrun,
                      peak_memory_bytes, resolve_precision, Runtime)
-from outputs import (atomic_path, check_output_dir, clear_dir, dir_entries, first_existing, LOCK_NAME, OutputLock,
-                     write_text_atomic)
+from outputs import atomic_path, claim_output_dir, clear_dir, first_existing, write_text_atomic
 from token_file import SPEAKERS_NAME, open_splits, speaker_names
 from speech_metrics import QualityModels
 from synthesis import prompt_segments, synthesize
@@ -287,7 +286,7 @@ class HFExports:
         self.tokenizer = csm_tokenizer(text_tokenizer)
 
     def __call__(self, model: nn.Module, directory: Path) -> None:
-        export_transformers(model, directory, tokenizer=self.tokenizer, codec=self.codec, overwrite=True)
+        export_transformers(model, directory, tokenizer=self.tokenizer, codec=self.codec)
 
 
 # --------------------------------------------------------------------------- best/ and final/
@@ -348,21 +347,16 @@ class TrainResult:
     stopped_early: bool
 
 
-def prepare_output_dir(out: Path, resume: str | None, overwrite: bool, rt: Runtime) -> OutputLock | None:
-    """Refuse a directory that holds another run (unless resuming or overwriting), then lock it for this one.
+def run_inputs(cfg: TrainConfig, data: str | Path) -> list[tuple[str, str | None]]:
+    """The files and directories a run reads, which its output directory must stay apart from."""
+    return [("--data", str(data)), ("model", cfg.model), ("text_tokenizer", cfg.text_tokenizer),
+            ("mimi_weights", cfg.mimi_weights), ("export_codec", cfg.export_codec), ("eval_asr", cfg.eval_asr),
+            ("eval_speaker_model", cfg.eval_speaker_model)]
 
-    Nothing is written into it here but the lock file: a start that fails its checks leaves a run intact."""
-    check_output_dir(out, "--output_dir")
-    if not rt.is_main:
-        return None
-    lock = OutputLock(out / LOCK_NAME, f"--output_dir {out}").acquire()  # lock, then look (see OutputLock)
-    existing = dir_entries(out)
-    if existing and not resume and not overwrite:
-        lock.release()
-        raise UserError(f"--output_dir {out} already holds a run "
-                        f"({', '.join(existing[:4])}); pass --resume to continue "
-                        "it, --overwrite to replace it, or choose another directory")
-    return lock
+
+def _holds_a_run(out: Path, existing: list[str]) -> str:
+    return (f"--output_dir {out} already holds a run ({', '.join(existing[:4])}); pass --resume to continue it, "
+            "--overwrite to replace it, or choose another directory")
 
 
 def check_launch(cfg: TrainConfig) -> None:
@@ -734,15 +728,8 @@ def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device:
     `output_dir` must be empty or new unless `resume` (continue the run in it) or `overwrite` (replace it)."""
     check_launch(cfg)
     rt = compute_init(device)
-    out = Path(output_dir)
-    created, lock = not out.exists(), None
-    try:
-        lock = prepare_output_dir(out, resume, overwrite, rt)
+    # Nothing is written into the directory before setup_run's checks pass: a start that fails leaves a run intact.
+    with claim_output_dir(output_dir, "--output_dir", inputs=run_inputs(cfg, data), overwrite=overwrite,
+                          continues=lambda _: bool(resume), refusal=lambda e: _holds_a_run(Path(output_dir), e),
+                          main=rt.is_main) as out:
         return fit(setup_run(cfg, str(data), out, rt, resume, overwrite), on_eval, progress)
-    except BaseException:
-        if created and rt.is_main and not dir_entries(out):
-            shutil.rmtree(out, ignore_errors=True)  # a start that failed its checks leaves no directory behind
-        raise
-    finally:
-        if lock is not None:
-            lock.release()

@@ -125,7 +125,7 @@ def _cases(assets, tokens, tmp_path):
                                   "--max_steps", "2", "--set", "warmup_steps=0", "--sweep_config", str(space)],
                      out_dir, "holds other files"),
         "export.py": (export.main, ["--model", model, "--to", "official", "--output", str(out_dir)], out_dir,
-                      "exists and is not empty"),
+                      "is not empty"),
         "prepare.py": (prepare.main, ["--audio", str(SAMPLE / "clips"), "--output", str(tmp_path / "m.csv"),
                                       "--asr", "none"], tmp_path / "m.csv", "exists"),
         "generate.py": (generate.main, ["--model", model, "--text", "Hi.", "--output", str(out_file), "--device", "cpu",
@@ -159,3 +159,18 @@ def test_export_refuses_outputs_that_hold_or_lie_inside_an_input(assets, tmp_pat
         with pytest.raises(utils.UserError, match=message):
             export.main(["--model", str(model), "--to", "official", "--output", str(output), "--overwrite"])
     assert {p.name: p.read_bytes() for p in (run / "final").iterdir()} == before
+
+
+@pytest.mark.parametrize("script", ["train.py", "sweep.py", "evaluate.py"])
+def test_overwrite_never_empties_a_directory_that_holds_an_input(script, assets, tokens, tmp_path):
+    """One rule for every directory output: --overwrite empties it, so one that holds the data is refused before
+    anything is read or removed (train.py used to delete a token file kept in its output directory)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    data = run / "tokens.hdf5"
+    shutil.copy(tokens, data)
+    main, argv, _, _ = _cases(assets, data, tmp_path)[script]
+    argv = [a if a != str(tmp_path / "out") else str(run) for a in argv]
+    with pytest.raises(utils.UserError, match="lies inside --output_dir"):
+        main([*argv, "--overwrite"])
+    assert data.read_bytes() == Path(tokens).read_bytes() and sorted(p.name for p in run.iterdir()) == [data.name]

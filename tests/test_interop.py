@@ -305,7 +305,7 @@ def test_export_refuses_to_lose_work(assets, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(UserError, match="exists and is not empty; pass --overwrite"):
+    with pytest.raises(UserError, match=r"is not empty \(keep.txt\); pass --overwrite"):
         export.main(["--model", str(assets["model"]), "--to", "official", "--output", str(out)])
     assert (out / "keep.txt").read_text() == "mine"
     with pytest.raises(UserError, match=r"is also an input \(--model"):
