@@ -9,11 +9,14 @@ import json
 import sys
 from pathlib import Path
 
+from safetensors.torch import load_file, save_file
 import torch
 from torch import nn
 
 from utils import UserError
 from outputs import atomic_path, write_text_atomic
+from weights import build_model
+from conversions import adapter_from_hf, HF_CODEC_PREFIX, is_hf_adapter
 
 FINETUNE_MODES = ("full", "lora")
 # The parts a full finetune can freeze, as module paths of the built-in model ("heads": both output heads).
@@ -37,7 +40,7 @@ def _params_under(model: nn.Module, paths) -> list[tuple[str, nn.Parameter]]:
 
 def lora_config(rank: int, alpha: float, dropout: float, targets, target_modules=None, rank_pattern=None):
     """peft's LoraConfig for the built-in model: `targets` are its module names (q_proj, ..., w3)."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # peft takes seconds to import: only LoRA runs pay for it
 
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
                       target_modules=list(target_modules or targets), rank_pattern=rank_pattern or {})
@@ -53,7 +56,7 @@ def apply_finetune_mode(model: nn.Module, cfg) -> nn.Module:
         if not any(p.requires_grad for p in model.parameters()):
             raise UserError("freeze leaves nothing to train; remove a part from freeze")
         return model
-    from peft import inject_adapter_in_model
+    from peft import inject_adapter_in_model  # peft takes seconds to import: only LoRA runs pay for it
 
     inject_adapter_in_model(lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets), model)
     for _, p in _params_under(model, cfg.lora_modules_to_save):
@@ -62,7 +65,7 @@ def apply_finetune_mode(model: nn.Module, cfg) -> nn.Module:
 
 
 def has_lora(model: nn.Module) -> bool:
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # peft takes seconds to import: only LoRA runs pay for it
 
     return any(isinstance(m, LoraLayer) for m in model.modules())
 
@@ -103,7 +106,7 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], sourc
 
 
 def _lora_layers(model: nn.Module):
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # peft takes seconds to import: only LoRA runs pay for it
 
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
 
@@ -132,7 +135,6 @@ def merged_model(model: nn.Module) -> nn.Module:
     model keeps its adapters, so training goes on exactly as before)."""
     if not has_lora(model):
         return model
-    from weights import build_model
 
     dtype = next(p for n, p in model.named_parameters() if ".lora_" not in n).dtype
     with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave training's RNG as it was
@@ -147,8 +149,7 @@ def merged_model(model: nn.Module) -> nn.Module:
 def save_adapter(model: nn.Module, directory: Path, cfg) -> Path:
     """The LoRA adapter and the modules trained whole, in peft's format (adapter_config.json +
     adapter_model.safetensors, tensors named as PeftModel.save_pretrained names them), each file atomically."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
+    from peft import get_peft_model_state_dict  # peft takes seconds to import: only LoRA runs pay for it
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -167,8 +168,6 @@ def save_adapter(model: nn.Module, directory: Path, cfg) -> Path:
 
 def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """An adapter directory's config (plain JSON: nothing in it runs) and tensors, with clear errors."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"--adapter {directory}: no such directory (give a peft adapter directory)")
@@ -194,9 +193,8 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Put a LoRA adapter (ours, or one trained on transformers' CsmForConditionalGeneration) onto the
     built-in model, unmerged: LoRA layers through peft, modules saved whole copied in. Returns the model."""
+    # peft takes seconds to import: only LoRA runs pay for it
     from peft import inject_adapter_in_model, set_peft_model_state_dict
-
-    from conversions import adapter_from_hf, HF_CODEC_PREFIX, is_hf_adapter
 
     config, state = read_adapter(directory)
     if not all(k.startswith(PEFT_PREFIX) for k in state):

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
 
 from codec import MIMI_SAMPLE_RATE
@@ -39,10 +40,10 @@ def resample(audio: np.ndarray, rate: int, target: int = MIMI_SAMPLE_RATE) -> np
         return audio
     g = math.gcd(int(rate), int(target))
     if (target // g) * (rate // g) <= EXACT_KERNEL_LIMIT:
-        import torchaudio
+        import torchaudio  # resampling only: audio at Mimi's rate is read without it
 
         return torchaudio.functional.resample(torch.from_numpy(audio), rate, target).numpy()
-    import soxr
+    import soxr  # odd rates only; not on a bare PyTorch machine
 
     return soxr.resample(np.ascontiguousarray(audio, dtype=np.float32), rate, target, quality="HQ").astype(np.float32)
 
@@ -52,8 +53,6 @@ def read_audio(path: str | Path, start: float | None = None, end: float | None =
 
     Only the window is read. An `end` up to WINDOW_TOLERANCE_S past the file's end is clipped to it.
     """
-    import soundfile as sf
-
     path = str(path)
     if not Path(path).is_file():
         why = not_a_file(Path(path))
@@ -84,8 +83,6 @@ def libsndfile_reason(error: Exception) -> str:
 def read_mono(source, label, first: int = 0, stop: int | None = None) -> tuple[np.ndarray, int]:
     """Samples [first, stop) of what soundfile reads (a path or a file object) as float32 mono at the file's
     own rate, and that rate. libsndfile's error becomes an AudioError naming `label`."""
-    import soundfile as sf
-
     try:
         data, rate = sf.read(source, start=first, stop=stop, dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile reports every format problem as a RuntimeError with its text

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from safetensors.torch import save_file
 import torch
 
 from conversions import HF_CODEC_PREFIX, rope_rows_to_hf
@@ -34,7 +35,6 @@ def load_mimi(source: str | Path | None = None, device="cpu", num_codebooks: int
     The weights reach `MimiModel.from_pretrained` in the checkpoint layout (a MimiModel directory as it is,
     the others through a temporary one), so transformers itself maps them onto its modules (their layout
     differs between transformers 4 and 5)."""
-    from safetensors.torch import save_file
     from transformers import MimiConfig, MimiModel  # transformers' import takes seconds: only when Mimi is used
 
     source = DEFAULT_MIMI if source is None else str(source)
@@ -181,7 +181,7 @@ def read_moshi_mimi(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """A moshi Mimi safetensors file (with its mimi_config.json when not the default Mimi), as MimiModel weights."""
     beside = path.with_name(MOSHI_MIMI_CONFIG_NAME)
     config = mimi_config_from_moshi(read_config(beside) if beside.is_file() else None)
-    from transformers import MimiConfig
+    from transformers import MimiConfig  # transformers' import takes seconds: only Mimi's users pay for it
 
     heads = MimiConfig(**{k: v for k, v in config.items() if k != "model_type"}).num_attention_heads
     return moshi_mimi_to_hf(read_safetensors(path, skip_prefix=None), heads), config

@@ -23,6 +23,7 @@ from tracking import WANDB_MODES
 from utils import UserError
 from runtime import PRECISIONS
 from outputs import write_text_atomic
+from csm_model import FLAVORS
 
 
 
@@ -282,8 +283,6 @@ def unknown_key_error(key: str, source: str) -> UserError:
 
 def make_config(values: dict, source: str = "config") -> TrainConfig:
     """Validate a dict of keys (from YAML, CLI, a checkpoint) into a TrainConfig; one clear error per problem."""
-    from csm_model import FLAVORS
-
     by_name = {f.name: f for f in fields(TrainConfig)}
     kwargs = {}
     for key, value in values.items():

@@ -13,8 +13,11 @@ from typing import Iterator
 
 import numpy as np
 
-from metadata import speaker_id, speaker_numbers
+from metadata import read_metadata, speaker_id, speaker_numbers
 from utils import UserError
+from hub import hub_error
+from audio_io import AudioError, read_mono, resample
+from codec import MIMI_SAMPLE_RATE
 
 AUDIO_KEY = "_audio"  # a dataset row's audio, {"bytes", "path"}, beside the metadata columns
 HF_PREFIX = "hf:"
@@ -38,8 +41,6 @@ class MetadataSource:
     streaming = False
 
     def __init__(self, path: str, trust_pickle: bool = False):
-        from metadata import read_metadata
-
         self.df = read_metadata(path, trust_pickle=trust_pickle)
         self.path = Path(path)
         self.length = len(self.df)
@@ -70,7 +71,7 @@ class DatasetSource:
         self.columns = (text_column, audio_column, speaker_column)
         self._check_columns()
         self.speaker_names: dict[str, int] = {}  # set by the caller: one numbering for every split of a file
-        from datasets import Audio
+        from datasets import Audio  # datasets takes a second to import: hub sources only
 
         if isinstance(self.ds.features.get(audio_column), Audio):  # decoded here (soundfile), not by torchcodec
             self.ds = self.ds.cast_column(audio_column, Audio(decode=False))
@@ -133,7 +134,7 @@ def _parse_spec(spec: str, default_split: str) -> tuple[str, str | None, str]:
 
 
 def _open_dataset(spec: str, streaming: bool, default_split: str):
-    import datasets
+    import datasets  # a second to import: hub sources only
 
     name, config, split = _parse_spec(spec, default_split)
     try:
@@ -143,7 +144,6 @@ def _open_dataset(spec: str, streaming: bool, default_split: str):
     except UserError:
         raise
     except Exception as e:  # the hub and datasets raise many types; the first line says what went wrong
-        from hub import hub_error
 
         raise hub_error("dataset", name, e, "Or give a local directory saved with save_to_disk.") from e
     if isinstance(loaded, datasets.DatasetDict):
@@ -183,9 +183,6 @@ def number_speakers(sources) -> dict[str, int]:
 def decode_audio_payload(payload) -> np.ndarray:
     """A dataset row's audio as float32 mono at 24 kHz: {"bytes"} or {"path"} (any format soundfile reads),
     or {"array", "sampling_rate"} already decoded."""
-    from audio_io import AudioError, read_mono, resample
-    from codec import MIMI_SAMPLE_RATE
-
     if not isinstance(payload, dict):
         raise AudioError("dataset row", "no audio in the row")
     if payload.get("array") is not None:

@@ -16,6 +16,18 @@ import shutil
 import time
 from pathlib import Path
 
+import optuna
+import pandas as pd
+
+import evaluate
+import generate
+import prepare
+import pretokenize
+import sweep
+import tiny_assets
+import train
+from utils import run_cli
+
 ROOT = Path(__file__).resolve().parent
 SAMPLE = ROOT / "data" / "sample"
 
@@ -26,7 +38,7 @@ def banner(text: str) -> None:
 
 def plot_losses(metrics_path: Path, png: Path) -> None:
     """Training and validation loss against optimizer steps."""
-    import matplotlib
+    import matplotlib  # here, so that the Agg backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -49,11 +61,10 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
 
 def plot_sweep(sweep_dir: Path, out_dir: Path) -> list[Path]:
     """Static PNGs of the sweep (the HTML versions are in the sweep directory)."""
-    import matplotlib
+    import matplotlib  # here, so that the Agg backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import optuna
     from optuna.visualization import matplotlib as ovm
 
     study = optuna.load_study(study_name="csm-sweep", storage=f"sqlite:///{(sweep_dir / 'study.db').resolve()}")
@@ -77,11 +88,6 @@ def prepare_recordings(out: Path, asr: Path) -> Path:
 
     The tiny Whisper is random, so its transcripts are noise; the demo then puts in the known text of the
     clip each utterance came from (what a user who transcribes elsewhere does after `--asr none`)."""
-    import pandas as pd
-
-    import prepare
-    import tiny_assets
-
     clips = pd.read_csv(SAMPLE / "train.csv")
     where = out / "recordings"
     known = []  # (file, start, end, text)
@@ -114,12 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
-    import evaluate
-    import generate
-    import pretokenize
-    import sweep
-    import tiny_assets
-    import train
 
     out = Path(args.output_dir)
     if out.exists():
@@ -203,6 +203,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from utils import run_cli
-
     run_cli(main)

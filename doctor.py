@@ -19,6 +19,11 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from gpu_env import driver_advice, nvidia_driver
+
+# torch, huggingface_hub and bench/memory.py are imported inside the functions that report on them, so that a
+# missing or broken one is that line's finding, not a crash.
+
 ROOT = Path(__file__).resolve().parent
 MODES = (("full, AdamW", "full", "adamw"), ("full, 8-bit AdamW", "full", "adamw8bit"),
          ("LoRA r=16, AdamW", "lora", "adamw"))
@@ -73,7 +78,7 @@ def package_lines() -> list[str]:
 
 def gpus() -> list[dict]:
     """Each visible GPU: name, memory in bytes, compute capability, bf16."""
-    import torch
+    import torch  # see the note at the imports
 
     found = []
     for i in range(torch.cuda.device_count()):
@@ -86,7 +91,7 @@ def gpus() -> list[dict]:
 def max_tokens_lines(gpu_bytes: float) -> list[str]:
     """The largest max_tokens per finetune mode for a GPU of this size, from the memory guide's figures."""
     sys.path.append(str(ROOT / "bench"))
-    import memory
+    import memory  # see the note at the imports
 
     guide = memory.read_guide((ROOT / "README.md").read_text())
     if not guide:
@@ -101,8 +106,6 @@ def max_tokens_lines(gpu_bytes: float) -> list[str]:
 
 
 def torch_lines() -> list[str]:
-    from gpu_env import driver_advice, nvidia_driver
-
     driver = nvidia_driver()
     lines = [f"  NVIDIA driver: {driver or 'none found (no /proc/driver/nvidia/version, no nvidia-smi)'}"]
     try:

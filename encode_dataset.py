@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
 from tqdm import tqdm
 
@@ -279,8 +280,6 @@ def top_skip_reasons(work: Path, plan: dict, top: int = 3) -> str:
 
 def previous_fingerprint(output: Path) -> dict | None:
     """The fingerprint of a token file this tool finished writing; None for any other file."""
-    import h5py
-
     try:
         with h5py.File(output, "r") as f:
             raw = f.attrs.get("fingerprint")

@@ -13,12 +13,20 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from metrics import BY_NAME, QUALITY, ROWS
-from speech_metrics import DEFAULT_ASR, DEFAULT_SPEAKER_MODEL
+from speech_metrics import DEFAULT_ASR, DEFAULT_SPEAKER_MODEL, QualityModels
 from utils import check_number, run_cli, UserError
 from runtime import DTYPES, PRECISIONS, resolve_device, resolve_precision
 from outputs import claim_output_dir, clear_dir
-from weights import DEFAULT_MODEL
+from weights import DEFAULT_MODEL, load_model, resolve_source
+from adapters import load_adapter, read_adapter
+from evaluation import EvalSettings, evaluate_model, is_token_file, load_items, write_report
+from synthesis import context_segments, model_speaker_names, prompt_segments
+from tokenization import load_text_tokenizer, resolve_text_tokenizer
+from codec import load_mimi
+from config import load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,17 +97,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(args, data: Path, out: Path) -> int:
-    import torch
-
-    from adapters import load_adapter, read_adapter
-    from evaluation import EvalSettings, evaluate_model, load_items, write_report
-    from speech_metrics import QualityModels
-    from evaluation import is_token_file
-    from synthesis import context_segments, model_speaker_names
-    from tokenization import load_text_tokenizer, resolve_text_tokenizer
-    from codec import load_mimi
-    from weights import load_model, resolve_source
-
     if args.adapter:
         read_adapter(args.adapter)  # a bad adapter fails before any model loads
     device = resolve_device(args.device)
@@ -107,9 +104,6 @@ def _evaluate(args, data: Path, out: Path) -> int:
     names = model_speaker_names(args.model, args.speakers or (data if is_token_file(data) else None))
     context = context_segments(args.context_audio, args.context_text, args.context_speaker, names)
     if args.context_from_config:
-        from config import load_config
-        from synthesis import prompt_segments
-
         context += prompt_segments(load_config(args.context_from_config).gen_context, names)
     # The judges first: a model that cannot be loaded fails in one line before any speech is generated.
     quality = QualityModels(args.asr, args.speaker_model, args.language, device=device, half=device.type == "cuda")

@@ -16,7 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
+import soundfile as sf
 import torch
 from tqdm import tqdm
 
@@ -26,6 +28,10 @@ from speech_metrics import QualityModels, cosine, error_rates
 from codec import decode_audio, encode_audio, MIMI_SAMPLE_RATE
 from utils import UserError
 from outputs import atomic_path, write_text_atomic
+from audio_io import read_audio
+from metadata import SkipRow, check_row, read_metadata
+import token_file
+from synthesis import synthesize
 
 
 
@@ -72,7 +78,6 @@ def is_token_file(path: Path) -> bool:
     """An HDF5 file with split groups (pretokenize.py's), not a pandas metadata table."""
     if path.suffix.lower() not in (".hdf5", ".h5"):
         return False
-    import h5py
 
     try:
         with h5py.File(path, "r") as f:
@@ -85,9 +90,6 @@ def items_from_metadata(path: Path, n: int | None, seed: int,
                         trust_pickle: bool = False) -> tuple[list[EvalItem], list]:
     """Items of a metadata file (reference = the recorded window); rows that cannot be used are returned
     as (row, reason) and left out."""
-    from audio_io import read_audio
-    from metadata import SkipRow, check_row, read_metadata
-
     df = read_metadata(path, trust_pickle=trust_pickle)
     if len(df) == 0:
         raise UserError(f"--eval_data {path} has no rows")
@@ -109,8 +111,6 @@ _SPEAKER_PREFIX = re.compile(r"^\[(\d+)\](.*)$", re.S)
 def items_from_token_file(path: Path, split: str, n: int | None, seed: int, tokenizer) -> list[EvalItem]:
     """Items of one split of a token file: the text decoded from its ids ("[speaker]text"), the codes kept
     as the reference (decoded by Mimi when evaluated)."""
-    import token_file
-
     splits = token_file.open_splits(path)
     if split not in splits:
         raise UserError(f"--eval_data {path} has no '{split}' split (found: {', '.join(splits)}); choose --split")
@@ -152,8 +152,6 @@ def load_items(source: str | Path, *, split: str = "val", n: int | None = None, 
 
 
 def _speak(model, tokenizer, mimi, item: EvalItem, index: int, settings: EvalSettings, reference_s: float | None):
-    from synthesis import synthesize
-
     cap = settings.max_audio_seconds
     if reference_s:
         cap = min(cap, 2 * reference_s + 1.0)  # an item not done by then will not stop: no need to wait
@@ -293,8 +291,6 @@ CSV_COLUMNS = ("id", "speaker", "text", "error", "stopped_at_eos", "duration_s",
 
 
 def _wav_bytes(audio: np.ndarray) -> bytes:
-    import soundfile as sf
-
     buf = io.BytesIO()
     sf.write(buf, audio, MIMI_SAMPLE_RATE, format="WAV")
     return buf.getvalue()

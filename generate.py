@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import soundfile as sf
 import torch
 
 from adapters import load_adapter, read_adapter
@@ -120,8 +121,6 @@ def _generate(args, texts: list[str], outputs: list[Path]) -> int:
     tokenizer = load_text_tokenizer(resolve_text_tokenizer(args.text_tokenizer, source))
     mimi = load_mimi(args.mimi_weights, device=device, num_codebooks=model.config.audio_num_codebooks)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-
-    import soundfile as sf
 
     for text, out in zip(texts, outputs):
         audio, stopped = synthesize(model, tokenizer, mimi, text, speaker, context,

@@ -11,6 +11,9 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from tokenizers import Tokenizer
+from tokenizers.processors import TemplateProcessing
+
 from codec import DEFAULT_MIMI, MIMI_SAMPLE_RATE
 from tokenization import load_text_tokenizer
 from utils import DiskFullError, UserError
@@ -85,8 +88,6 @@ def _built_dir(output: Path) -> Iterator[Path]:
 def csm_tokenizer(name_or_path: str):
     """A text tokenizer as CSM's transformers repos ship it: the audio placeholder tokens named, and a
     post-processor that wraps a text in BOS ... EOS (so `processor("[0]Hi", add_special_tokens=True)` works)."""
-    from tokenizers.processors import TemplateProcessing
-
     tok = load_text_tokenizer(name_or_path)
     vocab = tok.get_vocab()
     if AUDIO_TOKEN not in vocab or AUDIO_EOS_TOKEN not in vocab:
@@ -106,8 +107,7 @@ def _with_audio_tokens(tok, name):
     """Llama-3's tokenizer holds the two ids CSM uses as reserved tokens: rename them in place."""
     import json
 
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # transformers' import takes seconds: exports only
 
     spec = json.loads(tok.backend_tokenizer.to_str())
     renamed = 0
@@ -124,7 +124,7 @@ def _with_audio_tokens(tok, name):
 
 
 def _processor(tokenizer):
-    from transformers import CsmProcessor, EncodecFeatureExtractor
+    from transformers import CsmProcessor, EncodecFeatureExtractor  # transformers' import takes seconds: exports only
 
     features = EncodecFeatureExtractor(feature_size=1, sampling_rate=MIMI_SAMPLE_RATE, padding_value=0.0,
                                        return_attention_mask=True)
@@ -133,7 +133,7 @@ def _processor(tokenizer):
 
 def hf_config(args, codec_config: dict, tokenizer):
     """The CsmConfig of an export: our dimensions, the codec's config, the tokenizer's special ids."""
-    from transformers import CsmConfig
+    from transformers import CsmConfig  # transformers' import takes seconds: exports only
 
     audio, audio_eos = tokenizer.convert_tokens_to_ids([AUDIO_TOKEN, AUDIO_EOS_TOKEN])
     codec = {k: v for k, v in codec_config.items() if k not in ("transformers_version", "architectures")}
@@ -144,7 +144,7 @@ def hf_config(args, codec_config: dict, tokenizer):
 def generation_config():
     """Sampling as the official generator does (and generate.py by default): top-k 50, temperature 0.9,
     for the backbone and (depth_decoder_*) the depth decoder; at most 125 frames (10 s)."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # transformers' import takes seconds: exports only
 
     return GenerationConfig(max_new_tokens=125, do_sample=True, top_k=50, temperature=0.9,
                             depth_decoder_do_sample=True, depth_decoder_top_k=50, depth_decoder_temperature=0.9)

@@ -25,7 +25,7 @@ def make_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.O
         if device.type != "cuda":
             raise UserError("optimizer adamw8bit needs a CUDA GPU (bitsandbytes); use adamw on this device")
         try:
-            import bitsandbytes as bnb
+            import bitsandbytes as bnb  # optional: only adamw8bit needs it
         except ImportError as e:
             raise UserError("optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from e
         return bnb.optim.AdamW8bit(groups, **kw)

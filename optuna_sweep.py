@@ -17,11 +17,20 @@ import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import optuna
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+import torch
+
 import config as config_mod
 from metrics import BY_NAME, SWEEPABLE, direction
 from tracking import best_logged, last_logged
 from utils import check_number, UserError
 from outputs import atomic_path, claim_output_dir, clear_dir, dir_entries, write_text_atomic
+from training import check_launch, check_planned_size, check_warmup, planned_model_args, planned_steps, train
+from runtime import cuda_unusable_reason, warn_cuda_unusable
+from weights import resolve_source
+from token_file import open_splits
 
 PARAM_TYPES = ("categorical", "float", "int", "fixed")
 # The sweepable quality metrics: the best value a trial's quality evaluations reached (needs eval_every).
@@ -123,11 +132,7 @@ def suggest(trial, space: dict[str, dict]) -> dict:
 def storage_for(url: str):
     """An Optuna storage: SQLAlchemy URLs (sqlite://, postgresql://, ...) or a journal file (*.log,
     journal:PATH) that several machines can share over a network file system."""
-    import optuna
-
     if url.startswith("journal:") or url.endswith((".log", ".journal")):
-        from optuna.storages.journal import JournalFileBackend
-
         path = Path(url.removeprefix("journal:")).expanduser()
         if not path.parent.is_dir():
             raise UserError(f"--storage {url}: the folder {path.parent} does not exist; create it, or give a journal "
@@ -171,8 +176,6 @@ class SweepRun:
 
 
 def make_study(spec: Study, storage, seed: int | None = None):
-    import optuna
-
     seed = spec.seed if seed is None else seed
     sampler = (optuna.samplers.TPESampler(seed=seed) if spec.sampler == "tpe"
                else optuna.samplers.RandomSampler(seed=seed))
@@ -193,9 +196,6 @@ def budget_used(study) -> int:
 
 def mark_interrupted_trials(study) -> int:
     """Trials still RUNNING from a process on this host that no longer exists were killed: fail them."""
-    import optuna
-    from optuna.trial import TrialState
-
     host, n = socket.gethostname(), 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
@@ -251,10 +251,6 @@ def _raise_keyboard_interrupt(signum, frame):
 
 def run_trial(trial, run: SweepRun, base: dict, space: dict, device: str) -> float:
     """One trial: the base config plus the suggested values, trained by train.train()."""
-    import optuna
-
-    from training import train
-
     params = suggest(trial, space)
     name, metric = run.study.name, run.study.metric
     values = {**base, **params, "wandb_group": name, "wandb_name": f"{name}-trial-{trial.number}"}
@@ -299,9 +295,6 @@ def worker(index: int, run: SweepRun, base: dict, space: dict, lock, parent_pid:
     if run.n_gpus:
         # Before anything touches CUDA: this process sees one GPU.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(index % run.n_gpus)
-    import optuna
-    import torch
-    from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     device = "cuda" if run.n_gpus else "cpu"
@@ -352,8 +345,6 @@ def worker(index: int, run: SweepRun, base: dict, space: dict, lock, parent_pid:
 
 def write_reports(study, out: Path, base: dict) -> list[Path]:
     """best_config.yaml (usable with train.py --config), trials.csv and HTML plots."""
-    from optuna.trial import TrialState
-
     written = []
     df = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
     with atomic_path(out / "trials.csv") as tmp:
@@ -365,7 +356,7 @@ def write_reports(study, out: Path, base: dict) -> list[Path]:
         cfg = config_mod.make_config({**base, **best.params}, "best trial")
         config_mod.save_yaml(cfg, out / "best_config.yaml")
         written.append(out / "best_config.yaml")
-    import optuna.visualization as vis
+    import optuna.visualization as vis  # plotly: 0.7 s to import, for the final reports only
 
     plots = {"optimization_history": vis.plot_optimization_history, "param_importances": vis.plot_param_importances,
              "parallel_coordinate": vis.plot_parallel_coordinate}
@@ -387,10 +378,6 @@ def choose_gpus(args) -> tuple[int, bool]:
     """(GPUs to use, whether the CPU was chosen for the user) from --n_gpus and --device: the visible GPUs unless
     told otherwise. A CPU chosen because CUDA is unusable is said in one line (why); check_model_size refuses a
     large model on it."""
-    import torch
-
-    from runtime import cuda_unusable_reason, warn_cuda_unusable
-
     visible = torch.cuda.device_count()
     chosen = args.n_gpus is None and args.device == "auto"
     if args.device == "cpu" and args.n_gpus:
@@ -410,9 +397,6 @@ def choose_gpus(args) -> tuple[int, bool]:
 def check_model_size(auto_cpu: bool, base: dict) -> None:
     """Refuse a model of over 100M parameters on a CPU the sweep chose itself, as train.py does. A model that cannot
     be found is left to the trials, which report it."""
-    from training import check_planned_size, planned_model_args
-    from weights import resolve_source
-
     if not auto_cpu:
         return
     cfg = config_mod.make_config(base)
@@ -468,8 +452,6 @@ def check_trial_lengths(base: dict, space: dict, data: str) -> None:
     """The training config's launch and run-length checks (no fsdp outside torchrun; warmup shorter than the run,
     a train split that gives batches), before any trial starts, for the settings the space can draw that make
     them hardest to pass."""
-    from training import check_launch, check_warmup, planned_steps
-
     try:
         check_launch(config_mod.make_config(base, "sweep"))  # trials are plain processes, never torchrun's
     except UserError as e:
@@ -508,7 +490,6 @@ def run_sweep(args) -> int:
     space = load_space(args.sweep_config, base)
     if not Path(args.data).is_file():
         raise UserError(f"--data {args.data}: no such file (make one with pretokenize.py)")
-    from token_file import open_splits
 
     if args.metric != "train_loss" and "val" not in open_splits(args.data):
         raise UserError(f"{args.data} has no 'val' split; give pretokenize.py --val_data or use --metric train_loss")
@@ -586,7 +567,6 @@ def _run_study(run: SweepRun, base: dict, space: dict) -> int:
     study = make_study(run.study, storage_for(run.storage))
     mark_interrupted_trials(study)  # a worker killed outright leaves its trial RUNNING
     written = write_reports(study, out, base)
-    from optuna.trial import TrialState
 
     states = [t.state for t in study.trials]
     summary = ", ".join(f"{states.count(s)} {s.name.lower()}" for s in TrialState if states.count(s))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from runtime import Runtime
+from weights import build_model
 
 DISTRIBUTED = ("ddp", "fsdp")
 
@@ -21,7 +22,7 @@ def wrap(loss_module: nn.Module, strategy: str, rt: Runtime) -> nn.Module:
     if not rt.distributed:
         return loss_module
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # half a second to import: distributed runs only
 
         model = loss_module.model
         for stack in (model.backbone, model.decoder):
@@ -38,7 +39,7 @@ def wrap(loss_module: nn.Module, strategy: str, rt: Runtime) -> nn.Module:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # half a second to import: paid at a run's first checkpoint
 
     return any(isinstance(p, DTensor) for p in model.parameters())
 
@@ -56,6 +57,7 @@ def gradient_sync(loss_model: nn.Module, enabled: bool):
 
 
 def _full_options():
+    # half a second to import: distributed runs only
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -66,6 +68,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     ({} elsewhere) when sharded; the plain state dict otherwise."""
     if not is_sharded(model):
         return model.state_dict()
+    # half a second to import: distributed runs only
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     return get_model_state_dict(model, options=_full_options())
@@ -76,6 +79,7 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     if not is_sharded(model):
         model.load_state_dict(state)
         return
+    # half a second to import: distributed runs only
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
@@ -85,6 +89,7 @@ def optimizer_state_dict(model: nn.Module, optimizer) -> dict:
     """The optimizer's state: gathered and keyed by parameter name when sharded (a collective), as is otherwise."""
     if not is_sharded(model):
         return optimizer.state_dict()
+    # half a second to import: distributed runs only
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     return get_optimizer_state_dict(model, optimizer, options=_full_options())
@@ -94,6 +99,7 @@ def load_optimizer_state_dict(model: nn.Module, optimizer, state: dict) -> None:
     if not is_sharded(model):
         optimizer.load_state_dict(state)
         return
+    # half a second to import: distributed runs only
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
@@ -105,7 +111,6 @@ def gathered_model(model: nn.Module, rt: Runtime) -> nn.Module | None:
     call this; ranks other than 0 get None)."""
     if not is_sharded(model):
         return model if rt.is_main else None
-    from weights import build_model
 
     state = full_state_dict(model)
     if not rt.is_main:

@@ -13,10 +13,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from speech_metrics import DEFAULT_ASR
+import torch
+
+from speech_metrics import ASR, DEFAULT_ASR
 from utils import check_number, run_cli, UserError
 from runtime import resolve_device
 from outputs import claim_output_files
+from recordings import CutSettings, find_audio, prepare
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
         check_number("--speaker", args.speaker, min=0, max=2**31 - 1)
     if args.max_seconds < args.min_seconds:
         raise UserError(f"--max_seconds {args.max_seconds:g} is below --min_seconds {args.min_seconds:g}")
-    from recordings import CutSettings, find_audio, prepare
 
     files = find_audio(args.audio)
     output = Path(args.output).expanduser()
@@ -64,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     with claim_output_files([output], "--output", inputs=files, overwrite=args.overwrite, continues=partial.exists):
         asr = None
         if args.asr.lower() != "none":
-            from speech_metrics import ASR
-
             device = resolve_device(args.device)
-            import torch
 
             asr = ASR(args.asr, args.language, device=device,
                       dtype=torch.float16 if device.type == "cuda" else torch.float32)

@@ -14,12 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from silero_vad import get_speech_timestamps, load_silero_vad
+import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from metadata import visible_text
+from metadata import speaker_id, speaker_numbers, visible_text
 from utils import UserError
 from outputs import append_line, atomic_path, not_a_file, write_text_atomic
+from audio_io import AudioError, read_mono, resample
 
 VAD_RATE = 16_000  # silero-vad and Whisper both listen at 16 kHz
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif")
@@ -39,15 +42,11 @@ class CutSettings:
 
 def load_vad():
     """silero-vad's model, from the weights inside its wheel (no download)."""
-    from silero_vad import load_silero_vad
-
     return load_silero_vad()
 
 
 def speech_regions(vad, audio16k: np.ndarray, threshold: float) -> list[tuple[float, float]]:
     """(start, end) seconds of speech in 16 kHz mono audio, pauses of 0.1 s and more kept apart."""
-    from silero_vad import get_speech_timestamps
-
     stamps = get_speech_timestamps(torch.from_numpy(audio16k), vad, sampling_rate=VAD_RATE, threshold=threshold,
                                    min_speech_duration_ms=100, min_silence_duration_ms=100, speech_pad_ms=30,
                                    return_seconds=False)
@@ -113,7 +112,6 @@ def speaker_ids(files: list[Path], fixed: int | None) -> dict[Path, int]:
     not "007"), else the other folders numbered in sorted order of their names."""
     if fixed is not None:
         return {f: fixed for f in files}
-    from metadata import speaker_id, speaker_numbers
 
     names = speaker_numbers(f.parent.name for f in files)
     return {f: speaker_id(f.parent.name, names) for f in files}
@@ -121,8 +119,6 @@ def speaker_ids(files: list[Path], fixed: int | None) -> dict[Path, int]:
 
 def read_16k(path: Path) -> tuple[np.ndarray, float]:
     """A file as 16 kHz mono float32, and its duration in seconds."""
-    from audio_io import AudioError, read_mono, resample
-
     mono, rate = read_mono(str(path), path)
     if len(mono) == 0:
         raise AudioError(path, "empty audio file")
@@ -179,7 +175,6 @@ def prepare(files: list[Path], output: Path, *, settings: CutSettings, asr=None,
     if state.done:
         print(f"resuming: {len(files) - len(todo)} of {len(files)} files already done")
     total_s = 0.0
-    import soundfile as sf
 
     for f in todo:
         try:

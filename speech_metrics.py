@@ -9,11 +9,13 @@ import contextlib
 import re
 from pathlib import Path
 
+import jiwer
 import numpy as np
 import torch
 
 from hub import hub_snapshot, looks_like_repo_id
 from utils import UserError
+from audio_io import resample
 
 DEFAULT_ASR = "openai/whisper-large-v3-turbo"
 DEFAULT_SPEAKER_MODEL = "microsoft/wavlm-base-plus-sv"
@@ -31,6 +33,7 @@ class TextNormalizer:
     symbols and bracketed asides removed). Both then collapse runs of spaces."""
 
     def __init__(self, language: str = "en", spelling: dict | None = None):
+        # transformers' import takes seconds: the judges only
         from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
 
         self.english = language.lower() in ENGLISH
@@ -43,8 +46,6 @@ class TextNormalizer:
 def error_rates(references: list[str], hypotheses: list[str], normalize: TextNormalizer) -> dict:
     """Corpus WER and CER (edits summed over items / reference words or characters summed), with the
     counts behind them. Items whose normalised reference is empty cannot be scored and are left out."""
-    import jiwer
-
     pairs = [(normalize(r), normalize(h)) for r, h in zip(references, hypotheses, strict=True)]
     pairs = [(r, h) for r, h in pairs if r]
     if not pairs:
@@ -93,7 +94,7 @@ def pretrained_dir(source: str, what: str, flag: str, revision: str | None = Non
 @contextlib.contextmanager
 def quiet_loading():
     """No per-model "Loading weights" bars from transformers: one evaluation loads several small models."""
-    from transformers.utils import logging
+    from transformers.utils import logging  # transformers' import takes seconds: the judges only
 
     was = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()
@@ -113,7 +114,7 @@ class ASR:
     """Speech to text through transformers' automatic-speech-recognition pipeline (Whisper by default)."""
 
     def __init__(self, source: str = DEFAULT_ASR, language: str = "en", *, device="cpu", dtype=torch.float32):
-        from transformers import pipeline
+        from transformers import pipeline  # transformers' import takes seconds: the judges only
 
         self.source, self.language = source, language
         directory = pretrained_dir(source, "ASR model", "--asr")
@@ -140,8 +141,6 @@ class ASR:
 
     def transcribe(self, clips: list[np.ndarray], rate: int, batch_size: int = 8) -> list[str]:
         """Transcripts of mono float clips at `rate` Hz (resampled to 16 kHz here); an empty clip is ''."""
-        from audio_io import resample
-
         out = [""] * len(clips)
         todo = [i for i, c in enumerate(clips) if len(c) > 0]
         inputs = [{"raw": resample(np.asarray(clips[i], dtype=np.float32), rate, ASR_SAMPLE_RATE),
@@ -161,6 +160,7 @@ class SpeakerEncoder:
     """Speaker embeddings from a speaker-verification model (WavLM x-vector by default)."""
 
     def __init__(self, source: str = DEFAULT_SPEAKER_MODEL, *, device="cpu", dtype=torch.float32):
+        # transformers' import takes seconds: the judges only
         from transformers import AutoFeatureExtractor, AutoModelForAudioXVector
 
         self.source = source
@@ -176,8 +176,6 @@ class SpeakerEncoder:
     @torch.no_grad()
     def embed(self, clip: np.ndarray, rate: int) -> torch.Tensor | None:
         """The embedding of one mono clip (None for a clip too short to embed: under 0.1 s)."""
-        from audio_io import resample
-
         if len(clip) < rate // 10:
             return None
         audio = resample(np.asarray(clip, dtype=np.float32), rate, self.rate)

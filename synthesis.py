@@ -15,6 +15,8 @@ from tokenization import encode_text
 from codec import decode_audio, encode_audio, MIMI_FRAME_RATE
 from utils import UserError
 from runtime import autocast
+from audio_io import read_audio
+from token_file import SPEAKERS_NAME, speaker_names
 
 
 def parse_speaker(value, names: dict[str, int] | None = None, flag: str = "--speaker") -> int:
@@ -35,8 +37,6 @@ def parse_speaker(value, names: dict[str, int] | None = None, flag: str = "--spe
 def prompt_segments(turns: list[dict], names: dict[str, int] | None = None) -> list[Segment]:
     """Prompt turns {audio, text, speaker} (config gen_context, or --context_* flags) as Segments, with their
     audio read now, so a missing file fails before any work; speaker names are looked up in `names`."""
-    from audio_io import read_audio
-
     segments = []
     for turn in turns:
         if not str(turn["text"]).strip():
@@ -59,8 +59,6 @@ def model_speaker_names(source, explicit=None) -> dict[str, int]:
     """Speaker names for --speaker: from `explicit` (a token file or a speakers.json) when given, else the
     speakers.json that training writes beside a model's weights ({} when there is none)."""
     from pathlib import Path
-
-    from token_file import SPEAKERS_NAME, speaker_names
 
     if explicit:
         return speaker_names(explicit)

@@ -13,10 +13,16 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import soundfile as sf
+from tokenizers import decoders, models, pre_tokenizers, Tokenizer, trainers
+from tokenizers.processors import TemplateProcessing
 import torch
 
 from csm_model import CSM, ModelArgs
 from weights import save_pretrained
+from audio_io import read_audio
+import token_file
 
 TEXT_VOCAB_SIZE = 512
 TINY_MODEL_ARGS = ModelArgs(backbone_flavor="llama-tiny", decoder_flavor="llama-tiny-decoder",
@@ -31,7 +37,6 @@ She sells sea shells by the sea shore. Peter Piper picked a peck of pickled pepp
 
 def make_text_tokenizer(directory: str | Path, vocab_size: int = TEXT_VOCAB_SIZE) -> Path:
     """Train a byte-level BPE on a small corpus and save it as a transformers tokenizer directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     bos, eos = "<|begin_of_text|>", "<|end_of_text|>"  # the Llama-3 names
@@ -136,7 +141,6 @@ def make_hf_csm(directory: str | Path, seed: int = 0, dtype=torch.float32, token
     """A randomly initialised CsmForConditionalGeneration saved by transformers (plus tokenizer and processor),
     with codebook ids 2048-2050 made unlikely so greedy decoding never picks codes Mimi cannot decode."""
     from transformers import CsmForConditionalGeneration, CsmProcessor, EncodecFeatureExtractor, PreTrainedTokenizerFast
-    from tokenizers.processors import TemplateProcessing
 
     torch.manual_seed(seed)
     model = CsmForConditionalGeneration(tiny_hf_config()).to(dtype)
@@ -173,7 +177,6 @@ def make_whisper(directory: str | Path, seed: int = 0) -> Path:
     import json
     import unicodedata
 
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
                               WhisperProcessor, WhisperTokenizer)
 
@@ -243,11 +246,6 @@ def make_judges(directory: str | Path, seed: int = 0) -> dict[str, Path]:
 def make_long_recording(path: str | Path, clips: list[str | Path], gap: float = 1.0) -> list[tuple[float, float]]:
     """Clips one after another with `gap` seconds of silence around each, as one 24 kHz wav (what prepare.py
     cuts up); returns each clip's (start, end) in seconds."""
-    import numpy as np
-    import soundfile as sf
-
-    from audio_io import read_audio
-
     rate = 24000
     silence = np.zeros(int(gap * rate), np.float32)
     parts, bounds, t = [silence], [], gap
@@ -267,10 +265,6 @@ def make_token_file(path, n_train=12, n_val=4, seed=0, codebooks=32, audio_frame
     """A token file of random codes and text ids, written by token_file.py as pretokenize.py writes it;
     `attrs=False` and `audio_dtype="int32"` give a file like the original tool's. With `speakers`, rows also
     carry conversations (row i in conversation "c{i % 3}", turn i) and random speakers below that."""
-    import numpy as np
-
-    import token_file
-
     rng = np.random.default_rng(seed)
     meta = dict(codebooks=codebooks, sample_rate=24000, frame_rate=12.5) if attrs else None
     with token_file.write_token_file(path, meta, num_codebooks=codebooks, audio_dtype=audio_dtype) as out:

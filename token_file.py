@@ -11,6 +11,7 @@ import contextlib
 from pathlib import Path
 from typing import Iterator
 
+import h5py
 import numpy as np
 
 from utils import UserError
@@ -28,8 +29,6 @@ class DataError(UserError):
 
 
 def _h5py():
-    import h5py
-
     return h5py
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from hub import hub_error
 from utils import UserError
+from weights import model_tokenizer_dir
 
 DEFAULT_TEXT_TOKENIZER = "meta-llama/Llama-3.2-1B"
 DEFAULT_SPEAKER = 999
@@ -23,8 +24,6 @@ def resolve_text_tokenizer(explicit: str | None, model: str | Path | None = None
     if explicit:
         return str(explicit)
     if model is not None:
-        from weights import model_tokenizer_dir
-
         found = model_tokenizer_dir(model, revision)
         if found is not None:
             return str(found)
@@ -33,7 +32,7 @@ def resolve_text_tokenizer(explicit: str | None, model: str | Path | None = None
 
 def load_text_tokenizer(name_or_path: str = DEFAULT_TEXT_TOKENIZER, revision: str | None = None):
     """The Llama-3.2 tokenizer (or any AutoTokenizer: a CSM repo's own too) from a hub id or a local directory."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # transformers' import takes seconds
 
     hint = "Or pass --text_tokenizer a local directory holding the tokenizer files."
     try:

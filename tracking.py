@@ -13,6 +13,7 @@ import numpy as np
 from utils import UserError
 from runtime import Runtime
 from outputs import append_line, write_text_atomic
+from codec import MIMI_SAMPLE_RATE
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 METRICS_NAME = "metrics.jsonl"
@@ -33,7 +34,7 @@ class Tracker:
 
     def log_audio(self, key: str, audio: np.ndarray, sample_rate: int, step: int, caption: str) -> None:
         if self.run is not None:
-            import wandb
+            import wandb  # optional, and 0.6 s to import: W&B runs only
 
             self.run.log({key: wandb.Audio(audio, sample_rate=sample_rate, caption=caption)}, step=step)
 
@@ -41,9 +42,7 @@ class Tracker:
         """A quality evaluation's items as a W&B table: text, transcript, metrics, generated and reference audio."""
         if self.run is None:
             return
-        import wandb
-
-        from codec import MIMI_SAMPLE_RATE
+        import wandb  # optional, and 0.6 s to import: W&B runs only
 
         def player(item_id, kind):
             clip = audio.get(item_id, {}).get(kind)
@@ -89,7 +88,7 @@ def make_tracker(cfg, out: Path, rt: Runtime, resumed_step: int) -> Tracker:
     mode = wandb_mode(cfg.wandb_mode)
     if mode == "disabled":
         return Tracker(metrics)
-    import wandb
+    import wandb  # optional, and 0.6 s to import: W&B runs only
 
     id_file = out / "wandb_run_id.txt"
     run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)

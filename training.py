@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import soundfile as sf
 import torch
-import torch.distributed as dist
 from torch import nn
+import torch.distributed as dist
 from tqdm import tqdm
 
 import config as config_mod
@@ -207,8 +208,6 @@ class SampleWriter:
             _warn_failed(step, "writing audio samples", e)
 
     def _write(self, model: nn.Module, step: int, tracker: Tracker, precision: str) -> None:
-        import soundfile as sf  # a third-party library only the runs that write samples need
-
         self.speech.load(model.config.audio_num_codebooks)
         self.dir.mkdir(parents=True, exist_ok=True)
         for i, sentence in enumerate(self.cfg.gen_sentences):

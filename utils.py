@@ -60,7 +60,7 @@ def load_env_file() -> None:
     """Settings from a .env file in the working directory (WANDB_API_KEY, HF_TOKEN, ...), through python-dotenv.
     Without it (a bare PyTorch machine), a .env file that is there is reported as not read."""
     try:
-        from dotenv import load_dotenv
+        from dotenv import load_dotenv  # optional: a bare PyTorch machine lacks it
     except ImportError:
         if Path(".env").is_file():
             print("warning: .env was not read: python-dotenv is not installed (pip install python-dotenv)",

@@ -17,6 +17,8 @@ import pickle
 import re
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 import torch
 
 from conversions import (HF_CODEC_PREFIX, TRANSFORMERS, args_from_hf_config, clean_state_dict, detect_layout,
@@ -80,8 +82,6 @@ def read_safetensors(directory_or_file: Path, skip_prefix: str | None = HF_CODEC
                      only_prefix: str | None = None) -> dict[str, torch.Tensor]:
     """All tensors of model.safetensors, a shard set (model.safetensors.index.json) or one .safetensors file,
     in their stored dtype. Tensors under `skip_prefix` are not read; with `only_prefix`, only those are."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(directory_or_file)
     if path.is_dir() and (path / SHARD_INDEX_NAME).is_file():
         try:
@@ -252,8 +252,6 @@ def parse_size(text: str) -> int:
 def save_safetensors(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int | None = None) -> list[Path]:
     """Tensors in the hub's file layout: model.safetensors, or shards of at most `max_shard_bytes`
     (model-0000k-of-0000n.safetensors) with model.safetensors.index.json, as transformers reads them."""
-    from safetensors.torch import save_file
-
     sizes = {k: v.numel() * v.element_size() for k, v in state.items()}
     shards, current, used = [], {}, 0
     for key in state:  # in order, filled greedily; a tensor larger than the limit gets a shard of its own
@@ -285,8 +283,6 @@ def copy_tokenizer_files(source: Path | None, directory: str | Path) -> None:
 
 def save_pretrained(model, directory: str | Path) -> Path:
     """Write config.json + model.safetensors (the official layout), each file atomically."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
