@@ -98,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--output {output}: give a file name ending in {', '.join(AUDIO_SUFFIXES)}")
     texts = [text for _, text in numbered]
     outputs = [output if i is None else output.with_name(f"{output.stem}_{i:03d}{output.suffix}") for i, _ in numbered]
+    if args.speakers or Path(args.model).expanduser().exists():  # a hub model's speakers.json comes with its files
+        parse_speaker(args.speaker, model_speaker_names(args.model, args.speakers))
     with claim_output_files(outputs, "--output", inputs=[*args.context_audio, args.lines],
                             overwrite=args.overwrite) as outputs:
-        if args.speakers or Path(args.model).expanduser().exists():  # a hub model's speakers.json comes with its files
-            parse_speaker(args.speaker, model_speaker_names(args.model, args.speakers))
         return _generate(args, texts, outputs)
 
 

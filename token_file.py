@@ -18,7 +18,6 @@ from utils import UserError
 from outputs import atomic_path
 
 FORMAT_VERSION = 1
-SPLITS = ("train", "val")
 SPLIT_DATASETS = ("audio", "text", "length")
 AUDIO_VOCAB = 2048  # Mimi codes are in [0, 2048); the model's 3 extra ids are never stored
 _READ_BLOCK = 4096  # rows per h5py read when loading a split into memory
