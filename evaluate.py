@@ -18,12 +18,12 @@ import torch
 from metrics import BY_NAME, QUALITY, ROWS
 from speech_metrics import DEFAULT_ASR, DEFAULT_SPEAKER_MODEL, QualityModels
 from utils import check_number, run_cli, UserError
-from runtime import DTYPES, PRECISIONS, resolve_device, resolve_precision
+from runtime import DTYPES, resolve_device, resolve_precision
 from outputs import claim_output_dir, clear_dir
-from weights import DEFAULT_MODEL, load_model, resolve_source
+from weights import load_model, resolve_source
 from adapters import load_adapter, read_adapter
 from evaluation import EvalSettings, evaluate_model, is_token_file, load_items, write_report
-from synthesis import context_segments, model_speaker_names, prompt_segments
+from synthesis import add_speech_flags, context_segments, model_speaker_names, prompt_segments
 from tokenization import load_text_tokenizer, resolve_text_tokenizer
 from codec import load_mimi
 from config import load_config
@@ -32,12 +32,6 @@ from config import load_config
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Quality of a CSM checkpoint: WER/CER, speaker similarity, EOS rate, "
                                             "with the reference and Mimi ceilings")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="hub id, directory (official or transformers layout), .safetensors or .pt")
-    p.add_argument("--revision", default=None, help="branch, tag or commit of a hub --model")
-    p.add_argument("--adapter", default=None,
-                   help="a peft LoRA adapter directory to apply to --model without merging it on disk (ours, e.g. "
-                        "runs/x/best_adapter, or one trained on transformers' CsmForConditionalGeneration)")
     p.add_argument("--eval_data", required=True,
                    help="metadata file (path,text[,start,end,speaker]: references are the recordings) or a token "
                         "file from pretokenize.py (references are its Mimi codes, decoded)")
@@ -52,22 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speaker_model", default=DEFAULT_SPEAKER_MODEL,
                    help=f"speaker-verification model: hub id or local dir (default {DEFAULT_SPEAKER_MODEL})")
     p.add_argument("--no_ceilings", action="store_true", help="skip measuring the references and their Mimi round trip")
-    p.add_argument("--temperature", type=float, default=0.9)
-    p.add_argument("--topk", type=int, default=50)
     p.add_argument("--max_audio_seconds", type=float, default=20.0,
                    help="length cap (each item also stops at twice its reference + 1 s)")
     p.add_argument("--seed", type=int, default=0, help="draws the items and seeds each item's sampling")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="model weights: auto = bf16 on CUDA, fp32 on CPU (the ASR and speaker models: fp16 on CUDA)")
-    p.add_argument("--text_tokenizer", default=None,
-                   help="hub id or local dir (default: the model's own, else Llama-3.2)")
-    p.add_argument("--mimi_weights", default=None, help="Mimi (default kyutai/mimi); see generate.py")
-    p.add_argument("--context_audio", action="append", default=[],
-                   help="a prompt turn spoken before every item (repeatable)")
-    p.add_argument("--context_text", action="append", default=[], help="its transcript")
-    p.add_argument("--context_speaker", action="append", default=[],
-                   help="its speaker id, or a speaker name of --eval_data's token file (or of --speakers)")
+    add_speech_flags(p, context_speaker="its speaker id, or a speaker name of --eval_data's token file (or of "
+                                        "--speakers)", precision_note=" (the ASR and speaker models: fp16 on CUDA)")
     p.add_argument("--speakers", default=None,
                    help="where speaker names are looked up: a token file from pretokenize.py or a speakers.json "
                         "(default: --eval_data when it is a token file, else the model's speakers.json)")

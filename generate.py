@@ -15,13 +15,13 @@ import torch
 
 from adapters import load_adapter, read_adapter
 from metadata import visible_text
-from synthesis import context_segments, model_speaker_names, parse_speaker, synthesize
+from synthesis import add_speech_flags, context_segments, model_speaker_names, parse_speaker, synthesize
 from tokenization import load_text_tokenizer, resolve_text_tokenizer
 from codec import load_mimi, MIMI_SAMPLE_RATE
 from utils import check_number, run_cli, UserError
-from runtime import DTYPES, PRECISIONS, resolve_device, resolve_precision
+from runtime import DTYPES, resolve_device, resolve_precision
 from outputs import atomic_path, claim_output_files
-from weights import DEFAULT_MODEL, load_model, resolve_source
+from weights import load_model, resolve_source
 
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
@@ -31,8 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of generate.py."""
     p = argparse.ArgumentParser(description="Speech from a CSM checkpoint (hub id, directory in either "
                                             "layout, .safetensors or .pt)")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="hub id, directory (official or transformers layout), .safetensors or .pt")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="what to say")
     what.add_argument("--lines", help="text file, one utterance per line; line N (from 1) is written to "
@@ -44,26 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where speaker names are looked up: a token file from pretokenize.py or a speakers.json")
     p.add_argument("--output", default="out.wav", help="wav file to write (24 kHz mono)")
     p.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
-    p.add_argument("--temperature", type=float, default=0.9)
-    p.add_argument("--topk", type=int, default=50)
     p.add_argument("--max_audio_seconds", type=float, default=10.0, help="length cap if no EOS frame comes first")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="model weights: auto = bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU; Mimi stays fp32")
-    p.add_argument("--revision", default=None, help="branch, tag or commit of a hub --model (default: main)")
-    p.add_argument("--adapter", default=None,
-                   help="a peft LoRA adapter directory to apply to --model without merging it on disk (ours, e.g. "
-                        "runs/x/best_adapter, or one trained on transformers' CsmForConditionalGeneration)")
-    p.add_argument("--text_tokenizer", default=None,
-                   help="hub id or local directory (default: the model's own tokenizer files, "
-                        "else meta-llama/Llama-3.2-1B)")
-    p.add_argument("--mimi_weights", default=None,
-                   help="Mimi: MimiModel dir or hub repo, transformers CSM, or moshi "
-                        ".safetensors (default: kyutai/mimi)")
-    p.add_argument("--context_audio", action="append", default=[], help="wav of an earlier turn (repeatable)")
-    p.add_argument("--context_text", action="append", default=[], help="its transcript (one per --context_audio)")
-    p.add_argument("--context_speaker", action="append", default=[], help="its speaker id (one per --context_audio)")
+    add_speech_flags(p, context_speaker="its speaker id (one per --context_audio)")
     return p
 
 

@@ -4,6 +4,7 @@ Used by generate.py and by the samples written during training.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import re
 
@@ -14,9 +15,37 @@ from frames import Segment, audio_frames, next_input_frames, text_frames
 from tokenization import encode_text
 from codec import decode_audio, encode_audio, MIMI_FRAME_RATE
 from utils import UserError
-from runtime import autocast
+from runtime import autocast, PRECISIONS
 from audio_io import read_audio
 from token_file import SPEAKERS_NAME, speaker_names
+from weights import DEFAULT_MODEL
+
+
+def add_speech_flags(p: argparse.ArgumentParser, *, context_speaker: str, precision_note: str = "") -> None:
+    """The flags of every command line that speaks (generate.py, evaluate.py): the model and its parts, where
+    it runs, how it samples, and the prompt turns spoken before each text."""
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id, directory (official or transformers layout), .safetensors or .pt")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a hub --model (default: main)")
+    p.add_argument("--adapter", default=None,
+                   help="a peft LoRA adapter directory to apply to --model without merging it on disk (ours, e.g. "
+                        "runs/x/best_adapter, or one trained on transformers' CsmForConditionalGeneration)")
+    p.add_argument("--text_tokenizer", default=None,
+                   help="hub id or local directory (default: the model's own tokenizer files, "
+                        "else meta-llama/Llama-3.2-1B)")
+    p.add_argument("--mimi_weights", default=None,
+                   help="Mimi: MimiModel dir or hub repo, transformers CSM, or moshi .safetensors "
+                        "(default: kyutai/mimi)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="model weights: auto = bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU; Mimi stays "
+                        "fp32" + precision_note)
+    p.add_argument("--temperature", type=float, default=0.9)
+    p.add_argument("--topk", type=int, default=50)
+    p.add_argument("--context_audio", action="append", default=[],
+                   help="wav of a prompt turn spoken before each text (repeatable)")
+    p.add_argument("--context_text", action="append", default=[], help="its transcript (one per --context_audio)")
+    p.add_argument("--context_speaker", action="append", default=[], help=context_speaker)
 
 
 def parse_speaker(value, names: dict[str, int] | None = None, flag: str = "--speaker") -> int:
