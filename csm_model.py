@@ -174,7 +174,9 @@ class RotaryEmbedding(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Keys and values of past positions for incremental decoding (positions shared across the batch)."""
+    """Keys and values of past positions for incremental decoding, allocated once: each row writes at its own
+    positions (rows of a batch may be at different lengths), and attention reads the whole cache under a mask
+    (decode_mask), so no step reads a position back to the host and every step has the same shapes."""
 
     def __init__(self, batch_size: int, max_seq_len: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str | None):
@@ -188,13 +190,19 @@ class KVCache(nn.Module):
         self.v.zero_()
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Store k/v ([b, kv_heads, s, head_dim]) at input_pos and return the filled prefix."""
-        pos = input_pos[0]
+        """Store k/v ([b, kv_heads, s, head_dim]) at each row's input_pos ([b, s]) and return the first b rows of
+        the whole cache: slots past a row's position hold stale values, which the mask hides."""
         b = k.shape[0]
-        self.k[:b, :, pos] = k.to(self.k.dtype)
-        self.v[:b, :, pos] = v.to(self.v.dtype)
-        end = int(pos.max()) + 1
-        return self.k[:b, :, :end], self.v[:b, :, :end]
+        index = input_pos[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        self.k[:b].scatter_(2, index, k.to(self.k.dtype))
+        self.v[:b].scatter_(2, index, v.to(self.v.dtype))
+        return self.k[:b], self.v[:b]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (indices into the batch), moved to the front: finished rows stop costing work."""
+        n = len(rows)
+        self.k[:n] = self.k.index_select(0, rows)
+        self.v[:n] = self.v.index_select(0, rows)
 
 
 class Attention(nn.Module):
@@ -285,6 +293,13 @@ class Transformer(nn.Module):
     def caches_are_enabled(self) -> bool:
         return self.layers[0].attn.kv_cache is not None
 
+    def cache_len(self) -> int:
+        return self.layers[0].attn.kv_cache.k.shape[2]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.attn.kv_cache.keep_rows(rows)
+
     def reset_caches(self):
         for layer in self.layers:
             if layer.attn.kv_cache is not None:
@@ -322,24 +337,41 @@ def _run_layer(layer: "Layer", h: torch.Tensor, input_pos, mask) -> torch.Tensor
 # --------------------------------------------------------------------------- sampling
 
 
-def sample_topk(logits: torch.Tensor, topk: int, temperature: float,
-                generator: torch.Generator | None = None, max_token: int | None = None) -> torch.Tensor:
-    """Sample one token per row from the top-k of logits / temperature; returns [b, 1] int.
+def sample_topk(logits: torch.Tensor, topk: int, temperature: float, gumbel: torch.Tensor | None = None,
+                max_token: int | None = None) -> torch.Tensor:
+    """One token per row from the top-k of logits / temperature; returns [b, 1] int.
 
-    `max_token` excludes ids from there on (audio ids 2048-2050 exist but Mimi cannot decode them;
-    a trained model never picks them, an untrained or diverged one may).
+    Sampling is the Gumbel-max trick: the top-k logits plus `gumbel` noise ([b, topk], from frame_noise), and the
+    largest wins, which draws exactly from softmax over the top k. The noise comes in as a tensor, so each row can
+    draw it from a generator of its own and the step itself holds no random state (a CUDA graph can replay it).
+    With `gumbel` None the step is greedy (the largest logit). `max_token` excludes ids from there on (audio ids
+    2048-2050 exist but Mimi cannot decode them; a trained model never picks them, an untrained one may).
     """
-    logits = logits.float() / max(temperature, 1e-5)
+    logits = logits.float()
     if max_token is not None:
         logits[..., max_token:] = float("-inf")
-    k = min(topk, logits.shape[-1])
-    threshold = torch.topk(logits, k).values[..., -1:]
-    probs = torch.softmax(logits.masked_fill(logits < threshold, float("-inf")), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).to(torch.int)
+    if gumbel is None:
+        return logits.argmax(-1, keepdim=True).to(torch.int)
+    values, ids = torch.topk(logits / max(temperature, 1e-5), min(topk, logits.shape[-1]))
+    return ids.gather(-1, (values + gumbel[..., : values.shape[-1]]).argmax(-1, keepdim=True)).to(torch.int)
+
+
+def frame_noise(generators: list[torch.Generator], codebooks: int, topk: int, device) -> torch.Tensor:
+    """Gumbel noise for one frame of every row, [b, codebooks, topk]: row i's from generators[i] alone, so a
+    row's samples do not depend on the rows beside it."""
+    tiny = torch.finfo(torch.float32).tiny
+    u = torch.stack([torch.rand(codebooks, topk, generator=g, device=device) for g in generators])
+    return -torch.log(-torch.log(u.clamp_(min=tiny)))
 
 
 def causal_mask(seq_len: int, device=None) -> torch.Tensor:
     return torch.tril(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device))
+
+
+def decode_mask(input_pos: torch.Tensor, cache_len: int) -> torch.Tensor:
+    """[b, s, cache_len]: the query at position p reads cache slots 0..p, computed on the device from the
+    positions (no [max_seq_len, max_seq_len] table, no read back to the host)."""
+    return torch.arange(cache_len, device=input_pos.device) <= input_pos.unsqueeze(-1)
 
 
 def embed_frames(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -418,10 +450,21 @@ class CSM(nn.Module):
         return h
 
     # -- inference -----------------------------------------------------------------------
-    def setup_caches(self, max_batch_size: int):
+    def setup_caches(self, max_batch_size: int, max_seq_len: int | None = None):
+        """KV caches for `max_batch_size` rows of up to `max_seq_len` frames (default: the backbone's limit);
+        attention reads the whole cache every step, so a shorter one is faster."""
         dtype = next(self.parameters()).dtype
-        self.backbone.setup_caches(max_batch_size, dtype)
+        self.backbone.setup_caches(max_batch_size, dtype, max_seq_len)
         self.decoder.setup_caches(max_batch_size, dtype, max_seq_len=self.config.audio_num_codebooks)
+        for stack in (self.backbone, self.decoder):
+            stack.rope.table(self.norm_device())  # built eagerly, before any compiled step reads it
+
+    def norm_device(self) -> torch.device:
+        return self.backbone.norm.scale.device
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` of the batch in the caches (the decoder's are refilled every frame)."""
+        self.backbone.keep_rows(rows)
 
     def reset_caches(self):
         self.backbone.reset_caches()
@@ -432,31 +475,64 @@ class CSM(nn.Module):
         self.decoder.remove_caches()
 
     def generate_frame(self, tokens: torch.Tensor, tokens_mask: torch.Tensor, input_pos: torch.Tensor,
-                       temperature: float, topk: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample the next audio frame after the given frames, through the KV caches.
+                       temperature: float, topk: int, noise: torch.Tensor | None = None,
+                       last: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample the next audio frame of every row after the given frames, through the KV caches.
 
-        tokens, tokens_mask: [b, s, K+1]; input_pos: [b, s]. Returns [b, K] int codes.
+        tokens, tokens_mask: [b, s, K+1]; input_pos: [b, s], each row its own positions. `last` ([b]) is the
+        index in s of each row's last real frame when prompts of different lengths come padded on the right
+        (default: s - 1). `noise` ([b, K, topk], from frame_noise) samples; None is greedy. Returns [b, K] int
+        codes. Nothing is read back to the host, and a one-frame step (s = 1) has the same shapes every time.
         """
         if not self.backbone.caches_are_enabled():
             raise RuntimeError("call setup_caches(batch_size) before generate_frame")
+        return self.decode_codebooks(self.backbone_step(tokens, tokens_mask, input_pos, last), temperature, topk,
+                                     noise)
+
+    def backbone_step(self, tokens: torch.Tensor, tokens_mask: torch.Tensor, input_pos: torch.Tensor,
+                      last: torch.Tensor | None = None) -> torch.Tensor:
+        """The backbone over the given frames, through its cache: each row's last hidden state, [b, dim]."""
         dtype = next(self.parameters()).dtype
-        bb_mask = causal_mask(self.backbone.max_seq_len, tokens.device)[input_pos]
-        h = self.backbone(embed_frames(self, tokens, tokens_mask).to(dtype), input_pos=input_pos, mask=bb_mask)
-        last_h = h[:, -1, :]
-        sample = sample_topk(self.codebook0_head(last_h), topk, temperature, generator, MIMI_CARDINALITY)
+        mask = decode_mask(input_pos, self.backbone.cache_len())
+        h = self.backbone(embed_frames(self, tokens, tokens_mask).to(dtype), input_pos=input_pos, mask=mask)
+        return h[:, -1] if last is None else h[torch.arange(h.shape[0], device=h.device), last]
+
+    def decode_codebooks(self, last_h: torch.Tensor, temperature: float, topk: int, noise: torch.Tensor | None,
+                         codebook_step=None) -> torch.Tensor:
+        """Codebook 0 from the backbone's head, then codebooks 1..K-1 through the decoder, one at a time. The
+        decoder's cache is not cleared between frames: its mask hides the slots this frame has not written.
+        `codebook_step` replaces self.codebook_step (a compiled one takes the codebook as a tensor, so that one
+        graph serves all of them)."""
+        k = self.config.audio_num_codebooks
+        sample = sample_topk(self.codebook0_head(last_h), topk, temperature, None if noise is None else noise[:, 0],
+                             MIMI_CARDINALITY)
         curr_h = torch.cat([last_h.unsqueeze(1), self._embed_audio(0, sample)], dim=1)
         samples = [sample]
-        pos = torch.arange(curr_h.shape[1], device=tokens.device).unsqueeze(0).expand(curr_h.shape[0], -1)
-        dec_causal = causal_mask(self.config.audio_num_codebooks, tokens.device)
-        self.decoder.reset_caches()
-        for i in range(1, self.config.audio_num_codebooks):
-            dec_h = self.decoder(self.projection(curr_h), input_pos=pos, mask=dec_causal[pos])
-            logits = dec_h[:, -1, :] @ self.audio_head[i - 1]
-            sample = sample_topk(logits, topk, temperature, generator, MIMI_CARDINALITY)
+        pos = torch.arange(2, device=last_h.device).expand(last_h.shape[0], -1)
+        step, index = codebook_step or self.codebook_step, (lambda i: i)
+        if codebook_step is not None:
+            codebooks = torch.arange(k, device=last_h.device)
+            index = codebooks.__getitem__
+        for i in range(1, k):
+            sample, curr_h = step(curr_h, pos, index(i), temperature, topk, noise)
             samples.append(sample)
-            curr_h = self._embed_audio(i, sample)
             pos = pos[:, -1:] + 1
         return torch.cat(samples, dim=1)
+
+    def codebook_step(self, curr_h: torch.Tensor, pos: torch.Tensor, i, temperature: float, topk: int,
+                      noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codebook i (an int, or a 0-d tensor) of every row from the decoder: its sample [b, 1] and the
+        sample's embedding, the decoder's next input."""
+        k = self.config.audio_num_codebooks
+        dec_h = self.decoder(self.projection(curr_h), input_pos=pos, mask=decode_mask(pos, k))
+        logits = dec_h[:, -1, :] @ _pick(self.audio_head, 0, i - 1)
+        sample = sample_topk(logits, topk, temperature, None if noise is None else _pick(noise, 1, i), MIMI_CARDINALITY)
+        return sample, self._embed_audio(i, sample)
+
+
+def _pick(t: torch.Tensor, dim: int, i) -> torch.Tensor:
+    """t's slice i along dim, for an int i (a view) or a 0-d tensor (a gather a compiled graph can take)."""
+    return t.select(dim, i) if isinstance(i, int) else t.index_select(dim, i.view(1)).squeeze(dim)
 
 
 def count_parameters(model: nn.Module) -> int:

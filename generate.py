@@ -11,11 +11,11 @@ import argparse
 from pathlib import Path
 
 import soundfile as sf
-import torch
 
 from adapters import load_adapter, read_adapter
 from metadata import visible_text
-from synthesis import add_speech_flags, context_segments, model_speaker_names, parse_speaker, synthesize
+from synthesis import (add_speech_flags, compiled_step, context_segments, model_speaker_names, parse_speaker,
+                       SpeechRequest, synthesize_batch, utterance_seed)
 from tokenization import load_text_tokenizer, resolve_text_tokenizer
 from codec import load_mimi, MIMI_SAMPLE_RATE
 from utils import check_number, run_cli, UserError
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     check_number("--topk", args.topk, min=1)
     check_number("--max_audio_seconds", args.max_audio_seconds, gt=0, max=160)
     check_number("--seed", args.seed, min=0, max=2**63 - 1)
+    check_number("--batch_size", args.batch_size, min=1, max=4096)
     if args.lines:
         path = Path(args.lines)
         if not path.is_file():
@@ -72,21 +73,21 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not visible_text(args.text):
             raise UserError("--text is empty (nothing but spaces or control characters)")
-        numbered = [(None, visible_text(args.text))]
+        numbered = [(None, visible_text(args.text))]  # seeded as line 1 of --lines would be
     # Every output is checked before minutes of model loading and sampling.
     output = Path(args.output)
     if output.suffix.lower() not in AUDIO_SUFFIXES:
         raise UserError(f"--output {output}: give a file name ending in {', '.join(AUDIO_SUFFIXES)}")
-    texts = [text for _, text in numbered]
     outputs = [output if i is None else output.with_name(f"{output.stem}_{i:03d}{output.suffix}") for i, _ in numbered]
+    numbered = [(i or 0, text) for i, text in numbered]
     if args.speakers or Path(args.model).expanduser().exists():  # a hub model's speakers.json comes with its files
         parse_speaker(args.speaker, model_speaker_names(args.model, args.speakers))
     with claim_output_files(outputs, "--output", inputs=[*args.context_audio, args.lines],
                             overwrite=args.overwrite) as outputs:
-        return _generate(args, texts, outputs)
+        return _generate(args, numbered, outputs)
 
 
-def _generate(args, texts: list[str], outputs: list[Path]) -> int:
+def _generate(args, numbered: list[tuple[int, str]], outputs: list[Path]) -> int:
     """The model, tokenizers and context loaded once, then a wav per text (the outputs locked and checked)."""
     if args.adapter:
         read_adapter(args.adapter)  # a bad adapter fails before the model loads
@@ -101,18 +102,24 @@ def _generate(args, texts: list[str], outputs: list[Path]) -> int:
         load_adapter(model, args.adapter)
     tokenizer = load_text_tokenizer(resolve_text_tokenizer(args.text_tokenizer, source))
     mimi = load_mimi(args.mimi_weights, device=device, num_codebooks=model.config.audio_num_codebooks)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-
-    for text, out in zip(texts, outputs):
-        audio, stopped = synthesize(model, tokenizer, mimi, text, speaker, context,
-                                    max_audio_seconds=args.max_audio_seconds, temperature=args.temperature,
-                                    topk=args.topk, generator=generator, progress=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out, suffix=f".tmp{out.suffix}") as tmp:  # soundfile picks the format by extension
-            sf.write(str(tmp), audio.numpy(), MIMI_SAMPLE_RATE)
-        why = "stopped at EOS" if stopped else f"reached the {args.max_audio_seconds:g} s cap"
-        print(f"{out}: {len(audio) / MIMI_SAMPLE_RATE:.2f} s ({why})")
+    step = compiled_step(model) if args.compile else None
+    requests = [SpeechRequest(text, speaker, tuple(context), args.max_audio_seconds, utterance_seed(args.seed, number))
+                for number, text in numbered]
+    for start in range(0, len(requests), args.batch_size):
+        batch = requests[start:start + args.batch_size]
+        spoken = synthesize_batch(model, tokenizer, mimi, batch, temperature=args.temperature, topk=args.topk,
+                                  progress=True, step=step)
+        for speech, out in zip(spoken, outputs[start:start + args.batch_size]):
+            write_wav(out, speech.audio.numpy())
+            why = "stopped at EOS" if speech.stopped else f"reached the {args.max_audio_seconds:g} s cap"
+            print(f"{out}: {len(speech.audio) / MIMI_SAMPLE_RATE:.2f} s ({why})")
     return 0
+
+
+def write_wav(out: Path, audio) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out, suffix=f".tmp{out.suffix}") as tmp:  # soundfile picks the format by extension
+        sf.write(str(tmp), audio, MIMI_SAMPLE_RATE)
 
 
 if __name__ == "__main__":

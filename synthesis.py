@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import math
 import re
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
@@ -19,6 +23,7 @@ from runtime import autocast, PRECISIONS
 from audio_io import read_audio
 from token_file import SPEAKERS_NAME, speaker_names
 from weights import DEFAULT_MODEL
+from csm_model import frame_noise
 
 
 def add_speech_flags(p: argparse.ArgumentParser, *, context_speaker: str, precision_note: str = "") -> None:
@@ -46,6 +51,12 @@ def add_speech_flags(p: argparse.ArgumentParser, *, context_speaker: str, precis
                    help="wav of a prompt turn spoken before each text (repeatable)")
     p.add_argument("--context_text", action="append", default=[], help="its transcript (one per --context_audio)")
     p.add_argument("--context_speaker", action="append", default=[], help=context_speaker)
+    p.add_argument("--batch_size", type=int, default=8,
+                   help="utterances generated at once (each samples from its own seed, so the audio does not "
+                        "depend on the batch)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the one-frame step (torch.compile; CUDA graphs on a GPU): minutes to start, then "
+                        "faster frames")
 
 
 def parse_speaker(value, names: dict[str, int] | None = None, flag: str = "--speaker") -> int:
@@ -113,55 +124,209 @@ def build_prompt(tokenizer, mimi, segments: list[Segment], k: int) -> tuple[torc
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
+@dataclass(frozen=True)
+class SpeechRequest:
+    """One utterance to generate: what to say, by whom, after which prompt turns, and its length cap. `seed`
+    seeds this utterance's own sampling generator (None: an unseeded one), so its audio does not depend on
+    the other utterances of its batch."""
+
+    text: str
+    speaker: int = 0
+    context: tuple[Segment, ...] = ()
+    max_audio_seconds: float = 10.0
+    seed: int | None = None
+
+
+@dataclass
+class Speech:
+    """A generated utterance: 1-D float32 CPU audio at 24 kHz, whether it stopped at its EOS frame (else at its
+    cap), and its codes [K, frames]."""
+
+    audio: torch.Tensor
+    stopped: bool
+    codes: torch.Tensor
+
+
+CHECK_EVERY = 8  # frames between the loop's reads of which rows are done (its only host syncs)
+CACHE_ROUND = 64  # cache lengths are rounded up to this, so that compiled steps see few distinct shapes
+
+
+def _prompt(tokenizer, mimi, request: SpeechRequest, k: int, limit: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A request's prompt frames and its cap in frames, checked against the model's length limit."""
+    if not request.text or not request.text.strip():
+        raise UserError("the text to speak is empty")
+    cap = request.max_audio_seconds * MIMI_FRAME_RATE
+    if not math.isfinite(cap) or int(cap) < 1:
+        raise UserError(f"max_audio_seconds={request.max_audio_seconds} allows no audio frame (one frame is 80 ms)")
+    turn = Segment(request.text, parse_speaker(request.speaker))
+    tokens, mask = build_prompt(tokenizer, mimi, [*request.context, turn], k)
+    if len(tokens) + int(cap) > limit:
+        raise UserError(f"the text and context take {len(tokens)} frames and {request.max_audio_seconds:g} s of audio "
+                        f"{int(cap)} more, over the model's {limit}-frame limit; shorten the text or context, "
+                        "or lower --max_audio_seconds")
+    return tokens, mask, int(cap)
+
+
+class FrameLoop:
+    """The frame-by-frame loop of a batch of prompts through the KV caches, as a generator: it yields each time
+    it has read back which rows are done (every `check_every` frames, its only host syncs), and what it has
+    generated so far is in `codes` ([B, T, K]), `stop_at` (per row, the frames it keeps) and `eos`.
+
+    Rows may have prompts of different lengths (padded on the right, each row at its own positions) and caps
+    of their own. A row ends at its EOS frame (not kept) or its cap; finished rows are dropped from the batch
+    at the next check, unless the step is compiled (a new batch size would be a new graph)."""
+
+    def __init__(self, model, prompts: list[tuple[torch.Tensor, torch.Tensor]], caps: list[int], *,
+                 temperature: float, topk: int, generators: list[torch.Generator | None], step=None,
+                 precision: str | None = None, check_every: int = CHECK_EVERY):
+        self.model, self.temperature, self.topk = model, temperature, topk
+        self.device = next(model.parameters()).device
+        self.generators = [g if g is not None else _unseeded(self.device) for g in generators]
+        self.step, self.check_every = step, max(1, check_every)
+        self.precision = autocast(self.device, precision) if precision else contextlib.nullcontext()
+        b, k = len(prompts), model.config.audio_num_codebooks
+        lengths = [len(t) for t, _ in prompts]
+        width = max(lengths)
+        self.tokens = torch.zeros(b, width, k + 1, dtype=torch.long)
+        self.mask = torch.zeros(b, width, k + 1, dtype=torch.bool)
+        for i, (t, m) in enumerate(prompts):
+            self.tokens[i, : len(t)], self.mask[i, : len(m)] = t, m
+        self.lengths = torch.tensor(lengths, device=self.device)
+        self.frames = max(caps)
+        limit = model.backbone.max_seq_len
+        self.cache_len = min(limit, -(-(width + self.frames) // CACHE_ROUND) * CACHE_ROUND)
+        self.codes = torch.zeros(b, self.frames, k, dtype=torch.int, device=self.device)
+        self.stop_at = torch.tensor(caps, device=self.device)
+        self.eos = torch.zeros(b, dtype=torch.bool, device=self.device)
+
+    def _noise(self, rows: list[int]) -> torch.Tensor | None:
+        if self.topk == 1:
+            return None  # greedy: no noise drawn
+        k = self.model.config.audio_num_codebooks
+        return frame_noise([self.generators[r] for r in rows], k, self.topk, self.device)
+
+    def run(self, progress: bool = False) -> Iterator[int]:
+        """Generate; yields the number of frames done at each check. The model's mode and caches are restored."""
+        model, device = self.model, self.device
+        was_training = model.training
+        model.eval()
+        rows = list(range(len(self.tokens)))
+        index = torch.arange(len(rows), device=device)
+        bar = tqdm(total=self.frames, disable=not progress, desc="frames", unit="frame", leave=False)
+        try:
+            model.setup_caches(len(rows), self.cache_len)
+            tokens, mask = self.tokens.to(device), self.mask.to(device)
+            pos = torch.arange(tokens.shape[1], device=device).expand(len(rows), -1)
+            last = self.lengths - 1
+            for t in range(self.frames):
+                # The prompt (its length varies) always runs eagerly; a compiled step takes the one-frame steps.
+                step = self.step if t and self.step is not None else model.generate_frame
+                with self.precision:
+                    frame = step(tokens, mask, pos, self.temperature, self.topk, self._noise(rows), last)
+                self._record(t, index, frame)
+                bar.update()
+                tokens, mask = next_input_frames(frame)
+                pos = (last if t == 0 else pos[:, 0]).add(1).clamp(max=self.cache_len - 1).unsqueeze(1)
+                last = None
+                if (t + 1) % self.check_every and t + 1 < self.frames:
+                    continue
+                done = (self.stop_at[index] <= t + 1).tolist()  # the one read back: which rows are done
+                yield t + 1
+                if all(done):
+                    break
+                if any(done) and self.step is None:
+                    keep = [i for i, d in enumerate(done) if not d]
+                    kept = torch.tensor(keep, device=device)
+                    model.keep_rows(kept)
+                    rows, index = [rows[i] for i in keep], index[kept]
+                    tokens, mask, pos = tokens[kept], mask[kept], pos[kept]
+        finally:
+            bar.close()
+            model.remove_caches()
+            model.train(was_training)
+
+    def _record(self, t: int, index: torch.Tensor, frame: torch.Tensor) -> None:
+        """Store frame t of the batch's rows; a row's first all-zero frame (EOS) before its cap ends it."""
+        self.codes[:, t].index_copy_(0, index, frame)
+        stop = self.stop_at[index]
+        hit = (frame == 0).all(-1) & (t < stop)
+        self.stop_at.index_copy_(0, index, torch.where(hit, t, stop))
+        self.eos.index_copy_(0, index, self.eos[index] | hit)
+
+
+def utterance_seed(seed: int, number: int) -> int:
+    """The sampling seed of utterance `number` of a run seeded `seed`: its own, whatever comes before it."""
+    digest = hashlib.sha256(f"{seed}:{number}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class CompiledStep:
+    """The model's one-frame step, compiled (torch.compile, fixed shapes; CUDA graphs, mode reduce-overhead, on a
+    GPU) in two parts, so that compiling takes seconds rather than minutes: the backbone's step, and one
+    codebook's decoder step, a single graph for codebooks 1..K-1 (the codebook is a tensor argument). Its
+    greedy output equals the eager step's."""
+
+    def __init__(self, model):
+        mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
+        self.model = model
+        self.backbone = torch.compile(model.backbone_step, mode=mode, fullgraph=True, dynamic=False)
+        self.codebook = torch.compile(model.codebook_step, mode=mode, fullgraph=True, dynamic=False)
+
+    def __call__(self, tokens, mask, pos, temperature: float, topk: int, noise=None, last=None) -> torch.Tensor:
+        last_h = self.backbone(tokens, mask, pos, last)
+        return self.model.decode_codebooks(last_h, temperature, topk, noise, codebook_step=self.codebook)
+
+
+def compiled_step(model) -> CompiledStep:
+    return CompiledStep(model)
+
+
+def _unseeded(device) -> torch.Generator:
+    g = torch.Generator(device)
+    g.seed()  # a nondeterministic seed of its own; the global generator is left alone
+    return g
+
+
+def _setup(model, tokenizer, mimi, requests: list[SpeechRequest]):
+    k, limit = model.config.audio_num_codebooks, model.backbone.max_seq_len
+    prompts = [_prompt(tokenizer, mimi, r, k, limit) for r in requests]
+    device = next(model.parameters()).device
+    generators = [None if r.seed is None else torch.Generator(device).manual_seed(r.seed) for r in requests]
+    return [(t, m) for t, m, _ in prompts], [cap for _, _, cap in prompts], generators
+
+
 # no_grad rather than inference_mode: tensors the model caches on first use (its RoPE tables) would
 # otherwise be inference tensors, and a training step after the first sample would fail on them.
 @torch.no_grad()
-def synthesize(model, text_tokenizer, mimi, text: str, speaker: int = 0, context: list[Segment] | tuple = (), *,
-               max_audio_seconds: float = 10.0, temperature: float = 0.9, topk: int = 50,
-               generator: torch.Generator | None = None, progress: bool = False,
-               precision: str | None = None) -> tuple[torch.Tensor, bool]:
-    """Speak `text` as `speaker` after the `context` turns. Returns (1-D float CPU audio, stopped at EOS).
+def synthesize_batch(model, text_tokenizer, mimi, requests: list[SpeechRequest], *, temperature: float = 0.9,
+                     topk: int = 50, progress: bool = False, precision: str | None = None, step=None,
+                     check_every: int = CHECK_EVERY) -> list[Speech]:
+    """Speak every request, all at once. Each row samples from its own generator (its request's seed) and
+    stops at its own EOS frame or cap; Mimi decodes each row's frames up to its end, in fp32.
 
     `precision` (a training run's: fp32, bf16, fp16) runs the model under that autocast and nothing else;
-    None runs it in its weights' dtype. Mimi always runs outside it, in fp32. The model's train/eval mode
-    is restored and its caches removed afterwards, so training can call this.
-    """
-    if not text or not text.strip():
-        raise UserError("the text to speak is empty")
-    speaker = parse_speaker(speaker)
-    k = model.config.audio_num_codebooks
-    device = next(model.parameters()).device
-    tokens, mask = build_prompt(text_tokenizer, mimi, [*context, Segment(text, speaker)], k)
-    max_frames = int(max_audio_seconds * MIMI_FRAME_RATE)
-    limit = model.backbone.max_seq_len
-    if max_frames < 1:
-        raise UserError(f"max_audio_seconds={max_audio_seconds} allows no audio frame (one frame is 80 ms)")
-    if len(tokens) + max_frames > limit:
-        raise UserError(f"the text and context take {len(tokens)} frames and {max_audio_seconds:g} s of audio "
-                        f"{max_frames} more, over the model's {limit}-frame limit; shorten the text or context, "
-                        "or lower --max_audio_seconds")
+    None runs it in its weights' dtype. `step` replaces the model's frame step (a compiled one, from
+    compiled_step). The model's train/eval mode is restored and its caches removed afterwards, so training
+    can call this."""
+    prompts, caps, generators = _setup(model, text_tokenizer, mimi, requests)
+    loop = FrameLoop(model, prompts, caps, temperature=temperature, topk=topk, generators=generators, step=step,
+                     precision=precision, check_every=check_every)
+    for _ in loop.run(progress):
+        pass
+    codes, stop_at, eos = loop.codes.cpu(), loop.stop_at.tolist(), loop.eos.tolist()
+    out = []
+    for row, end, stopped in zip(codes, stop_at, eos):
+        kept = row[:end].T  # [K, F]: nothing past the row's end is decoded
+        out.append(Speech(decode_audio(mimi, kept) if end else torch.zeros(0), bool(stopped), kept))
+    return out
 
-    was_training = model.training
-    model.eval()
-    try:
-        model.setup_caches(1)
-        curr_tokens, curr_mask = tokens.unsqueeze(0).to(device), mask.unsqueeze(0).to(device)
-        curr_pos = torch.arange(len(tokens), device=device).unsqueeze(0)
-        frames, stopped = [], False
-        precision_ctx = autocast(device, precision) if precision else contextlib.nullcontext()
-        for _ in tqdm(range(max_frames), disable=not progress, desc="frames", unit="frame", leave=False):
-            with precision_ctx:
-                frame = model.generate_frame(curr_tokens, curr_mask, curr_pos, temperature, topk, generator)
-            if not frame.any():
-                stopped = True
-                break
-            frames.append(frame)
-            curr_tokens, curr_mask = next_input_frames(frame)
-            curr_pos = curr_pos[:, -1:] + 1
-    finally:
-        model.remove_caches()
-        model.train(was_training)
-    if not frames:
-        return torch.zeros(0), stopped
-    codes = torch.stack(frames, dim=-1)[0]  # [K, F]
-    return decode_audio(mimi, codes), stopped
+
+def synthesize(model, text_tokenizer, mimi, text: str, speaker: int = 0, context: list[Segment] | tuple = (), *,
+               max_audio_seconds: float = 10.0, temperature: float = 0.9, topk: int = 50, seed: int | None = None,
+               progress: bool = False, precision: str | None = None, step=None) -> tuple[torch.Tensor, bool]:
+    """Speak `text` as `speaker` after the `context` turns (a batch of one). Returns (1-D float CPU audio, stopped
+    at EOS)."""
+    speech = synthesize_batch(model, text_tokenizer, mimi, [SpeechRequest(text, speaker, tuple(context),
+                                                                          max_audio_seconds, seed)],
+                              temperature=temperature, topk=topk, progress=progress, precision=precision, step=step)[0]
+    return speech.audio, speech.stopped
