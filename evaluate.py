@@ -23,7 +23,7 @@ from outputs import claim_output_dir, clear_dir
 from weights import load_model, resolve_source
 from adapters import load_adapter, read_adapter
 from evaluation import EvalSettings, evaluate_model, is_token_file, load_items, write_report
-from synthesis import add_speech_flags, context_segments, model_speaker_names, prompt_segments
+from synthesis import add_speech_flags, compiled_step, context_segments, model_speaker_names, prompt_segments
 from tokenization import load_text_tokenizer, resolve_text_tokenizer
 from codec import load_mimi
 from config import load_config
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     check_number("--topk", args.topk, min=1)
     check_number("--max_audio_seconds", args.max_audio_seconds, gt=0, max=160)
     check_number("--seed", args.seed, min=0, max=2**32 - 1)
+    check_number("--batch_size", args.batch_size, min=1, max=4096)
     data = Path(args.eval_data)
     if data.is_dir():
         raise UserError(f"--eval_data {data} is a directory; give a metadata file or a token file (.hdf5)")
@@ -101,7 +102,8 @@ def _evaluate(args, data: Path, out: Path) -> int:
     for row, reason in skipped:
         print(f"warning: --eval_data row {row} skipped: {reason}")
     settings = EvalSettings(max_audio_seconds=args.max_audio_seconds, temperature=args.temperature, topk=args.topk,
-                            seed=args.seed, context=context)
+                            seed=args.seed, context=context, batch_size=args.batch_size,
+                            step=compiled_step(model) if args.compile else None)
     print(f"evaluating {len(items)} items from {data} on {device}")
     torch.manual_seed(args.seed)
     result = evaluate_model(model, tokenizer, mimi, items, quality, settings, ceilings=not args.no_ceilings,

@@ -31,7 +31,7 @@ from outputs import atomic_path, write_text_atomic
 from audio_io import read_audio
 from metadata import SkipRow, check_row, read_metadata
 import token_file
-from synthesis import synthesize
+from synthesis import SpeechRequest, synthesize_batch
 
 
 
@@ -55,6 +55,8 @@ class EvalSettings:
     seed: int = 0                    # item i is sampled with seed + i: the same draw at every evaluation
     context: list[Segment] = field(default_factory=list)  # a prompt spoken before every item
     precision: str | None = None     # the training run's autocast precision (None: the model's own dtype)
+    batch_size: int = 8              # items generated at once (each with its own seed: same audio at any size)
+    step: object = None              # a compiled frame step (synthesis.compiled_step), or None for eager
 
 
 @dataclass
@@ -151,17 +153,47 @@ def load_items(source: str | Path, *, split: str = "val", n: int | None = None, 
 # --------------------------------------------------------------------------- evaluation
 
 
-def _speak(model, tokenizer, mimi, item: EvalItem, index: int, settings: EvalSettings, reference_s: float | None):
+def _request(item: EvalItem, index: int, settings: EvalSettings, reference_s: float | None) -> SpeechRequest:
     cap = settings.max_audio_seconds
     if reference_s:
         cap = min(cap, 2 * reference_s + 1.0)  # an item not done by then will not stop: no need to wait
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(settings.seed + index)
+    return SpeechRequest(item.text, item.speaker, tuple(settings.context), cap, seed=settings.seed + index)
+
+
+def _speak(model, tokenizer, mimi, requests: list[SpeechRequest], settings: EvalSettings) -> tuple[list, float]:
+    """A batch of items, spoken at once: (each item's Speech or its exception, the seconds each took, the batch's
+    time shared among its items). A batch that fails is spoken again item by item, so that one item's failure
+    (too long, bad text) is that item's alone."""
+    kwargs = dict(temperature=settings.temperature, topk=settings.topk, precision=settings.precision,
+                  step=settings.step)
     t0 = time.perf_counter()
-    audio, stopped = synthesize(model, tokenizer, mimi, item.text, item.speaker, settings.context,
-                                max_audio_seconds=cap, temperature=settings.temperature, topk=settings.topk,
-                                generator=generator, precision=settings.precision)
-    return audio.float().numpy(), stopped, time.perf_counter() - t0
+    try:
+        spoken = synthesize_batch(model, tokenizer, mimi, requests, **kwargs)
+        return spoken, (time.perf_counter() - t0) / len(requests)
+    except Exception:  # noqa: BLE001 - retried one by one below, where each item's error is its own
+        if len(requests) == 1:
+            raise
+    out = []
+    for request in requests:
+        try:
+            out.append(synthesize_batch(model, tokenizer, mimi, [request], **kwargs)[0])
+        except Exception as e:  # noqa: BLE001
+            out.append(e)
+    return out, (time.perf_counter() - t0) / len(requests)
+
+
+def _record(item: EvalItem, row: dict, speech, seconds: float, clips: dict, timing: dict) -> None:
+    """An item's generation into its row: its audio, length and pace, or the error that stopped it."""
+    if isinstance(speech, Exception):
+        row["error"] = f"{type(speech).__name__}: {str(speech).splitlines()[0] if str(speech) else ''}"
+        print(f"warning: item {item.id}: generation failed ({row['error']}); skipped", file=sys.stderr)
+        return
+    clips["generated"] = speech.audio.float().numpy()
+    duration = len(clips["generated"]) / MIMI_SAMPLE_RATE
+    row.update(stopped_at_eos=speech.stopped, duration_s=round(duration, 3),
+               duration_ratio=duration / row["reference_s"] if row["reference_s"] else None,
+               rtf=seconds / duration if duration else None)
+    timing[item.id] = seconds
 
 
 def _peers(items: list[EvalItem]) -> list[int | None]:
@@ -186,8 +218,8 @@ def evaluate_model(model, tokenizer, mimi, items: list[EvalItem], quality: Quali
     """Generate every item, then measure it; with `ceilings`, measure the references and their Mimi
     round trip too. A failing item is recorded with its error and skipped; it never ends the evaluation."""
     device = device or next(model.parameters()).device
-    rows, audio, timing = [], {}, {}
-    for index, item in enumerate(tqdm(items, desc="evaluate", unit="item", disable=not progress, leave=False)):
+    rows, audio, timing, requests = [], {}, {}, []
+    for index, item in enumerate(items):
         clips = {}
         if item.recording is not None:
             clips["reference"] = item.recording
@@ -198,24 +230,17 @@ def evaluate_model(model, tokenizer, mimi, items: list[EvalItem], quality: Quali
             codes = encode_audio(mimi, [item.recording], model.config.audio_num_codebooks)[0]
             clips["codec"] = decode_audio(mimi, torch.as_tensor(codes)).numpy()
         reference_s = len(clips["reference"]) / MIMI_SAMPLE_RATE
-        row = {"id": item.id, "text": item.text, "speaker": item.speaker, "reference_s": round(reference_s, 3),
-               "error": ""}
-        try:
-            generated, stopped, seconds = _speak(model, tokenizer, mimi, item, index, settings, reference_s)
-        except Exception as e:  # noqa: BLE001 - one item's failure (too long, OOM, bad text) is reported, not fatal
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            print(f"warning: item {item.id}: generation failed ({row['error']}); skipped", file=sys.stderr)
-            rows.append(row)
-            audio[item.id] = clips
-            continue
-        clips["generated"] = generated
-        duration = len(generated) / MIMI_SAMPLE_RATE
-        row.update(stopped_at_eos=stopped, duration_s=round(duration, 3),
-                   duration_ratio=duration / reference_s if reference_s else None,
-                   rtf=seconds / duration if duration else None)
-        timing[item.id] = seconds
-        rows.append(row)
+        rows.append({"id": item.id, "text": item.text, "speaker": item.speaker, "reference_s": round(reference_s, 3),
+                     "error": ""})
         audio[item.id] = clips
+        requests.append(_request(item, index, settings, reference_s))
+    size = max(1, settings.batch_size)
+    with tqdm(total=len(items), desc="evaluate", unit="item", disable=not progress, leave=False) as bar:
+        for start in range(0, len(items), size):
+            spoken, seconds = _speak(model, tokenizer, mimi, requests[start:start + size], settings)
+            for item, row, speech in zip(items[start:start + size], rows[start:start + size], spoken):
+                _record(item, row, speech, seconds, audio[item.id], timing)
+            bar.update(len(spoken))
 
     measured = ["generated", *[k for k in ("reference", "codec") if ceilings and any(k in c for c in audio.values())]]
     peers = _peers(items)

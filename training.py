@@ -46,7 +46,7 @@ from runtime import (all_reduce_sum, autocast, compute_init, cuda_unusable_reaso
 from outputs import atomic_path, claim_output_dir, clear_dir, first_existing, write_text_atomic
 from token_file import SPEAKERS_NAME, open_splits, speaker_names
 from speech_metrics import QualityModels
-from synthesis import prompt_segments, synthesize
+from synthesis import prompt_segments, SpeechRequest, synthesize_batch
 from tokenization import load_text_tokenizer, resolve_text_tokenizer
 from codec import find_codec, load_mimi, MIMI_SAMPLE_RATE
 from weights import build_model, config_model_args, copy_tokenizer_files, load_model, resolve_source, save_pretrained
@@ -210,12 +210,11 @@ class SampleWriter:
     def _write(self, model: nn.Module, step: int, tracker: Tracker, precision: str) -> None:
         self.speech.load(model.config.audio_num_codebooks)
         self.dir.mkdir(parents=True, exist_ok=True)
-        for i, sentence in enumerate(self.cfg.gen_sentences):
-            generator = torch.Generator(device=self.speech.device).manual_seed(self.cfg.seed + step + i)
-            audio, _ = synthesize(model, self.speech.tokenizer, self.speech.mimi, sentence, self.cfg.gen_speaker,
-                                  self.speech.context, max_audio_seconds=self.cfg.gen_max_seconds, generator=generator,
-                                  precision=precision)
-            audio = audio.float().cpu().numpy()
+        requests = [SpeechRequest(sentence, self.cfg.gen_speaker, tuple(self.speech.context), self.cfg.gen_max_seconds,
+                                  seed=self.cfg.seed + step + i) for i, sentence in enumerate(self.cfg.gen_sentences)]
+        spoken = synthesize_batch(model, self.speech.tokenizer, self.speech.mimi, requests, precision=precision)
+        for i, (sentence, speech) in enumerate(zip(self.cfg.gen_sentences, spoken)):
+            audio = speech.audio.float().cpu().numpy()
             with atomic_path(self.dir / f"step_{step:07d}_{i}.wav", suffix=".tmp.wav") as tmp:
                 sf.write(tmp, audio, MIMI_SAMPLE_RATE)
             tracker.log_audio(f"sample_{i}", audio, MIMI_SAMPLE_RATE, step, sentence)
@@ -242,8 +241,8 @@ class QualityEval:
     def __call__(self, model: nn.Module, step: int, tracker: Tracker, precision: str) -> dict:
         try:
             settings = EvalSettings(max_audio_seconds=self.cfg.eval_max_seconds, seed=self.cfg.seed,
-                                    precision=precision,
-                                    context=self.speech.context)
+                                    precision=precision, context=self.speech.context,
+                                    batch_size=self.cfg.eval_batch_size)
             result = evaluate_model(model, self.speech.tokenizer, self.speech.mimi, self.items, self.quality, settings,
                                     device=self.speech.device)
             write_report(result, self.dir / f"step_{step:07d}", extra={"step": step})

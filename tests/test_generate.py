@@ -56,7 +56,7 @@ def test_bf16_weights_generate(assets, tmp_path, monkeypatch):
 
 def test_length_cap_without_eos(model, text_tokenizer, mimi):
     audio, stopped = synthesize(model, text_tokenizer, mimi, "Hi.", 0, max_audio_seconds=0.4,
-                                generator=torch.Generator().manual_seed(0))
+                                seed=0)
     assert not stopped
     assert audio.shape == (5 * SAMPLES_PER_FRAME,)
 
@@ -88,7 +88,7 @@ def test_stops_at_the_eos_frame(model, text_tokenizer, mimi):
 def test_seed_decides_the_output(model, text_tokenizer, mimi):
     def run(seed):
         return synthesize(model, text_tokenizer, mimi, "Same text.", 1, max_audio_seconds=0.16,
-                          generator=torch.Generator().manual_seed(seed))[0]
+                          seed=seed)[0]
 
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
@@ -143,7 +143,7 @@ def test_context_turns_change_the_output(model, text_tokenizer, mimi):
 
     def run(context):
         return synthesize(model, text_tokenizer, mimi, "Now.", 0, context, max_audio_seconds=0.16,
-                          generator=torch.Generator().manual_seed(0))[0]
+                          seed=0)[0]
 
     assert not torch.equal(run([turn]), run([]))
 

@@ -1,0 +1,152 @@
+"""Generation in batches: each row equals its batch of one (greedy exactly, sampled through its own seed), stops
+at its own EOS or cap, leaves the batch when done; a frame step reads nothing back from the device; a compiled
+step equals the eager one; generate.py and the evaluation give the same audio at any batch size."""
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import generate
+import weights
+from csm_model import CSM, frame_noise
+from frames import Segment
+from synthesis import compiled_step, SpeechRequest, synthesize_batch
+
+SAMPLES_PER_FRAME = 1920
+
+
+@pytest.fixture
+def model(assets):
+    return weights.load_model(str(assets["model"]))
+
+
+def _requests(seed=None):
+    """Prompts of different lengths, one with a context turn, with caps of their own."""
+    rng = np.random.default_rng(0)
+    turn = Segment("Earlier words.", 2, torch.from_numpy(rng.normal(0, 0.1, 9600).astype(np.float32)))
+    seeds = [None] * 3 if seed is None else [seed, seed + 1, seed + 2]
+    return [SpeechRequest("Hi.", 0, (), 0.4, seeds[0]),
+            SpeechRequest("A much longer sentence than the first one.", 1, (), 0.64, seeds[1]),
+            SpeechRequest("After a turn.", 3, (turn,), 0.24, seeds[2])]
+
+
+def _alone(model, text_tokenizer, mimi, requests, **kwargs):
+    return [synthesize_batch(model, text_tokenizer, mimi, [r], **kwargs)[0] for r in requests]
+
+
+def test_greedy_rows_equal_their_batch_of_one(model, text_tokenizer, mimi):
+    requests = _requests()
+    batch = synthesize_batch(model, text_tokenizer, mimi, requests, topk=1)
+    for speech, alone, request in zip(batch, _alone(model, text_tokenizer, mimi, requests, topk=1), requests):
+        assert torch.equal(speech.codes, alone.codes) and torch.equal(speech.audio, alone.audio)
+        frames = int(request.max_audio_seconds * 12.5)  # the random model never says EOS: each row its own cap
+        assert speech.codes.shape == (32, frames) and len(speech.audio) == frames * SAMPLES_PER_FRAME
+
+
+def test_sampled_rows_depend_on_their_seed_only(model, text_tokenizer, mimi):
+    requests = _requests(seed=7)
+    batch = synthesize_batch(model, text_tokenizer, mimi, requests, topk=50)
+    for speech, alone in zip(batch, _alone(model, text_tokenizer, mimi, requests, topk=50)):
+        assert torch.equal(speech.codes, alone.codes)
+    reordered = synthesize_batch(model, text_tokenizer, mimi, requests[::-1], topk=50)[::-1]
+    assert all(torch.equal(a.codes, b.codes) for a, b in zip(batch, reordered))
+    other = synthesize_batch(model, text_tokenizer, mimi, [SpeechRequest("Hi.", 0, (), 0.4, 8)], topk=50)[0]
+    assert not torch.equal(other.codes, batch[0].codes)
+
+
+def test_gumbel_noise_samples_the_top_k_softmax():
+    """sample_topk with frame_noise draws from softmax(logits / T) over the top k, and only from there."""
+    from csm_model import sample_topk
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 5.0]]).expand(20_000, -1)
+    generators = [torch.Generator().manual_seed(0)]
+    noise = frame_noise(generators, 20_000, 3, "cpu")[0]  # 20,000 draws of one row's noise
+    picks = sample_topk(logits, 3, 0.7, noise)[:, 0]
+    counts = torch.bincount(picks, minlength=5).float() / len(picks)
+    top = torch.tensor([2.0, 1.0, 5.0]) / 0.7
+    expected = torch.zeros(5)
+    expected[[0, 1, 4]] = torch.softmax(top, 0)
+    assert counts[2] == 0 and counts[3] == 0
+    torch.testing.assert_close(counts, expected, atol=0.01, rtol=0)
+
+
+def test_rows_stop_at_their_own_eos_and_leave_the_batch(model, text_tokenizer, mimi, monkeypatch):
+    """A stand-in step says EOS for row 0 at its 3rd frame and row 1 at its 6th (each frame carries its row and
+    number in codebooks 1 and 2, which the next step reads back as its input); row 2 runs to its cap. Each row
+    keeps the frames before its EOS, nothing past a row's end is decoded, and done rows leave the batch at the
+    next check (every 2 frames here)."""
+    import synthesis
+
+    k, sizes, decoded = model.config.audio_num_codebooks, [], []
+
+    def step(tokens, mask, pos, temperature, topk, noise=None, last=None):
+        b = len(tokens)
+        sizes.append(b)
+        if last is not None:  # the prompt: rows in their order, frame 0 next
+            ids, number = torch.arange(b), torch.zeros(b, dtype=torch.long)
+        else:
+            ids, number = tokens[:, 0, 1] - 1, tokens[:, 0, 2] + 1
+        frame = torch.ones(b, k, dtype=torch.int)
+        frame[:, 1], frame[:, 2] = ids + 1, number
+        eos = ((ids == 0) & (number == 2)) | ((ids == 1) & (number == 5))
+        return torch.where(eos[:, None], torch.zeros_like(frame), frame)
+
+    monkeypatch.setattr(model, "generate_frame", step)
+    real_decode = synthesis.decode_audio
+    monkeypatch.setattr(synthesis, "decode_audio", lambda m, c: decoded.append(c.shape[1]) or real_decode(m, c))
+    spoken = synthesize_batch(model, text_tokenizer, mimi, _requests(), topk=1, check_every=2)
+    assert [s.stopped for s in spoken] == [True, True, False]
+    assert [s.codes.shape[1] for s in spoken] == [2, 5, 3] and decoded == [2, 5, 3]
+    assert [len(s.audio) for s in spoken] == [2 * SAMPLES_PER_FRAME, 5 * SAMPLES_PER_FRAME, 3 * SAMPLES_PER_FRAME]
+    assert sizes == [3, 3, 3, 3, 1, 1]  # rows 0 and 2 left at the check after frame 4; row 1 ended at frame 6
+
+
+def test_a_frame_step_reads_nothing_back_from_the_device(assets):
+    """On the meta device any read back (.item(), int(), .tolist(), a nonzero) raises: the prompt step and the
+    one-frame steps, greedy and sampled, and dropping rows, all run there."""
+    with torch.device("meta"):
+        model = CSM(weights.load_model(assets["model"]).config).eval()
+    k = model.config.audio_num_codebooks
+    model.setup_caches(3, 128)
+    tokens = torch.zeros(3, 9, k + 1, dtype=torch.long, device="meta")
+    mask = torch.ones(3, 9, k + 1, dtype=torch.bool, device="meta")
+    pos = torch.arange(9, device="meta").expand(3, -1)
+    last = torch.tensor([8, 5, 2], device="meta")
+    with torch.no_grad():
+        frame = model.generate_frame(tokens, mask, pos, 0.9, 50, torch.zeros(3, k, 50, device="meta"), last)
+        for noise in (None, torch.zeros(3, k, 50, device="meta")):
+            frame = model.generate_frame(tokens[:, :1], mask[:, :1], (last + 1)[:, None], 0.9, 50, noise)
+        model.keep_rows(torch.tensor([0, 2], device="meta"))
+        frame = model.generate_frame(tokens[:2, :1], mask[:2, :1], pos[:2, :1], 0.9, 1)
+    assert frame.shape == (2, k) and frame.device.type == "meta"
+    with pytest.raises(Exception):
+        torch.zeros(1, device="meta").item()  # the premise: a read back on the meta device raises
+
+
+def test_the_compiled_step_equals_the_eager_one(model, text_tokenizer, mimi):
+    requests = _requests()[:2]
+    eager = synthesize_batch(model, text_tokenizer, mimi, requests, topk=1)
+    compiled = synthesize_batch(model, text_tokenizer, mimi, requests, topk=1, step=compiled_step(model))
+    assert all(torch.equal(a.codes, b.codes) for a, b in zip(eager, compiled))
+
+
+def _cli(assets, *args):
+    return ["--model", str(assets["model"]), "--text_tokenizer", str(assets["text_tokenizer"]),
+            "--mimi_weights", str(assets["mimi"]), "--device", "cpu", "--max_audio_seconds", "0.32", *args]
+
+
+def test_a_lines_wav_depends_neither_on_the_batch_nor_on_the_lines_before_it(assets, tmp_path):
+    lines = tmp_path / "lines.txt"
+    lines.write_text("First line.\nSecond line here.\nThird.\n")
+    alone = tmp_path / "alone.txt"
+    alone.write_text("\n\nThird.\n")  # line 3 again, with nothing before it
+    wavs = {}
+    for name, path, size in (("b1", lines, 1), ("b3", lines, 3), ("alone", alone, 2)):
+        assert generate.main(_cli(assets, "--lines", str(path), "--output", str(tmp_path / f"{name}.wav"),
+                                  "--batch_size", str(size))) == 0
+        wavs[name] = {p.name.split("_")[1]: sf.read(p)[0] for p in tmp_path.glob(f"{name}_*.wav")}
+    assert sorted(wavs["b1"]) == ["000.wav", "001.wav", "002.wav"] and sorted(wavs["alone"]) == ["002.wav"]
+    for line in wavs["b1"]:
+        assert np.array_equal(wavs["b1"][line], wavs["b3"][line])
+    assert np.array_equal(wavs["alone"]["002.wav"], wavs["b1"]["002.wav"])
+    assert not np.array_equal(wavs["b1"]["000.wav"][:3840], wavs["b1"]["001.wav"][:3840])
