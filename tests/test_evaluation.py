@@ -118,6 +118,20 @@ def test_evaluate_end_to_end_from_a_metadata_file(assets, judges, tmp_path):
     assert redone["wer"] == pytest.approx(generated["wer"])
 
 
+def test_the_numbers_do_not_depend_on_the_batch_size(assets, judges, tmp_path):
+    """Each item samples from its own seed: batches of 1 and of 3 give the same audio, transcripts and scores."""
+    results = {}
+    for size in (1, 3):
+        out = tmp_path / f"eval{size}"
+        rc, err = cli("evaluate.py", "--eval_data", SAMPLE / "train.csv", "--n", 3, "--output_dir", out,
+                      "--max_audio_seconds", 1, "--no_ceilings", "--batch_size", size, *common(assets, judges))
+        assert rc == 0, err
+        rows = list(csv.DictReader((out / "items.csv").open()))
+        wavs = {p.name: p.read_bytes() for p in (out / "wavs").glob("*_generated.wav")}
+        results[size] = ([(r["id"], r["transcript"], r["wer"], r["speaker_sim"], r["duration_s"]) for r in rows], wavs)
+    assert len(results[1][1]) == 3 and results[1] == results[3]
+
+
 def test_evaluate_a_token_file_split_with_a_voice_prompt(assets, judges, pretokenized, tmp_path):
     out = tmp_path / "eval"
     prompt = SAMPLE / "clips" / "train_00.flac"
