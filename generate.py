@@ -8,6 +8,7 @@ official generator does; sampling stops at the EOS frame or the length cap).
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import soundfile as sf
@@ -15,7 +16,7 @@ import soundfile as sf
 from adapters import load_adapter, read_adapter
 from metadata import visible_text
 from synthesis import (add_speech_flags, compiled_step, context_segments, model_speaker_names, parse_speaker,
-                       SpeechRequest, synthesize_batch, utterance_seed)
+                       SpeechRequest, SpeechStream, synthesize_batch, utterance_seed)
 from tokenization import load_text_tokenizer, resolve_text_tokenizer
 from codec import load_mimi, MIMI_SAMPLE_RATE
 from utils import check_number, run_cli, UserError
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
     p.add_argument("--max_audio_seconds", type=float, default=10.0, help="length cap if no EOS frame comes first")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream", action="store_true",
+                   help="write the wav as the audio arrives, chunk by chunk (with --text): the file grows under a "
+                        "temporary name, printed at the start, and takes --output's name when done")
     add_speech_flags(p, context_speaker="its speaker id (one per --context_audio)")
     return p
 
@@ -56,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     check_number("--max_audio_seconds", args.max_audio_seconds, gt=0, max=160)
     check_number("--seed", args.seed, min=0, max=2**63 - 1)
     check_number("--batch_size", args.batch_size, min=1, max=4096)
+    if args.stream and args.lines:
+        raise UserError("--stream speaks one --text as it is generated; --lines files are generated in batches")
     if args.lines:
         path = Path(args.lines)
         if not path.is_file():
@@ -105,6 +111,8 @@ def _generate(args, numbered: list[tuple[int, str]], outputs: list[Path]) -> int
     step = compiled_step(model) if args.compile else None
     requests = [SpeechRequest(text, speaker, tuple(context), args.max_audio_seconds, utterance_seed(args.seed, number))
                 for number, text in numbered]
+    if args.stream:
+        return _stream(model, tokenizer, mimi, requests[0], outputs[0], args, step)
     for start in range(0, len(requests), args.batch_size):
         batch = requests[start:start + args.batch_size]
         spoken = synthesize_batch(model, tokenizer, mimi, batch, temperature=args.temperature, topk=args.topk,
@@ -113,6 +121,25 @@ def _generate(args, numbered: list[tuple[int, str]], outputs: list[Path]) -> int
             write_wav(out, speech.audio.numpy())
             why = "stopped at EOS" if speech.stopped else f"reached the {args.max_audio_seconds:g} s cap"
             print(f"{out}: {len(speech.audio) / MIMI_SAMPLE_RATE:.2f} s ({why})")
+    return 0
+
+
+def _stream(model, tokenizer, mimi, request: SpeechRequest, out: Path, args, step) -> int:
+    """Write one utterance as its chunks arrive: appended and flushed to the temp file, renamed at the end."""
+    stream = SpeechStream(model, tokenizer, mimi, request, temperature=args.temperature, topk=args.topk, step=step)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0, samples = time.perf_counter(), 0
+    with atomic_path(out, suffix=f".tmp{out.suffix}") as tmp:
+        print(f"streaming into {tmp} (renamed to {out} when done)")
+        with sf.SoundFile(str(tmp), "w", samplerate=MIMI_SAMPLE_RATE, channels=1) as f:
+            for chunk in stream:
+                f.write(chunk.numpy())
+                f.flush()
+                if not samples:
+                    print(f"first audio after {time.perf_counter() - t0:.2f} s")
+                samples += len(chunk)
+    why = "stopped at EOS" if stream.stopped else f"reached the {args.max_audio_seconds:g} s cap"
+    print(f"{out}: {samples / MIMI_SAMPLE_RATE:.2f} s ({why}) in {time.perf_counter() - t0:.2f} s")
     return 0
 
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from frames import Segment, audio_frames, next_input_frames, text_frames
 from tokenization import encode_text
-from codec import decode_audio, encode_audio, MIMI_FRAME_RATE
+from codec import decode_audio, encode_audio, MIMI_FRAME_RATE, SAMPLES_PER_FRAME
 from utils import UserError
 from runtime import autocast, PRECISIONS
 from audio_io import read_audio
@@ -330,3 +330,59 @@ def synthesize(model, text_tokenizer, mimi, text: str, speaker: int = 0, context
                                                                           max_audio_seconds, seed)],
                               temperature=temperature, topk=topk, progress=progress, precision=precision, step=step)[0]
     return speech.audio, speech.stopped
+
+
+# --------------------------------------------------------------------------- streaming
+
+STREAM_CHUNK = 6     # frames per streamed chunk (0.48 s of audio)
+STREAM_CONTEXT = 25  # frames decoded again before each chunk (2 s), so that Mimi's decoder hears what came before
+STREAM_HOLDBACK = 1  # frames held back to the next chunk: the last frame's audio still changes with the next frame
+
+
+class StreamDecoder:
+    """Mimi decoding as frames arrive. transformers' MimiModel keeps no streaming state in its decoder, so each
+    chunk decodes its new frames again with STREAM_CONTEXT frames before them, and gives out the audio of all
+    but the last STREAM_HOLDBACK frames (the transposed convolutions still add into those from the next frame).
+    Joined, the chunks differ from a one-shot decode of the same codes by a small, measured amount."""
+
+    def __init__(self, mimi, context: int = STREAM_CONTEXT, holdback: int = STREAM_HOLDBACK):
+        self.mimi, self.context, self.holdback, self.emitted = mimi, context, holdback, 0
+
+    def push(self, codes: torch.Tensor, final: bool = False) -> torch.Tensor:
+        """codes [K, F]: every frame so far. Returns the audio that is settled and not yet given out."""
+        end = codes.shape[1] if final else codes.shape[1] - self.holdback
+        if end <= self.emitted:
+            return torch.zeros(0)
+        start = max(0, self.emitted - self.context)
+        audio = decode_audio(self.mimi, codes[:, start:])
+        out = audio[(self.emitted - start) * SAMPLES_PER_FRAME:(end - start) * SAMPLES_PER_FRAME]
+        self.emitted = end
+        return out
+
+
+class SpeechStream:
+    """One utterance spoken chunk by chunk: iterate for 1-D float CPU audio chunks as frames arrive (every
+    `chunk` frames: the loop's checks are where it reads back its frames). Once the iteration ends, `stopped`
+    says whether it stopped at EOS and `codes` holds its frames. The frames are those synthesize_batch gives
+    for the same request."""
+
+    def __init__(self, model, text_tokenizer, mimi, request: SpeechRequest, *, temperature: float = 0.9,
+                 topk: int = 50, precision: str | None = None, step=None, chunk: int = STREAM_CHUNK):
+        prompts, caps, generators = _setup(model, text_tokenizer, mimi, [request])
+        self.loop = FrameLoop(model, prompts, caps, temperature=temperature, topk=topk, generators=generators,
+                              step=step, precision=precision, check_every=chunk)
+        self.decoder, self.stopped, self.codes = StreamDecoder(mimi), False, None
+
+    @torch.no_grad()
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        loop = self.loop
+        for done in loop.run():
+            end = min(done, int(loop.stop_at[0]))
+            chunk = self.decoder.push(loop.codes[0, :end].T.cpu())
+            if len(chunk):
+                yield chunk
+        end = int(loop.stop_at[0])
+        self.codes, self.stopped = loop.codes[0, :end].T.cpu(), bool(loop.eos[0])
+        chunk = self.decoder.push(self.codes, final=True)
+        if len(chunk):
+            yield chunk
