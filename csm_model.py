@@ -234,13 +234,14 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
                                                  enable_gqa=self.num_kv_heads != self.num_heads)
         else:
-            if self.num_kv_heads != self.num_heads:
-                # With an explicit mask (generation), expand: query head i reads kv head i // group, as in
-                # torchtune's GQA expansion (enable_gqa with a mask would leave the fused kernels anyway).
-                group = self.num_heads // self.num_kv_heads
-                k = k.repeat_interleave(group, dim=1)
-                v = v.repeat_interleave(group, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, :, : k.shape[2]])
+            # With an explicit mask (generation): query head i reads kv head i // group. The group's query heads
+            # become rows of one query block per kv head, so the cache is read in place, never copied per head.
+            group = self.num_heads // self.num_kv_heads
+            mask = mask[:, None, :, : k.shape[2]]
+            if group > 1:
+                q = q.reshape(b, self.num_kv_heads, group * s, self.head_dim)
+                mask = mask if s == 1 else mask.repeat(1, 1, group, 1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(b, self.num_heads, s, self.head_dim)
         return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -347,9 +348,7 @@ def sample_topk(logits: torch.Tensor, topk: int, temperature: float, gumbel: tor
     With `gumbel` None the step is greedy (the largest logit). `max_token` excludes ids from there on (audio ids
     2048-2050 exist but Mimi cannot decode them; a trained model never picks them, an untrained one may).
     """
-    logits = logits.float()
-    if max_token is not None:
-        logits[..., max_token:] = float("-inf")
+    logits = logits[..., :max_token].float()  # a view: the ids from max_token on are never candidates
     if gumbel is None:
         return logits.argmax(-1, keepdim=True).to(torch.int)
     values, ids = torch.topk(logits / max(temperature, 1e-5), min(topk, logits.shape[-1]))
