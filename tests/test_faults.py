@@ -146,7 +146,7 @@ def test_a_failing_sample_does_not_end_the_run_and_comes_after_the_checkpoint(da
         calls.append(sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()))
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(training, "synthesize", broken)
+    monkeypatch.setattr(training, "synthesize_batch", broken)
     cfg = config.make_config(dict(model=str(assets["model"]), text_tokenizer=str(assets["text_tokenizer"]),
                                   mimi_weights=str(assets["mimi"]), max_steps=4, gen_every=2, save_every=2, val_every=0,
                                   batch_size=4, warmup_steps=1, wandb_mode="disabled"))

@@ -76,13 +76,15 @@ def test_metadata_speaker_names_are_numbered_once_across_splits(assets, tmp_path
 
     said = []
 
-    def fake_synthesize(model, tokenizer, mimi, text, speaker, context, **kwargs):
+    def fake_synthesize(model, tokenizer, mimi, requests, **kwargs):
         import torch
 
-        said.append(speaker)
-        return torch.zeros(1920), True
+        from synthesis import Speech
 
-    generate.synthesize, real = fake_synthesize, generate.synthesize
+        said.extend(r.speaker for r in requests)
+        return [Speech(torch.zeros(1920), True, torch.zeros(32, 1, dtype=torch.int)) for _ in requests]
+
+    generate.synthesize_batch, real = fake_synthesize, generate.synthesize_batch
     try:
         common = ["--model", str(tmp_path / "run" / "final"), "--text", "Hi.", "--device", "cpu",
                   "--mimi_weights", str(assets["mimi"])]
@@ -99,7 +101,7 @@ def test_metadata_speaker_names_are_numbered_once_across_splits(assets, tmp_path
                        "--output", str(tmp_path / "c.wav")])
         assert said[-1] == 5
     finally:
-        generate.synthesize = real
+        generate.synthesize_batch = real
 
     import evaluate
 
