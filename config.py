@@ -148,6 +148,8 @@ class TrainConfig:
     eval_max_seconds: float = _f(20.0,
                                  "Longest generated item in evaluation (each also stops "
                                  "at 2x its reference + 1 s).", gt=0, max=160)
+    eval_dnsmos: bool = _f(True, "Measure DNSMOS (audio quality, 1-5) in the quality evaluation; needs speechmos and "
+                                 "onnxruntime (pinned in requirements.txt).")
     eval_batch_size: int = _f(8, "Items of the quality evaluation generated at once (each keeps its own seed, so "
                                  "the numbers do not depend on it).", min=1, max=4096)
     eval_asr: str = _f(DEFAULT_ASR, "ASR model for WER/CER: hub id or local dir.")

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speaker_model", default=DEFAULT_SPEAKER_MODEL,
                    help=f"speaker-verification model: hub id or local dir (default {DEFAULT_SPEAKER_MODEL})")
     p.add_argument("--no_ceilings", action="store_true", help="skip measuring the references and their Mimi round trip")
+    p.add_argument("--no_dnsmos", action="store_true",
+                   help="skip DNSMOS (audio quality; needs speechmos and onnxruntime, which requirements.txt pins)")
     p.add_argument("--max_audio_seconds", type=float, default=20.0,
                    help="length cap (each item also stops at twice its reference + 1 s)")
     p.add_argument("--seed", type=int, default=0, help="draws the items and seeds each item's sampling")
@@ -90,7 +92,8 @@ def _evaluate(args, data: Path, out: Path) -> int:
     if args.context_from_config:
         context += prompt_segments(load_config(args.context_from_config).gen_context, names)
     # The judges first: a model that cannot be loaded fails in one line before any speech is generated.
-    quality = QualityModels(args.asr, args.speaker_model, args.language, device=device, half=device.type == "cuda")
+    quality = QualityModels(args.asr, args.speaker_model, args.language, device=device, half=device.type == "cuda",
+                            dnsmos=not args.no_dnsmos)
     source = resolve_source(args.model, args.revision)
     model = load_model(source, device=device, dtype=DTYPES[precision])
     if args.adapter:

@@ -32,6 +32,7 @@ from audio_io import read_audio
 from metadata import SkipRow, check_row, read_metadata
 import token_file
 from synthesis import SpeechRequest, synthesize_batch
+from dnsmos import Score, SCORES as DNSMOS_SCORES
 
 
 
@@ -244,9 +245,12 @@ def evaluate_model(model, tokenizer, mimi, items: list[EvalItem], quality: Quali
 
     measured = ["generated", *[k for k in ("reference", "codec") if ceilings and any(k in c for c in audio.values())]]
     peers = _peers(items)
+    prompt = [s.audio.float().numpy() for s in settings.context if s.audio is not None]
     with quality.on(device):
         for what in measured:
             _measure(rows, items, audio, peers, quality, what)
+        if prompt:
+            _prompt_similarity(rows, items, audio, quality, prompt)
     summary = _summarize(rows, items, audio, quality, measured, timing)
     return EvalResult(rows, summary, audio)
 
@@ -279,6 +283,23 @@ def _measure(rows: list[dict], items: list[EvalItem], audio: dict, peers: list,
         a = embed(i, what)
         b = embed(*other) if other is not None else None
         row[f"{prefix}speaker_sim"] = cosine(a, b) if a is not None and b is not None else None
+    if quality.dnsmos is not None:
+        scores = quality.dnsmos.score_many([audio[items[i].id][what] for i in todo], MIMI_SAMPLE_RATE)
+        for i, score in zip(todo, scores):
+            values = score.as_dict() if isinstance(score, Score) else dict.fromkeys(DNSMOS_KEYS)
+            rows[i].update({f"{prefix}{k}": v for k, v in values.items()})
+
+
+def _prompt_similarity(rows: list[dict], items: list[EvalItem], audio: dict, quality: QualityModels,
+                       prompt: list[np.ndarray]) -> None:
+    """Each generated item's speaker similarity to the context turns' audio (their mean), beside the one to its
+    own reference: how well the voice follows the prompt it was given."""
+    prompts = [e for e in (quality.speaker.embed(clip, MIMI_SAMPLE_RATE) for clip in prompt) if e is not None]
+    for row, item in zip(rows, items):
+        clip = audio[item.id].get("generated")
+        a = quality.speaker.embed(clip, MIMI_SAMPLE_RATE) if clip is not None else None
+        row["prompt_speaker_sim"] = (float(np.mean([cosine(a, b) for b in prompts]))
+                                     if a is not None and prompts else None)
 
 
 def _summarize(rows, items, audio, quality: QualityModels, measured: list[str], timing: dict) -> dict:
@@ -295,11 +316,13 @@ def _summarize(rows, items, audio, quality: QualityModels, measured: list[str], 
         rates = error_rates([it.text for _, it in done], [r[f"{prefix}transcript"] for r, _ in done],
                             quality.asr.normalizer)
         metrics = {"n": len(done), "wer": rates["wer"], "cer": rates["cer"],
-                   "speaker_sim": _mean(r[f"{prefix}speaker_sim"] for r, _ in done)}
+                   "speaker_sim": _mean(r[f"{prefix}speaker_sim"] for r, _ in done),
+                   **{k: _mean(r.get(f"{prefix}{k}") for r, _ in done) for k in DNSMOS_KEYS}}
         if what == "generated":
             generated = [r for r in rows if not r["error"]]
             seconds = sum(r["duration_s"] for r in generated)
             metrics.update(eos_rate=_mean(float(r["stopped_at_eos"]) for r in generated),
+                           prompt_speaker_sim=_mean(r.get("prompt_speaker_sim") for r in generated),
                            duration_ratio=_mean(r["duration_ratio"] for r in generated),
                            rtf=sum(timing.values()) / seconds if seconds else None)
         summary[what] = metrics
@@ -309,10 +332,11 @@ def _summarize(rows, items, audio, quality: QualityModels, measured: list[str], 
 # --------------------------------------------------------------------------- report
 
 
+DNSMOS_KEYS = tuple(f"dnsmos_{k}" for k in DNSMOS_SCORES)
 CSV_COLUMNS = ("id", "speaker", "text", "error", "stopped_at_eos", "duration_s", "reference_s", "duration_ratio", "rtf",
-               "transcript", "wer", "cer", "speaker_sim",
-               "reference_transcript", "reference_wer", "reference_cer", "reference_speaker_sim",
-               "codec_transcript", "codec_wer", "codec_cer", "codec_speaker_sim")
+               *(f"{prefix}{k}" for prefix in ("", "reference_", "codec_")
+                 for k in ("transcript", "wer", "cer", "speaker_sim", *DNSMOS_KEYS)),
+               "prompt_speaker_sim")
 
 
 def _wav_bytes(audio: np.ndarray) -> bytes:
@@ -366,7 +390,8 @@ def report_html(result: EvalResult) -> str:
         detail = (f"error: {_fmt(row['error'])}" if row["error"] else
                   f"heard: “{_fmt(row.get('transcript'))}”<br>WER {_fmt(row.get('wer'))} · "
                   f"CER {_fmt(row.get('cer'))} · "
-                  f"speaker sim {_fmt(row.get('speaker_sim'))} · EOS {_fmt(row.get('stopped_at_eos'))} · "
+                  f"speaker sim {_fmt(row.get('speaker_sim'))} · DNSMOS {_fmt(row.get('dnsmos_ovrl'))} · "
+                  f"EOS {_fmt(row.get('stopped_at_eos'))} · "
                   f"{_fmt(row.get('duration_s'))} s of {_fmt(row.get('reference_s'))} s")
         items.append(f"<tr><td>{_fmt(row['id'])}<br>[{row['speaker']}]</td><td>{_fmt(row['text'])}<br><small>{detail}"
                      f"</small></td><td class=p>{players}</td></tr>")

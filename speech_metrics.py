@@ -15,6 +15,7 @@ import torch
 
 from hub import hub_snapshot, looks_like_repo_id
 from utils import UserError
+from dnsmos import DNSMOS
 from audio_io import resample
 
 DEFAULT_ASR = "openai/whisper-large-v3-turbo"
@@ -192,8 +193,9 @@ class QualityModels:
     afterwards, so a training run keeps their GPU memory only while it evaluates."""
 
     def __init__(self, asr: str = DEFAULT_ASR, speaker_model: str = DEFAULT_SPEAKER_MODEL, language: str = "en",
-                 *, device="cpu", half: bool = False):
+                 *, device="cpu", half: bool = False, dnsmos: bool = True):
         dtype = torch.float16 if half else torch.float32
+        self.dnsmos = DNSMOS() if dnsmos else None  # ONNX on the CPU; first, as it is the quickest to fail
         self.asr = ASR(asr, language, device=device, dtype=dtype)
         self.speaker = SpeakerEncoder(speaker_model, device=device, dtype=dtype)
         self.device = torch.device(device)

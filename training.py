@@ -233,7 +233,7 @@ class QualityEval:
         self.cfg, self.dir, self.speech = cfg, out / "eval", speech
         speech.load()
         self.quality = QualityModels(cfg.eval_asr, cfg.eval_speaker_model, cfg.eval_language, device="cpu",
-                                     half=speech.device.type == "cuda")
+                                     half=speech.device.type == "cuda", dnsmos=cfg.eval_dnsmos)
         self.items = items_from_token_file(Path(data), "val", cfg.eval_n, cfg.seed, speech.tokenizer)
         if not self.items:
             raise UserError(f"{data}: no val item has text to speak, so eval_every cannot evaluate; set eval_every: 0")

@@ -104,8 +104,13 @@ def test_evaluate_end_to_end_from_a_metadata_file(assets, judges, tmp_path):
         assert summary[what]["n"] == 3 and 0 <= summary[what]["cer"] and -1 <= summary[what]["speaker_sim"] <= 1
     generated = summary["generated"]
     assert 0 <= generated["eos_rate"] <= 1 and generated["duration_ratio"] > 0 and generated["rtf"] > 0
+    # DNSMOS, the real model: the recordings (real speech) sound far better than the tiny random model's noise.
+    for what in ("generated", "reference", "codec"):
+        assert all(1 <= summary[what][f"dnsmos_{k}"] <= 5 for k in ("ovrl", "sig", "bak", "p808"))
+    assert summary["reference"]["dnsmos_ovrl"] > 2.5 > summary["generated"]["dnsmos_ovrl"]
     rows = list(csv.DictReader((out / "items.csv").open()))
     assert len(rows) == 3 and all(r["error"] == "" and r["wer"] != "" for r in rows)
+    assert all(r["dnsmos_ovrl"] != "" and r["reference_dnsmos_ovrl"] != "" for r in rows)
     page = (out / "report.html").read_text()
     for row in rows:
         for kind in ("reference", "generated", "codec"):
@@ -145,6 +150,8 @@ def test_evaluate_a_token_file_split_with_a_voice_prompt(assets, judges, pretoke
     # A token file holds codes, not recordings: its references are already Mimi's, so there is no codec row.
     assert summary["reference_audio"] == "codes" and summary["codec"] is None and summary["reference"]["n"] == len(val)
     assert summary["normalizer"] == "whisper-basic" and summary["language"] == "de"
+    assert -1 <= summary["generated"]["prompt_speaker_sim"] <= 1  # similarity to the prompt, beside the reference's
+    assert all(r["prompt_speaker_sim"] != "" for r in csv.DictReader((out / "items.csv").open()))
     texts = sorted(r["text"] for r in csv.DictReader((out / "items.csv").open()))
     assert texts == sorted(val["text"])  # the texts decoded from the token file are the metadata's
 
@@ -262,7 +269,8 @@ def step_weights(out: Path, step: int) -> dict:
     return read_checkpoint(out / "checkpoints" / f"step_{step:07d}.pt")["model"]
 
 
-@pytest.mark.parametrize("select_by", ["wer"])  # speaker_sim (maximised): test_two_gloo_processes_evaluate_once...
+# speaker_sim (maximised): test_two_gloo_processes_evaluate_once...; dnsmos_ovrl is maximised too
+@pytest.mark.parametrize("select_by", ["wer", "dnsmos_ovrl"])
 def test_quality_metrics_are_logged_and_select_best(assets, judges, pretokenized, tmp_path, select_by):
     import training
     from tracking import read_metrics
@@ -272,9 +280,11 @@ def test_quality_metrics_are_logged_and_select_best(assets, judges, pretokenized
     training.train(train_cfg(assets, judges, select_best_by=select_by), pretokenized, out, device="cpu", progress=False)
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "wer" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert all({"wer", "cer", "speaker_sim", "eos_rate", "duration_ratio", "rtf"} <= set(r) for r in rows)
+    assert all({"wer", "cer", "speaker_sim", "eos_rate", "duration_ratio", "rtf", "dnsmos_ovrl", "dnsmos_sig",
+                "dnsmos_bak", "dnsmos_p808"} <= set(r) for r in rows)
     values = [r[select_by] for r in rows]
-    best = rows[int(np.argmax(values) if select_by == "speaker_sim" else np.argmin(values))]["step"]  # first of ties
+    maximised = select_by in ("speaker_sim", "dnsmos_ovrl")
+    best = rows[int(np.argmax(values) if maximised else np.argmin(values))]["step"]  # first of ties
     saved, _ = read_model_weights(out / "best")
     expected = step_weights(out, best)
     assert all(torch.equal(saved[k], expected[k]) for k in expected)
