@@ -19,6 +19,7 @@ from speech_metrics import ASR, DEFAULT_ASR
 from utils import check_number, run_cli, UserError
 from runtime import resolve_device
 from outputs import claim_output_files
+from dnsmos import DNSMOS
 from recordings import CutSettings, find_audio, prepare
 
 
@@ -29,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min_seconds", type=float, default=2.0, help="shortest utterance kept (default 2 s)")
     p.add_argument("--max_seconds", type=float, default=20.0,
                    help="longest utterance; longer speech is split at its longest pause (default 20 s)")
+    p.add_argument("--min_dnsmos", type=float, default=None,
+                   help="leave out utterances whose DNSMOS overall quality (1-5; Emilia keeps >= 3.0) is below this, "
+                        "each with its score in the skipped report; kept rows get a dnsmos column (0: score, keep all)")
     p.add_argument("--min_silence", type=float, default=0.5,
                    help="a pause at least this long ends an utterance; shorter pauses stay inside it (default 0.5 s)")
     p.add_argument("--vad_threshold", type=float, default=0.5, help="silero-vad speech probability threshold")
@@ -52,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     check_number("--min_seconds", args.min_seconds, gt=0, max=3600)
     check_number("--max_seconds", args.max_seconds, gt=0, max=3600)
     check_number("--min_silence", args.min_silence, gt=0, max=60)
+    if args.min_dnsmos is not None:
+        check_number("--min_dnsmos", args.min_dnsmos, min=0, max=5)
     check_number("--vad_threshold", args.vad_threshold, gt=0, max=0.99)
     if args.speaker is not None:
         check_number("--speaker", args.speaker, min=0, max=2**31 - 1)
@@ -64,15 +70,17 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--output {output}: give a file name ending in .csv")
     partial = output.with_name(output.name + ".partial.jsonl")  # an unfinished run's work, which this one resumes
     with claim_output_files([output], "--output", inputs=files, overwrite=args.overwrite, continues=partial.exists):
+        scorer = DNSMOS() if args.min_dnsmos is not None else None  # fails in one line before the ASR loads
         asr = None
         if args.asr.lower() != "none":
             device = resolve_device(args.device)
 
             asr = ASR(args.asr, args.language, device=device,
                       dtype=torch.float16 if device.type == "cuda" else torch.float32)
-        settings = CutSettings(args.min_seconds, args.max_seconds, args.min_silence, args.vad_threshold)
+        settings = CutSettings(args.min_seconds, args.max_seconds, args.min_silence, args.vad_threshold,
+                               args.min_dnsmos)
         counts = prepare(files, output, settings=settings, asr=asr, speaker=args.speaker,
-                         conversations=args.conversations)
+                         conversations=args.conversations, scorer=scorer)
     print(f"wrote {output}: {counts['rows']} utterances, {counts['hours']:.3f} h of speech from {counts['files']} "
           f"files; {counts['skipped']} left out (see {output.name}.skipped.csv)")
     return 0

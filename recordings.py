@@ -23,6 +23,7 @@ from metadata import speaker_id, speaker_numbers, visible_text
 from utils import UserError
 from outputs import append_line, atomic_path, not_a_file, write_text_atomic
 from audio_io import AudioError, read_mono, resample
+from dnsmos import DNSMOS, NotScorable
 
 VAD_RATE = 16_000  # silero-vad and Whisper both listen at 16 kHz
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif")
@@ -35,6 +36,7 @@ class CutSettings:
     max_seconds: float = 20.0   # longer speech is split at its longest pause
     min_silence: float = 0.5    # a pause at least this long ends an utterance
     threshold: float = 0.5      # silero's speech probability threshold
+    min_dnsmos: float | None = None  # utterances whose DNSMOS OVRL is below this are left out (None: not scored)
 
 
 # --------------------------------------------------------------------------- finding and cutting speech
@@ -162,10 +164,12 @@ class Progress:
 
 
 def prepare(files: list[Path], output: Path, *, settings: CutSettings, asr=None, speaker: int | None = None,
-            conversations: bool = False, progress: bool = True) -> dict:
-    """Find, cut and transcribe every file; write the metadata rows to `output` (CSV, atomically) and the
-    rows left out to <output>.skipped.csv. Returns counts."""
+            conversations: bool = False, progress: bool = True, scorer: DNSMOS | None = None) -> dict:
+    """Find, cut, score (with settings.min_dnsmos) and transcribe every file; write the metadata rows to `output`
+    (CSV, atomically) and the rows left out, with their reasons, to <output>.skipped.csv. Returns counts."""
     vad = load_vad()
+    if settings.min_dnsmos is not None and scorer is None:
+        scorer = DNSMOS()
     speakers = speaker_ids(files, speaker)
     run_settings = {"cut": vars(settings), "asr": getattr(asr, "source", None),
                     "language": getattr(asr, "language", None),
@@ -186,7 +190,7 @@ def prepare(files: list[Path], output: Path, *, settings: CutSettings, asr=None,
                bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} h audio [{elapsed}<{remaining}{postfix}]")
     t0, done_s = time.perf_counter(), 0.0
     for f in todo:
-        rows, skipped, seconds = _one_file(f, vad, settings, asr, speakers[f], conversations)
+        rows, skipped, seconds = _one_file(f, vad, settings, asr, speakers[f], conversations, scorer)
         state.add({"file": str(f), "rows": rows, "skipped": skipped})
         done_s += seconds
         bar.update(round(seconds / 3600, 4))
@@ -194,7 +198,7 @@ def prepare(files: list[Path], output: Path, *, settings: CutSettings, asr=None,
     bar.close()
     rows = [r for f in files for r in state.done[str(f)]["rows"]]
     skipped = [s for f in files for s in state.done[str(f)]["skipped"]]
-    _write_rows(output, rows, conversations)
+    _write_rows(output, rows, conversations, scored=scorer is not None)
     _write_skipped(output.with_name(output.name + ".skipped.csv"), skipped)
     state.path.unlink()
     names = {}
@@ -207,7 +211,7 @@ def prepare(files: list[Path], output: Path, *, settings: CutSettings, asr=None,
             "hours": sum(r["end"] - r["start"] for r in rows) / 3600}
 
 
-def _one_file(path: Path, vad, s: CutSettings, asr, speaker: int, conversations: bool):
+def _one_file(path: Path, vad, s: CutSettings, asr, speaker: int, conversations: bool, scorer=None):
     """(rows, skipped, seconds of audio) of one recording."""
     try:
         audio, seconds = read_16k(path)
@@ -219,24 +223,46 @@ def _one_file(path: Path, vad, s: CutSettings, asr, speaker: int, conversations:
         skipped.append({"path": str(path), "start": None, "end": None, "reason": "no speech found"})
         return [], skipped, seconds
     clips = [audio[int(a * VAD_RATE):int(b * VAD_RATE)] for a, b in kept]
+    scores = [None] * len(kept)
+    if scorer is not None:  # before the ASR, which then hears only what is kept
+        kept, clips, scores, dropped = _by_quality(kept, clips, scorer.score_many(clips, VAD_RATE), s.min_dnsmos)
+        skipped += [{"path": str(path), "start": round(a, 3), "end": round(b, 3), "reason": why}
+                    for a, b, why in dropped]
+        if not kept:
+            return [], skipped, seconds
     texts = asr.transcribe(clips, VAD_RATE) if asr is not None else [""] * len(kept)
     rows = []
-    for (a, b), text in zip(kept, texts):
+    for (a, b), text, score in zip(kept, texts, scores):
         a, b = round(a, 3), round(min(b, seconds), 3)
         text = visible_text(text)
         if asr is not None and not text:
             skipped.append({"path": str(path), "start": a, "end": b, "reason": "empty transcript"})
             continue
         row = {"path": str(path), "start": a, "end": b, "text": text, "speaker": speaker}
+        if score is not None:
+            row["dnsmos"] = round(score.ovrl, 3)
         if conversations:
             row.update(conversation=str(path), turn=a)
         rows.append(row)
     return rows, skipped, seconds
 
 
-def _write_rows(output: Path, rows: list[dict], conversations: bool) -> None:
+def _by_quality(kept, clips, scores, minimum: float):
+    """The utterances whose DNSMOS OVRL reaches `minimum` (kept, clips, scores) and the others (start, end, why)."""
+    good, dropped = [], []
+    for span, clip, score in zip(kept, clips, scores):
+        if isinstance(score, NotScorable):
+            dropped.append((*span, f"no DNSMOS score: {score}"))
+        elif score.ovrl < minimum:
+            dropped.append((*span, f"DNSMOS OVRL {score.ovrl:.2f} below --min_dnsmos {minimum:g}"))
+        else:
+            good.append((span, clip, score))
+    return [g[0] for g in good], [g[1] for g in good], [g[2] for g in good], dropped
+
+
+def _write_rows(output: Path, rows: list[dict], conversations: bool, scored: bool = False) -> None:
     """The metadata CSV; paths relative to its folder when they lie under it, so the set can move together."""
-    columns = [*COLUMNS, *(("conversation", "turn") if conversations else ())]
+    columns = [*COLUMNS, *(("dnsmos",) if scored else ()), *(("conversation", "turn") if conversations else ())]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()

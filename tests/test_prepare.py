@@ -272,3 +272,34 @@ def test_prepared_metadata_pretokenizes(assets, whisper, tmp_path):
     assert len(audio) == 2
     report = list(csv.DictReader(open(str(tmp_path / "d.hdf5") + ".skipped.csv")))
     assert len(report) == 1 and "text" in report[0]["reason"]
+
+
+def test_min_dnsmos_keeps_clean_speech_and_drops_its_noisy_and_clipped_copies(tmp_path):
+    """The real DNSMOS model on the bundled speech: each clip, a copy with white noise at 5 dB SNR and a hard-clipped
+    copy. --min_dnsmos 2.45 keeps the three clean ones (with their scores) and reports each copy with its score."""
+    import prepare
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "audio" / "spk"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        audio, rate = sf.read(str(SAMPLE / "clips" / f"train_{i:02d}.flac"), dtype="float32")
+        pause = np.zeros(int(0.6 * rate), np.float32)
+        audio = np.concatenate([pause, audio, pause])
+        noise = rng.normal(0, 1, len(audio)).astype(np.float32)
+        noise *= np.sqrt(np.mean(audio ** 2) / np.mean(noise ** 2)) * 10 ** (-5 / 20)
+        sf.write(str(folder / f"clean_{i}.wav"), audio, rate)
+        sf.write(str(folder / f"noisy_{i}.wav"), np.clip(audio + noise, -1, 1), rate)
+        sf.write(str(folder / f"clipped_{i}.wav"), np.clip(audio / np.abs(audio).max() * 20, -1, 1) * 0.9, rate)
+    out = tmp_path / "meta.csv"
+    assert prepare.main(["--audio", str(tmp_path / "audio"), "--output", str(out), "--asr", "none",
+                         "--min_seconds", "1", "--min_dnsmos", "2.45"]) == 0
+    kept = pd.read_csv(out)
+    assert sorted(Path(p).stem for p in kept["path"]) == ["clean_0", "clean_1", "clean_2"]
+    assert (kept["dnsmos"] >= 2.45).all() and (kept["dnsmos"] <= 5).all()
+    skipped = pd.read_csv(out.with_name("meta.csv.skipped.csv"))
+    assert sorted(Path(p).stem for p in skipped["path"]) == [f"{k}_{i}" for k in ("clipped", "noisy") for i in range(3)]
+    assert all(re.fullmatch(r"DNSMOS OVRL [0-9.]+ below --min_dnsmos 2.45", r) for r in skipped["reason"])
+    for bad in ("nan", "-1", "6"):
+        fails_clearly("prepare.py", ["--audio", tmp_path / "audio", "--output", tmp_path / "x.csv", "--asr", "none",
+                                     "--min_dnsmos", bad], "--min_dnsmos", through_cli=bad == "nan")
