@@ -27,6 +27,7 @@ from tqdm import tqdm
 from audio_io import AudioError, read_audio
 from dataset_sources import AUDIO_KEY, SourceOptions, decode_audio_payload, number_speakers, open_source
 from metadata import UNKNOWN_SPEAKER, Row, SkipRow, check_row
+from dnsmos import DNSMOS, NotScorable
 from token_file import FORMAT_VERSION, write_token_file
 from tokenization import DEFAULT_TEXT_TOKENIZER, encode_text, load_text_tokenizer
 from codec import (encode_audio, frames_of, load_mimi, MIMI_FRAME_RATE, MIMI_SAMPLE_RATE, NUM_CODEBOOKS,
@@ -124,6 +125,7 @@ class EncodeSettings:
     strict: bool = False
     overwrite: bool = False
     sources: SourceOptions = field(default_factory=SourceOptions)
+    min_dnsmos: float | None = None  # rows below this DNSMOS OVRL are skipped (their dnsmos column, else scored)
 
 
 def fingerprint(args: EncodeSettings, tokenizer, mimi, sources: dict) -> dict:
@@ -145,6 +147,7 @@ def fingerprint(args: EncodeSettings, tokenizer, mimi, sources: dict) -> dict:
         "omit_speaker_id": bool(args.omit_speaker_id),
         "save_every": args.save_every,
         "metadata": {split: source.identity() for split, source in sources.items()},
+        **({} if args.min_dnsmos is None else {"min_dnsmos": args.min_dnsmos}),
     }
 
 
@@ -173,10 +176,41 @@ class Stats:
         self.seconds += float(chunk["seconds"].sum())
 
 
-def process_chunk(rows: list[tuple[int, dict]], clips, tokenizer, mimi, args: EncodeSettings, strict_label: str):
+def quality_gate(rows: list[tuple[int, dict]], clips, scorer: DNSMOS, minimum: float) -> list:
+    """The chunk's clips, those below `minimum` DNSMOS OVRL turned into SkipRow (with the score): a row's own
+    `dnsmos` column when it has a number there (prepare.py --min_dnsmos writes it), else a score made now (the
+    rows that need one scored together)."""
+    clips = list(clips)
+    given = [_given_score(raw) for _, raw in rows]
+    todo = [i for i, clip in enumerate(clips) if given[i] is None and not isinstance(clip, SkipRow)]
+    for i, score in zip(todo, scorer.score_many([clips[i][1] for i in todo], MIMI_SAMPLE_RATE)):
+        given[i] = score if isinstance(score, NotScorable) else score.ovrl
+    for i, score in enumerate(given):
+        if isinstance(clips[i], SkipRow):
+            continue
+        if isinstance(score, NotScorable):
+            clips[i] = SkipRow(f"no DNSMOS score: {score}")
+        elif score < minimum:
+            clips[i] = SkipRow(f"DNSMOS OVRL {score:.2f} below --min_dnsmos {minimum:g}")
+    return clips
+
+
+def _given_score(raw: dict) -> float | None:
+    try:
+        value = float(raw.get("dnsmos"))
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def process_chunk(rows: list[tuple[int, dict]], clips, tokenizer, mimi, args: EncodeSettings, strict_label: str,
+                  scorer: DNSMOS | None = None):
     """Encode one chunk's clips (an iterable of _prepare results in row order, e.g. reader futures
-    resolving one by one): returns kept examples and skipped rows, both in row order."""
+    resolving one by one): returns kept examples and skipped rows, both in row order. With `scorer`, rows
+    below args.min_dnsmos are skipped first (quality_gate)."""
     examples, skipped, ready = [], [], []
+    if scorer is not None:
+        clips = quality_gate(rows, clips, scorer, args.min_dnsmos)
 
     def encode_ready():
         # Duration-sorted batches keep padding small; results go back to metadata order at the end.
@@ -357,6 +391,7 @@ def run(args: EncodeSettings) -> int:
 
 
 def _run(args: EncodeSettings, device, sources, speakers: dict[str, int], output, work, previous) -> int:
+    scorer = DNSMOS() if args.min_dnsmos is not None else None  # a missing package fails before the models load
     tokenizer = load_text_tokenizer(args.text_tokenizer)
     mimi = load_mimi(args.mimi_weights, device=device, num_codebooks=NUM_CODEBOOKS)
     fp = {**fingerprint(args, tokenizer, mimi, sources), "speakers": speakers}
@@ -410,7 +445,7 @@ def _run(args: EncodeSettings, device, sources, speakers: dict[str, int], output
             # Read the next chunk while this one is encoded.
             pending = submit(todo[n + 1]) if n + 1 < len(todo) else None
             clips = (f.result() for f in futures) if futures else (_prepare(r) for r in rows)
-            examples, skipped = process_chunk(rows, clips, tokenizer, mimi, args, split)
+            examples, skipped = process_chunk(rows, clips, tokenizer, mimi, args, split, scorer)
             chunk = _save_chunk(_chunk_path(work, split, i), examples, skipped)
             stats[split].add_chunk(chunk)
             audio_s += float(chunk["seconds"].sum())
@@ -425,7 +460,8 @@ def _run(args: EncodeSettings, device, sources, speakers: dict[str, int], output
                 rows = list(itertools.islice(stream, args.save_every))
                 if not rows:
                     break
-                examples, skipped = process_chunk(rows, (_prepare(r) for r in rows), tokenizer, mimi, args, split)
+                examples, skipped = process_chunk(rows, (_prepare(r) for r in rows), tokenizer, mimi, args, split,
+                                                  scorer)
                 chunk = _save_chunk(_chunk_path(work, split, plan[split]), examples, skipped)
                 plan[split] += 1
                 stats[split].add_chunk(chunk)

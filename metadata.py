@@ -15,7 +15,7 @@ from outputs import not_a_file
 
 METADATA_FORMATS = (".json", ".jsonl", ".csv", ".parquet", ".sql", ".hdf5", ".h5", ".pkl")
 REQUIRED_COLUMNS = ("path", "text")
-OPTIONAL_COLUMNS = ("start", "end", "speaker", "conversation", "turn")
+OPTIONAL_COLUMNS = ("start", "end", "speaker", "conversation", "turn", "dnsmos")  # dnsmos: prepare.py --min_dnsmos
 
 
 class SkipRow(Exception):

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Mimi: MimiModel dir or hub repo, transformers CSM, or moshi "
                         ".safetensors (default: kyutai/mimi)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
+    p.add_argument("--min_dnsmos", type=float, default=None,
+                   help="skip rows whose DNSMOS overall quality (1-5) is below this: a row's dnsmos column (from "
+                        "prepare.py --min_dnsmos) when it has one, else scored now")
     p.add_argument("--max_seq_len", type=int, default=2048,
                    help="skip examples longer than this many frames (at most 2048)")
     p.add_argument("--overwrite", action="store_true",
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     check_number("--batch_size", batch_size, min=1, max=4096)
     check_number("--max_seq_len", args.max_seq_len, min=2, max=2048)
     check_number("--num_workers", num_workers, min=0, max=256)
+    if args.min_dnsmos is not None:
+        check_number("--min_dnsmos", args.min_dnsmos, min=0, max=5)
     sources = SourceOptions(text_column=args.text_column, audio_column=args.audio_column,
                             speaker_column=args.speaker_column, streaming=args.streaming,
                             trust_pickle=args.trust_pickle)
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                               mimi_weights=args.mimi_weights, batch_size=batch_size, num_workers=num_workers,
                               save_every=args.save_every, max_seq_len=args.max_seq_len,
                               omit_speaker_id=args.omit_speaker_id, strict=args.strict, overwrite=args.overwrite,
-                              sources=sources))
+                              sources=sources, min_dnsmos=args.min_dnsmos))
 
 
 if __name__ == "__main__":

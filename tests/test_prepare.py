@@ -300,6 +300,38 @@ def test_min_dnsmos_keeps_clean_speech_and_drops_its_noisy_and_clipped_copies(tm
     skipped = pd.read_csv(out.with_name("meta.csv.skipped.csv"))
     assert sorted(Path(p).stem for p in skipped["path"]) == [f"{k}_{i}" for k in ("clipped", "noisy") for i in range(3)]
     assert all(re.fullmatch(r"DNSMOS OVRL [0-9.]+ below --min_dnsmos 2.45", r) for r in skipped["reason"])
+    _pretokenize_filters_on_dnsmos(tmp_path, out)
     for bad in ("nan", "-1", "6"):
         fails_clearly("prepare.py", ["--audio", tmp_path / "audio", "--output", tmp_path / "x.csv", "--asr", "none",
                                      "--min_dnsmos", bad], "--min_dnsmos", through_cli=bad == "nan")
+
+
+def _pretokenize_filters_on_dnsmos(tmp_path, prepared):
+    """pretokenize.py --min_dnsmos: rows with a dnsmos column are judged by it (a row given 1.0 goes, unheard);
+    rows without one are scored (the noisy copies go)."""
+    import pretokenize
+    import tiny_assets
+
+    assets = tiny_assets.make_all(tmp_path / "assets")
+    kept = pd.read_csv(prepared)
+    kept.loc[0, "dnsmos"] = 1.0
+    given = tmp_path / "given.csv"
+    kept.to_csv(given, index=False)
+    rows = [{"path": str(tmp_path / "audio" / "spk" / f"{k}_{i}.wav"), "text": "Words.", "speaker": 0}
+            for k in ("clean", "noisy") for i in range(3)]
+    scored = tmp_path / "scored.csv"
+    pd.DataFrame(rows).to_csv(scored, index=False)
+    for metadata, expected in ((given, ["clean_1", "clean_2"]), (scored, ["clean_0", "clean_1", "clean_2"])):
+        out = tmp_path / f"{metadata.stem}.hdf5"
+        kept["text"] = "Words."
+        if metadata == given:
+            kept.to_csv(given, index=False)
+        assert pretokenize.main(["--train_data", str(metadata), "--output", str(out), "--device", "cpu",
+                                 "--text_tokenizer", str(assets["text_tokenizer"]), "--mimi_weights",
+                                 str(assets["mimi"]), "--min_dnsmos", "2.45"]) == 0
+        skipped = pd.read_csv(str(out) + ".skipped.csv")
+        with h5py.File(out) as f:
+            assert len(f["train/audio"]) == len(expected)
+        assert all(re.fullmatch(r"DNSMOS OVRL [0-9.]+ below --min_dnsmos 2.45", r) for r in skipped["reason"])
+        assert sorted(Path(p).stem for p in skipped["path"]) == (
+            ["clean_0"] if metadata == given else ["noisy_0", "noisy_1", "noisy_2"])
