@@ -161,12 +161,19 @@ def main(argv: list[str] | None = None) -> int:
                    "--speaker", "0", "--output", str(wav), "--max_audio_seconds", "2", "--seed", "0",
                    "--device", "cpu", *common])
 
-    banner("6/7 evaluate the best model: WER/CER, speaker similarity, EOS rate, with the reference and Mimi ceilings")
+    banner("6/7 evaluate the best model: WER/CER, speaker similarity, DNSMOS, EOS rate, with the reference and Mimi "
+           "ceilings")
     evaluation = out / "evaluation"
     evaluate.main(["--model", str(run / "best"), "--eval_data", str(SAMPLE / "val.json"), "--n", "4",
                    "--output_dir", str(evaluation), "--asr", str(assets["asr"]), "--speaker_model",
                    str(assets["speaker_model"]),
                    "--max_audio_seconds", "2", "--device", "cpu", *common])
+    summary = json.loads((evaluation / "summary.json").read_text())
+    ovrl = {what: (summary.get(what) or {}).get("dnsmos_ovrl") for what in ("reference", "codec", "generated")}
+    shown = {what: "-" if value is None else f"{value:.2f}" for what, value in ovrl.items()}
+    print(f"  DNSMOS overall quality (1-5, the real model): the recordings (real speech) {shown['reference']}, "
+          f"their round trip through the tiny random Mimi {shown['codec']}, the tiny model's speech "
+          f"{shown['generated']}")
 
     banner(f"7/7 a {trials}-trial sweep on 2 CPU workers")
     sweep_dir = out / "sweep"
