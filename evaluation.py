@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from frames import Segment
 from metrics import QUALITY, ROWS
-from speech_metrics import QualityModels, cosine, error_rates
+from speech_metrics import cosine, error_rates, prompt_similarity, QualityModels
 from codec import decode_audio, encode_audio, MIMI_SAMPLE_RATE
 from utils import UserError
 from outputs import atomic_path, write_text_atomic
@@ -296,10 +296,8 @@ def _prompt_similarity(rows: list[dict], items: list[EvalItem], audio: dict, qua
     own reference: how well the voice follows the prompt it was given."""
     prompts = [e for e in (quality.speaker.embed(clip, MIMI_SAMPLE_RATE) for clip in prompt) if e is not None]
     for row, item in zip(rows, items):
-        clip = audio[item.id].get("generated")
-        a = quality.speaker.embed(clip, MIMI_SAMPLE_RATE) if clip is not None else None
-        row["prompt_speaker_sim"] = (float(np.mean([cosine(a, b) for b in prompts]))
-                                     if a is not None and prompts else None)
+        row["prompt_speaker_sim"] = prompt_similarity(quality.speaker, audio[item.id].get("generated"), prompts,
+                                                      MIMI_SAMPLE_RATE)
 
 
 def _summarize(rows, items, audio, quality: QualityModels, measured: list[str], timing: dict) -> dict:

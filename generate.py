@@ -22,6 +22,7 @@ from codec import load_mimi, MIMI_SAMPLE_RATE
 from utils import check_number, run_cli, UserError
 from runtime import DTYPES, resolve_device, resolve_precision
 from outputs import atomic_path, claim_output_files
+from speech_metrics import prompt_similarity, SpeakerEncoder
 from weights import load_model, resolve_source
 
 
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
     p.add_argument("--max_audio_seconds", type=float, default=10.0, help="length cap if no EOS frame comes first")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speaker_model", default=None,
+                   help="with --context_audio: a speaker-verification model (hub id or local dir, e.g. "
+                        "microsoft/wavlm-base-plus-sv) that reports each wav's speaker similarity to the prompt")
     p.add_argument("--stream", action="store_true",
                    help="write the wav as the audio arrives, chunk by chunk (with --text): the file grows under a "
                         "temporary name, printed at the start, and takes --output's name when done")
@@ -60,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     check_number("--max_audio_seconds", args.max_audio_seconds, gt=0, max=160)
     check_number("--seed", args.seed, min=0, max=2**63 - 1)
     check_number("--batch_size", args.batch_size, min=1, max=4096)
+    if args.speaker_model and not args.context_audio:
+        raise UserError("--speaker_model reports each wav's similarity to the prompt: give --context_audio too")
     if args.stream and args.lines:
         raise UserError("--stream speaks one --text as it is generated; --lines files are generated in batches")
     if args.lines:
@@ -103,6 +109,7 @@ def _generate(args, numbered: list[tuple[int, str]], outputs: list[Path]) -> int
     names = model_speaker_names(source, args.speakers)
     speaker = parse_speaker(args.speaker, names)
     context = context_segments(args.context_audio, args.context_text, args.context_speaker, names)
+    judge = _prompt_judge(args, context, device)  # a judge that cannot be loaded fails before the model loads
     model = load_model(source, device=device, dtype=DTYPES[precision])
     if args.adapter:
         load_adapter(model, args.adapter)
@@ -120,8 +127,21 @@ def _generate(args, numbered: list[tuple[int, str]], outputs: list[Path]) -> int
         for speech, out in zip(spoken, outputs[start:start + args.batch_size]):
             write_wav(out, speech.audio.numpy())
             why = "stopped at EOS" if speech.stopped else f"reached the {args.max_audio_seconds:g} s cap"
-            print(f"{out}: {len(speech.audio) / MIMI_SAMPLE_RATE:.2f} s ({why})")
+            similar = judge(speech.audio.numpy()) if judge else None
+            print(f"{out}: {len(speech.audio) / MIMI_SAMPLE_RATE:.2f} s ({why})"
+                  + ("" if similar is None else f"; speaker similarity to the prompt {similar:.3f}"))
     return 0
+
+
+def _prompt_judge(args, context, device):
+    """With --speaker_model and context audio: a function from a generated clip to its speaker similarity to
+    the context turns' audio (None: nothing to judge)."""
+    if not args.speaker_model:
+        return None
+    prompts = [s.audio.float().numpy() for s in context if s.audio is not None]
+    encoder = SpeakerEncoder(args.speaker_model, device=device)
+    embedded = [e for e in (encoder.embed(p, MIMI_SAMPLE_RATE) for p in prompts) if e is not None]
+    return lambda clip: prompt_similarity(encoder, clip, embedded, MIMI_SAMPLE_RATE)
 
 
 def _stream(model, tokenizer, mimi, request: SpeechRequest, out: Path, args, step) -> int:

@@ -187,6 +187,14 @@ class SpeakerEncoder:
         return self.model(**inputs).embeddings[0].float().cpu()
 
 
+def prompt_similarity(encoder: SpeakerEncoder, clip: np.ndarray | None, prompts: list[torch.Tensor],
+                      rate: int) -> float | None:
+    """Speaker similarity of `clip` to the context turns' audio (`prompts`: their embeddings), averaged: how well a
+    voice follows the prompt it was given. None when the clip is too short to embed or there is no prompt."""
+    a = encoder.embed(clip, rate) if clip is not None else None
+    return float(np.mean([cosine(a, b) for b in prompts])) if a is not None and prompts else None
+
+
 class QualityModels:
     """The ASR and speaker models of an evaluation, loaded once (any failure: one line, before any speech
     is generated). `on(device)` moves them there for the duration of an evaluation and back to the CPU

@@ -184,3 +184,19 @@ def test_cli_errors_are_one_line(assets, tmp_path):
     assert proc.stderr.startswith("error:") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     with pytest.raises(utils.UserError, match="--context_text"):
         generate.main(_cli(assets, "--text", "Hi", "--context_audio", str(tmp_path / "none.wav")))
+
+
+def test_generation_reports_its_similarity_to_the_prompt(assets, tmp_path, capsys):
+    """With context audio and --speaker_model, each wav's speaker similarity to the prompt is printed."""
+    import tiny_assets
+
+    judges = tiny_assets.make_judges(tmp_path / "judges")
+    prompt = str(ROOT / "data" / "sample" / "clips" / "train_00.flac")
+    args = _cli(assets, "--text", "Hello.", "--output", str(tmp_path / "o.wav"), "--max_audio_seconds", "0.4",
+                "--context_audio", prompt, "--context_text", "A prompt.", "--context_speaker", "0",
+                "--speaker_model", str(judges["speaker_model"]))
+    assert generate.main(args) == 0
+    said = float(capsys.readouterr().out.split("speaker similarity to the prompt ")[1].split()[0])
+    assert -1 <= said <= 1
+    with pytest.raises(utils.UserError, match="give --context_audio too"):
+        generate.main(_cli(assets, "--text", "Hi.", "--output", str(tmp_path / "x.wav"), "--speaker_model", "m"))
