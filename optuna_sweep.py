@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import random
 import math
 import multiprocessing
 import os
@@ -141,11 +142,49 @@ def storage_for(url: str):
             return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
         except OSError as e:
             raise UserError(f"--storage {url}: cannot write the journal file ({e.strerror or e})") from None
-    engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
+    engine_kwargs = ({"connect_args": {"timeout": 120}} if url.startswith("sqlite") else
+                     {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else None)
+    from sqlalchemy.exc import IntegrityError, ProgrammingError  # optuna's own dependency
+
+    for attempt in range(SCHEMA_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except (IntegrityError, ProgrammingError) as e:
+            # Machines that start together on a new database race to create Optuna's tables; the losers' CREATE
+            # fails on what the winner made. Opened again a moment later, the tables are there.
+            if attempt == SCHEMA_ATTEMPTS - 1:
+                raise UserError(storage_error(url, e)) from e
+            time.sleep(0.5 * (attempt + 1) + random.random())
+        except Exception as e:  # SQLAlchemy raises driver-specific types for a bad URL or a missing driver
+            raise UserError(storage_error(url, e)) from e
+
+
+SCHEMA_ATTEMPTS = 5
+
+
+DRIVERS = {"postgresql": "psycopg[binary]==3.3.2 (pinned in requirements.txt)", "mysql": "pymysql"}
+
+
+def storage_error(url: str, error: Exception) -> str:
+    """One line for a database storage that cannot be opened: the driver that is missing, or the server that
+    cannot be reached (its host and port), or what else went wrong. A password in the URL is not shown."""
+    from sqlalchemy.engine import make_url  # optuna's own dependency, imported with its RDB storage
+    from sqlalchemy.exc import ArgumentError, OperationalError
+
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-    except Exception as e:  # SQLAlchemy raises driver-specific types for a bad URL or a missing driver
-        raise UserError(f"--storage {url}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        parsed = make_url(url)
+        shown = parsed.render_as_string(hide_password=True)
+    except ArgumentError:
+        return f"--storage {url!r} is neither a database URL (postgresql://user@host/db, sqlite:///file) nor a " \
+               "journal file (*.log)"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, ImportError) or isinstance(error.__cause__, ImportError):
+        package = DRIVERS.get(parsed.get_backend_name(), "the driver SQLAlchemy names for it")
+        return f"--storage {shown}: the {parsed.get_backend_name()} driver is not installed: pip install {package}"
+    if isinstance(error, OperationalError) and parsed.host:
+        where = f"{parsed.host}:{parsed.port or 5432 if parsed.get_backend_name() == 'postgresql' else parsed.port}"
+        return f"--storage {shown}: cannot connect to the database server at {where} ({first})"
+    return f"--storage {shown}: {type(error).__name__}: {first}"
 
 
 @dataclass(frozen=True)
