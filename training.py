@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import socket
 import signal
 import sys
 import threading
@@ -585,6 +586,8 @@ def setup_run(cfg: TrainConfig, data: str, out: Path, rt: Runtime, resume: str |
               tokenizer_dir=Path(text_tokenizer) if Path(text_tokenizer).is_dir() else None,
               samples=SampleWriter(cfg, out, speech), quality=quality, hf_exports=hf_exports)
     found = find_resume_checkpoint(resume, run.checkpoints) if resume else None
+    if resume and rt.distributed:
+        check_same_resume_point(found, run.checkpoints, rt)
     if resume and found is None:
         print0(f"--resume auto: no checkpoint in {run.checkpoints}, starting fresh")
     if found is not None:
@@ -596,6 +599,21 @@ def setup_run(cfg: TrainConfig, data: str, out: Path, rt: Runtime, resume: str |
         config_mod.save_yaml(cfg, out / "config.yaml")
     run.tracker = make_tracker(cfg, out, rt, run.loop.step)
     return run
+
+
+def check_same_resume_point(found: tuple[Path, dict] | None, directory: Path, rt: Runtime) -> None:
+    """Every process resumes from the checkpoint process 0 resumes from. One on a node that does not share the
+    output directory's filesystem would otherwise start afresh beside the others: refused, in one line on every
+    process, naming the node that cannot see it."""
+    seen: list = [None] * rt.world_size
+    torch.distributed.all_gather_object(seen, (socket.gethostname(), None if found is None else found[0].name))
+    main_host, main_point = seen[0]
+    for rank, (host, point) in enumerate(seen):
+        if point != main_point:
+            raise UserError(
+                f"process {rank} on {host} sees {point or 'no checkpoint'} in {directory}, but process 0 on {main_host}"
+                f" resumes from {main_point or 'no checkpoint'}: the output directory must be on a filesystem every "
+                "node shares (NFS, Lustre, ...), at the same path")
 
 
 def micro_batches(loader: ResumableLoader) -> Iterator:
