@@ -5,6 +5,7 @@ interrupted trials recorded with their reason, and the reports (best_config.yaml
 from __future__ import annotations
 
 import gc
+import datetime
 import json
 import random
 import math
@@ -233,12 +234,21 @@ def budget_used(study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("interrupted"))
 
 
+ORPHAN_AFTER = 60.0  # seconds: a RUNNING trial that has not said whose it is by then never will
+
+
 def mark_interrupted_trials(study) -> int:
-    """Trials still RUNNING from a process on this host that no longer exists were killed: fail them."""
+    """Trials still RUNNING from a process on this host that no longer exists were killed: fail them. So are
+    trials that never said whose they are (a process killed between creating its trial and naming itself)."""
     host, n = socket.gethostname(), 0
+    now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") != host or pid is None or _alive(pid):
+        if pid is None:
+            started = t.datetime_start
+            if started is None or (now - started).total_seconds() < ORPHAN_AFTER:
+                continue
+        elif t.user_attrs.get("host") != host or _alive(pid):
             continue
         trial = optuna.trial.Trial(study, t._trial_id)
         trial.set_user_attr("interrupted", True)

@@ -90,7 +90,7 @@ def test_two_machines_share_one_study_and_a_killed_ones_trial_is_redone(assets, 
     # A third machine is killed outright while its trial runs: the next run fails that trial and redoes it.
     c = _sweep(assets, token_file, tmp_path / "machine_c", postgres, 5, start_new_session=True)
     deadline = time.time() + 120
-    while not any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
+    while not any(t.state == TrialState.RUNNING and "pid" in t.user_attrs for t in study.get_trials(deepcopy=False)):
         assert time.time() < deadline and c.poll() is None, "no trial started"
         time.sleep(0.2)
     os.killpg(c.pid, signal.SIGKILL)

@@ -126,3 +126,19 @@ def test_sweep_without_val_split_needs_train_loss_metric(assets, tmp_path):
     data = write_token_file(tmp_path / "noval.hdf5", n_val=0)
     with pytest.raises(UserError, match="no 'val' split"):
         sweep.main(base_args(assets, data, tmp_path / "s", "--sweep_config", str(ROOT / "configs" / "sweep.yaml")))
+
+
+def test_a_trial_whose_process_died_before_naming_itself_is_failed_and_redone(tmp_path, monkeypatch):
+    """A process killed between creating its trial and writing its host and pid leaves a RUNNING trial that says
+    nothing of whose it is; once older than ORPHAN_AFTER it is failed as interrupted and no longer counts."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
+    orphan = study.ask()  # RUNNING, no attributes: its process died here
+    named = study.ask()
+    named.set_user_attr("host", "another-machine")
+    named.set_user_attr("pid", 1)
+    assert optuna_sweep.mark_interrupted_trials(study) == 0  # too young to judge; another host's is not ours
+    monkeypatch.setattr(optuna_sweep, "ORPHAN_AFTER", 0.0)
+    assert optuna_sweep.mark_interrupted_trials(study) == 1
+    states = {t.number: t.state for t in study.trials}
+    assert states == {orphan.number: TrialState.FAIL, named.number: TrialState.RUNNING}
+    assert optuna_sweep.budget_used(study) == 1
