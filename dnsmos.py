@@ -48,6 +48,13 @@ class NotScorable(ValueError):
     """A clip DNSMOS cannot score (empty, silent, not finite); the message is the reason."""
 
 
+def rejection(overall: "float | NotScorable", minimum: float) -> str | None:
+    """Why a clip with this overall score (or no score) falls short of --min_dnsmos `minimum`; None if it does not."""
+    if isinstance(overall, NotScorable):
+        return f"no DNSMOS score: {overall}"
+    return f"DNSMOS OVRL {overall:.2f} below --min_dnsmos {minimum:g}" if overall < minimum else None
+
+
 def _model_dir() -> Path:
     try:
         import importlib.util

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from audio_io import AudioError, read_audio
 from dataset_sources import AUDIO_KEY, SourceOptions, decode_audio_payload, number_speakers, open_source
 from metadata import UNKNOWN_SPEAKER, Row, SkipRow, check_row
-from dnsmos import DNSMOS, NotScorable
+from dnsmos import DNSMOS, NotScorable, rejection
 from token_file import FORMAT_VERSION, write_token_file
 from tokenization import DEFAULT_TEXT_TOKENIZER, encode_text, load_text_tokenizer
 from codec import (encode_audio, frames_of, load_mimi, MIMI_FRAME_RATE, MIMI_SAMPLE_RATE, NUM_CODEBOOKS,
@@ -186,12 +186,9 @@ def quality_gate(rows: list[tuple[int, dict]], clips, scorer: DNSMOS, minimum: f
     for i, score in zip(todo, scorer.score_many([clips[i][1] for i in todo], MIMI_SAMPLE_RATE)):
         given[i] = score if isinstance(score, NotScorable) else score.ovrl
     for i, score in enumerate(given):
-        if isinstance(clips[i], SkipRow):
-            continue
-        if isinstance(score, NotScorable):
-            clips[i] = SkipRow(f"no DNSMOS score: {score}")
-        elif score < minimum:
-            clips[i] = SkipRow(f"DNSMOS OVRL {score:.2f} below --min_dnsmos {minimum:g}")
+        why = None if isinstance(clips[i], SkipRow) else rejection(score, minimum)
+        if why:
+            clips[i] = SkipRow(why)
     return clips
 
 

@@ -23,7 +23,7 @@ from metadata import speaker_id, speaker_numbers, visible_text
 from utils import UserError
 from outputs import append_line, atomic_path, not_a_file, write_text_atomic
 from audio_io import AudioError, read_mono, resample
-from dnsmos import DNSMOS, NotScorable
+from dnsmos import DNSMOS, NotScorable, rejection
 
 VAD_RATE = 16_000  # silero-vad and Whisper both listen at 16 kHz
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif")
@@ -251,10 +251,9 @@ def _by_quality(kept, clips, scores, minimum: float):
     """The utterances whose DNSMOS OVRL reaches `minimum` (kept, clips, scores) and the others (start, end, why)."""
     good, dropped = [], []
     for span, clip, score in zip(kept, clips, scores):
-        if isinstance(score, NotScorable):
-            dropped.append((*span, f"no DNSMOS score: {score}"))
-        elif score.ovrl < minimum:
-            dropped.append((*span, f"DNSMOS OVRL {score.ovrl:.2f} below --min_dnsmos {minimum:g}"))
+        why = rejection(score if isinstance(score, NotScorable) else score.ovrl, minimum)
+        if why:
+            dropped.append((*span, why))
         else:
             good.append((span, clip, score))
     return [g[0] for g in good], [g[1] for g in good], [g[2] for g in good], dropped
