@@ -23,7 +23,7 @@ from outputs import claim_output_dir, clear_dir
 from weights import load_model, resolve_source
 from adapters import load_adapter, read_adapter
 from evaluation import EvalSettings, evaluate_model, is_token_file, load_items, write_report
-from synthesis import add_speech_flags, compiled_step, context_segments, model_speaker_names, prompt_segments
+from synthesis import add_speech_flags, CompiledStep, context_segments, model_speaker_names, prompt_segments
 from tokenization import load_text_tokenizer, resolve_text_tokenizer
 from codec import load_mimi
 from config import load_config
@@ -106,7 +106,7 @@ def _evaluate(args, data: Path, out: Path) -> int:
         print(f"warning: --eval_data row {row} skipped: {reason}")
     settings = EvalSettings(max_audio_seconds=args.max_audio_seconds, temperature=args.temperature, topk=args.topk,
                             seed=args.seed, context=context, batch_size=args.batch_size,
-                            step=compiled_step(model) if args.compile else None)
+                            step=CompiledStep(model) if args.compile else None)
     print(f"evaluating {len(items)} items from {data} on {device}")
     torch.manual_seed(args.seed)
     result = evaluate_model(model, tokenizer, mimi, items, quality, settings, ceilings=not args.no_ceilings,

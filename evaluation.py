@@ -57,7 +57,7 @@ class EvalSettings:
     context: list[Segment] = field(default_factory=list)  # a prompt spoken before every item
     precision: str | None = None     # the training run's autocast precision (None: the model's own dtype)
     batch_size: int = 8              # items generated at once (each with its own seed: same audio at any size)
-    step: object = None              # a compiled frame step (synthesis.compiled_step), or None for eager
+    step: object = None              # a compiled frame step (synthesis.CompiledStep), or None for eager
 
 
 @dataclass

@@ -15,7 +15,7 @@ import soundfile as sf
 
 from adapters import load_adapter, read_adapter
 from metadata import visible_text
-from synthesis import (add_speech_flags, compiled_step, context_segments, model_speaker_names, parse_speaker,
+from synthesis import (add_speech_flags, CompiledStep, context_segments, model_speaker_names, parse_speaker,
                        SpeechRequest, SpeechStream, synthesize_batch, utterance_seed)
 from tokenization import load_text_tokenizer, resolve_text_tokenizer
 from codec import load_mimi, MIMI_SAMPLE_RATE
@@ -115,7 +115,7 @@ def _generate(args, numbered: list[tuple[int, str]], outputs: list[Path]) -> int
         load_adapter(model, args.adapter)
     tokenizer = load_text_tokenizer(resolve_text_tokenizer(args.text_tokenizer, source))
     mimi = load_mimi(args.mimi_weights, device=device, num_codebooks=model.config.audio_num_codebooks)
-    step = compiled_step(model) if args.compile else None
+    step = CompiledStep(model) if args.compile else None
     requests = [SpeechRequest(text, speaker, tuple(context), args.max_audio_seconds, utterance_seed(args.seed, number))
                 for number, text in numbered]
     if args.stream:

@@ -277,9 +277,6 @@ class CompiledStep:
         return self.model.decode_codebooks(last_h, temperature, topk, noise, codebook_step=self.codebook)
 
 
-def compiled_step(model) -> CompiledStep:
-    return CompiledStep(model)
-
 
 def _unseeded(device) -> torch.Generator:
     g = torch.Generator(device)
@@ -306,7 +303,7 @@ def synthesize_batch(model, text_tokenizer, mimi, requests: list[SpeechRequest],
 
     `precision` (a training run's: fp32, bf16, fp16) runs the model under that autocast and nothing else;
     None runs it in its weights' dtype. `step` replaces the model's frame step (a compiled one, from
-    compiled_step). The model's train/eval mode is restored and its caches removed afterwards, so training
+    CompiledStep). The model's train/eval mode is restored and its caches removed afterwards, so training
     can call this."""
     prompts, caps, generators = _setup(model, text_tokenizer, mimi, requests)
     loop = FrameLoop(model, prompts, caps, temperature=temperature, topk=topk, generators=generators, step=step,

@@ -22,7 +22,7 @@ import conversions  # noqa: E402
 import runtime  # noqa: E402
 from csm_model import CSM, ModelArgs  # noqa: E402
 from frames import text_frames  # noqa: E402
-from synthesis import compiled_step, FrameLoop  # noqa: E402
+from synthesis import CompiledStep, FrameLoop  # noqa: E402
 
 FLAVORS = {"mid": ("llama-mid", "llama-mid-decoder"), "tiny": ("llama-tiny", "llama-tiny-decoder"),
            "1b": ("llama-1B", "llama-100M")}
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
           "prompt, top-k 50\n")
     rows = []
     for mode in ("eager", *(() if args.no_compile else ("compiled",))):
-        step = compiled_step(model) if mode == "compiled" else None
+        step = CompiledStep(model) if mode == "compiled" else None
         for batch in batches:
             rows.append((f"ours, {mode}", batch, ours(model, batch, args.frames, step, args.rounds)))
     if not args.no_peer:

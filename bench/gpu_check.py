@@ -444,7 +444,7 @@ def row_csm1b_generate(ctx: Context):
     from transformers import MimiConfig, MimiModel
 
     import tiny_assets
-    from synthesis import compiled_step, SpeechRequest, synthesize_batch
+    from synthesis import CompiledStep, SpeechRequest, synthesize_batch
     from tokenization import load_text_tokenizer
     from weights import build_model
 
@@ -467,7 +467,7 @@ def row_csm1b_generate(ctx: Context):
     eager, audio = rtf(1)
     parts = [f"one stream eager RTF {eager:.2f} ({audio:.1f} s of audio)"]
     if ctx.cuda:
-        compiled, _ = rtf(1, compiled_step(model))
+        compiled, _ = rtf(1, CompiledStep(model))
         batched, _ = rtf(16)
         parts += [f"compiled (CUDA graphs) RTF {compiled:.2f}", f"16 streams eager RTF {batched:.2f} each"]
     return audio > 0, "; ".join(parts) + " (below 1 is faster than real time)"

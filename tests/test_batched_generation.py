@@ -10,7 +10,7 @@ import generate
 import weights
 from csm_model import CSM, frame_noise
 from frames import Segment
-from synthesis import compiled_step, SpeechRequest, synthesize_batch
+from synthesis import CompiledStep, SpeechRequest, synthesize_batch
 
 SAMPLES_PER_FRAME = 1920
 
@@ -123,10 +123,10 @@ def test_a_frame_step_reads_nothing_back_from_the_device(assets):
         torch.zeros(1, device="meta").item()  # the premise: a read back on the meta device raises
 
 
-def test_the_compiled_step_equals_the_eager_one(model, text_tokenizer, mimi):
+def test_the_CompiledStep_equals_the_eager_one(model, text_tokenizer, mimi):
     requests = _requests()[:2]
     eager = synthesize_batch(model, text_tokenizer, mimi, requests, topk=1)
-    compiled = synthesize_batch(model, text_tokenizer, mimi, requests, topk=1, step=compiled_step(model))
+    compiled = synthesize_batch(model, text_tokenizer, mimi, requests, topk=1, step=CompiledStep(model))
     assert all(torch.equal(a.codes, b.codes) for a, b in zip(eager, compiled))
 
 
