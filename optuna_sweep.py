@@ -163,7 +163,11 @@ def storage_for(url: str):
 SCHEMA_ATTEMPTS = 5
 
 
-DRIVERS = {"postgresql": "psycopg[binary]==3.3.2 (pinned in requirements.txt)", "mysql": "pymysql"}
+# The package of each SQLAlchemy driver (the URL's +driver, or the database's default one: psycopg for
+# postgresql://, mysqldb for mysql://).
+DRIVERS = {"psycopg": "psycopg[binary]==3.3.2 (pinned in requirements.txt)", "psycopg2": "psycopg2-binary",
+           "mysqldb": "mysqlclient", "pymysql": "pymysql"}
+DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306}
 
 
 def storage_error(url: str, error: Exception) -> str:
@@ -180,10 +184,11 @@ def storage_error(url: str, error: Exception) -> str:
                "journal file (*.log)"
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if isinstance(error, ImportError) or isinstance(error.__cause__, ImportError):
-        package = DRIVERS.get(parsed.get_backend_name(), "the driver SQLAlchemy names for it")
+        package = DRIVERS.get(parsed.get_driver_name(), parsed.get_driver_name())
         return f"--storage {shown}: the {parsed.get_backend_name()} driver is not installed: pip install {package}"
     if isinstance(error, OperationalError) and parsed.host:
-        where = f"{parsed.host}:{parsed.port or 5432 if parsed.get_backend_name() == 'postgresql' else parsed.port}"
+        port = parsed.port or DEFAULT_PORTS.get(parsed.get_backend_name())
+        where = f"{parsed.host}:{port}" if port else parsed.host
         return f"--storage {shown}: cannot connect to the database server at {where} ({first})"
     return f"--storage {shown}: {type(error).__name__}: {first}"
 

@@ -109,6 +109,8 @@ def test_a_storage_that_cannot_be_opened_is_one_line(postgres, monkeypatch):
     with pytest.raises(utils.UserError, match=f"cannot connect to the database server at 127.0.0.1:{port}") as e:
         optuna_sweep.storage_for(f"postgresql://sweeper:secret@127.0.0.1:{port}/postgres")
     assert "secret" not in str(e.value)
+    with pytest.raises(utils.UserError, match="the mysql driver is not installed: pip install mysqlclient$"):
+        optuna_sweep.storage_for("mysql://nobody@127.0.0.1/db")  # mysql:// means MySQLdb, which mysqlclient provides
     monkeypatch.setitem(sys.modules, "psycopg", None)
     with pytest.raises(utils.UserError, match=r"the postgresql driver is not installed: pip install psycopg\[binary\]"):
         optuna_sweep.storage_for(postgres)
