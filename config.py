@@ -16,6 +16,7 @@ import yaml
 from adapters import FINETUNE_MODES, FREEZABLE, LORA_TARGETS, MODULES_TO_SAVE
 from context import CONTEXT_LOSSES, CONTEXT_MODES
 from metrics import SELECTS_BEST
+from objectives import OBJECTIVES
 from optim import LR_DECAYS, OPTIMIZERS
 from parallel import DISTRIBUTED
 from speech_metrics import DEFAULT_ASR, DEFAULT_SPEAKER_MODEL
@@ -110,6 +111,16 @@ class TrainConfig:
     decoder_loss_weight: float = _f(0.5, "w in 2((1-w) c0_loss + w decoder_loss).", min=0, max=1)
     decoder_fraction: float = _f(1 / 16,
                                  "Fraction of audio frames the decoder trains on (compute amortization).", gt=0, max=1)
+    # --- preference finetuning (see README: preference finetuning)
+    objective: str = _f("sft", "sft: imitate a token file's recordings; dpo: learn from a preference file's pairs "
+                        "(prefer.py) with the DPO loss.", choices=OBJECTIVES)
+    dpo_beta: float = _f(0.1, "DPO's beta: how far the policy may move from the reference; the implicit reward is "
+                         "beta x (log pi - log pi_ref).", gt=0, max=1000)
+    dpo_sft_weight: float = _f(0.0, "Adds this x the chosen candidate's negative log-likelihood per code to the "
+                               "DPO loss (0: none).", min=0, max=1000)
+    dpo_decoder_fraction: float = _f(1.0, "Fraction of each candidate's frames the decoder's codebooks are scored on "
+                                     "(the same frames for policy and reference, scaled up to the whole).",
+                                     gt=0, max=1)
     precision: str = _f("auto", "auto = bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU.", choices=PRECISIONS)
     distributed: str = _f("ddp",
                           "With several processes (torchrun): ddp keeps a full copy per GPU; fsdp shards weights, "
@@ -323,6 +334,14 @@ def make_config(values: dict, source: str = "config") -> TrainConfig:
         raise UserError(f"select_best_by: {cfg.select_best_by} needs the quality evaluation: set eval_every > 0")
     if not cfg.eval_language.strip():
         raise UserError("config key 'eval_language' is empty; give a language code such as en")
+    if cfg.objective == "dpo":
+        if cfg.context_mode != "none":
+            raise UserError("objective: dpo reads each pair's context from the preference file; set context_mode: none "
+                            "(give prefer.py the prompt turns instead)")
+        if cfg.eval_every:
+            raise UserError("objective: dpo cannot run the quality evaluation (eval_every): a preference file holds "
+                            "no reference recordings; set eval_every: 0 and run evaluate.py on the run's best/ "
+                            "with the token file's val split")
     if cfg.max_tokens is not None and cfg.max_tokens < cfg.max_seq_len:
         raise UserError(f"max_tokens ({cfg.max_tokens}) must be at least max_seq_len "
                         f"({cfg.max_seq_len}) so every example fits")

@@ -279,9 +279,11 @@ class ResumableLoader:
     """
 
     def __init__(self, dataset: CSMDataset, sampler: LengthBucketSampler, num_workers: int = 0,
-                 pin_memory: bool = False, context_loss: str = "none"):
-        self.dataset, self.sampler, self.context_loss = dataset, sampler, context_loss
+                 pin_memory: bool = False, context_loss: str = "none", collate_fn=None):
+        self.dataset, self.sampler = dataset, sampler
         self.num_workers, self.pin_memory = num_workers, pin_memory
+        # Token-file examples by default; a preference file's pairs bring their own (dpo.collate_pairs).
+        self.collate_fn = collate_fn or partial(collate, num_codebooks=dataset.num_codebooks, context_loss=context_loss)
         self.consumed = 0
 
     def __len__(self) -> int:
@@ -294,11 +296,10 @@ class ResumableLoader:
     def __iter__(self):
         if self.consumed >= len(self):
             self.set_epoch(self.sampler.epoch + 1)
-        k = self.dataset.num_codebooks
         # Its own generator: a DataLoader iterator otherwise draws its workers' base seed from the global RNG,
         # and a resumed run (which starts one mid-epoch) would then see other dropout masks than an unbroken one.
         loader = DataLoader(self.dataset, batch_sampler=_Skip(self.sampler, self.consumed),
-                            collate_fn=partial(collate, num_codebooks=k, context_loss=self.context_loss),
+                            collate_fn=self.collate_fn,
                             num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=False,
                             generator=torch.Generator().manual_seed(self.sampler.seed))
         for batch in loader:
@@ -323,7 +324,7 @@ class ResumableLoader:
 def make_loader(dataset: CSMDataset, *, max_tokens: int | None = None, batch_size: int | None = None,
                 shuffle: bool = True, seed: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1,
                 pin_memory: bool = False, context_mode: str = "none", context_turns: int = 1,
-                context_loss: str = "none") -> ResumableLoader:
+                context_loss: str = "none", collate_fn=None) -> ResumableLoader:
     """A resumable loader over `dataset` with length-bucketed batches (in pinned memory with `pin_memory`: for a
     run on a CUDA device, whose copies then need not wait); with a `context_mode` other than none, each example
     is composed with its context (context.py)."""
@@ -338,4 +339,5 @@ def make_loader(dataset: CSMDataset, *, max_tokens: int | None = None, batch_siz
                                  context_turns=context_turns, max_seq_len=dataset.max_seq_len, seed=seed)
     sampler = LengthBucketSampler(dataset.lengths, max_tokens=max_tokens, batch_size=batch_size, shuffle=shuffle,
                                   seed=seed, rank=rank, world_size=world_size, planner=planner)
-    return ResumableLoader(dataset, sampler, num_workers=num_workers, pin_memory=pin_memory, context_loss=context_loss)
+    return ResumableLoader(dataset, sampler, num_workers=num_workers, pin_memory=pin_memory, context_loss=context_loss,
+                           collate_fn=collate_fn)

@@ -16,16 +16,15 @@ from pathlib import Path
 import torch
 
 from metrics import BY_NAME, QUALITY, ROWS
-from speech_metrics import DEFAULT_ASR, DEFAULT_SPEAKER_MODEL, QualityModels
 from utils import check_number, run_cli, UserError
-from runtime import DTYPES, resolve_device, resolve_precision
+from runtime import resolve_device, resolve_precision
 from outputs import claim_output_dir, clear_dir
-from weights import load_model, resolve_source
-from adapters import load_adapter, read_adapter
+from weights import resolve_source
+from adapters import read_adapter
 from evaluation import EvalSettings, evaluate_model, is_token_file, load_items, write_report
-from synthesis import add_speech_flags, CompiledStep, context_segments, model_speaker_names, prompt_segments
-from tokenization import load_text_tokenizer, resolve_text_tokenizer
-from codec import load_mimi
+from synthesis import (add_speech_flags, CompiledStep, context_segments, load_speech_model, model_speaker_names,
+                       prompt_segments)
+from speech_metrics import add_judge_flags, judges_of
 from config import load_config
 
 
@@ -39,15 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=100, help="items to evaluate, drawn with --seed (default 100; 0 = all)")
     p.add_argument("--output_dir", required=True, help="items.csv, summary.json, wavs/, report.html")
     p.add_argument("--overwrite", action="store_true", help="replace what --output_dir holds")
-    p.add_argument("--asr", default=DEFAULT_ASR, help=f"ASR model: hub id or local dir (default {DEFAULT_ASR})")
-    p.add_argument("--language", default="en",
-                   help="language spoken (Whisper code, e.g. en, de, fr): sets Whisper's language and the "
-                        "normalisation (English: Whisper's English normaliser; others: its basic one)")
-    p.add_argument("--speaker_model", default=DEFAULT_SPEAKER_MODEL,
-                   help=f"speaker-verification model: hub id or local dir (default {DEFAULT_SPEAKER_MODEL})")
+    add_judge_flags(p)
     p.add_argument("--no_ceilings", action="store_true", help="skip measuring the references and their Mimi round trip")
-    p.add_argument("--no_dnsmos", action="store_true",
-                   help="skip DNSMOS (audio quality; needs speechmos and onnxruntime, which requirements.txt pins)")
     p.add_argument("--max_audio_seconds", type=float, default=20.0,
                    help="length cap (each item also stops at twice its reference + 1 s)")
     p.add_argument("--seed", type=int, default=0, help="draws the items and seeds each item's sampling")
@@ -92,14 +84,9 @@ def _evaluate(args, data: Path, out: Path) -> int:
     if args.context_from_config:
         context += prompt_segments(load_config(args.context_from_config).gen_context, names)
     # The judges first: a model that cannot be loaded fails in one line before any speech is generated.
-    quality = QualityModels(args.asr, args.speaker_model, args.language, device=device, half=device.type == "cuda",
-                            dnsmos=not args.no_dnsmos)
+    quality = judges_of(args, device)
     source = resolve_source(args.model, args.revision)
-    model = load_model(source, device=device, dtype=DTYPES[precision])
-    if args.adapter:
-        load_adapter(model, args.adapter)
-    tokenizer = load_text_tokenizer(resolve_text_tokenizer(args.text_tokenizer, source))
-    mimi = load_mimi(args.mimi_weights, device=device, num_codebooks=model.config.audio_num_codebooks)
+    model, tokenizer, mimi = load_speech_model(args, source, device, precision)
     items, skipped = load_items(data, split=args.split, n=args.n or None, seed=args.seed, tokenizer=tokenizer,
                                 trust_pickle=args.trust_pickle)
     for row, reason in skipped:

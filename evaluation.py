@@ -46,6 +46,7 @@ class EvalItem:
     speaker: int
     recording: np.ndarray | None = None   # 24 kHz mono
     codes: np.ndarray | None = None       # Mimi codes [K, F]
+    row: int | None = None                # its row in the file it came from
 
 
 @dataclass
@@ -65,6 +66,7 @@ class EvalResult:
     rows: list[dict]                  # one per item (per-item metrics, errors)
     summary: dict                     # corpus metrics per measured row, and counts
     audio: dict[str, dict[str, np.ndarray]]  # item id -> {"generated"|"reference"|"codec": 24 kHz audio}
+    generated: dict = field(default_factory=dict)  # item id -> its synthesis.Speech (codes, stopped at EOS)
 
 
 def seeded_subset(total: int, n: int | None, seed: int) -> list[int]:
@@ -104,7 +106,8 @@ def items_from_metadata(path: Path, n: int | None, seed: int,
         except (SkipRow, UserError) as e:
             skipped.append((i, getattr(e, "reason", str(e))))
             continue
-        items.append(EvalItem(f"row{i:05d}", row.text, 0 if row.speaker is None else row.speaker, recording=audio))
+        items.append(EvalItem(f"row{i:05d}", row.text, 0 if row.speaker is None else row.speaker, recording=audio,
+                              row=i))
     return items, skipped
 
 
@@ -129,7 +132,8 @@ def items_from_token_file(path: Path, split: str, n: int | None, seed: int, toke
             speaker = int(match.group(1)) if match else max(int(speakers[i]), 0)
             text = match.group(2).strip() if match else text
             if text:
-                items.append(EvalItem(f"{split}{i:05d}", text, speaker, codes=codes.astype(np.int64).reshape(k, -1)))
+                items.append(EvalItem(f"{split}{i:05d}", text, speaker, codes=codes.astype(np.int64).reshape(k, -1),
+                                      row=i))
     return items
 
 
@@ -183,13 +187,14 @@ def _speak(model, tokenizer, mimi, requests: list[SpeechRequest], settings: Eval
     return out, (time.perf_counter() - t0) / len(requests)
 
 
-def _record(item: EvalItem, row: dict, speech, seconds: float, clips: dict, timing: dict) -> None:
+def _record(item: EvalItem, row: dict, speech, seconds: float, clips: dict, timing: dict, generated: dict) -> None:
     """An item's generation into its row: its audio, length and pace, or the error that stopped it."""
     if isinstance(speech, Exception):
         row["error"] = f"{type(speech).__name__}: {str(speech).splitlines()[0] if str(speech) else ''}"
         print(f"warning: item {item.id}: generation failed ({row['error']}); skipped", file=sys.stderr)
         return
     clips["generated"] = speech.audio.float().numpy()
+    generated[item.id] = speech
     duration = len(clips["generated"]) / MIMI_SAMPLE_RATE
     row.update(stopped_at_eos=speech.stopped, duration_s=round(duration, 3),
                duration_ratio=duration / row["reference_s"] if row["reference_s"] else None,
@@ -219,7 +224,7 @@ def evaluate_model(model, tokenizer, mimi, items: list[EvalItem], quality: Quali
     """Generate every item, then measure it; with `ceilings`, measure the references and their Mimi
     round trip too. A failing item is recorded with its error and skipped; it never ends the evaluation."""
     device = device or next(model.parameters()).device
-    rows, audio, timing, requests = [], {}, {}, []
+    rows, audio, timing, requests, generated = [], {}, {}, [], {}
     for index, item in enumerate(items):
         clips = {}
         if item.recording is not None:
@@ -240,7 +245,7 @@ def evaluate_model(model, tokenizer, mimi, items: list[EvalItem], quality: Quali
         for start in range(0, len(items), size):
             spoken, seconds = _speak(model, tokenizer, mimi, requests[start:start + size], settings)
             for item, row, speech in zip(items[start:start + size], rows[start:start + size], spoken):
-                _record(item, row, speech, seconds, audio[item.id], timing)
+                _record(item, row, speech, seconds, audio[item.id], timing, generated)
             bar.update(len(spoken))
 
     measured = ["generated", *[k for k in ("reference", "codec") if ceilings and any(k in c for c in audio.values())]]
@@ -252,7 +257,7 @@ def evaluate_model(model, tokenizer, mimi, items: list[EvalItem], quality: Quali
         if prompt:
             _prompt_similarity(rows, items, audio, quality, prompt)
     summary = _summarize(rows, items, audio, quality, measured, timing)
-    return EvalResult(rows, summary, audio)
+    return EvalResult(rows, summary, audio, generated)
 
 
 def _measure(rows: list[dict], items: list[EvalItem], audio: dict, peers: list,

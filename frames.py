@@ -31,21 +31,22 @@ def text_frames(text_ids, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, mask
 
 
-def audio_frames(codes, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frames of codes [K, F], then the all-zero EOS frame that ends a turn (its codes are real targets)."""
+def audio_frames(codes, k: int, eos: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames of codes [K, F], then the all-zero EOS frame that ends a turn (its codes are real targets). Without
+    `eos`, the codes alone: generated audio that reached its length cap without stopping."""
     codes = torch.as_tensor(codes, dtype=torch.long)
     if codes.shape[0] != k:
         raise ValueError(f"codes have {codes.shape[0]} codebooks, expected {k}")
-    tokens, mask = empty_frames(codes.shape[1] + 1, k)
-    tokens[:-1, :k] = codes.T
+    tokens, mask = empty_frames(codes.shape[1] + int(eos), k)
+    tokens[:codes.shape[1], :k] = codes.T
     mask[:, :k] = True
     return tokens, mask
 
 
-def turn_frames(text_ids, codes, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole turn: text frames, audio frames, EOS frame; len(text) + F + 1 frames."""
+def turn_frames(text_ids, codes, k: int, eos: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole turn: text frames, audio frames, EOS frame (unless not `eos`); len(text) + F + 1 frames."""
     t_tokens, t_mask = text_frames(text_ids, k)
-    a_tokens, a_mask = audio_frames(codes, k)
+    a_tokens, a_mask = audio_frames(codes, k, eos)
     return torch.cat([t_tokens, a_tokens]), torch.cat([t_mask, a_mask])
 
 

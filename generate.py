@@ -13,17 +13,16 @@ from pathlib import Path
 
 import soundfile as sf
 
-from adapters import load_adapter, read_adapter
+from adapters import read_adapter
 from metadata import visible_text
-from synthesis import (add_speech_flags, CompiledStep, context_segments, model_speaker_names, parse_speaker,
-                       SpeechRequest, SpeechStream, synthesize_batch, utterance_seed)
-from tokenization import load_text_tokenizer, resolve_text_tokenizer
-from codec import load_mimi, MIMI_SAMPLE_RATE
+from synthesis import (add_speech_flags, CompiledStep, context_segments, load_speech_model, model_speaker_names,
+                       parse_speaker, SpeechRequest, SpeechStream, synthesize_batch, utterance_seed)
+from codec import MIMI_SAMPLE_RATE
 from utils import check_number, run_cli, UserError
-from runtime import DTYPES, resolve_device, resolve_precision
+from runtime import resolve_device, resolve_precision
 from outputs import atomic_path, claim_output_files
 from speech_metrics import prompt_similarity, SpeakerEncoder
-from weights import load_model, resolve_source
+from weights import resolve_source
 
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
@@ -110,11 +109,7 @@ def _generate(args, numbered: list[tuple[int, str]], outputs: list[Path]) -> int
     speaker = parse_speaker(args.speaker, names)
     context = context_segments(args.context_audio, args.context_text, args.context_speaker, names)
     judge = _prompt_judge(args, context, device)  # a judge that cannot be loaded fails before the model loads
-    model = load_model(source, device=device, dtype=DTYPES[precision])
-    if args.adapter:
-        load_adapter(model, args.adapter)
-    tokenizer = load_text_tokenizer(resolve_text_tokenizer(args.text_tokenizer, source))
-    mimi = load_mimi(args.mimi_weights, device=device, num_codebooks=model.config.audio_num_codebooks)
+    model, tokenizer, mimi = load_speech_model(args, source, device, precision)
     step = CompiledStep(model) if args.compile else None
     requests = [SpeechRequest(text, speaker, tuple(context), args.max_audio_seconds, utterance_seed(args.seed, number))
                 for number, text in numbered]

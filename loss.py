@@ -87,13 +87,7 @@ def compute_loss(model, tokens: torch.Tensor, mask: torch.Tensor, target: torch.
     `plan` (`plan_targets` of the batch, on the device) may be made by the caller from the CPU copy of the
     mask: then nothing here waits for the GPU (found from a GPU mask, the rows would cost a host-device sync).
     """
-    b, s, _ = tokens.shape
-    max_len = model.backbone.max_seq_len
-    if s > max_len:
-        raise SequenceTooLongError(f"batch has sequences of {s} frames; the backbone takes at most {max_len}")
-    dtype = next(model.parameters()).dtype
-    h = model.backbone(embed_frames(model, tokens, mask).to(dtype)).to(dtype)
-
+    h = backbone_states(model, tokens, mask)
     if plan is None:
         plan = plan_targets(mask, target, decoder_fraction, generator).to(h.device)
     h_prev = h[:, :-1][plan.rows]                   # [N, D] the state that predicts each target frame
@@ -109,6 +103,16 @@ def compute_loss(model, tokens: torch.Tensor, mask: torch.Tensor, target: torch.
     logits = decoder_logits(model, h_prev, targets)
     dec_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1), reduction="sum")
     return LossTerms(c0_sum, dec_sum, n, k * (targets.shape[1] - 1))
+
+
+def backbone_states(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The backbone's output [B, S, D] for a right-padded batch, in the model's dtype; a batch longer than the
+    backbone's context is refused."""
+    s, max_len = tokens.shape[1], model.backbone.max_seq_len
+    if s > max_len:
+        raise SequenceTooLongError(f"batch has sequences of {s} frames; the backbone takes at most {max_len}")
+    dtype = next(model.parameters()).dtype
+    return model.backbone(embed_frames(model, tokens, mask).to(dtype)).to(dtype)
 
 
 def decoder_logits(model, h_prev: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

@@ -195,6 +195,24 @@ def prompt_similarity(encoder: SpeakerEncoder, clip: np.ndarray | None, prompts:
     return float(np.mean([cosine(a, b) for b in prompts])) if a is not None and prompts else None
 
 
+def add_judge_flags(p) -> None:
+    """The judges' flags of every command line that judges speech (evaluate.py, prefer.py)."""
+    p.add_argument("--asr", default=DEFAULT_ASR, help=f"ASR model: hub id or local dir (default {DEFAULT_ASR})")
+    p.add_argument("--language", default="en",
+                   help="language spoken (Whisper code, e.g. en, de, fr): sets Whisper's language and the "
+                        "normalisation (English: Whisper's English normaliser; others: its basic one)")
+    p.add_argument("--speaker_model", default=DEFAULT_SPEAKER_MODEL,
+                   help=f"speaker-verification model: hub id or local dir (default {DEFAULT_SPEAKER_MODEL})")
+    p.add_argument("--no_dnsmos", action="store_true",
+                   help="skip DNSMOS (audio quality; needs speechmos and onnxruntime, which requirements.txt pins)")
+
+
+def judges_of(args, device) -> "QualityModels":
+    """The judges the flags of `add_judge_flags` name, loaded (fp16 on CUDA)."""
+    return QualityModels(args.asr, args.speaker_model, args.language, device=device, half=device.type == "cuda",
+                         dnsmos=not args.no_dnsmos)
+
+
 class QualityModels:
     """The ASR and speaker models of an evaluation, loaded once (any failure: one line, before any speech
     is generated). `on(device)` moves them there for the duration of an evaluation and back to the CPU

@@ -16,13 +16,14 @@ import torch
 from tqdm import tqdm
 
 from frames import Segment, audio_frames, next_input_frames, text_frames
-from tokenization import encode_text
-from codec import decode_audio, encode_audio, MIMI_FRAME_RATE, SAMPLES_PER_FRAME
+from tokenization import encode_text, load_text_tokenizer, resolve_text_tokenizer
+from codec import decode_audio, encode_audio, load_mimi, MIMI_FRAME_RATE, SAMPLES_PER_FRAME
 from utils import UserError
-from runtime import autocast, PRECISIONS
+from runtime import autocast, DTYPES, PRECISIONS
 from audio_io import read_audio
 from token_file import SPEAKERS_NAME, speaker_names
-from weights import DEFAULT_MODEL
+from weights import DEFAULT_MODEL, load_model
+from adapters import load_adapter
 from csm_model import frame_noise
 
 
@@ -57,6 +58,17 @@ def add_speech_flags(p: argparse.ArgumentParser, *, context_speaker: str, precis
     p.add_argument("--compile", action="store_true",
                    help="compile the one-frame step (torch.compile; CUDA graphs on a GPU): minutes to start, then "
                         "faster frames")
+
+
+def load_speech_model(args, source, device, precision: str):
+    """The model of the speech flags (`source`: --model resolved; --adapter applied, unmerged) in the precision's
+    dtype, its text tokenizer and Mimi."""
+    model = load_model(source, device=device, dtype=DTYPES[precision])
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    tokenizer = load_text_tokenizer(resolve_text_tokenizer(args.text_tokenizer, source))
+    mimi = load_mimi(args.mimi_weights, device=device, num_codebooks=model.config.audio_num_codebooks)
+    return model, tokenizer, mimi
 
 
 def parse_speaker(value, names: dict[str, int] | None = None, flag: str = "--speaker") -> int:

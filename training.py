@@ -17,6 +17,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -34,11 +35,12 @@ from checkpoint import (LoopState, find_resume_checkpoint, prune_checkpoints, re
                         step_path)
 from config import TrainConfig
 from csm_model import CSM, ModelArgs, count_parameters
+from dpo import collate_pairs, PairDataset
 from dataloaders import CSMDataset, ResumableLoader, default_num_workers, make_loader
 from evaluation import EvalSettings, evaluate_model, items_from_token_file, write_report
 from hf_export import csm_tokenizer, DEFAULT_CODEC, export_transformers
 from metrics import QUALITY, lower_is_better
-from loss import LossTerms, TargetPlan, combine_loss, compute_loss, plan_targets, weighted_loss
+from objectives import make_objective, move_batch, validate
 from optim import make_optimizer, make_scheduler
 from tracking import Tracker, make_tracker
 from utils import print0, seed_everything, UserError
@@ -46,6 +48,7 @@ from runtime import (all_reduce_sum, autocast, compute_init, cuda_unusable_reaso
                      peak_memory_bytes, resolve_precision, Runtime)
 from outputs import atomic_path, claim_output_dir, clear_dir, first_existing, write_text_atomic
 from token_file import SPEAKERS_NAME, open_splits, speaker_names
+from preference_file import is_preference_file, open_preference_file
 from speech_metrics import QualityModels
 from synthesis import prompt_segments, SpeechRequest, synthesize_batch
 from tokenization import load_text_tokenizer, resolve_text_tokenizer
@@ -61,16 +64,15 @@ class TrainingStopped(UserError):
 
 
 class LossModule(nn.Module):
-    """Wraps the CSM so that DDP sees the whole loss computation as one forward call."""
+    """Wraps the CSM so that DDP sees the whole loss computation as one forward call: `loss_fn(model, *args,
+    **kwargs)`, a pure function of the model and the batch (loss.compute_loss, dpo.pair_terms)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, target: torch.Tensor | None, decoder_fraction: float,
-                generator: torch.Generator | None, plan: TargetPlan | None = None) -> LossTerms:
-        return compute_loss(self.model, tokens, mask, target, decoder_fraction=decoder_fraction, generator=generator,
-                            plan=plan)
+    def forward(self, loss_fn: Callable, *args, **kwargs):
+        return loss_fn(self.model, *args, **kwargs)
 
 
 def build_or_load_model(cfg: TrainConfig, device: torch.device, source: Path | None = None) -> nn.Module:
@@ -89,32 +91,32 @@ def build_or_load_model(cfg: TrainConfig, device: torch.device, source: Path | N
 def train_step(loss_model: nn.Module, micro_batches: list, cfg: TrainConfig, rt: Runtime, precision: str,
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, generator: torch.Generator,
                num_codebooks: int) -> dict:
-    """Forward/backward over the micro-batches of one step, normalised by the step's total targets
-    (summed over micro-batches and ranks), then clip and step. Returns the step's metrics."""
+    """Forward/backward over the micro-batches of one step, normalised by the step's totals (target frames, or
+    pairs; summed over micro-batches and ranks), then clip and step. Returns the step's metrics: the objective's
+    (objectives.py) and the step's own."""
+    objective = make_objective(cfg, num_codebooks)
     # Everything that depends on the batch layout is read from the CPU copies of the masks; the step's
     # numbers stay on the device until one read at its end (`read_stats`: the step's only host-device sync
-    # in one process; DDP adds the all-reduce of the target counts before the first forward).
-    # Each micro-batch's target rows and decoder frames, found once (their counts normalise the loss).
-    plans = [plan_targets(mask, target, cfg.decoder_fraction, generator) for _, mask, target in micro_batches]
-    counts = [plan.counts(num_codebooks) for plan in plans]
-    n_c0, n_dec = all_reduce_sum([sum(c[0] for c in counts), sum(c[1] for c in counts)], rt)
-    stats = torch.zeros(5, dtype=torch.float64, device=rt.device)  # loss, c0 loss, decoder loss, real, padded
+    # in one process; DDP adds the all-reduce of the counts before the first forward).
+    plans = [objective.plan(batch, generator) for batch in micro_batches]
+    counts = [objective.counts(plan) for plan in plans]
+    totals = all_reduce_sum([sum(c[0] for c in counts), sum(c[1] for c in counts)], rt)
+    n = len(objective.stats)
+    stats = torch.zeros(n + 2, dtype=torch.float64, device=rt.device)  # the objective's numbers, real, padded
     real = padded = 0
-    for i, ((tokens, mask, target), plan) in enumerate(zip(micro_batches, plans)):
+    for i, (batch, plan) in enumerate(zip(micro_batches, plans)):
+        mask = batch[1]
         real += int(mask.any(-1).sum())
         padded += mask.shape[0] * mask.shape[1]
-        tokens, mask, target = (to_device(t, rt.device) for t in (tokens, mask, target))
-        plan = plan.to(rt.device, to_device)
+        batch, plan = move_batch(batch, rt.device, to_device), plan.to(rt.device, to_device)
         last = i == len(micro_batches) - 1
         with gradient_sync(loss_model, last or not rt.distributed):
             with autocast(rt.device, precision):
-                terms = loss_model(tokens, mask, target, cfg.decoder_fraction, generator, plan)
-            loss = combine_loss(terms, int(n_c0), int(n_dec), cfg.decoder_loss_weight)
+                loss, parts = objective.loss(loss_model, batch, plan, totals)
             # DDP averages gradients over ranks; the loss is already a share of the global sum.
             scaler.scale(loss * rt.world_size).backward()
-        stats[:3] += torch.stack([loss.detach(), terms.c0_sum.detach() / max(n_c0, 1),
-                                  terms.decoder_sum.detach() / max(n_dec, 1)]).double()
-    stats[3:] += to_device(torch.tensor([real, padded], dtype=torch.float64), rt.device)
+        stats[:n] += parts.double()
+    stats[n:] += to_device(torch.tensor([real, padded], dtype=torch.float64), rt.device)
     if rt.distributed:
         dist.all_reduce(stats)
 
@@ -123,8 +125,9 @@ def train_step(loss_model: nn.Module, micro_batches: list, cfg: TrainConfig, rt:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
-    loss, c0, dec, real, padded, grad_norm = read_stats(torch.cat([stats, norm.detach().reshape(1).double()]))
-    finite = math.isfinite(loss) and (math.isfinite(grad_norm) or scaler.is_enabled())
+    values = read_stats(torch.cat([stats, norm.detach().reshape(1).double()]))
+    named, (real, padded, grad_norm) = dict(zip(objective.stats, values[:n])), values[n:]
+    finite = math.isfinite(named["loss"]) and (math.isfinite(grad_norm) or scaler.is_enabled())
     if finite:
         # With fp16 the scaler itself skips steps whose gradients overflowed.
         scaler.step(optimizer)
@@ -132,8 +135,8 @@ def train_step(loss_model: nn.Module, micro_batches: list, cfg: TrainConfig, rt:
     # raises) and lowers the fp16 scale when the gradients overflowed. Disabled (bf16, fp32), it does nothing.
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "c0_loss": c0, "decoder_loss": dec, "grad_norm": grad_norm, "finite": finite,
-            "frames": real, "padding_fraction": 1 - real / max(padded, 1)}
+    return {**named, "grad_norm": grad_norm, "finite": finite, "frames": real,
+            "padding_fraction": 1 - real / max(padded, 1)}
 
 
 def to_device(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -148,26 +151,6 @@ def to_device(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | No
 def read_stats(stats: torch.Tensor) -> list[float]:
     """The one read of a step's numbers from the device (a host-device sync)."""
     return stats.tolist()
-
-
-@torch.no_grad()
-def validation_loss(loss_model: nn.Module, loader: ResumableLoader, cfg: TrainConfig, rt: Runtime,
-                    precision: str) -> float:
-    """Validation loss with the decoder on every frame: deterministic, never NaN for small batches.
-    `loss_model` is the (DDP- or FSDP-wrapped) LossModule, or a bare model."""
-    if not isinstance(loss_model, (LossModule, nn.parallel.DistributedDataParallel)):
-        loss_model = LossModule(loss_model)
-    was_training = loss_model.training
-    loss_model.eval()
-    c0 = dec = n_c0 = n_dec = 0.0
-    for tokens, mask, target in loader:
-        with autocast(rt.device, precision):
-            terms = loss_model(tokens.to(rt.device), mask.to(rt.device), target.to(rt.device), 1.0, None)
-        c0, dec = c0 + terms.c0_sum.item(), dec + terms.decoder_sum.item()
-        n_c0, n_dec = n_c0 + terms.n_c0, n_dec + terms.n_decoder
-    c0, dec, n_c0, n_dec = all_reduce_sum([c0, dec, n_c0, n_dec], rt)
-    loss_model.train(was_training)
-    return weighted_loss(c0 / max(n_c0, 1), dec / max(n_dec, 1), cfg.decoder_loss_weight)
 
 
 # --------------------------------------------------------------------------- samples and quality evaluation
@@ -401,7 +384,8 @@ def planned_steps(cfg: TrainConfig, data: str) -> int:
     """The optimizer steps a one-process run of `cfg` on `data` would take, from the train split's lengths alone
     (what a sweep checks for each trial's settings before any trial starts)."""
     rt = Runtime(torch.device("cpu"))
-    train_set = CSMDataset(data, "train", partial=True, max_seq_len=cfg.max_seq_len)
+    train_set = (PairDataset(data, "train", max_seq_len=cfg.max_seq_len) if is_preference_file(data)
+                 else CSMDataset(data, "train", partial=True, max_seq_len=cfg.max_seq_len))
     return run_length(cfg, data, make_loader(train_set, shuffle=True, num_workers=0, **loader_settings(cfg, rt)), rt)
 
 
@@ -492,6 +476,11 @@ class Run:
     tracker: Tracker | None = None  # made once the run's first step is known (after a resume)
 
     @property
+    def objective(self):
+        """What the steps optimise and validation measures (objectives.py)."""
+        return make_objective(self.cfg, self.model.config.audio_num_codebooks)
+
+    @property
     def checkpoints(self) -> Path:
         return self.out / "checkpoints"
 
@@ -517,24 +506,39 @@ class RunData:
 
 
 def open_data(cfg: TrainConfig, data: str, rt: Runtime) -> RunData:
-    """The token file's splits, loaders and speaker names, checked before any model is loaded."""
+    """The data's splits, loaders and speaker names, checked before any model is loaded: a token file for
+    `objective: sft`, a preference file (prefer.py) for `objective: dpo`."""
     if not Path(data).is_file():
-        raise UserError(f"--data {data}: no such file (make one with pretokenize.py)")
-    splits = open_splits(data)
+        raise UserError(f"--data {data}: no such file (make one with "
+                        f"{'prefer.py' if cfg.objective == 'dpo' else 'pretokenize.py'})")
+    preferences = is_preference_file(data)
+    if preferences and cfg.objective != "dpo":
+        raise UserError(f"--data {data} is a preference file (prefer.py): train on it with --set objective=dpo, or "
+                        "give a token file from pretokenize.py")
+    if cfg.objective == "dpo" and not preferences:
+        raise UserError(f"--data {data} is not a preference file: objective: dpo trains on the pairs prefer.py "
+                        "writes (prefer.py --model M --data TOKENS --output PREFS)")
+    splits = open_preference_file(data) if preferences else open_splits(data)
     if "train" not in splits:
         raise UserError(f"{data} has no 'train' split (found: {', '.join(splits) or 'nothing'})")
     if cfg.eval_every and "val" not in splits:
         raise UserError(f"eval_every needs a val split in {data}; give pretokenize.py --val_data, or set eval_every: 0")
-    train_set = CSMDataset(data, "train", partial=cfg.partial_data_loading, max_seq_len=cfg.max_seq_len)
-    val_set = CSMDataset(data, "val", partial=cfg.partial_data_loading,
-                         max_seq_len=cfg.max_seq_len) if "val" in splits else None
+    if preferences:
+        train_set = PairDataset(data, "train", max_seq_len=cfg.max_seq_len)
+        val_set = PairDataset(data, "val", max_seq_len=cfg.max_seq_len) if splits.get("val") else None
+        collate_fn = partial(collate_pairs, num_codebooks=train_set.num_codebooks)
+    else:
+        train_set = CSMDataset(data, "train", partial=cfg.partial_data_loading, max_seq_len=cfg.max_seq_len)
+        val_set = CSMDataset(data, "val", partial=cfg.partial_data_loading,
+                             max_seq_len=cfg.max_seq_len) if "val" in splits else None
+        collate_fn = None
     workers = default_num_workers(rt.device) if cfg.num_workers is None else cfg.num_workers
-    train_loader = make_loader(train_set, shuffle=True, num_workers=workers, **loader_settings(cfg, rt))
-    val_loader = make_loader(val_set, shuffle=False, num_workers=workers,
-                             **loader_settings(cfg, rt)) if val_set else None
+    settings = {**loader_settings(cfg, rt), "num_workers": workers, "collate_fn": collate_fn}
+    train_loader = make_loader(train_set, shuffle=True, **settings)
+    val_loader = make_loader(val_set, shuffle=False, **settings) if val_set else None
     total_steps = run_length(cfg, data, train_loader, rt)
     check_warmup(cfg, total_steps)
-    return RunData(data, train_set, train_loader, val_loader, speaker_names(data), total_steps)
+    return RunData(data, train_set, train_loader, val_loader, {} if preferences else speaker_names(data), total_steps)
 
 
 def build_model_for(cfg: TrainConfig, rt: Runtime, base: Path | None, planned: ModelArgs | None, auto_cpu: bool,
@@ -671,8 +675,8 @@ def log_step(run: Run, stats: dict, lr: float, seconds: float) -> None:
         print0(f"warning: step {step}: non-finite loss or gradient (loss={stats['loss']}, "
                f"grad_norm={stats['grad_norm']}); update skipped ({loop.nonfinite_streak} in a row)")
     if step % cfg.log_every == 0 or step == run.total_steps or not stats["finite"]:
-        run.tracker.log({"loss": stats["loss"], "c0_loss": stats["c0_loss"], "decoder_loss": stats["decoder_loss"],
-                         "lr": lr, "grad_norm": stats["grad_norm"], "tokens_per_s": stats["frames"] / seconds,
+        run.tracker.log({**{k: stats[k] for k in run.objective.stats}, "lr": lr, "grad_norm": stats["grad_norm"],
+                         "tokens_per_s": stats["frames"] / seconds,
                          "step_time": seconds, "peak_memory_gb": peak_memory_bytes(run.rt.device) / 2**30,
                          "padding_fraction": stats["padding_fraction"],
                          "epoch": run.train_loader.state_dict()["epoch"]}, step)
@@ -691,8 +695,9 @@ def after_step(run: Run, whole: parallel.WholeModel, stopping: bool,
     last = step == run.total_steps
     evaluated = {}
     if run.val_loader is not None and ((cfg.val_every and step % cfg.val_every == 0) or last):
-        evaluated["val_loss"] = validation_loss(run.loss_model, run.val_loader, cfg, rt, run.precision)
-        run.tracker.log({"val_loss": evaluated["val_loss"]}, step)
+        measured = validate(run.objective, run.loss_model, run.val_loader, rt, run.precision)
+        run.tracker.log(measured, step)
+        evaluated.update(measured)
         loop.best_val_loss = min(loop.best_val_loss, evaluated["val_loss"])  # NaN never becomes the best
     if cfg.eval_every and (step % cfg.eval_every == 0 or last):
         measured = run.quality(whole.get(), step, run.tracker, run.precision) if rt.is_main else {}

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import config
+import objectives
 import tracking
 import training
 import runtime
@@ -177,7 +178,9 @@ def test_validation_is_deterministic_and_best_is_kept(assets, token_file, tmp_pa
     model = weights.load_model(tmp_path / "out" / "best")
     loader = make_loader(CSMDataset(str(token_file), "val"), batch_size=4, shuffle=False)
     rt = runtime.Runtime(torch.device("cpu"))
-    again = [training.validation_loss(model, loader, cfg, rt, "fp32") for _ in range(2)]
+    objective = objectives.make_objective(cfg, 32)
+    again = [objectives.validate(objective, training.LossModule(model), loader, rt, "fp32")["val_loss"]
+             for _ in range(2)]
     assert again[0] == again[1] == pytest.approx(min(vals), rel=1e-6)
 
 
