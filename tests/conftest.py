@@ -32,6 +32,14 @@ def assets(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def judges(tmp_path_factory):
+    """{'asr': dir, 'speaker_model': dir}: a tiny random Whisper and WavLM x-vector saved by transformers."""
+    import tiny_assets
+
+    return tiny_assets.make_judges(tmp_path_factory.mktemp("judges"))
+
+
+@pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory, assets):
     """A tiny CsmForConditionalGeneration (with Mimi, tokenizer and processor) as transformers saves it."""
     import tiny_assets

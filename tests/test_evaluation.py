@@ -19,13 +19,6 @@ SAMPLE = ROOT / "data" / "sample"
 
 
 @pytest.fixture(scope="module")
-def judges(tmp_path_factory):
-    import tiny_assets
-
-    return tiny_assets.make_judges(tmp_path_factory.mktemp("judges"))
-
-
-@pytest.fixture(scope="module")
 def pretokenized(tmp_path_factory, assets):
     import pretokenize
 
