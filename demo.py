@@ -1,4 +1,5 @@
-"""The whole workflow offline on CPU in a few minutes: prepare -> pretokenize -> train -> generate -> evaluate -> sweep.
+"""The whole workflow offline on CPU in a few minutes: prepare -> pretokenize -> train -> generate -> evaluate -> one
+round of preference finetuning (prefer -> train with DPO -> evaluate) -> sweep.
 
     make demo            (or: .venv/bin/python demo.py [--quick] [--output_dir demo_out])
 
@@ -21,10 +22,12 @@ import pandas as pd
 
 import evaluate
 import generate
+import prefer
 import prepare
 import pretokenize
 import sweep
 import tiny_assets
+from metrics import BY_NAME
 import train
 from utils import run_cli
 
@@ -111,6 +114,31 @@ def prepare_recordings(out: Path, asr: Path) -> Path:
     return metadata
 
 
+def preference_round(out: Path, model: Path, data: Path, assets: dict, common: list[str], steps: int,
+                     prompts: int) -> tuple[Path, Path]:
+    """prefer.py on the SFT model's speech, train.py with objective: dpo from it, evaluate.py on the result: each
+    step reads the one before's outputs as they are. (The tiny judges are random, so what the pairs prefer is too;
+    the margin is low to find pairs among them.)"""
+    judges = ["--asr", str(assets["asr"]), "--speaker_model", str(assets["speaker_model"])]
+    prefs = out / "prefs.hdf5"
+    prefer.main(["--model", str(model), "--data", str(data), "--output", str(prefs), "--n", str(prompts),
+                 "--n_candidates", "4", "--margin", "0.01", "--val_fraction", "0.34", "--max_audio_seconds", "2",
+                 "--device", "cpu", *judges, *common])
+    dpo_run = out / "run_dpo"
+    train.main(["--data", str(prefs), "--model", str(model), "--output_dir", str(dpo_run), "--max_steps", str(steps),
+                "--device", "cpu", "--log_every", "1", "--gen_every", "0", "--wandb_mode", "disabled",
+                "--set", "objective=dpo", "--set", "batch_size=2", "--set", "learning_rate=1e-3",
+                "--set", "warmup_steps=1", "--set", f"val_every={steps}", *common])
+    last = [json.loads(line) for line in (dpo_run / "metrics.jsonl").read_text().splitlines()][-1]
+    print(f"  DPO: validation reward accuracy {last.get('val_reward_accuracy', float('nan')):.2f}, "
+          f"margin {last.get('val_reward_margin', float('nan')):.3f}")
+    dpo_eval = out / "evaluation_dpo"
+    evaluate.main(["--model", str(dpo_run / "best"), "--eval_data", str(SAMPLE / "val.json"), "--n", "4",
+                   "--output_dir", str(dpo_eval), *judges, "--max_audio_seconds", "2", "--device", "cpu",
+                   "--no_ceilings", *common])
+    return dpo_run, dpo_eval
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output_dir", default=str(ROOT / "demo_out"))
@@ -128,21 +156,21 @@ def main(argv: list[str] | None = None) -> int:
     steps, trials, trial_steps = (20, 2, 8) if args.quick else (300, 3, 40)  # --quick: one trial per worker
     t0 = time.time()
 
-    banner("1/7 tiny model, tokenizer, Mimi, Whisper and WavLM (random weights, real file layouts)")
+    banner("1/8 tiny model, tokenizer, Mimi, Whisper and WavLM (random weights, real file layouts)")
     assets = {**tiny_assets.make_all(out / "assets"), **tiny_assets.make_judges(out / "assets")}
     for name, path in assets.items():
         print(f"  {name}: {path}")
     common = ["--text_tokenizer", str(assets["text_tokenizer"]), "--mimi_weights", str(assets["mimi"])]
 
-    banner("2/7 prepare: long recordings -> utterances (silero-vad), transcribed by the tiny random Whisper")
+    banner("2/8 prepare: long recordings -> utterances (silero-vad), transcribed by the tiny random Whisper")
     metadata = prepare_recordings(out, assets["asr"])
 
-    banner("3/7 pretokenize the prepared utterances (and the bundled validation clips)")
+    banner("3/8 pretokenize the prepared utterances (and the bundled validation clips)")
     data = out / "data.hdf5"
     pretokenize.main(["--train_data", str(metadata), "--val_data", str(SAMPLE / "val.json"),
                       "--output", str(data), "--device", "cpu", *common])
 
-    banner(f"4/7 train for {steps} steps (validation, quality evaluation, samples, checkpoints, transformers export)")
+    banner(f"4/8 train for {steps} steps (validation, quality evaluation, samples, checkpoints, transformers export)")
     run = out / "run"
     train.main(["--data", str(data), "--config", str(ROOT / "configs" / "finetune.yaml"), "--output_dir", str(run),
                 "--model", str(assets["model"]), "--max_steps", str(steps), "--device", "cpu",
@@ -155,13 +183,13 @@ def main(argv: list[str] | None = None) -> int:
                 "--export_hf", "--export_codec", str(assets["mimi"]), *common])
     plot_losses(run / "metrics.jsonl", out / "loss_curve.png")
 
-    banner("5/7 generate speech from the trained model")
+    banner("5/8 generate speech from the trained model")
     wav = out / "generated.wav"
     generate.main(["--model", str(run / "best"), "--text", "This is the tiny demo model speaking.",
                    "--speaker", "0", "--output", str(wav), "--max_audio_seconds", "2", "--seed", "0",
                    "--device", "cpu", *common])
 
-    banner("6/7 evaluate the best model: WER/CER, speaker similarity, DNSMOS, EOS rate, with the reference and Mimi "
+    banner("6/8 evaluate the best model: WER/CER, speaker similarity, DNSMOS, EOS rate, with the reference and Mimi "
            "ceilings")
     evaluation = out / "evaluation"
     evaluate.main(["--model", str(run / "best"), "--eval_data", str(SAMPLE / "val.json"), "--n", "4",
@@ -175,7 +203,15 @@ def main(argv: list[str] | None = None) -> int:
           f"their round trip through the tiny random Mimi {shown['codec']}, the tiny model's speech "
           f"{shown['generated']}")
 
-    banner(f"7/7 a {trials}-trial sweep on 2 CPU workers")
+    banner("7/8 one round of preference finetuning: candidates judged by prefer.py, DPO, then evaluate.py again")
+    dpo_run, dpo_eval = preference_round(out, run / "best", data, assets, common, steps=max(steps // 15, 6),
+                                         prompts=4 if args.quick else 8)
+    after = json.loads((dpo_eval / "summary.json").read_text())["generated"]
+    for key in ("cer", "speaker_sim", "eos_rate", "dnsmos_ovrl"):
+        print(f"  {key:12s} SFT {BY_NAME[key].show(summary['generated'].get(key)):>7s}   after DPO "
+              f"{BY_NAME[key].show(after.get(key)):>7s}")
+
+    banner(f"8/8 a {trials}-trial sweep on 2 CPU workers")
     sweep_dir = out / "sweep"
     sweep.main(["--data", str(data), "--sweep_config", str(ROOT / "configs" / "sweep_demo.yaml"),
                 "--output_dir", str(sweep_dir),
@@ -197,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         ("best model, transformers layout", run / "best_hf"), ("audio samples from training", run / "samples"),
         ("generated speech", wav), ("quality during training", run / "eval"),
         ("evaluation report (open in a browser)", evaluation / "report.html"),
+        ("preference pairs", out / "prefs.hdf5"), ("every candidate's scores", out / "prefs.candidates.csv"),
+        ("DPO run", dpo_run), ("evaluation after DPO", dpo_eval / "report.html"),
             ("sweep: best config", sweep_dir / "best_config.yaml"),
         ("sweep: all trials", sweep_dir / "trials.csv"), ("sweep: plots (HTML)", sweep_dir),
         *[(f"sweep plot {p.stem}", p) for p in plots],

@@ -48,7 +48,7 @@ from runtime import (all_reduce_sum, autocast, compute_init, cuda_unusable_reaso
                      peak_memory_bytes, resolve_precision, Runtime)
 from outputs import atomic_path, claim_output_dir, clear_dir, first_existing, write_text_atomic
 from token_file import SPEAKERS_NAME, open_splits, speaker_names
-from preference_file import is_preference_file, open_preference_file
+from preference_file import is_preference_file, open_preference_file, settings_of
 from speech_metrics import QualityModels
 from synthesis import prompt_segments, SpeechRequest, synthesize_batch
 from tokenization import load_text_tokenizer, resolve_text_tokenizer
@@ -524,6 +524,7 @@ def open_data(cfg: TrainConfig, data: str, rt: Runtime) -> RunData:
     if cfg.eval_every and "val" not in splits:
         raise UserError(f"eval_every needs a val split in {data}; give pretokenize.py --val_data, or set eval_every: 0")
     if preferences:
+        check_reference(cfg, data)
         train_set = PairDataset(data, "train", max_seq_len=cfg.max_seq_len)
         val_set = PairDataset(data, "val", max_seq_len=cfg.max_seq_len) if splits.get("val") else None
         collate_fn = partial(collate_pairs, num_codebooks=train_set.num_codebooks)
@@ -539,6 +540,21 @@ def open_data(cfg: TrainConfig, data: str, rt: Runtime) -> RunData:
     total_steps = run_length(cfg, data, train_loader, rt)
     check_warmup(cfg, total_steps)
     return RunData(data, train_set, train_loader, val_loader, {} if preferences else speaker_names(data), total_steps)
+
+
+def check_reference(cfg: TrainConfig, data: str) -> None:
+    """DPO starts from the model whose log-probabilities the preference file holds (its reference): another one
+    would make every log-ratio wrong from the first step, so a `model` that names another local path is warned of."""
+    recorded = str(settings_of(data).get("reference_model") or "")
+    if not recorded or cfg.train_from_scratch:
+        return
+    same = recorded == cfg.model
+    if not same and Path(recorded).exists() and Path(cfg.model).exists():
+        same = Path(recorded).resolve() == Path(cfg.model).resolve()
+    if not same:
+        print0(f"warning: {data} holds the reference log-probabilities of {recorded}, but this run starts from "
+               f"{cfg.model}; DPO expects the two to be the same model (its first step's dpo_loss is then log 2 = "
+               "0.693)", file=sys.stderr)
 
 
 def build_model_for(cfg: TrainConfig, rt: Runtime, base: Path | None, planned: ModelArgs | None, auto_cpu: bool,
