@@ -215,6 +215,27 @@ def row_context(ctx: Context):
     return falls(train_tiny(ctx, "context", context_mode="conversation", context_turns=2, context_loss="all"))
 
 
+def row_dpo(ctx: Context):
+    """objective: dpo on scripted pairs whose reference was computed on the CPU in fp32: the first step is at the
+    reference (dpo_loss log 2, within the precision's rounding) and the loss falls."""
+    import tiny_assets
+
+    data = tiny_assets.make_preference_file(ctx.work / "prefs.hdf5", ctx.assets["model"], n_train=8, n_val=2)
+    out = ctx.work / "runs" / "dpo"
+    import training
+
+    training.train(tiny_config(ctx, objective="dpo", batch_size=2, learning_rate=1e-3, dpo_sft_weight=0.1,
+                               dpo_decoder_fraction=0.5, val_every=4), data, out, device=ctx.device, overwrite=True,
+                   progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    dpo = [r["dpo_loss"] for r in rows if "dpo_loss" in r]
+    first = abs(dpo[0] - math.log(2))
+    ok, figure = falls(dpo)
+    ok = ok and first < (0.05 if ctx.precision == "bf16" else 1e-5)
+    return ok, f"dpo_loss {figure}; step 1 off log 2 by {first:.2g}; " \
+               f"val reward accuracy {[r for r in rows if 'val_reward_accuracy' in r][-1]['val_reward_accuracy']:.2f}"
+
+
 def row_resume(ctx: Context):
     """A run killed (SIGKILL) in the step after its checkpoint, resumed: the same losses as an unbroken run."""
     import training
@@ -473,6 +494,24 @@ def row_csm1b_generate(ctx: Context):
     return audio > 0, "; ".join(parts) + " (below 1 is faster than real time)"
 
 
+def row_csm1b_dpo(ctx: Context):
+    """bench/bench_dpo.py on CSM-1B with LoRA in bf16 (random weights): the DPO step against an SFT step on the
+    same frames, speed and peak memory."""
+    import torch
+
+    import bench_dpo
+
+    size = "1b" if ctx.cuda else "tiny"
+    names = [bench_dpo.ROWS[0][0], bench_dpo.ROWS[2][0]]  # SFT and DPO, each at its default decoder share
+    text, results = bench_dpo.report(size, torch.device(ctx.device), steps=ctx.steps(2, 4), pairs=16,
+                                     max_frames=150, fresh=False, names=names)
+    (ctx.work / "csm1b_dpo.md").write_text(text + "\n")
+    (_, sft), (_, dpo) = results
+    ok = sft["frames_per_s"] > 0 and dpo["frames_per_s"] > 0
+    return ok, (f"DPO step at {dpo['frames_per_s'] / sft['frames_per_s']:.2f}x the SFT step's frames/s, "
+                f"{dpo['peak_gib'] / sft['peak_gib']:.2f}x its peak memory (table below)")
+
+
 def row_adamw8bit(ctx: Context):
     if not ctx.cuda:
         raise Skip("8-bit AdamW needs CUDA")
@@ -494,6 +533,7 @@ ROWS = [
     ("lora", "tiny model, LoRA", row_lora, 60),
     ("freeze", "tiny model, backbone frozen", row_freeze, 60),
     ("context", "tiny model, conversational context", row_context, 60),
+    ("dpo", "tiny model, objective: dpo", row_dpo, 60),
     ("resume", "kill (SIGKILL) and resume", row_resume, 90),
     ("ddp", "torchrun, 1 process, DDP", row_ddp, 90),
     ("fsdp", "torchrun, 1 process, FSDP2", row_fsdp, 90),
@@ -504,6 +544,7 @@ ROWS = [
     ("csm1b_train", "CSM-1B training step (random weights)", row_csm1b_train, 300),
     ("mimi_throughput", "Mimi encoding, batch 1 vs 16", row_mimi_throughput, 90),
     ("csm1b_generate", "CSM-1B generation RTF: eager, compiled, 16 streams", row_csm1b_generate, 240),
+    ("csm1b_dpo", "CSM-1B DPO step vs SFT step, LoRA (random weights)", row_csm1b_dpo, 180),
     ("adamw8bit", "tiny model, 8-bit AdamW", row_adamw8bit, 60),
 ]
 
@@ -658,7 +699,8 @@ def main(argv: list[str] | None = None) -> int:
                 logs.append(f"===== {name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-200:]))
         env = json.loads((ctx.work / "env.json").read_text()) if (ctx.work / "env.json").is_file() else {}
         env = {"device": args.device, **env, "quick": args.quick or None}
-        details = [(ctx.work / "csm1b_train.md").read_text()] if (ctx.work / "csm1b_train.md").is_file() else []
+        details = [(ctx.work / name).read_text() for name in ("csm1b_train.md", "csm1b_dpo.md")
+                   if (ctx.work / name).is_file()]
     from outputs import write_text_atomic
 
     write_text_atomic(out / "gpu_check.md", markdown(rows, env, details))

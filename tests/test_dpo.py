@@ -167,6 +167,13 @@ def test_prefer_writes_pairs_whose_reference_is_fresh_and_resumes_a_killed_run(a
     rows = (tmp_path / "whole.candidates.csv").read_text().splitlines()
     assert len(rows) == 1 + 5 * 3 and rows[0].startswith("prompt,split,candidate,seed,reward,role")
     assert settings_of(whole)["weights"] == preferences.DEFAULT_WEIGHTS
+    # docs/formats.md names every dataset and attribute the file holds.
+    import h5py
+
+    page = (ROOT / "docs" / "formats.md").read_text().split("## The preference file", 1)[1]
+    with h5py.File(whole, "r") as f:
+        names = set(f["train"].keys()) | set(f.attrs.keys())
+    assert sorted(n for n in names if f"`{n}`" not in page) == []
 
     # The pairs train, and the first step's policy is its reference: the DPO loss is log 2.
     out = tmp_path / "run"

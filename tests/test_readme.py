@@ -9,7 +9,7 @@ import config
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
-SCRIPTS = ("prepare", "pretokenize", "train", "sweep", "evaluate", "generate", "export")
+SCRIPTS = ("prepare", "pretokenize", "train", "sweep", "evaluate", "generate", "export", "prefer")
 
 
 def _command_lines() -> list[str]:
