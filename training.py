@@ -50,7 +50,7 @@ from outputs import atomic_path, claim_output_dir, clear_dir, first_existing, wr
 from token_file import SPEAKERS_NAME, open_splits, speaker_names
 from preference_file import is_preference_file, open_preference_file, settings_of
 from speech_metrics import QualityModels
-from synthesis import prompt_segments, SpeechRequest, synthesize_batch
+from synthesis import model_speaker_names, prompt_segments, SpeechRequest, synthesize_batch
 from tokenization import load_text_tokenizer, resolve_text_tokenizer
 from codec import find_codec, load_mimi, MIMI_SAMPLE_RATE
 from weights import build_model, config_model_args, copy_tokenizer_files, load_model, resolve_source, save_pretrained
@@ -539,7 +539,9 @@ def open_data(cfg: TrainConfig, data: str, rt: Runtime) -> RunData:
     val_loader = make_loader(val_set, shuffle=False, **settings) if val_set else None
     total_steps = run_length(cfg, data, train_loader, rt)
     check_warmup(cfg, total_steps)
-    return RunData(data, train_set, train_loader, val_loader, {} if preferences else speaker_names(data), total_steps)
+    # A preference file names no speakers: a DPO run keeps those of the model it starts from (its speakers.json).
+    speakers = model_speaker_names(cfg.model) if preferences else speaker_names(data)
+    return RunData(data, train_set, train_loader, val_loader, speakers, total_steps)
 
 
 def check_reference(cfg: TrainConfig, data: str) -> None:

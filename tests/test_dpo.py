@@ -175,11 +175,17 @@ def test_prefer_writes_pairs_whose_reference_is_fresh_and_resumes_a_killed_run(a
         names = set(f["train"].keys()) | set(f.attrs.keys())
     assert sorted(n for n in names if f"`{n}`" not in page) == []
 
-    # The pairs train, and the first step's policy is its reference: the DPO loss is log 2.
+    # The pairs train, and the first step's policy is its reference: the DPO loss is log 2. The speaker names of
+    # the model it starts from go on to its outputs.
+    base = tmp_path / "base"
+    shutil.copytree(assets["model"], base)
+    (base / "speakers.json").write_text('{"alice": 3}')
     out = tmp_path / "run"
-    training.train(_cfg(assets, max_steps=2, val_every=2), whole, out, device="cpu", progress=False)
+    training.train(_cfg(assets, model=str(base), max_steps=2, val_every=2), whole, out, device="cpu", progress=False)
     first = _metrics(out)[0]
     assert first["dpo_loss"] == pytest.approx(math.log(2), abs=1e-5) and first["reward_accuracy"] == 0
+    assert json.loads((out / "final" / "speakers.json").read_text()) == {"alice": 3}
+    assert "DPO expects the two to be the same model" in capsys.readouterr().err  # a copy, at another path
 
 
 def test_equal_rewards_give_no_pairs_and_one_clear_line(assets, judges, tmp_path):

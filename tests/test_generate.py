@@ -8,6 +8,7 @@ import soundfile as sf
 import torch
 
 import generate
+import synthesis
 import utils
 import weights
 from audio_io import read_audio
@@ -44,7 +45,7 @@ def test_bf16_weights_generate(assets, tmp_path, monkeypatch):
     """--precision bf16 loads the model in bf16 (the GPU default) and still writes a wav."""
     loaded = []
     real_load = weights.load_model
-    monkeypatch.setattr(generate, "load_model", lambda *a, **kw: loaded.append(real_load(*a, **kw)) or loaded[-1])
+    monkeypatch.setattr(synthesis, "load_model", lambda *a, **kw: loaded.append(real_load(*a, **kw)) or loaded[-1])
     out = tmp_path / "bf16.wav"
     assert generate.main(_cli(assets, "--text", "Hello.", "--output", str(out), "--max_audio_seconds", "0.4",
                               "--precision", "bf16")) == 0
