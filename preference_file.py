@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 
 from outputs import atomic_path
-from token_file import AUDIO_VOCAB, DataError
+from token_file import AUDIO_VOCAB, DataError, open_hdf5
 
 KIND = "preferences"  # the root attribute `kind` that tells a preference file from a token file
 FORMAT_VERSION = 1
@@ -112,20 +112,9 @@ def is_preference_file(path: str | Path) -> bool:
 
 def open_preference_file(path: str | Path) -> dict[str, int]:
     """Names and pair counts of a preference file's splits, after checking what it is."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file (make one with prefer.py)")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise DataError(f"{path} is not an HDF5 file ({e})") from e
-    with f:
+    with open_hdf5(path, "preference file", "prefer.py", FORMAT_VERSION) as f:
         if f.attrs.get("kind") != KIND:
             raise DataError(f"{path} is not a preference file from prefer.py")
-        version = int(f.attrs.get("format_version", 0))
-        if version > FORMAT_VERSION:
-            raise DataError(f"{path} is a preference file of format version {version}; this csm-train reads "
-                            f"versions up to {FORMAT_VERSION}: update csm-train, or re-run prefer.py with this one")
         return {name: len(group["prompt"]) for name, group in f.items() if isinstance(group, h5py.Group)}
 
 

@@ -34,22 +34,27 @@ def _h5py():
 # --------------------------------------------------------------------------- reading
 
 
-def open_token_file(path: str | Path):
-    """An open h5py.File (read-only) of a token file, after checking its format version."""
-    h5py = _h5py()
+def open_hdf5(path: str | Path, what: str, maker: str, supported: int):
+    """An open h5py.File (read-only) of a file `maker` writes, or one clear error: missing, not HDF5, or of a
+    format version newer than `supported`."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file (make one with pretokenize.py)")
+        raise DataError(f"{path}: no such file (make one with {maker})")
     try:
-        f = h5py.File(path, "r")
+        f = _h5py().File(path, "r")
     except OSError as e:
         raise DataError(f"{path} is not an HDF5 file ({e})") from e
     version = f.attrs.get("format_version")
-    if version is not None and int(version) > FORMAT_VERSION:
+    if version is not None and int(version) > supported:
         f.close()
-        raise DataError(f"{path} is a token file of format version {int(version)}; this csm-train reads versions "
-                        f"up to {FORMAT_VERSION}: update csm-train, or re-run pretokenize.py with this one")
+        raise DataError(f"{path} is a {what} of format version {int(version)}; this csm-train reads versions "
+                        f"up to {supported}: update csm-train, or re-run {maker} with this one")
     return f
+
+
+def open_token_file(path: str | Path):
+    """An open h5py.File (read-only) of a token file, after checking its format version."""
+    return open_hdf5(path, "token file", "pretokenize.py", FORMAT_VERSION)
 
 
 def open_splits(path: str | Path) -> dict[str, int]:

@@ -380,3 +380,25 @@ def test_dpo_settings_are_checked_before_any_work(assets):
                          ({"eval_every": 5}, "eval_every"), ({"context_mode": "conversation"}, "context_mode")):
         with pytest.raises(UserError, match=message):
             _cfg(assets, **bad)
+
+
+def test_damaged_or_newer_preference_files_are_refused_in_one_line(prefs, tmp_path):
+    import h5py
+
+    from preference_file import open_preference_file
+
+    newer = tmp_path / "newer.hdf5"
+    shutil.copy(prefs, newer)
+    with h5py.File(newer, "a") as f:
+        f.attrs["format_version"] = 99
+    with pytest.raises(UserError, match="format version 99.*update csm-train"):
+        open_preference_file(newer)
+    short = tmp_path / "short.hdf5"
+    shutil.copy(prefs, short)
+    with h5py.File(short, "a") as f:
+        f["train/chosen_ref_c0"][0] = np.zeros(1, np.float32)
+    with pytest.raises(UserError, match="pair 0: the chosen candidate has .* target frames but 1 reference"):
+        read_pairs(short, "train")
+    (tmp_path / "text.hdf5").write_text("not hdf5")
+    with pytest.raises(UserError, match="not an HDF5 file"):
+        open_preference_file(tmp_path / "text.hdf5")
