@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="draws the prompts and the val split and seeds each candidate")
     add_judge_flags(p)
     add_speech_flags(p, context_speaker="its speaker id, or a speaker name of a token file --data (or of --speakers)",
-                     precision_note=" (the reference log-probabilities are computed in it too)")
+                     precision_note="; here it is the autocast only: the weights stay fp32, as training holds "
+                                    "them, so the reference log-probabilities are those of a DPO run's first step")
     p.add_argument("--speakers", default=None,
                    help="where speaker names are looked up: a token file or a speakers.json (default: --data when it "
                         "is a token file, else the model's speakers.json)")
@@ -123,7 +124,9 @@ def _prefer(args, data: Path, output: Path, weights: dict[str, float]) -> int:
     context = context_segments(args.context_audio, args.context_text, args.context_speaker, names)
     quality = judges_of(args, device)  # the judges first: one that cannot be loaded fails before the model loads
     source = resolve_source(args.model, args.revision)
-    model, tokenizer, mimi = load_speech_model(args, source, device, precision)
+    # fp32 weights under the precision's autocast, as training holds and runs them: the reference log-probabilities
+    # are then what a DPO run's first step computes.
+    model, tokenizer, mimi = load_speech_model(args, source, device, "fp32")
     items, skipped = load_items(data, split=args.split, n=args.n or None, seed=args.seed, tokenizer=tokenizer,
                                 trust_pickle=args.trust_pickle)
     for row, reason in skipped:

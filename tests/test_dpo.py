@@ -188,6 +188,25 @@ def test_prefer_writes_pairs_whose_reference_is_fresh_and_resumes_a_killed_run(a
     assert "DPO expects the two to be the same model" in capsys.readouterr().err  # a copy, at another path
 
 
+def test_prompts_from_recordings_spoken_after_a_context_turn(assets, judges, tmp_path):
+    """A metadata file of real recordings as the prompts, spoken after a prompt turn: each pair carries the turn
+    (its Mimi codes and text), DPO lays it out before the candidate, and the first step is at the reference, so
+    prefer.py and training saw the same frames."""
+    sample = ROOT / "data" / "sample"
+    out = tmp_path / "p.hdf5"
+    assert prefer.main(_prefer_args(assets, judges, sample / "val.json", out, "--n", "3", "--val_fraction", "0",
+                                    "--context_audio", str(sample / "clips" / "val_03.flac"), "--context_text",
+                                    "Rain is expected later tonight.", "--context_speaker", "1")) == 0
+    pairs, k = read_pairs(out, "train")
+    assert pairs and all(len(p.context) == 1 and p.context[0][0].shape[0] == k for p in pairs)
+    assert {p.prompt for p in pairs} <= {0, 1, 2, 3}
+    rows = (tmp_path / "p.candidates.csv").read_text()
+    assert "prompt_speaker_sim" in rows.splitlines()[0]
+    run = tmp_path / "run"
+    training.train(_cfg(assets, max_steps=1, warmup_steps=0), out, run, device="cpu", progress=False)
+    assert _metrics(run)[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
 def test_equal_rewards_give_no_pairs_and_one_clear_line(assets, judges, tmp_path):
     """All-zero weights make every reward equal: no pair, exit 2, one line, and no output or half-done work left."""
     data = write_token_file(tmp_path / "tokens.hdf5", n_train=2, n_val=0)
