@@ -356,7 +356,7 @@ def read_yaml(path: str | Path, what: str = "config file") -> dict:
     if path.is_dir():
         raise UserError(f"{what} {path} is a directory; give a YAML file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}  # -sig: a BOM is not part of a key
     except UnicodeDecodeError:
         raise UserError(f"{what} {path} is not a text (YAML) file") from None
     except yaml.YAMLError as e:

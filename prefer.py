@@ -18,6 +18,7 @@ from adapters import read_adapter
 from config import read_yaml
 from evaluation import is_token_file, load_items
 from outputs import claim_output_files
+from preference_file import is_preference_file
 from preferences import candidates_csv, DEFAULT_WEIGHTS, PreferenceRun, PreferSettings, REWARD_TERMS, settings_attrs
 from runtime import resolve_device, resolve_precision
 from speech_metrics import add_judge_flags, judges_of
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--data {data} is a directory; give a token file (.hdf5) or a metadata file")
     if not data.is_file():
         raise UserError(f"--data {data}: no such file")
+    if is_preference_file(data):
+        raise UserError(f"--data {data} is a preference file; give the token file or metadata file its prompts came "
+                        "from")
     output = Path(args.output)
     if output.suffix.lower() not in (".hdf5", ".h5"):
         raise UserError(f"--output {output}: give a file name ending in .hdf5")

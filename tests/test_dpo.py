@@ -252,8 +252,13 @@ def test_outputs_that_would_lose_work_are_refused(assets, judges, tmp_path):
         prefer.main(_prefer_args(assets, judges, tmp_path / "missing.hdf5", tmp_path / "p.hdf5"))
 
 
+def test_a_preference_file_is_not_taken_for_prompts(assets, judges, prefs, tmp_path):
+    with pytest.raises(UserError, match="is a preference file; give the token file or metadata file"):
+        prefer.main(_prefer_args(assets, judges, prefs, tmp_path / "p.hdf5"))
+
+
 def test_reward_weights_come_from_yaml_then_flags(tmp_path):
-    (tmp_path / "w.yaml").write_text("cer: 2\neos: 0\n")
+    (tmp_path / "w.yaml").write_text("\ufeffcer: 2\neos: 0\n", encoding="utf-8")  # with a BOM, as Notepad saves
     args = prefer.build_parser().parse_args(["--data", "d", "--output", "o.hdf5", "--weights", str(tmp_path / "w.yaml"),
                                              "--weight", "eos=3"])
     assert prefer.reward_weights(args) == {**preferences.DEFAULT_WEIGHTS, "cer": 2.0, "eos": 3.0}
