@@ -29,10 +29,10 @@ from metrics import BY_NAME, SWEEPABLE, direction
 from tracking import best_logged, last_logged
 from utils import check_number, UserError
 from outputs import atomic_path, claim_output_dir, clear_dir, dir_entries, write_text_atomic
-from training import check_launch, check_planned_size, check_warmup, planned_model_args, planned_steps, train
+from training import (check_launch, check_planned_size, check_warmup, data_splits, planned_model_args,
+                      planned_steps, train)
 from runtime import cuda_unusable_reason, warn_cuda_unusable
 from weights import resolve_source
-from token_file import open_splits
 
 PARAM_TYPES = ("categorical", "float", "int", "fixed")
 # The sweepable quality metrics: the best value a trial's quality evaluations reached (needs eval_every).
@@ -545,8 +545,9 @@ def run_sweep(args) -> int:
     if not Path(args.data).is_file():
         raise UserError(f"--data {args.data}: no such file (make one with pretokenize.py)")
 
-    if args.metric != "train_loss" and "val" not in open_splits(args.data):
-        raise UserError(f"{args.data} has no 'val' split; give pretokenize.py --val_data or use --metric train_loss")
+    if args.metric != "train_loss" and "val" not in data_splits(args.data):
+        raise UserError(f"{args.data} has no 'val' split; give pretokenize.py --val_data (prefer.py: --val_fraction) "
+                        "or use --metric train_loss")
     if args.metric in QUALITY and not base.get("eval_every"):
         raise UserError(f"--metric {args.metric} is measured by the quality evaluation: set eval_every in the base "
                         "config or with --set eval_every=N")

@@ -518,7 +518,7 @@ def open_data(cfg: TrainConfig, data: str, rt: Runtime) -> RunData:
     if cfg.objective == "dpo" and not preferences:
         raise UserError(f"--data {data} is not a preference file: objective: dpo trains on the pairs prefer.py "
                         "writes (prefer.py --model M --data TOKENS --output PREFS)")
-    splits = open_preference_file(data) if preferences else open_splits(data)
+    splits = data_splits(data)
     if "train" not in splits:
         raise UserError(f"{data} has no 'train' split (found: {', '.join(splits) or 'nothing'})")
     if cfg.eval_every and "val" not in splits:
@@ -542,6 +542,11 @@ def open_data(cfg: TrainConfig, data: str, rt: Runtime) -> RunData:
     # A preference file names no speakers: a DPO run keeps those of the model it starts from (its speakers.json).
     speakers = model_speaker_names(cfg.model) if preferences else speaker_names(data)
     return RunData(data, train_set, train_loader, val_loader, speakers, total_steps)
+
+
+def data_splits(data: str | Path) -> dict[str, int]:
+    """The splits of a token file (examples in each) or of a preference file (pairs in each)."""
+    return open_preference_file(data) if is_preference_file(data) else open_splits(data)
 
 
 def check_reference(cfg: TrainConfig, data: str) -> None:

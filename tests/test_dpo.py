@@ -208,16 +208,16 @@ def test_prompts_from_recordings_spoken_after_a_context_turn(assets, judges, tmp
 
 
 def test_equal_rewards_give_no_pairs_and_one_clear_line(assets, judges, tmp_path):
-    """All-zero weights make every reward equal: no pair, exit 2, one line, and no output or half-done work left."""
+    """All-zero weights make every reward equal: no pair, one line, and no output or half-done work left."""
     data = write_token_file(tmp_path / "tokens.hdf5", n_train=2, n_val=0)
     out = tmp_path / "p.hdf5"
     weights_off = [f"--weight={t.name}=0" for t in preferences.REWARD_TERMS]
-    proc = subprocess.run([sys.executable, "prefer.py", *_prefer_args(assets, judges, data, out, *weights_off)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: no pairs") and "all-zero weights" in last and "Traceback" not in proc.stderr
+    with pytest.raises(UserError) as raised:
+        prefer.main(_prefer_args(assets, judges, data, out, *weights_off))
+    message = str(raised.value)
+    assert message.startswith("no pairs") and "all-zero weights" in message and "\n" not in message
     assert not out.exists() and not (tmp_path / "p.hdf5.partial").exists()
+    assert not (tmp_path / "p.candidates.csv").exists()
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -368,6 +368,23 @@ def test_dpo_learns_a_scripted_preference_for_stopping(assets, text_tokenizer, m
     eos_after, frames_after, _ = speak(weights.load_model(tmp_path / "run" / "final"), unseen, topk=1)
     assert eos_before == 0 and frames_before == 25
     assert eos_after >= 0.75 and frames_after < frames_before / 2
+
+
+def test_a_sweep_tunes_dpo_on_the_preference_files_val_pairs(assets, prefs, tmp_path):
+    """sweep.py takes a preference file (its val pairs give each trial's val_loss, the DPO loss)."""
+    import optuna
+    import sweep
+
+    space = tmp_path / "space.yaml"
+    space.write_text("dpo_beta:\n  - type: float\n  - min: 0.05\n  - max: 0.5\n")
+    out = tmp_path / "sweep"
+    assert sweep.main(["--data", str(prefs), "--output_dir", str(out), "--sweep_config", str(space), "--n_trials", "2",
+                       "--max_steps", "2", "--model", str(assets["model"]), "--wandb_mode", "disabled", "--sampler",
+                       "random", "--set", "objective=dpo", "--set", "batch_size=2", "--set", "val_every=1",
+                       "--set", "warmup_steps=1", "--set", "precision=fp32", "--set", "gen_every=0"]) == 0
+    study = optuna.load_study(study_name="csm-sweep", storage=f"sqlite:///{(out / 'study.db').resolve()}")
+    values = [t.value for t in study.trials]
+    assert len(values) == 2 and all(0 < v < 1 for v in values)  # DPO losses near log 2, not SFT losses
 
 
 # --------------------------------------------------------------------------- bad inputs
