@@ -69,26 +69,29 @@ def test_two_gloo_processes_match_one_process(assets, tmp_path, context):
 
 @pytest.mark.slow
 def test_dpo_on_two_gloo_processes_matches_one_process(assets, tmp_path):
-    """objective: dpo under DDP: pairs sharded over 2 ranks, normalised by the pairs of both, give one process's
-    losses, reward numbers and weights (with the NLL term; the decoder on every frame, as each rank draws its own
-    subset)."""
+    """objective: dpo under DDP and FSDP2: pairs sharded over 2 ranks, normalised by the pairs of both, give one
+    process's losses, reward numbers and weights (with the NLL term; the decoder on every frame, as each rank draws
+    its own subset)."""
     from tiny_assets import make_preference_file
 
     data = make_preference_file(tmp_path / "prefs.hdf5", assets["model"], n_train=8, n_val=2)
     common = _train_args(data, assets["model"], 4, "--val_every", "2", "--save_every", "0", "--set", "objective=dpo",
                          "--set", "dpo_sft_weight=0.1")
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    single, ddp, fsdp = tmp_path / "single", tmp_path / "ddp", tmp_path / "fsdp"
     _run([sys.executable, "train.py", *common, "--grad_acc_steps", "2", "--output_dir", str(single)])
     _torchrun(*common, "--grad_acc_steps", "1", "--output_dir", ddp)
-    rows = [[json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] for out in (single, ddp)]
-    for key in ("loss", "dpo_loss", "reward_accuracy", "reward_margin", "chosen_logratio", "val_loss",
-                "val_reward_margin"):
-        one, two = ([m[key] for m in r if key in m] for r in rows)
-        assert len(one) == len(two) > 0, key
-        assert two == pytest.approx(one, rel=1e-5, abs=1e-6), (key, one, two)
-    a, b = load_file(str(single / "final" / "model.safetensors")), load_file(str(ddp / "final" / "model.safetensors"))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    _torchrun(*common, "--grad_acc_steps", "1", "--output_dir", fsdp, "--set", "distributed=fsdp")
+    a = load_file(str(single / "final" / "model.safetensors"))
+    for run in (ddp, fsdp):
+        rows = [[json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] for out in (single, run)]
+        for key in ("loss", "dpo_loss", "reward_accuracy", "reward_margin", "chosen_logratio", "val_loss",
+                    "val_reward_margin"):
+            one, two = ([m[key] for m in r if key in m] for r in rows)
+            assert len(one) == len(two) > 0, key
+            assert two == pytest.approx(one, rel=1e-5, abs=1e-6), (run.name, key, one, two)
+        b = load_file(str(run / "final" / "model.safetensors"))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=f"{run.name} {key}")
 
 
 def _torchrun(*args, processes: int = 2):
