@@ -154,6 +154,9 @@ class TrainConfig:
                                 "hold 160 s with the text).", gt=0, max=160)
     # --- quality evaluation (WER/CER, speaker similarity, EOS rate; see README: evaluation)
     eval_every: int = _f(0, "Quality evaluation of eval_n val items every N steps and at the end (0: never).", min=0)
+    eval_data: str | None = _f(None, "What the quality evaluation speaks: a token file (its val split) or a metadata "
+                               "file (default: --data's val split; a DPO run needs it, its preference file holding "
+                               "no references).")
     eval_n: int = _f(16,
                      "Val items in each quality evaluation: a fixed subset drawn with the seed.", min=1, max=100_000)
     eval_max_seconds: float = _f(20.0,
@@ -338,10 +341,9 @@ def make_config(values: dict, source: str = "config") -> TrainConfig:
         if cfg.context_mode != "none":
             raise UserError("objective: dpo reads each pair's context from the preference file; set context_mode: none "
                             "(give prefer.py the prompt turns instead)")
-        if cfg.eval_every:
-            raise UserError("objective: dpo cannot run the quality evaluation (eval_every): a preference file holds "
-                            "no reference recordings; set eval_every: 0 and run evaluate.py on the run's best/ "
-                            "with the token file's val split")
+        if cfg.eval_every and not cfg.eval_data:
+            raise UserError("objective: dpo with eval_every needs eval_data: a preference file holds no reference "
+                            "recordings, so name the token file (its val split) or metadata file to evaluate on")
     if cfg.max_tokens is not None and cfg.max_tokens < cfg.max_seq_len:
         raise UserError(f"max_tokens ({cfg.max_tokens}) must be at least max_seq_len "
                         f"({cfg.max_seq_len}) so every example fits")

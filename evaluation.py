@@ -91,13 +91,13 @@ def is_token_file(path: Path) -> bool:
         return False
 
 
-def items_from_metadata(path: Path, n: int | None, seed: int,
-                        trust_pickle: bool = False) -> tuple[list[EvalItem], list]:
+def items_from_metadata(path: Path, n: int | None, seed: int, trust_pickle: bool = False,
+                        flag: str = "--eval_data") -> tuple[list[EvalItem], list]:
     """Items of a metadata file (reference = the recorded window); rows that cannot be used are returned
     as (row, reason) and left out."""
     df = read_metadata(path, trust_pickle=trust_pickle)
     if len(df) == 0:
-        raise UserError(f"--eval_data {path} has no rows")
+        raise UserError(f"{flag} {path} has no rows")
     items, skipped = [], []
     for i in seeded_subset(len(df), n, seed):
         try:
@@ -114,12 +114,13 @@ def items_from_metadata(path: Path, n: int | None, seed: int,
 _SPEAKER_PREFIX = re.compile(r"^\[(\d+)\](.*)$", re.S)
 
 
-def items_from_token_file(path: Path, split: str, n: int | None, seed: int, tokenizer) -> list[EvalItem]:
+def items_from_token_file(path: Path, split: str, n: int | None, seed: int, tokenizer,
+                          flag: str = "--eval_data") -> list[EvalItem]:
     """Items of one split of a token file: the text decoded from its ids ("[speaker]text"), the codes kept
     as the reference (decoded by Mimi when evaluated)."""
     splits = token_file.open_splits(path)
     if split not in splits:
-        raise UserError(f"--eval_data {path} has no '{split}' split (found: {', '.join(splits)}); choose --split")
+        raise UserError(f"{flag} {path} has no '{split}' split (found: {', '.join(splits)}); choose --split")
     items = []
     with token_file.open_token_file(path) as f:
         _, k = token_file.read_split_index(f, path, split)
@@ -138,19 +139,20 @@ def items_from_token_file(path: Path, split: str, n: int | None, seed: int, toke
 
 
 def load_items(source: str | Path, *, split: str = "val", n: int | None = None, seed: int = 0, tokenizer=None,
-               trust_pickle: bool = False) -> tuple[list[EvalItem], list]:
-    """Items from a metadata file or a token file (its `split`); (items, skipped rows with reasons)."""
+               trust_pickle: bool = False, flag: str = "--eval_data") -> tuple[list[EvalItem], list]:
+    """Items from a metadata file or a token file (its `split`); (items, skipped rows with reasons). Errors name
+    the file by `flag`, the option that gave it."""
     path = Path(source)
     if path.is_dir():
-        raise UserError(f"--eval_data {path} is a directory; give a metadata file or a token file (.hdf5)")
+        raise UserError(f"{flag} {path} is a directory; give a metadata file or a token file (.hdf5)")
     if not path.is_file():
-        raise UserError(f"--eval_data {path}: no such file")
+        raise UserError(f"{flag} {path}: no such file")
     if is_token_file(path):
-        items, skipped = items_from_token_file(path, split, n, seed, tokenizer), []
+        items, skipped = items_from_token_file(path, split, n, seed, tokenizer, flag), []
     else:
-        items, skipped = items_from_metadata(path, n, seed, trust_pickle)
+        items, skipped = items_from_metadata(path, n, seed, trust_pickle, flag)
     if not items:
-        raise UserError(f"--eval_data {path}: no usable item ({len(skipped)} rows skipped"
+        raise UserError(f"{flag} {path}: no usable item ({len(skipped)} rows skipped"
                         + (f", e.g. {skipped[0][1]}" if skipped else "") + ")")
     return items, skipped
 

@@ -132,7 +132,7 @@ def _prefer(args, data: Path, output: Path, weights: dict[str, float]) -> int:
     # are then what a DPO run's first step computes.
     model, tokenizer, mimi = load_speech_model(args, source, device, "fp32")
     items, skipped = load_items(data, split=args.split, n=args.n or None, seed=args.seed, tokenizer=tokenizer,
-                                trust_pickle=args.trust_pickle)
+                                trust_pickle=args.trust_pickle, flag="--data")
     for row, reason in skipped:
         print(f"warning: --data row {row} skipped: {reason}")
     settings = PreferSettings(n_candidates=args.n_candidates, margin=args.margin, weights=weights,

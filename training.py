@@ -37,7 +37,7 @@ from config import TrainConfig
 from csm_model import CSM, ModelArgs, count_parameters
 from dpo import collate_pairs, PairDataset
 from dataloaders import CSMDataset, ResumableLoader, default_num_workers, make_loader
-from evaluation import EvalSettings, evaluate_model, items_from_token_file, write_report
+from evaluation import EvalSettings, evaluate_model, is_token_file, load_items, write_report
 from hf_export import csm_tokenizer, DEFAULT_CODEC, export_transformers
 from metrics import QUALITY, lower_is_better
 from objectives import make_objective, move_batch, validate
@@ -218,9 +218,11 @@ class QualityEval:
         speech.load()
         self.quality = QualityModels(cfg.eval_asr, cfg.eval_speaker_model, cfg.eval_language, device="cpu",
                                      half=speech.device.type == "cuda", dnsmos=cfg.eval_dnsmos)
-        self.items = items_from_token_file(Path(data), "val", cfg.eval_n, cfg.seed, speech.tokenizer)
-        if not self.items:
-            raise UserError(f"{data}: no val item has text to speak, so eval_every cannot evaluate; set eval_every: 0")
+        source = cfg.eval_data or data
+        self.items, skipped = load_items(source, split="val", n=cfg.eval_n, seed=cfg.seed, tokenizer=speech.tokenizer,
+                                         flag="eval_data" if cfg.eval_data else "--data")
+        for row, reason in skipped:
+            print0(f"warning: eval_data row {row} left out of the quality evaluation: {reason}", file=sys.stderr)
 
     def __call__(self, model: nn.Module, step: int, tracker: Tracker, precision: str) -> dict:
         try:
@@ -331,8 +333,9 @@ class TrainResult:
 
 def run_inputs(cfg: TrainConfig, data: str | Path) -> list[tuple[str, str | None]]:
     """The files and directories a run reads, which its output directory must stay apart from."""
-    return [("--data", str(data)), ("model", cfg.model), ("text_tokenizer", cfg.text_tokenizer),
-            ("mimi_weights", cfg.mimi_weights), ("export_codec", cfg.export_codec), ("eval_asr", cfg.eval_asr),
+    return [("--data", str(data)), ("eval_data", cfg.eval_data), ("model", cfg.model),
+            ("text_tokenizer", cfg.text_tokenizer), ("mimi_weights", cfg.mimi_weights),
+            ("export_codec", cfg.export_codec), ("eval_asr", cfg.eval_asr),
             ("eval_speaker_model", cfg.eval_speaker_model)]
 
 
@@ -521,8 +524,8 @@ def open_data(cfg: TrainConfig, data: str, rt: Runtime) -> RunData:
     splits = data_splits(data)
     if "train" not in splits:
         raise UserError(f"{data} has no 'train' split (found: {', '.join(splits) or 'nothing'})")
-    if cfg.eval_every and "val" not in splits:
-        raise UserError(f"eval_every needs a val split in {data}; give pretokenize.py --val_data, or set eval_every: 0")
+    if cfg.eval_every:
+        check_eval_source(cfg, data)
     if preferences:
         check_reference(cfg, data)
         train_set = PairDataset(data, "train", max_seq_len=cfg.max_seq_len)
@@ -542,6 +545,18 @@ def open_data(cfg: TrainConfig, data: str, rt: Runtime) -> RunData:
     # A preference file names no speakers: a DPO run keeps those of the model it starts from (its speakers.json).
     speakers = model_speaker_names(cfg.model) if preferences else speaker_names(data)
     return RunData(data, train_set, train_loader, val_loader, speakers, total_steps)
+
+
+def check_eval_source(cfg: TrainConfig, data: str) -> None:
+    """What eval_every speaks exists: eval_data (a metadata file, or a token file with a val split), else --data's
+    val split."""
+    source = cfg.eval_data or data
+    what = "eval_data" if cfg.eval_data else "--data"
+    if not Path(source).is_file():
+        raise UserError(f"{what} {source}: no such file (eval_every speaks its items)")
+    if is_token_file(Path(source)) and "val" not in open_splits(source):
+        raise UserError(f"eval_every needs a val split in {source}; give pretokenize.py --val_data, or set "
+                        "eval_every: 0")
 
 
 def data_splits(data: str | Path) -> dict[str, int]:

@@ -301,6 +301,23 @@ def test_dpo_resume_is_bit_exact(assets, prefs, tmp_path, mode):
             "val_rejected_logratio"} <= keys
 
 
+def test_a_dpo_run_evaluates_on_eval_data_and_keeps_the_best_by_cer(assets, judges, prefs, tmp_path):
+    """eval_every with eval_data (here the bundled recordings' metadata): the quality metrics are logged beside the
+    DPO numbers and select_best_by: cer picks best/."""
+    cfg = _cfg(assets, max_steps=2, eval_every=1, eval_data=str(ROOT / "data" / "sample" / "val.json"), eval_n=2,
+               eval_max_seconds=0.5, eval_asr=str(judges["asr"]), eval_speaker_model=str(judges["speaker_model"]),
+               eval_dnsmos=False, select_best_by="cer", text_tokenizer=str(assets["text_tokenizer"]),
+               mimi_weights=str(assets["mimi"]))
+    out = tmp_path / "run"
+    training.train(cfg, prefs, out, device="cpu", progress=False)
+    rows = _metrics(out)
+    assert [r["step"] for r in rows if "cer" in r] == [1, 2] and any("dpo_loss" in r for r in rows)
+    assert (out / "eval" / "step_0000002" / "summary.json").is_file() and (out / "best" / "model.safetensors").is_file()
+    with pytest.raises(UserError, match="eval_data .*missing.csv: no such file"):
+        training.train(_cfg(assets, eval_every=1, eval_data=str(tmp_path / "missing.csv")), prefs, tmp_path / "r2",
+                       device="cpu", progress=False)
+
+
 def test_accumulated_pairs_are_normalised_like_one_batch(assets, prefs):
     """4 pairs as 1 x 4 or 2 x 2 micro-batches give the same loss and update."""
     from dpo import PairDataset
@@ -418,7 +435,8 @@ def test_dpo_settings_are_checked_before_any_work(assets):
     for bad, message in (({"dpo_beta": 0}, "dpo_beta"), ({"dpo_beta": math.nan}, "dpo_beta"),
                          ({"dpo_decoder_fraction": 0}, "dpo_decoder_fraction"),
                          ({"dpo_sft_weight": -1}, "dpo_sft_weight"), ({"objective": "ppo"}, "objective"),
-                         ({"eval_every": 5}, "eval_every"), ({"context_mode": "conversation"}, "context_mode")):
+                         ({"eval_every": 5}, "eval_every needs eval_data"),
+                         ({"context_mode": "conversation"}, "context_mode")):
         with pytest.raises(UserError, match=message):
             _cfg(assets, **bad)
 
