@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from audio_io import AudioError, read_audio
 from dataset_sources import AUDIO_KEY, SourceOptions, decode_audio_payload, number_speakers, open_source
-from metadata import UNKNOWN_SPEAKER, Row, SkipRow, check_row
+from metadata import UNKNOWN_SPEAKER, Row, SkipRow, check_row, turn_order
 from dnsmos import DNSMOS, NotScorable, rejection
 from token_file import FORMAT_VERSION, write_token_file
 from tokenization import DEFAULT_TEXT_TOKENIZER, encode_text, load_text_tokenizer
@@ -67,11 +67,6 @@ def _chunk_path(work: Path, split: str, index: int) -> Path:
 
 CHUNK_KEYS = ("rows", "audio", "audio_sizes", "text", "text_sizes", "seconds", "speaker", "conversation", "turn",
               "skipped")
-
-
-def turn_order(row: Row) -> float:
-    """A row's place in its conversation: its `turn`, else its `start`, else its row number."""
-    return row.turn if row.turn is not None else row.start if row.start is not None else float(row.index)
 
 
 def _save_chunk(path: Path, examples: list[tuple[int, np.ndarray, list[int], float, Row]],

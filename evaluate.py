@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "file from pretokenize.py (references are its Mimi codes, decoded)")
     p.add_argument("--split", default="val", help="split of a token file (default val)")
     p.add_argument("--n", type=int, default=100, help="items to evaluate, drawn with --seed (default 100; 0 = all)")
+    p.add_argument("--context_turns", type=int, default=0,
+                   help="speak each item after up to this many earlier turns of its conversation (the data's "
+                        "conversation and turn columns; default 0: none), after any --context_audio turns")
     p.add_argument("--output_dir", required=True, help="items.csv, summary.json, wavs/, report.html")
     p.add_argument("--overwrite", action="store_true", help="replace what --output_dir holds")
     add_judge_flags(p)
@@ -58,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_number("--n", args.n, min=0, max=10**7)
+    check_number("--context_turns", args.context_turns, min=0, max=64)
     check_number("--temperature", args.temperature, gt=0, max=100)
     check_number("--topk", args.topk, min=1)
     check_number("--max_audio_seconds", args.max_audio_seconds, gt=0, max=160)
@@ -88,7 +92,7 @@ def _evaluate(args, data: Path, out: Path) -> int:
     source = resolve_source(args.model, args.revision)
     model, tokenizer, mimi = load_speech_model(args, source, device, precision)
     items, skipped = load_items(data, split=args.split, n=args.n or None, seed=args.seed, tokenizer=tokenizer,
-                                trust_pickle=args.trust_pickle)
+                                trust_pickle=args.trust_pickle, context_turns=args.context_turns)
     for row, reason in skipped:
         print(f"warning: --eval_data row {row} skipped: {reason}")
     settings = EvalSettings(max_audio_seconds=args.max_audio_seconds, temperature=args.temperature, topk=args.topk,

@@ -29,7 +29,7 @@ from codec import decode_audio, encode_audio, MIMI_SAMPLE_RATE
 from utils import UserError
 from outputs import atomic_path, write_text_atomic
 from audio_io import read_audio
-from metadata import SkipRow, check_row, read_metadata
+from metadata import SkipRow, check_row, read_metadata, turn_order
 import token_file
 from synthesis import SpeechRequest, synthesize_batch
 from dnsmos import Score, SCORES as DNSMOS_SCORES
@@ -47,6 +47,7 @@ class EvalItem:
     recording: np.ndarray | None = None   # 24 kHz mono
     codes: np.ndarray | None = None       # Mimi codes [K, F]
     row: int | None = None                # its row in the file it came from
+    context: tuple[Segment, ...] = ()     # its conversation's earlier turns, spoken before it (context_turns)
 
 
 @dataclass
@@ -91,55 +92,108 @@ def is_token_file(path: Path) -> bool:
         return False
 
 
+def earlier_turns(conversations, orders, rows, n: int) -> dict[int, list[int]]:
+    """For each of `rows`, the rows of its conversation that come before it (by `orders`), the last `n` of them in
+    order; none for a row that stands alone (conversation "" or None)."""
+    groups: dict[str, list] = {}
+    for j, (c, o) in enumerate(zip(conversations, orders)):
+        if c:
+            groups.setdefault(c, []).append((o, j))
+    place = {}
+    for group in groups.values():
+        group.sort()
+        place.update({j: (group, pos) for pos, (_, j) in enumerate(group)})
+    out = {}
+    for i in rows:
+        group, pos = place.get(i, ([], 0))
+        out[i] = [j for _, j in group[max(0, pos - n):pos]] if n > 0 else []
+    return out
+
+
 def items_from_metadata(path: Path, n: int | None, seed: int, trust_pickle: bool = False,
-                        flag: str = "--eval_data") -> tuple[list[EvalItem], list]:
-    """Items of a metadata file (reference = the recorded window); rows that cannot be used are returned
-    as (row, reason) and left out."""
+                        flag: str = "--eval_data", context_turns: int = 0) -> tuple[list[EvalItem], list]:
+    """Items of a metadata file (reference = the recorded window), each with up to `context_turns` earlier turns of
+    its conversation (their recordings); rows that cannot be used are returned as (row, reason) and left out."""
     df = read_metadata(path, trust_pickle=trust_pickle)
     if len(df) == 0:
         raise UserError(f"{flag} {path} has no rows")
+    records = df.to_dict("records")
+    chosen = seeded_subset(len(df), n, seed)
+    before = {i: [] for i in chosen}
+    if context_turns:
+        rows = {}
+        for j, record in enumerate(records):
+            try:
+                rows[j] = check_row(j, record)
+            except SkipRow:
+                continue
+        conversations = [rows[j].conversation if j in rows else None for j in range(len(records))]
+        orders = [turn_order(rows[j]) if j in rows else 0.0 for j in range(len(records))]
+        before = earlier_turns(conversations, orders, chosen, context_turns)
     items, skipped = [], []
-    for i in seeded_subset(len(df), n, seed):
+    for i in chosen:
         try:
-            row = check_row(i, df.iloc[i].to_dict())
+            row = check_row(i, records[i])
             audio = read_audio(row.path, row.start, row.end)
+            context = []
+            for j in before[i]:
+                turn = check_row(j, records[j])
+                context.append(Segment(turn.text, 0 if turn.speaker is None else turn.speaker,
+                                       torch.from_numpy(read_audio(turn.path, turn.start, turn.end))))
         except (SkipRow, UserError) as e:
             skipped.append((i, getattr(e, "reason", str(e))))
             continue
         items.append(EvalItem(f"row{i:05d}", row.text, 0 if row.speaker is None else row.speaker, recording=audio,
-                              row=i))
+                              row=i, context=tuple(context)))
     return items, skipped
 
 
 _SPEAKER_PREFIX = re.compile(r"^\[(\d+)\](.*)$", re.S)
 
 
+def _spoken(ids, tokenizer, stored_speaker: int) -> tuple[str, int]:
+    """The text and speaker of a token-file row's ids ("[speaker]text"; the stored speaker when the text has none)."""
+    body = [int(t) for t in ids if t not in (tokenizer.bos_token_id, tokenizer.eos_token_id)]
+    text = tokenizer.decode(body, skip_special_tokens=True).strip()
+    match = _SPEAKER_PREFIX.match(text)
+    if match:
+        return match.group(2).strip(), int(match.group(1))
+    return text, max(int(stored_speaker), 0)
+
+
 def items_from_token_file(path: Path, split: str, n: int | None, seed: int, tokenizer,
-                          flag: str = "--eval_data") -> list[EvalItem]:
+                          flag: str = "--eval_data", context_turns: int = 0) -> list[EvalItem]:
     """Items of one split of a token file: the text decoded from its ids ("[speaker]text"), the codes kept
-    as the reference (decoded by Mimi when evaluated)."""
+    as the reference (decoded by Mimi when evaluated), and up to `context_turns` earlier turns of its
+    conversation (their codes, as stored)."""
     splits = token_file.open_splits(path)
     if split not in splits:
         raise UserError(f"{flag} {path} has no '{split}' split (found: {', '.join(splits)}); choose --split")
     items = []
     with token_file.open_token_file(path) as f:
         _, k = token_file.read_split_index(f, path, split)
-        _, _, speakers = token_file.read_turns(f, split)
-        for i in seeded_subset(splits[split], n, seed):
+        conversations, orders, speakers = token_file.read_turns(f, split)
+        chosen = seeded_subset(splits[split], n, seed)
+        before = earlier_turns(conversations, orders, chosen, context_turns)
+        for i in chosen:
             codes, ids = token_file.read_row(f, split, i)
-            body = [int(t) for t in ids if t not in (tokenizer.bos_token_id, tokenizer.eos_token_id)]
-            text = tokenizer.decode(body, skip_special_tokens=True).strip()
-            match = _SPEAKER_PREFIX.match(text)
-            speaker = int(match.group(1)) if match else max(int(speakers[i]), 0)
-            text = match.group(2).strip() if match else text
-            if text:
-                items.append(EvalItem(f"{split}{i:05d}", text, speaker, codes=codes.astype(np.int64).reshape(k, -1),
-                                      row=i))
+            text, speaker = _spoken(ids, tokenizer, speakers[i])
+            if not text:
+                continue
+            context = []
+            for j in before[i]:
+                turn_codes, turn_ids = token_file.read_row(f, split, j)
+                turn_text, turn_speaker = _spoken(turn_ids, tokenizer, speakers[j])
+                context.append(Segment(turn_text or " ", turn_speaker,
+                                       codes=torch.from_numpy(turn_codes.astype(np.int64).reshape(k, -1))))
+            items.append(EvalItem(f"{split}{i:05d}", text, speaker, codes=codes.astype(np.int64).reshape(k, -1), row=i,
+                                  context=tuple(context)))
     return items
 
 
 def load_items(source: str | Path, *, split: str = "val", n: int | None = None, seed: int = 0, tokenizer=None,
-               trust_pickle: bool = False, flag: str = "--eval_data") -> tuple[list[EvalItem], list]:
+               trust_pickle: bool = False, flag: str = "--eval_data",
+               context_turns: int = 0) -> tuple[list[EvalItem], list]:
     """Items from a metadata file or a token file (its `split`); (items, skipped rows with reasons). Errors name
     the file by `flag`, the option that gave it."""
     path = Path(source)
@@ -148,9 +202,9 @@ def load_items(source: str | Path, *, split: str = "val", n: int | None = None, 
     if not path.is_file():
         raise UserError(f"{flag} {path}: no such file")
     if is_token_file(path):
-        items, skipped = items_from_token_file(path, split, n, seed, tokenizer, flag), []
+        items, skipped = items_from_token_file(path, split, n, seed, tokenizer, flag, context_turns), []
     else:
-        items, skipped = items_from_metadata(path, n, seed, trust_pickle, flag)
+        items, skipped = items_from_metadata(path, n, seed, trust_pickle, flag, context_turns)
     if not items:
         raise UserError(f"{flag} {path}: no usable item ({len(skipped)} rows skipped"
                         + (f", e.g. {skipped[0][1]}" if skipped else "") + ")")
@@ -164,7 +218,7 @@ def _request(item: EvalItem, index: int, settings: EvalSettings, reference_s: fl
     cap = settings.max_audio_seconds
     if reference_s:
         cap = min(cap, 2 * reference_s + 1.0)  # an item not done by then will not stop: no need to wait
-    return SpeechRequest(item.text, item.speaker, tuple(settings.context), cap, seed=settings.seed + index)
+    return SpeechRequest(item.text, item.speaker, (*settings.context, *item.context), cap, seed=settings.seed + index)
 
 
 def _speak(model, tokenizer, mimi, requests: list[SpeechRequest], settings: EvalSettings) -> tuple[list, float]:

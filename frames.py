@@ -8,14 +8,26 @@ from dataclasses import dataclass
 
 import torch
 
+from codec import encode_audio
+
 
 @dataclass
 class Segment:
-    """One turn: what was said, by whom, and (for context turns) the 24 kHz mono audio of it."""
+    """One turn: what was said, by whom, and (for context turns) the 24 kHz mono audio of it, or its Mimi codes
+    [K, F] (a token file's turn: used as they are, not encoded again)."""
 
     text: str
     speaker: int
     audio: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
+
+    def turn_codes(self, mimi, k: int) -> torch.Tensor | None:
+        """The turn's Mimi codes [K, F]: its own, or its audio encoded; None for a turn without audio."""
+        if self.codes is not None:
+            return torch.as_tensor(self.codes)
+        if self.audio is None:
+            return None
+        return torch.as_tensor(encode_audio(mimi, [self.audio.float().reshape(-1).cpu().numpy()], k)[0])
 
 
 def empty_frames(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:

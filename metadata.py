@@ -124,6 +124,11 @@ class Row:
     turn: float | None = None        # order within the conversation
 
 
+def turn_order(row: Row) -> float:
+    """A row's place in its conversation: its `turn`, else its `start`, else its row number."""
+    return row.turn if row.turn is not None else row.start if row.start is not None else float(row.index)
+
+
 def _as_float(value, reason: str) -> float:
     try:
         return float(value)

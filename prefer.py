@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(path,text[,start,end,speaker]); each row's reference is its audio")
     p.add_argument("--split", default="train", help="split of a token file (default train)")
     p.add_argument("--n", type=int, default=0, help="prompts to use, drawn with --seed (default 0 = all)")
+    p.add_argument("--context_turns", type=int, default=0,
+                   help="speak each prompt after up to this many earlier turns of its conversation (the data's "
+                        "conversation and turn columns; default 0: none), after any --context_audio turns")
     p.add_argument("--output", required=True, help="the preference file (.hdf5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output and its candidates CSV")
     p.add_argument("--n_candidates", type=int, default=4, help="candidates sampled per prompt (default 4)")
@@ -92,6 +95,7 @@ def _identity(path) -> object:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_number("--n", args.n, min=0, max=10**8)
+    check_number("--context_turns", args.context_turns, min=0, max=64)
     check_number("--n_candidates", args.n_candidates, min=2, max=256)
     check_number("--margin", args.margin, min=0, max=1e6)
     check_number("--val_fraction", args.val_fraction, min=0, max=0.9)
@@ -132,7 +136,7 @@ def _prefer(args, data: Path, output: Path, weights: dict[str, float]) -> int:
     # are then what a DPO run's first step computes.
     model, tokenizer, mimi = load_speech_model(args, source, device, "fp32")
     items, skipped = load_items(data, split=args.split, n=args.n or None, seed=args.seed, tokenizer=tokenizer,
-                                trust_pickle=args.trust_pickle, flag="--data")
+                                trust_pickle=args.trust_pickle, flag="--data", context_turns=args.context_turns)
     for row, reason in skipped:
         print(f"warning: --data row {row} skipped: {reason}")
     settings = PreferSettings(n_candidates=args.n_candidates, margin=args.margin, weights=weights,
@@ -140,13 +144,15 @@ def _prefer(args, data: Path, output: Path, weights: dict[str, float]) -> int:
                               max_audio_seconds=args.max_audio_seconds, temperature=args.temperature, topk=args.topk,
                               batch_size=args.batch_size, precision=precision)
     fingerprint = {"settings": settings_attrs(settings), "data": _identity(data), "split": args.split, "n": args.n,
+                   "context_turns": args.context_turns,
                    "model": _identity(source), "adapter": _identity(args.adapter) if args.adapter else None,
                    "judges": [args.asr, args.speaker_model, args.language, not args.no_dnsmos],
                    "context": content_digest([[s.text, s.speaker, s.audio] for s in context])}
     attrs = {**settings_attrs(settings), "codebooks": model.config.audio_num_codebooks,
              "reference_model": str(args.model), "adapter": str(args.adapter or ""), "data": str(data),
-             "split": args.split, "asr": str(args.asr), "speaker_model": str(args.speaker_model),
-             "dnsmos": not args.no_dnsmos, "fingerprint": json.dumps(fingerprint, sort_keys=True, default=str)}
+             "split": args.split, "context_turns": args.context_turns, "asr": str(args.asr),
+             "speaker_model": str(args.speaker_model), "dnsmos": not args.no_dnsmos,
+             "fingerprint": json.dumps(fingerprint, sort_keys=True, default=str)}
     run = PreferenceRun(model, tokenizer, mimi, quality, items, skipped, context, settings, output,
                         json.loads(json.dumps(fingerprint, default=str)), attrs,
                         step=CompiledStep(model) if args.compile else None, device=device)

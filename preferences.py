@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from codec import encode_audio
 from dpo import candidate_logps
 from evaluation import CSV_COLUMNS, EvalItem, EvalSettings, evaluate_model, seeded_subset
 from frames import Segment
@@ -128,17 +127,20 @@ class PreferenceRun:
         self.work = output.with_name(output.name + ".partial")
         n_val = int(round(len(items) * settings.val_fraction))
         self.val = set(seeded_subset(len(items), n_val, settings.seed + 1)) if n_val else set()
-        self._context_turns = None
+        self._prompt_turns = None
 
     # ------------------------------------------------------------------ the prompt's stored context
 
-    def context_turns(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The prompt turns as the pairs store them: (Mimi codes [K, F], text ids), encoded as generation does."""
-        if self._context_turns is None:
-            self._context_turns = [
-                (encode_audio(self.mimi, [seg.audio.float().reshape(-1).numpy()], self.k)[0].astype(np.int64),
-                 np.asarray(encode_text(self.tokenizer, seg.text, seg.speaker), np.int64)) for seg in self.context]
-        return self._context_turns
+    def context_of(self, item: EvalItem) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The turns spoken before an item, as its pairs store them: (Mimi codes [K, F], text ids), laid out as
+        generation laid them out (the prompt turns of the flags, then the item's earlier turns)."""
+        if self._prompt_turns is None:
+            self._prompt_turns = [self._stored(seg) for seg in self.context]
+        return self._prompt_turns + [self._stored(seg) for seg in item.context]
+
+    def _stored(self, seg: Segment) -> tuple[np.ndarray, np.ndarray]:
+        return (seg.turn_codes(self.mimi, self.k).numpy().astype(np.int64),
+                np.asarray(encode_text(self.tokenizer, seg.text, seg.speaker), np.int64))
 
     # ------------------------------------------------------------------ chunks
 
@@ -230,7 +232,7 @@ class PreferenceRun:
                 chosen, rejected = (self._candidate(result, f"{item.id}_c{j}", scores[j]) for j in picked)
                 text = np.asarray(encode_text(self.tokenizer, item.text, item.speaker), np.int64)
                 pairs[split].append(Pair(item.row if item.row is not None else number, item.speaker, text,
-                                         self.context_turns(), chosen, rejected))
+                                         self.context_of(item), chosen, rejected))
         for split_pairs in pairs.values():
             self._score_reference(split_pairs)
         buf = io.StringIO()

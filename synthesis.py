@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from frames import Segment, audio_frames, next_input_frames, text_frames
 from tokenization import encode_text, load_text_tokenizer, resolve_text_tokenizer
-from codec import decode_audio, encode_audio, load_mimi, MIMI_FRAME_RATE, SAMPLES_PER_FRAME
+from codec import decode_audio, load_mimi, MIMI_FRAME_RATE, SAMPLES_PER_FRAME
 from utils import UserError
 from runtime import autocast, DTYPES, PRECISIONS
 from audio_io import read_audio
@@ -130,8 +130,8 @@ def build_prompt(tokenizer, mimi, segments: list[Segment], k: int) -> tuple[torc
     parts = []
     for i, seg in enumerate(segments):
         parts.append(text_frames(encode_text(tokenizer, seg.text, seg.speaker), k))
-        if seg.audio is not None and i < len(segments) - 1:
-            codes = encode_audio(mimi, [seg.audio.float().reshape(-1).cpu().numpy()], k)[0]
+        codes = seg.turn_codes(mimi, k) if i < len(segments) - 1 else None
+        if codes is not None:
             parts.append(audio_frames(codes, k))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 

@@ -207,6 +207,28 @@ def test_prompts_from_recordings_spoken_after_a_context_turn(assets, judges, tmp
     assert _metrics(run)[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 
+def test_prompts_spoken_after_the_earlier_turns_of_their_conversation(assets, judges, tmp_path):
+    """--context_turns 1 on a token file with conversations: a prompt with an earlier turn carries that turn's
+    stored codes and text as its context, one without carries none, and training sees the same frames."""
+    import token_file as tf
+
+    data = write_token_file(tmp_path / "tokens.hdf5", n_train=6, n_val=0, speakers=2)  # row i: conversation i % 3
+    out = tmp_path / "p.hdf5"
+    assert prefer.main(_prefer_args(assets, judges, data, out, "--context_turns", "1", "--val_fraction", "0")) == 0
+    pairs, k = read_pairs(out, "train")
+    with tf.open_token_file(data) as f:
+        for pair in pairs:
+            if pair.prompt < 3:
+                assert pair.context == []
+            else:
+                (codes, _), = pair.context
+                assert np.array_equal(codes.reshape(-1), tf.read_row(f, "train", pair.prompt - 3)[0])
+    assert any(p.context for p in pairs)
+    run = tmp_path / "run"
+    training.train(_cfg(assets, max_steps=1, warmup_steps=0), out, run, device="cpu", progress=False)
+    assert _metrics(run)[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
 def test_equal_rewards_give_no_pairs_and_one_clear_line(assets, judges, tmp_path):
     """All-zero weights make every reward equal: no pair, one line, and no output or half-done work left."""
     data = write_token_file(tmp_path / "tokens.hdf5", n_train=2, n_val=0)

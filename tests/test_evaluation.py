@@ -408,3 +408,22 @@ def test_evaluate_takes_an_adapter(assets, judges, tmp_path):
     rc, err = cli("evaluate.py", "--eval_data", SAMPLE / "val.json", "--adapter", tmp_path / "none",
                   "--output_dir", tmp_path / "eval2", *common(assets, judges))
     assert_clear_error(rc, err, "--adapter")
+
+
+def test_items_carry_the_earlier_turns_of_their_conversation(tmp_path):
+    """context_turns: each item of a metadata file with conversation and turn columns gets the recordings of the
+    turns before it (the last N, in order); a row that stands alone gets none."""
+    from evaluation import earlier_turns, load_items
+
+    clips = SAMPLE / "clips"
+    rows = [{"path": str(clips / f"train_0{i}.flac"), "text": f"turn {i}", "speaker": i % 2,
+             "conversation": "a" if i < 3 else "", "turn": 3 - i} for i in range(4)]  # turns in reverse row order
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    items, skipped = load_items(tmp_path / "m.csv", n=None, context_turns=2)
+    assert not skipped
+    context = {item.row: [(seg.text, seg.speaker) for seg in item.context] for item in items}
+    assert context == {0: [("turn 2", 0), ("turn 1", 1)], 1: [("turn 2", 0)], 2: [], 3: []}
+    from audio_io import read_audio
+
+    assert np.array_equal(items[0].context[0].audio.numpy(), read_audio(str(clips / "train_02.flac")))
+    assert earlier_turns(["x", "x", "x"], [0.0, 1.0, 2.0], [2], 1) == {2: [1]}
