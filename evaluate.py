@@ -21,7 +21,7 @@ from runtime import resolve_device, resolve_precision
 from outputs import claim_output_dir, clear_dir
 from weights import resolve_source
 from adapters import read_adapter
-from evaluation import EvalSettings, evaluate_model, is_token_file, load_items, write_report
+from evaluation import add_item_flags, EvalSettings, evaluate_model, is_token_file, load_items, write_report
 from synthesis import (add_speech_flags, CompiledStep, context_segments, load_speech_model, model_speaker_names,
                        prompt_segments)
 from speech_metrics import add_judge_flags, judges_of
@@ -34,11 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_data", required=True,
                    help="metadata file (path,text[,start,end,speaker]: references are the recordings) or a token "
                         "file from pretokenize.py (references are its Mimi codes, decoded)")
-    p.add_argument("--split", default="val", help="split of a token file (default val)")
-    p.add_argument("--n", type=int, default=100, help="items to evaluate, drawn with --seed (default 100; 0 = all)")
-    p.add_argument("--context_turns", type=int, default=0,
-                   help="speak each item after up to this many earlier turns of its conversation (the data's "
-                        "conversation and turn columns; default 0: none), after any --context_audio turns")
+    add_item_flags(p, what="items", split="val", n=100)
     p.add_argument("--output_dir", required=True, help="items.csv, summary.json, wavs/, report.html")
     p.add_argument("--overwrite", action="store_true", help="replace what --output_dir holds")
     add_judge_flags(p)

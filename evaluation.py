@@ -70,6 +70,16 @@ class EvalResult:
     generated: dict = field(default_factory=dict)  # item id -> its synthesis.Speech (codes, stopped at EOS)
 
 
+def add_item_flags(p, *, what: str, split: str, n: int) -> None:
+    """The flags that choose what a command speaks from its data (evaluate.py's items, prefer.py's prompts): the
+    token file's split, how many rows, and how many earlier turns of each row's conversation go before it."""
+    p.add_argument("--split", default=split, help=f"split of a token file (default {split})")
+    p.add_argument("--n", type=int, default=n, help=f"{what} to use, drawn with --seed (default {n}; 0 = all)")
+    p.add_argument("--context_turns", type=int, default=0,
+                   help=f"speak each of the {what} after up to this many earlier turns of its conversation (the "
+                        "data's conversation and turn columns; default 0: none), after any --context_audio turns")
+
+
 def seeded_subset(total: int, n: int | None, seed: int) -> list[int]:
     """`n` of `total` row indices drawn with `seed` (all of them when n is None or >= total), in row order."""
     if n is None or n >= total:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from adapters import read_adapter
 from config import read_yaml
-from evaluation import is_token_file, load_items
+from evaluation import add_item_flags, is_token_file, load_items
 from outputs import claim_output_files
 from preference_file import is_preference_file
 from preferences import candidates_csv, DEFAULT_WEIGHTS, PreferenceRun, PreferSettings, REWARD_TERMS, settings_attrs
@@ -33,11 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True,
                    help="the prompts: a token file from pretokenize.py (its --split) or a metadata file "
                         "(path,text[,start,end,speaker]); each row's reference is its audio")
-    p.add_argument("--split", default="train", help="split of a token file (default train)")
-    p.add_argument("--n", type=int, default=0, help="prompts to use, drawn with --seed (default 0 = all)")
-    p.add_argument("--context_turns", type=int, default=0,
-                   help="speak each prompt after up to this many earlier turns of its conversation (the data's "
-                        "conversation and turn columns; default 0: none), after any --context_audio turns")
+    add_item_flags(p, what="prompts", split="train", n=0)
     p.add_argument("--output", required=True, help="the preference file (.hdf5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output and its candidates CSV")
     p.add_argument("--n_candidates", type=int, default=4, help="candidates sampled per prompt (default 4)")
