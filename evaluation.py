@@ -172,14 +172,14 @@ def _spoken(ids, tokenizer, stored_speaker: int) -> tuple[str, int]:
 
 
 def items_from_token_file(path: Path, split: str, n: int | None, seed: int, tokenizer,
-                          flag: str = "--eval_data", context_turns: int = 0) -> list[EvalItem]:
+                          flag: str = "--eval_data", context_turns: int = 0) -> tuple[list[EvalItem], list]:
     """Items of one split of a token file: the text decoded from its ids ("[speaker]text"), the codes kept
     as the reference (decoded by Mimi when evaluated), and up to `context_turns` earlier turns of its
-    conversation (their codes, as stored)."""
+    conversation (their codes, as stored); rows without text to speak are returned as (row, reason)."""
     splits = token_file.open_splits(path)
     if split not in splits:
         raise UserError(f"{flag} {path} has no '{split}' split (found: {', '.join(splits)}); choose --split")
-    items = []
+    items, skipped = [], []
     with token_file.open_token_file(path) as f:
         _, k = token_file.read_split_index(f, path, split)
         conversations, orders, speakers = token_file.read_turns(f, split)
@@ -189,6 +189,7 @@ def items_from_token_file(path: Path, split: str, n: int | None, seed: int, toke
             codes, ids = token_file.read_row(f, split, i)
             text, speaker = _spoken(ids, tokenizer, speakers[i])
             if not text:
+                skipped.append((i, "its text ids decode to no text"))
                 continue
             context = []
             for j in before[i]:
@@ -198,7 +199,7 @@ def items_from_token_file(path: Path, split: str, n: int | None, seed: int, toke
                                        codes=torch.from_numpy(turn_codes.astype(np.int64).reshape(k, -1))))
             items.append(EvalItem(f"{split}{i:05d}", text, speaker, codes=codes.astype(np.int64).reshape(k, -1), row=i,
                                   context=tuple(context)))
-    return items
+    return items, skipped
 
 
 def load_items(source: str | Path, *, split: str = "val", n: int | None = None, seed: int = 0, tokenizer=None,
@@ -212,7 +213,7 @@ def load_items(source: str | Path, *, split: str = "val", n: int | None = None, 
     if not path.is_file():
         raise UserError(f"{flag} {path}: no such file")
     if is_token_file(path):
-        items, skipped = items_from_token_file(path, split, n, seed, tokenizer, flag, context_turns), []
+        items, skipped = items_from_token_file(path, split, n, seed, tokenizer, flag, context_turns)
     else:
         items, skipped = items_from_metadata(path, n, seed, trust_pickle, flag, context_turns)
     if not items:

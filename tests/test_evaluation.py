@@ -427,3 +427,17 @@ def test_items_carry_the_earlier_turns_of_their_conversation(tmp_path):
 
     assert np.array_equal(items[0].context[0].audio.numpy(), read_audio(str(clips / "train_02.flac")))
     assert earlier_turns(["x", "x", "x"], [0.0, 1.0, 2.0], [2], 1) == {2: [1]}
+
+
+def test_a_token_file_row_without_text_is_skipped_with_a_reason(tmp_path, text_tokenizer):
+    import token_file
+    from evaluation import load_items
+
+    path = tmp_path / "t.hdf5"
+    ids = [np.array([0, 1], np.int32), np.array([0, *text_tokenizer.encode("[0]Hello there.",
+                                                                         add_special_tokens=False), 1], np.int32)]
+    with token_file.write_token_file(path, {"codebooks": 32}) as out:
+        out.split("val", 2, source_rows=False).write(0, [np.zeros(32 * 3, np.int16)] * 2, ids)
+    items, skipped = load_items(path, split="val", tokenizer=text_tokenizer)
+    assert [(i.row, i.text) for i in items] == [(1, "Hello there.")]
+    assert skipped == [(0, "its text ids decode to no text")]
