@@ -87,3 +87,14 @@ def test_training_on_a_disk_that_fills_mid_run(assets, small_disk, tmp_path):
                   "--max_steps", 2, *RUN_FLAGS)
     assert_disk_full(rc, err, str(disk / "run"))
     assert not no_temp_files(disk)
+
+
+def test_prefer_on_a_full_disk(assets, judges, small_disk, tmp_path):
+    disk = small_disk("16k")
+    data = write_token_file(tmp_path / "tokens.hdf5", n_train=3, n_val=0)
+    rc, err = cli("prefer.py", "--model", assets["model"], "--data", data, "--output", disk / "prefs.hdf5",
+                  "--text_tokenizer", assets["text_tokenizer"], "--mimi_weights", assets["mimi"],
+                  "--asr", judges["asr"], "--speaker_model", judges["speaker_model"], "--device", "cpu",
+                  "--max_audio_seconds", "0.8", "--n_candidates", "2", "--no_dnsmos", "--margin", "0")
+    assert_disk_full(rc, err, str(disk))
+    assert not no_temp_files(disk) and not (disk / "prefs.hdf5").exists()
