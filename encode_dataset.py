@@ -13,7 +13,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +33,7 @@ from codec import (encode_audio, frames_of, load_mimi, MIMI_FRAME_RATE, MIMI_SAM
                    SAMPLES_PER_FRAME)
 from utils import UserError
 from runtime import resolve_device
-from outputs import atomic_path, claim_output_files, write_text_atomic
+from outputs import atomic_path, claim_output_files, claim_work_dir, MANIFEST_NAME, remove_work_dir
 
 SILENCE_PEAK = 1e-4
 
@@ -377,7 +376,7 @@ def run(args: EncodeSettings) -> int:
             speakers = number_speakers(sources.values())
             return _run(args, device, sources, speakers, output, work, previous)
         except BaseException:
-            if fresh and not (work / "manifest.json").exists():
+            if fresh and not (work / MANIFEST_NAME).exists():
                 shutil.rmtree(work, ignore_errors=True)  # nothing of this run to resume: leave no trace
             raise
 
@@ -388,7 +387,7 @@ def _run(args: EncodeSettings, device, sources, speakers: dict[str, int], output
     mimi = load_mimi(args.mimi_weights, device=device, num_codebooks=NUM_CODEBOOKS)
     fp = {**fingerprint(args, tokenizer, mimi, sources), "speakers": speakers}
 
-    if previous is not None and not (work / "manifest.json").exists():
+    if previous is not None and not (work / MANIFEST_NAME).exists():
         if previous == json.loads(json.dumps(fp)):
             print(f"{output} is up to date (same metadata and settings); nothing to do")
             shutil.rmtree(work, ignore_errors=True)
@@ -397,18 +396,7 @@ def _run(args: EncodeSettings, device, sources, speakers: dict[str, int], output
             raise UserError(f"--output {output} was written with other settings ({_describe_change(previous, fp)} "
                             "changed); pass --overwrite to replace it, or choose another output")
         print(f"{output} will be replaced when this run finishes (--overwrite)")
-    manifest = work / "manifest.json"
-    work.mkdir(exist_ok=True)
-    if manifest.exists():
-        try:
-            old = json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            raise UserError(f"{manifest} is unreadable; delete {work} to start over") from None
-        if old != json.loads(json.dumps(fp)):
-            raise UserError(f"{work} holds a half-done run with other settings ({_describe_change(old, fp)} changed); "
-                            f"delete {work} to start over, or choose another --output")
-    else:
-        write_text_atomic(manifest, json.dumps(fp, indent=1, sort_keys=True))
+    claim_work_dir(work, fp, _describe_change)
 
     # A streamed split's chunk count is known once its stream ends: until then, the chunks already on disk.
     plan = {split: math.ceil(src.length / args.save_every) if not src.streaming else _streamed_chunks(work, split)
@@ -474,11 +462,7 @@ def _run(args: EncodeSettings, device, sources, speakers: dict[str, int], output
                         f"kept no rows, so no token file "
                         f"was written; {reasons} (every skipped row is in {report})")
     write_output(output, work, plan, fp, args, tokenizer)
-    # Renamed first, so that a kill during the deletion cannot leave chunks without their manifest.
-    trash = work.with_name(work.name + ".delete")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.replace(work, trash)
-    shutil.rmtree(trash)
+    remove_work_dir(work)
     for split, s in stats.items():
         print(f"{split}: kept {s.kept}, skipped {s.skipped}, {s.seconds / 3600:.3f} h of audio, {s.tokens} tokens")
     print(f"wrote {output}" + (f"; {n_skipped} skipped rows listed in {report}" if n_skipped else ""))

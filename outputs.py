@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import stat
@@ -286,3 +287,36 @@ def claim_output_files(paths: list[Path], what: str, *, inputs: Iterable["str | 
             raise UserError(f"{what} {existing[0]} exists{more}; pass --overwrite to replace it, or choose another "
                             "output")
         yield paths
+
+
+# --------------------------------------------------------------------------- a resumable run's work directory
+
+MANIFEST_NAME = "manifest.json"  # the settings of the run whose chunks a work directory holds
+
+
+def claim_work_dir(work: Path, fingerprint: dict, describe: Callable[[dict, dict], str]) -> None:
+    """A resumable run's work directory (`<output>.partial`): made with this run's settings in its manifest, or
+    taken over from a half-done run of the same settings. One of other settings is refused, naming what changed
+    (`describe(old, new)`), and so is an unreadable manifest."""
+    manifest = work / MANIFEST_NAME
+    work.mkdir(exist_ok=True)
+    wanted = json.loads(json.dumps(fingerprint))  # as it reads back: tuples become lists
+    if not manifest.exists():
+        write_text_atomic(manifest, json.dumps(wanted, indent=1, sort_keys=True))
+        return
+    try:
+        old = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{manifest} is unreadable; delete {work} to start over") from None
+    if old != wanted:
+        raise UserError(f"{work} holds a half-done run with other settings ({describe(old, wanted)} changed); "
+                        f"delete {work} to start over, or choose another --output")
+
+
+def remove_work_dir(work: Path) -> None:
+    """A finished run's work directory, gone. Renamed first, so that a kill during the deletion cannot leave chunks
+    without their manifest."""
+    trash = work.with_name(work.name + ".delete")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(work, trash)
+    shutil.rmtree(trash)

@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import math
-import os
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from dpo import candidate_logps
 from evaluation import CSV_COLUMNS, EvalItem, EvalSettings, evaluate_model, seeded_subset
 from frames import Segment
-from outputs import write_text_atomic
+from outputs import claim_work_dir, remove_work_dir, write_text_atomic
 from preference_file import Candidate, Pair, read_pairs, write_preference_file
 from runtime import autocast
 from tokenization import encode_text
@@ -150,23 +149,6 @@ class PreferenceRun:
     def n_chunks(self) -> int:
         return math.ceil(len(self.items) / self.s.save_every)
 
-    def _claim_work(self) -> None:
-        """The work directory of this run, or of a half-done run of the same settings; another run's is refused."""
-        manifest = self.work / "manifest.json"
-        self.work.mkdir(exist_ok=True)
-        wanted = json.loads(json.dumps(self.fingerprint))
-        if manifest.exists():
-            try:
-                old = json.loads(manifest.read_text())
-            except (OSError, ValueError):
-                raise UserError(f"{manifest} is unreadable; delete {self.work} to start over") from None
-            if old != wanted:
-                changed = ", ".join(k for k in wanted if old.get(k) != wanted[k]) or "the format"
-                raise UserError(f"{self.work} holds a half-done run with other settings ({changed} changed); delete "
-                                f"{self.work} to start over, or choose another --output")
-        else:
-            write_text_atomic(manifest, json.dumps(wanted, indent=1, sort_keys=True))
-
     def _done(self, index: int) -> bool:
         """A chunk is done when its preference file reads back (its CSV was written before it)."""
         path = self.chunk_path(index, ".hdf5")
@@ -185,7 +167,8 @@ class PreferenceRun:
         """Every chunk (resuming), then the output file and the candidates' CSV. Returns pair counts per split."""
         fresh = not self.work.exists()
         try:
-            self._claim_work()
+            claim_work_dir(self.work, self.fingerprint,
+                           lambda old, new: ", ".join(k for k in new if old.get(k) != new[k]) or "the format")
         except BaseException:
             if fresh:
                 shutil.rmtree(self.work, ignore_errors=True)
@@ -281,10 +264,7 @@ class PreferenceRun:
                 if split_pairs or split == "train":
                     add(split, split_pairs)
         write_text_atomic(csv_path, header + body + skipped.getvalue())
-        trash = self.work.with_name(self.work.name + ".delete")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(self.work, trash)
-        shutil.rmtree(trash)
+        remove_work_dir(self.work)
         return {split: len(p) for split, p in pairs.items()}
 
 

@@ -145,6 +145,8 @@ def test_prefer_writes_pairs_whose_reference_is_fresh_and_resumes_a_killed_run(a
         prefer.main(_prefer_args(assets, judges, data, killed))
     assert not killed.exists() and (tmp_path / "killed.hdf5.partial" / "chunk_000000.hdf5").exists()
     monkeypatch.setattr(preferences.PreferenceRun, "_chunk", real)
+    with pytest.raises(UserError, match=r"half-done run with other settings \(settings changed\)"):
+        prefer.main(_prefer_args(assets, judges, data, killed, "--margin", "0.5"))  # not the killed run's command
     assert prefer.main(_prefer_args(assets, judges, data, killed)) == 0
     assert "resuming: 2 prompts already done" in capsys.readouterr().out
     assert not (tmp_path / "killed.hdf5.partial").exists()
