@@ -115,27 +115,34 @@ def collate(batch: list, num_codebooks: int = NUM_CODEBOOKS, pad_to: int | None 
 
     An example is one turn (audio [K, F], text [T]) or a list of turns (context turns, then the target
     turn); each turn is laid out by `frames.turn_frames` (text, audio, EOS frame), one after the other,
-    then right padding. `target` marks the frames the loss predicts: the audio and EOS frames of the target
+    then right padding. A turn given as (audio, text, False) has no EOS frame (generated audio that ran to its
+    length cap). `target` marks the frames the loss predicts: the audio and EOS frames of the target
     turn, or of every turn with `context_loss="all"` (context frames are otherwise inputs only).
     """
     k = num_codebooks
     examples = [item if isinstance(item, list) else [item] for item in batch]
-    lengths = [sum(len(text) + audio.shape[1] + 1 for audio, text in turns) for turns in examples]
+    lengths = [sum(len(turn[1]) + turn[0].shape[1] + _eos(turn) for turn in turns) for turns in examples]
     seq = max(lengths) if pad_to is None else pad_to
     tokens = torch.zeros(len(batch), seq, k + 1, dtype=torch.long)
     mask = torch.zeros(len(batch), seq, k + 1, dtype=torch.bool)
     target = torch.zeros(len(batch), seq, dtype=torch.bool)
     for b, turns in enumerate(examples):
         start = 0
-        for t, (audio, text) in enumerate(turns):
+        for t, turn in enumerate(turns):
+            audio, text, eos = turn[0], turn[1], _eos(turn)
             if audio.shape[0] != k:
                 raise ValueError(f"example {b} has {audio.shape[0]} codebooks, expected {k}")
-            n = len(text) + audio.shape[1] + 1
-            tokens[b, start:start + n], mask[b, start:start + n] = turn_frames(text, audio, k)
+            n = len(text) + audio.shape[1] + eos
+            tokens[b, start:start + n], mask[b, start:start + n] = turn_frames(text, audio, k, eos)
             if context_loss == "all" or t == len(turns) - 1:
                 target[b, start + len(text):start + n] = True
             start += n
     return tokens, mask, target
+
+
+def _eos(turn: tuple) -> bool:
+    """Whether a turn (audio, text[, eos]) ends with its EOS frame: unless its third entry says not."""
+    return bool(turn[2]) if len(turn) > 2 else True
 
 
 # --------------------------------------------------------------------------- batching

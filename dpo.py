@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from frames import turn_frames
-from loss import backbone_states, decoder_frame_count, decoder_logits, decoder_subset, target_indices
+from dataloaders import collate
+from loss import decoder_frame_count, decoder_logits, decoder_subset, target_indices, target_states
 from preference_file import Pair, read_pairs
 from token_file import DataError
 
@@ -68,20 +68,9 @@ def collate_pairs(pairs: list[Pair], num_codebooks: int) -> PairBatch:
     """Pairs -> a right-padded batch of their chosen, then their rejected sequences. A sequence is the context
     turns (text, audio, EOS), the prompt's text frames and the candidate's audio frames (and the EOS frame when
     it stopped), and only the candidate's frames are targets."""
-    k = num_codebooks
     sequences = [(p, p.chosen) for p in pairs] + [(p, p.rejected) for p in pairs]
-    laid = []
-    for pair, candidate in sequences:
-        turns = [turn_frames(text, codes, k) for codes, text in pair.context]
-        turns.append(turn_frames(pair.text, candidate.codes, k, eos=candidate.stopped))
-        laid.append((torch.cat([t for t, _ in turns]), torch.cat([m for _, m in turns]), candidate.targets))
-    width = max(len(t) for t, _, _ in laid)
-    tokens = torch.zeros(len(laid), width, k + 1, dtype=torch.long)
-    mask = torch.zeros(len(laid), width, k + 1, dtype=torch.bool)
-    target = torch.zeros(len(laid), width, dtype=torch.bool)
-    for b, (t, m, n) in enumerate(laid):
-        tokens[b, :len(t)], mask[b, :len(m)] = t, m
-        target[b, len(t) - n:len(t)] = True
+    tokens, mask, target = collate([[*pair.context, (c.codes, pair.text, c.stopped)] for pair, c in sequences],
+                                   num_codebooks)
     ref_c0 = torch.from_numpy(np.concatenate([c.ref_c0 for _, c in sequences]).astype(np.float32))
     ref_decoder = torch.from_numpy(np.concatenate([c.ref_decoder for _, c in sequences]).astype(np.float32))
     return PairBatch(tokens, mask, target, ref_c0, ref_decoder)
@@ -136,9 +125,7 @@ def plan_pairs(mask: torch.Tensor, target: torch.Tensor, decoder_fraction: float
 def frame_logps(model, tokens: torch.Tensor, mask: torch.Tensor, plan: PairPlan) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities under `model` of every target row's codebook 0 [N], and of codebooks 1..K-1 (summed) of
     the decoder's rows [D], in float32."""
-    h = backbone_states(model, tokens, mask)
-    h_prev = h[:, :-1][plan.rows]                   # [N, D] the state that predicts each target frame
-    targets = tokens[:, 1:, :-1][plan.rows]         # [N, K]
+    h_prev, targets = target_states(model, tokens, mask, plan.rows)
     c0 = model.codebook0_head(h_prev).float().log_softmax(-1)
     c0 = c0.gather(-1, targets[:, :1]).squeeze(-1)
     h_dec, t_dec = h_prev[plan.decoder_index], targets[plan.decoder_index]

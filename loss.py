@@ -87,11 +87,9 @@ def compute_loss(model, tokens: torch.Tensor, mask: torch.Tensor, target: torch.
     `plan` (`plan_targets` of the batch, on the device) may be made by the caller from the CPU copy of the
     mask: then nothing here waits for the GPU (found from a GPU mask, the rows would cost a host-device sync).
     """
-    h = backbone_states(model, tokens, mask)
     if plan is None:
-        plan = plan_targets(mask, target, decoder_fraction, generator).to(h.device)
-    h_prev = h[:, :-1][plan.rows]                   # [N, D] the state that predicts each target frame
-    targets = tokens[:, 1:, :-1][plan.rows]         # [N, K]
+        plan = plan_targets(mask, target, decoder_fraction, generator).to(tokens.device)
+    h_prev, targets = target_states(model, tokens, mask, plan.rows)
     n, k = len(plan.rows[0]), plan.decoder_frames
     c0_logits = model.codebook0_head(h_prev)
     c0_sum = F.cross_entropy(c0_logits.float(), targets[:, 0], reduction="sum")
@@ -113,6 +111,13 @@ def backbone_states(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Te
         raise SequenceTooLongError(f"batch has sequences of {s} frames; the backbone takes at most {max_len}")
     dtype = next(model.parameters()).dtype
     return model.backbone(embed_frames(model, tokens, mask).to(dtype)).to(dtype)
+
+
+def target_states(model, tokens: torch.Tensor, mask: torch.Tensor,
+                  rows: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each target row (`target_indices`), the backbone state that predicts it [N, D] and its codes [N, K]."""
+    h = backbone_states(model, tokens, mask)
+    return h[:, :-1][rows], tokens[:, 1:, :-1][rows]
 
 
 def decoder_logits(model, h_prev: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
