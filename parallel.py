@@ -31,11 +31,13 @@ def wrap(loss_module: nn.Module, strategy: str, rt: Runtime) -> nn.Module:
         fully_shard(loss_module)
         return loss_module
     # gradient_as_bucket_view: gradients live in DDP's communication buckets (no second copy of them).
-    # static_graph: every step uses the same parameters (each micro-batch has audio targets, so the decoder
-    # always runs), which lets DDP skip its per-step search for unused parameters.
+    # No static_graph: with it, the first backward under no_sync() (every micro-batch but the last when
+    # grad_acc_steps > 1) fails in torch 2.11 with "expect_autograd_hooks_ INTERNAL ASSERT FAILED" (reproduced on
+    # CPU with gloo, tests/test_ddp.py). What it saved is nothing here: find_unused_parameters stays off (every
+    # micro-batch has audio targets, so every trained parameter gets a gradient), so DDP searches no graph anyway.
     return nn.parallel.DistributedDataParallel(loss_module,
                                                device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                                               gradient_as_bucket_view=True, static_graph=True)
+                                               gradient_as_bucket_view=True)
 
 
 def is_sharded(model: nn.Module) -> bool:

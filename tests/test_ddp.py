@@ -49,12 +49,13 @@ def test_two_gloo_processes_match_one_process(assets, tmp_path, context):
                             speakers=3 if "context_mode=same_speaker" in context else 0)
     common = _train_args(data, assets["model"], 5, "--val_every", "2", "--save_every", "0",
                          "--set", "decoder_fraction=1.0", *context)
-    # One process, 2 micro-batches of 2 per step == 2 ranks x 1 micro-batch of 2 per step.
+    # One process, 4 micro-batches of 2 per step == 2 ranks x 2 micro-batches of 2 per step: DDP with accumulation
+    # (no_sync on the first micro-batch of each step), which crashed at the first backward with static_graph.
     single = tmp_path / "single"
-    _run([sys.executable, "train.py", *common, "--grad_acc_steps", "2", "--output_dir", str(single)])
+    _run([sys.executable, "train.py", *common, "--grad_acc_steps", "4", "--output_dir", str(single)])
     ddp = tmp_path / "ddp"
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-          "train.py", *common, "--grad_acc_steps", "1", "--output_dir", str(ddp)])
+          "train.py", *common, "--grad_acc_steps", "2", "--output_dir", str(ddp)])
 
     (train_1, val_1), (train_2, val_2) = _losses(single), _losses(ddp)
     assert len(train_1) == len(train_2) == 5 and len(val_1) == len(val_2) == 3
@@ -101,7 +102,8 @@ def _torchrun(*args, processes: int = 2):
 
 @pytest.mark.slow
 def test_fsdp_trains_like_ddp_and_both_resume_exactly(assets, tmp_path):
-    """distributed: fsdp (FSDP2 over 2 gloo processes) gives DDP's losses and weights; its checkpoints gather
+    """distributed: fsdp (FSDP2 over 2 gloo processes, 2 micro-batches a step) gives DDP's losses and weights; its
+    checkpoints gather
     the sharded weights and optimizer states and resume exactly; samples and best/ come from the whole model.
     A resumed DDP run repeats an unbroken one exactly too (each rank's decoder-frame generator is saved)."""
     import shutil
@@ -110,8 +112,9 @@ def test_fsdp_trains_like_ddp_and_both_resume_exactly(assets, tmp_path):
     from weights import load_model
 
     data = write_token_file(tmp_path / "d.hdf5", n_train=16, n_val=4)
+    # With accumulation: both wrappers skip the gradient sync of a step's first micro-batch.
     common = _train_args(data, assets["model"], 4, "--val_every", "2", "--save_every", "2", "--keep_checkpoints", "5",
-                         "--set", "max_grad_norm=0.5",
+                         "--set", "max_grad_norm=0.5", "--grad_acc_steps", "2",
                          "--text_tokenizer", str(assets["text_tokenizer"]), "--mimi_weights", str(assets["mimi"]))
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     _torchrun(*common, "--output_dir", ddp)
