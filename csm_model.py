@@ -175,8 +175,10 @@ class RotaryEmbedding(nn.Module):
 
 class KVCache(nn.Module):
     """Keys and values of past positions for incremental decoding, allocated once: each row writes at its own
-    positions (rows of a batch may be at different lengths), and attention reads the whole cache under a mask
-    (decode_mask), so no step reads a position back to the host and every step has the same shapes."""
+    positions (rows of a batch may be at different lengths), and attention reads the cache's first `length`
+    positions under a mask (decode_mask), so no step reads a position back to the host and every step has the
+    same shapes. `length` (at most the allocated length) lets one allocation serve shorter windows: a compiled
+    generation keeps its caches for the life of the model and picks a window per call."""
 
     def __init__(self, batch_size: int, max_seq_len: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str | None):
@@ -184,6 +186,7 @@ class KVCache(nn.Module):
         shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.length = max_seq_len
 
     def reset(self):
         self.k.zero_()
@@ -191,12 +194,12 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Store k/v ([b, kv_heads, s, head_dim]) at each row's input_pos ([b, s]) and return the first b rows of
-        the whole cache: slots past a row's position hold stale values, which the mask hides."""
-        b = k.shape[0]
+        the cache's window: slots past a row's position hold stale values, which the mask hides."""
+        b, n = k.shape[0], self.length
         index = input_pos[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        self.k[:b].scatter_(2, index, k.to(self.k.dtype))
-        self.v[:b].scatter_(2, index, v.to(self.v.dtype))
-        return self.k[:b], self.v[:b]
+        self.k[:b, :, :n].scatter_(2, index, k.to(self.k.dtype))
+        self.v[:b, :, :n].scatter_(2, index, v.to(self.v.dtype))
+        return self.k[:b, :, :n], self.v[:b, :, :n]
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (indices into the batch), moved to the front: finished rows stop costing work."""
@@ -295,7 +298,12 @@ class Transformer(nn.Module):
         return self.layers[0].attn.kv_cache is not None
 
     def cache_len(self) -> int:
-        return self.layers[0].attn.kv_cache.k.shape[2]
+        return self.layers[0].attn.kv_cache.length
+
+    def set_cache_len(self, length: int) -> None:
+        """Attend over the caches' first `length` positions (at most their allocated length)."""
+        for layer in self.layers:
+            layer.attn.kv_cache.length = length
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         for layer in self.layers:
@@ -496,32 +504,32 @@ class CSM(nn.Module):
         h = self.backbone(embed_frames(self, tokens, tokens_mask).to(dtype), input_pos=input_pos, mask=mask)
         return h[:, -1] if last is None else h[torch.arange(h.shape[0], device=h.device), last]
 
-    def decode_codebooks(self, last_h: torch.Tensor, temperature: float, topk: int, noise: torch.Tensor | None,
-                         codebook_step=None) -> torch.Tensor:
-        """Codebook 0 from the backbone's head, then codebooks 1..K-1 through the decoder, one at a time. The
-        decoder's cache is not cleared between frames: its mask hides the slots this frame has not written.
-        `codebook_step` replaces self.codebook_step (a compiled one takes the codebook as a tensor, so that one
-        graph serves all of them)."""
+    def decode_codebooks(self, last_h: torch.Tensor, temperature: float, topk: int,
+                         noise: torch.Tensor | None) -> torch.Tensor:
+        """Codebook 0 from the backbone's head, then codebooks 1..K-1 through the decoder, one at a time: [b, K]. The
+        decoder's cache is not cleared between frames: its mask hides the slots this frame has not written."""
         k = self.config.audio_num_codebooks
-        sample = sample_topk(self.codebook0_head(last_h), topk, temperature, None if noise is None else noise[:, 0],
-                             MIMI_CARDINALITY)
-        curr_h = torch.cat([last_h.unsqueeze(1), self._embed_audio(0, sample)], dim=1)
+        sample, curr_h = self.first_codebook(last_h, temperature, topk, noise)
         samples = [sample]
         pos = torch.arange(2, device=last_h.device).expand(last_h.shape[0], -1)
-        step, index = codebook_step or self.codebook_step, (lambda i: i)
-        if codebook_step is not None:
-            codebooks = torch.arange(k, device=last_h.device)
-            index = codebooks.__getitem__
         for i in range(1, k):
-            sample, curr_h = step(curr_h, pos, index(i), temperature, topk, noise)
+            sample, curr_h = self.codebook_step(curr_h, pos, i, temperature, topk, noise)
             samples.append(sample)
             pos = pos[:, -1:] + 1
         return torch.cat(samples, dim=1)
 
+    def first_codebook(self, last_h: torch.Tensor, temperature: float, topk: int,
+                       noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codebook 0 of every row from the backbone's head: its sample [b, 1] and the decoder's first input
+        [b, 2, dim] (the backbone's state, then the sample's embedding)."""
+        sample = sample_topk(self.codebook0_head(last_h), topk, temperature, None if noise is None else noise[:, 0],
+                             MIMI_CARDINALITY)
+        return sample, torch.cat([last_h.unsqueeze(1), self._embed_audio(0, sample)], dim=1)
+
     def codebook_step(self, curr_h: torch.Tensor, pos: torch.Tensor, i, temperature: float, topk: int,
                       noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codebook i (an int, or a 0-d tensor) of every row from the decoder: its sample [b, 1] and the
-        sample's embedding, the decoder's next input."""
+        """Codebook i (an int, or a 0-d tensor) of every row from the decoder: its sample [b, 1] and the sample's
+        embedding, the decoder's next input."""
         k = self.config.audio_num_codebooks
         dec_h = self.decoder(self.projection(curr_h), input_pos=pos, mask=decode_mask(pos, k))
         logits = dec_h[:, -1, :] @ _pick(self.audio_head, 0, i - 1)
@@ -530,7 +538,8 @@ class CSM(nn.Module):
 
 
 def _pick(t: torch.Tensor, dim: int, i) -> torch.Tensor:
-    """t's slice i along dim, for an int i (a view) or a 0-d tensor (a gather a compiled graph can take)."""
+    """t's slice i along dim, for an int i (a view) or a 0-d tensor (a gather that one compiled graph serves for
+    every codebook)."""
     return t.select(dim, i) if isinstance(i, int) else t.index_select(dim, i.view(1)).squeeze(dim)
 
 

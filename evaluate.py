@@ -93,7 +93,7 @@ def _evaluate(args, data: Path, out: Path) -> int:
         print(f"warning: --eval_data row {row} skipped: {reason}")
     settings = EvalSettings(max_audio_seconds=args.max_audio_seconds, temperature=args.temperature, topk=args.topk,
                             seed=args.seed, context=context, batch_size=args.batch_size,
-                            step=CompiledStep(model) if args.compile else None)
+                            step=CompiledStep(model, args.batch_size) if args.compile else None)
     print(f"evaluating {len(items)} items from {data} on {device}")
     torch.manual_seed(args.seed)
     result = evaluate_model(model, tokenizer, mimi, items, quality, settings, ceilings=not args.no_ceilings,

@@ -110,7 +110,7 @@ def _generate(args, numbered: list[tuple[int, str]], outputs: list[Path]) -> int
     context = context_segments(args.context_audio, args.context_text, args.context_speaker, names)
     judge = _prompt_judge(args, context, device)  # a judge that cannot be loaded fails before the model loads
     model, tokenizer, mimi = load_speech_model(args, source, device, precision)
-    step = CompiledStep(model) if args.compile else None
+    step = CompiledStep(model, args.batch_size) if args.compile else None
     requests = [SpeechRequest(text, speaker, tuple(context), args.max_audio_seconds, utterance_seed(args.seed, number))
                 for number, text in numbered]
     if args.stream:

@@ -145,13 +145,13 @@ def _prefer(args, data: Path, output: Path, weights: dict[str, float]) -> int:
                    "judges": [args.asr, args.speaker_model, args.language, not args.no_dnsmos],
                    "context": content_digest([[s.text, s.speaker, s.audio] for s in context])}
     attrs = {**settings_attrs(settings), "codebooks": model.config.audio_num_codebooks,
-             "reference_model": str(args.model), "adapter": str(args.adapter or ""), "data": str(data),
+             "reference_model": str(args.model), "reference_compiled": False, "adapter": str(args.adapter or ""), "data": str(data),
              "split": args.split, "context_turns": args.context_turns, "asr": str(args.asr),
              "speaker_model": str(args.speaker_model), "dnsmos": not args.no_dnsmos,
              "fingerprint": json.dumps(fingerprint, sort_keys=True, default=str)}
     run = PreferenceRun(model, tokenizer, mimi, quality, items, skipped, context, settings, output,
                         json.loads(json.dumps(fingerprint, default=str)), attrs,
-                        step=CompiledStep(model) if args.compile else None, device=device)
+                        step=CompiledStep(model, args.batch_size) if args.compile else None, device=device)
     print(f"{len(items)} prompts x {args.n_candidates} candidates from {data} on {device}")
     counts = run.run()
     print(f"wrote {output}: {counts['train']} train and {counts['val']} val pairs (of {len(items)} prompts); every "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import math
 import re
@@ -160,7 +161,10 @@ class Speech:
 
 
 CHECK_EVERY = 8  # frames between the loop's reads of which rows are done (its only host syncs)
-CACHE_ROUND = 64  # cache lengths are rounded up to this, so that compiled steps see few distinct shapes
+CACHE_ROUND = 64  # eager generation: cache lengths are rounded up to this
+# Compiled generation: a batch is padded to the next power of two (at most the step's max_batch) and its cache to
+# one of these lengths (at most the model's limit), so the graphs a process compiles are bounded, whatever it says.
+LENGTH_BUCKETS = (256, 512, 1024, 2048)
 
 
 def _prompt(tokenizer, mimi, request: SpeechRequest, k: int, limit: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -185,8 +189,9 @@ class FrameLoop:
     generated so far is in `codes` ([B, T, K]), `stop_at` (per row, the frames it keeps) and `eos`.
 
     Rows may have prompts of different lengths (padded on the right, each row at its own positions) and caps
-    of their own. A row ends at its EOS frame (not kept) or its cap; finished rows are dropped from the batch
-    at the next check, unless the step is compiled (a new batch size would be a new graph)."""
+    of their own. A row ends at its EOS frame (not kept) or its cap. Eagerly, finished rows are dropped from the
+    batch at the next check. With a compiled `step` (CompiledStep) the batch is padded with empty rows to the
+    step's batch bucket and keeps its shape to the end, and the caches are the step's own."""
 
     def __init__(self, model, prompts: list[tuple[torch.Tensor, torch.Tensor]], caps: list[int], *,
                  temperature: float, topk: int, generators: list[torch.Generator | None], step=None,
@@ -198,60 +203,74 @@ class FrameLoop:
         self.precision = autocast(self.device, precision) if precision else contextlib.nullcontext()
         b, k = len(prompts), model.config.audio_num_codebooks
         lengths = [len(t) for t, _ in prompts]
-        width = max(lengths)
-        self.tokens = torch.zeros(b, width, k + 1, dtype=torch.long)
-        self.mask = torch.zeros(b, width, k + 1, dtype=torch.bool)
+        width, self.frames = max(lengths), max(caps)
+        if step is not None:
+            rows, self.cache_len = step.shape(b, width + self.frames)
+        else:
+            limit = model.backbone.max_seq_len
+            rows, self.cache_len = b, min(limit, -(-(width + self.frames) // CACHE_ROUND) * CACHE_ROUND)
+        # Rows past b (a compiled batch's padding) are one empty frame each: they run, and nothing reads them.
+        self.tokens = torch.zeros(rows, width, k + 1, dtype=torch.long)
+        self.mask = torch.zeros(rows, width, k + 1, dtype=torch.bool)
         for i, (t, m) in enumerate(prompts):
             self.tokens[i, : len(t)], self.mask[i, : len(m)] = t, m
-        self.lengths = torch.tensor(lengths, device=self.device)
-        self.frames = max(caps)
-        limit = model.backbone.max_seq_len
-        self.cache_len = min(limit, -(-(width + self.frames) // CACHE_ROUND) * CACHE_ROUND)
+        self.lengths = torch.tensor(lengths + [1] * (rows - b), device=self.device)
         self.codes = torch.zeros(b, self.frames, k, dtype=torch.int, device=self.device)
         self.stop_at = torch.tensor(caps, device=self.device)
         self.eos = torch.zeros(b, dtype=torch.bool, device=self.device)
 
-    def _noise(self, rows: list[int]) -> torch.Tensor | None:
+    def _noise(self, rows: list[int], padded: int) -> torch.Tensor | None:
         if self.topk == 1:
             return None  # greedy: no noise drawn
         k = self.model.config.audio_num_codebooks
-        return frame_noise([self.generators[r] for r in rows], k, self.topk, self.device)
+        noise = frame_noise([self.generators[r] for r in rows], k, self.topk, self.device)
+        if padded > len(rows):
+            noise = torch.cat([noise, noise.new_zeros(padded - len(rows), k, self.topk)])
+        return noise
 
     def run(self, progress: bool = False) -> Iterator[int]:
-        """Generate; yields the number of frames done at each check. The model's mode and caches are restored."""
-        model, device = self.model, self.device
+        """Generate; yields the number of frames done at each check. The model's mode is restored and its caches
+        removed (a compiled step keeps its own for the next call)."""
+        model, device, compiled = self.model, self.device, self.step is not None
         was_training = model.training
         model.eval()
-        rows = list(range(len(self.tokens)))
+        rows = list(range(len(self.codes)))
+        padded = len(self.tokens)
         index = torch.arange(len(rows), device=device)
         bar = tqdm(total=self.frames, disable=not progress, desc="frames", unit="frame", leave=False)
         try:
-            model.setup_caches(len(rows), self.cache_len)
+            if compiled:
+                self.step.attach(self.cache_len)
+            else:
+                model.setup_caches(padded, self.cache_len)
             tokens, mask = self.tokens.to(device), self.mask.to(device)
-            pos = torch.arange(tokens.shape[1], device=device).expand(len(rows), -1)
+            pos = torch.arange(tokens.shape[1], device=device).expand(padded, -1)
             last = self.lengths - 1
             for t in range(self.frames):
                 # The prompt (its length varies) always runs eagerly; a compiled step takes the one-frame steps.
-                step = self.step if t and self.step is not None else model.generate_frame
+                # A compiled step's output may live in memory its next call overwrites (CUDA graphs): it is copied
+                # (into codes, and into the next input frames) before that call.
+                step = self.step if t and compiled else model.generate_frame
                 with self.precision:
-                    frame = step(tokens, mask, pos, self.temperature, self.topk, self._noise(rows), last)
-                self._record(t, index, frame)
+                    frame = step(tokens, mask, pos, self.temperature, self.topk, self._noise(rows, padded), last)
+                self._record(t, index, frame[: len(rows)])
                 bar.update()
                 tokens, mask = next_input_frames(frame)
                 pos = (last if t == 0 else pos[:, 0]).add(1).clamp(max=self.cache_len - 1).unsqueeze(1)
-                last = None
+                last = frame = None
                 if (t + 1) % self.check_every and t + 1 < self.frames:
                     continue
                 done = (self.stop_at[index] <= t + 1).tolist()  # the one read back: which rows are done
                 yield t + 1
                 if all(done):
                     break
-                if any(done) and self.step is None:
+                if any(done) and not compiled:
                     keep = [i for i, d in enumerate(done) if not d]
                     kept = torch.tensor(keep, device=device)
                     model.keep_rows(kept)
                     rows, index = [rows[i] for i in keep], index[kept]
                     tokens, mask, pos = tokens[kept], mask[kept], pos[kept]
+                    padded = len(rows)
         finally:
             bar.close()
             model.remove_caches()
@@ -272,22 +291,85 @@ def utterance_seed(seed: int, number: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-class CompiledStep:
-    """The model's one-frame step, compiled (torch.compile, fixed shapes; CUDA graphs, mode reduce-overhead, on a
-    GPU) in two parts, so that compiling takes seconds rather than minutes: the backbone's step, and one
-    codebook's decoder step, a single graph for codebooks 1..K-1 (the codebook is a tensor argument). Its
-    greedy output equals the eager step's."""
+def _backbone_part(model, tokens, mask, pos, temperature: float, topk: int, noise):
+    """The backbone's one-frame step and codebook 0: codebook 0's sample and the decoder's first input."""
+    return model.first_codebook(model.backbone_step(tokens, mask, pos), temperature, topk, noise)
 
-    def __init__(self, model):
-        mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
-        self.model = model
-        self.backbone = torch.compile(model.backbone_step, mode=mode, fullgraph=True, dynamic=False)
-        self.codebook = torch.compile(model.codebook_step, mode=mode, fullgraph=True, dynamic=False)
+
+def _codebook_part(model, curr_h, pos, i, temperature: float, topk: int, noise):
+    return model.codebook_step(curr_h, pos, i, temperature, topk, noise)
+
+
+class CompiledStep:
+    """The model's one-frame step, compiled (torch.compile, static shapes; CUDA graphs, mode reduce-overhead, on a
+    GPU), for the life of a loaded model.
+
+    Two graphs make a frame: the backbone's step with codebook 0, and one decoder step that serves codebooks
+    1..K-1 (the codebook is a tensor argument). One graph of the whole frame would launch less, but its unrolled
+    decoder took 153 s to compile per shape (inductor, tiny model, this project's 2-core CPU) against seconds.
+    Under CUDA graphs a call's outputs live in memory that the graph's next replay overwrites, so each output is
+    copied before the next call (the frame into a fresh [b, K], the decoder's input into a tensor of its own).
+
+    The KV caches are allocated once, at `max_batch` rows and the model's whole length, kept for every later call
+    (CUDA graphs record against fixed addresses) and zeroed between calls. A call's batch is padded to a power of
+    two and its cache window to one of LENGTH_BUCKETS, so one process compiles at most `max_graphs` graphs, whatever
+    it is asked to say; a compile past that is an error rather than Dynamo's silent fall back to eager. `backend`
+    and `mode` are torch.compile's (tests pass a backend of their own)."""
+
+    def __init__(self, model, max_batch: int = 8, *, backend="inductor", mode: str | None = "auto"):
+        if max_batch < 1:
+            raise UserError(f"a compiled step needs a batch of at least 1 row, not {max_batch}")
+        device = next(model.parameters()).device
+        if mode == "auto":
+            mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+        self.model, self.max_batch = model, max_batch
+        limit = model.backbone.max_seq_len
+        self.batch_buckets = tuple(sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)}))
+        self.length_buckets = tuple(sorted({min(n, limit) for n in LENGTH_BUCKETS} | {limit}))
+        # A backbone graph per (batch, length) bucket and two decoder graphs per batch bucket (codebook 1 reads two
+        # positions, the others one); x2: greedy or sampled.
+        self.max_graphs = 2 * len(self.batch_buckets) * (len(self.length_buckets) + 2)
+        self._caches = None
+        self._codebooks = [torch.tensor(i, device=device) for i in range(model.config.audio_num_codebooks)]
+        compile_ = functools.partial(torch.compile, backend=backend, mode=mode, fullgraph=True, dynamic=False)
+        self._backbone, self._codebook = compile_(_backbone_part), compile_(_codebook_part)
+
+    def shape(self, batch: int, length: int) -> tuple[int, int]:
+        """(rows, cache length) a call of `batch` rows needing `length` positions runs at: its buckets."""
+        if batch > self.max_batch:
+            raise ValueError(f"a batch of {batch} rows is over the compiled step's max_batch of {self.max_batch}")
+        rows = next(b for b in self.batch_buckets if b >= batch)
+        return rows, next((n for n in self.length_buckets if n >= length), self.length_buckets[-1])
+
+    def attach(self, cache_len: int) -> None:
+        """Give the model the step's caches, zeroed, attending over their first `cache_len` positions (the caller
+        removes them with model.remove_caches())."""
+        model = self.model
+        layers = [layer for stack in (model.backbone, model.decoder) for layer in stack.layers]
+        if self._caches is None:
+            model.setup_caches(self.max_batch)
+            self._caches = [layer.attn.kv_cache for layer in layers]
+        for layer, cache in zip(layers, self._caches):
+            cache.reset()
+            layer.attn.kv_cache = cache
+        model.backbone.set_cache_len(cache_len)
 
     def __call__(self, tokens, mask, pos, temperature: float, topk: int, noise=None, last=None) -> torch.Tensor:
-        last_h = self.backbone(tokens, mask, pos, last)
-        return self.model.decode_codebooks(last_h, temperature, topk, noise, codebook_step=self.codebook)
-
+        """One frame of every row, [b, K], as model.generate_frame gives it (`last` must be None: the prompt runs
+        eagerly)."""
+        model, k = self.model, self.model.config.audio_num_codebooks
+        frame = torch.empty(len(tokens), k, dtype=torch.int, device=tokens.device)
+        with torch._dynamo.config.patch(recompile_limit=self.max_graphs, fail_on_recompile_limit_hit=True):
+            sample, curr_h = self._backbone(model, tokens, mask, pos, temperature, topk, noise)
+            frame[:, :1].copy_(sample)
+            curr_h = curr_h.clone()
+            pos = torch.arange(2, device=tokens.device).expand(len(tokens), -1)
+            for i in range(1, k):
+                sample, curr_h = self._codebook(model, curr_h, pos, self._codebooks[i], temperature, topk, noise)
+                frame[:, i:i + 1].copy_(sample)
+                curr_h = curr_h.clone()
+                pos = pos[:, -1:] + 1
+        return frame
 
 
 def _unseeded(device) -> torch.Generator:

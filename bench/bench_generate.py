@@ -116,7 +116,7 @@ def main(argv=None) -> int:
           "prompt, top-k 50\n")
     rows = []
     for mode in ("eager", *(() if args.no_compile else ("compiled",))):
-        step = CompiledStep(model) if mode == "compiled" else None
+        step = CompiledStep(model, max(batches)) if mode == "compiled" else None
         for batch in batches:
             rows.append((f"ours, {mode}", batch, ours(model, batch, args.frames, step, args.rounds)))
     if not args.no_peer:

@@ -123,10 +123,90 @@ def test_a_frame_step_reads_nothing_back_from_the_device(assets):
         torch.zeros(1, device="meta").item()  # the premise: a read back on the meta device raises
 
 
-def test_the_CompiledStep_equals_the_eager_one(model, text_tokenizer, mimi):
+class CudaGraphLike:
+    """A torch.compile backend that hands out outputs the way CUDA graphs do: each compiled graph writes its
+    outputs into static buffers of its own, which its next call overwrites (so a caller that keeps one call's
+    output across the next reads the later values, as it would on a GPU). It runs the graph as traced and counts
+    the graphs it is given."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        static = []
+
+        def replay(*args):
+            outputs = gm(*args)
+            flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+            if not static:
+                static.extend(torch.empty_like(o) if isinstance(o, torch.Tensor) else None for o in flat)
+            for buffer, o in zip(static, flat):
+                if buffer is not None:
+                    buffer.copy_(o)
+            out = [b if b is not None else o for b, o in zip(static, flat)]
+            return type(outputs)(out) if isinstance(outputs, (tuple, list)) else out[0]
+
+        return replay
+
+
+def test_the_CudaGraphLike_backend_shows_what_a_kept_output_reads(model):
+    """The premise of the tests below: with this backend, an output kept across the graph's next call changes."""
+    backend = CudaGraphLike()
+    double = torch.compile(lambda x: x * 2, backend=backend, fullgraph=True, dynamic=False)
+    first = double(torch.ones(3))
+    double(torch.full((3,), 5.0))
+    assert first.tolist() == [10.0, 10.0, 10.0] and backend.graphs == 1
+
+
+@pytest.mark.parametrize("topk", [1, 50], ids=["greedy", "sampled"])
+def test_a_compiled_step_under_cuda_graph_semantics_speaks_what_eager_speaks(model, text_tokenizer, mimi, topk):
+    """Rows of different prompt lengths, a context turn and caps of their own, batched: the compiled step (its
+    outputs overwritten on each graph's next call, as under CUDA graphs) gives eager's codes, greedy and sampled."""
+    requests = _requests(seed=5)
+    eager = synthesize_batch(model, text_tokenizer, mimi, requests, topk=topk)
+    step = CompiledStep(model, 4, backend=CudaGraphLike())
+    compiled = synthesize_batch(model, text_tokenizer, mimi, requests, topk=topk, step=step)
+    assert all(torch.equal(a.codes, b.codes) and a.stopped == b.stopped for a, b in zip(eager, compiled))
+    assert all(len(s.codes[0]) > 1 for s in eager)  # the premise: the compiled steps ran
+
+
+def test_compiled_generation_compiles_a_bounded_number_of_graphs_across_calls(model, text_tokenizer, mimi):
+    """Calls of several batch sizes and lengths compile a graph per bucket they meet, once: a later call of other
+    sizes in the same buckets compiles nothing, the KV caches are allocated once, and the model is left without
+    caches between calls (training may run in between)."""
+    backend = CudaGraphLike()
+    step = CompiledStep(model, 4, backend=backend)
+    short, long = 0.4, 20.8  # the long one needs more than 256 cache positions: the next length bucket
+    say = (lambda n, seconds: synthesize_batch(model, text_tokenizer, mimi,
+                                                [SpeechRequest(f"Line {i} of {n}.", i, (), seconds, i)
+                                                 for i in range(n)], topk=1, step=step))
+    say(3, short)  # bucket (4 rows, 256): a backbone graph and two decoder graphs
+    after_first = backend.graphs
+    assert after_first == 3
+    pointer = model.backbone.layers[0].attn.kv_cache if model.backbone.caches_are_enabled() else None
+    assert pointer is None  # removed after the call
+    caches = [c.k.data_ptr() for c in step._caches]
+    say(4, short)
+    say(2, short)  # 2 rows: a new batch bucket
+    say(1, long)   # 1 row, 512 positions
+    say(1, short)
+    assert backend.graphs == after_first + 3 + 3 + 1
+    seen = backend.graphs
+    for n, seconds in ((3, short), (2, short), (1, long), (4, short), (1, 0.08)):
+        say(n, seconds)
+    assert backend.graphs == seen <= step.max_graphs
+    assert [c.k.data_ptr() for c in step._caches] == caches
+    with pytest.raises(ValueError, match="over the compiled step's max_batch of 4"):
+        say(5, short)
+
+
+@pytest.mark.slow
+def test_the_CompiledStep_with_inductor_equals_the_eager_one(model, text_tokenizer, mimi):
+    """The real compiler (inductor's C++ on the CPU; on a GPU, bench/gpu_check.py's generate row compares them)."""
     requests = _requests()[:2]
     eager = synthesize_batch(model, text_tokenizer, mimi, requests, topk=1)
-    compiled = synthesize_batch(model, text_tokenizer, mimi, requests, topk=1, step=CompiledStep(model))
+    compiled = synthesize_batch(model, text_tokenizer, mimi, requests, topk=1, step=CompiledStep(model, 2))
     assert all(torch.equal(a.codes, b.codes) for a, b in zip(eager, compiled))
 
 
