@@ -9,12 +9,17 @@ With activation checkpointing, one backbone layer's activations are added: backw
 again and holds its activations while it does.
 State: fp32 weights, gradients of what trains, and optimizer states (AdamW 8 bytes a trained parameter,
 8-bit AdamW 2), counted from the real model's parameters.
+The largest transient: the frame embedding's fp32 [frames, K+1, dim] buffer (the gathered entries in forward, their
+gradient in backward), measured as the peak resident memory of the embedding at CSM-1B's real tables, per frame.
+With checkpointing it is of the size of all the saved activations, so it cannot be left out. It is added to them
+as if both were held at once (in the step they are not: an upper bound).
+The CUDA context (CUDA_CONTEXT_GIB) is an estimate: it cannot be measured without a GPU.
 
     python bench/memory.py [--update_readme README.md]
 
 The README's memory table is this script's output (a test checks that they agree). The fit assumes that
-memory is state + activations (+ 10% for the allocator and temporary buffers): a planning figure, to be
-checked against `bench/train_step.py`'s measured peak on a GPU.
+memory is the CUDA context + state + activations + the transient (+ 10% for the allocator): a planning figure,
+to be checked against `bench/train_step.py`'s measured peak on a GPU.
 """
 import argparse
 import functools
@@ -36,6 +41,7 @@ from loss import compute_loss  # noqa: E402
 GIB = 2**30
 GPU_SIZES_GB = (16, 24, 40, 80)
 OVERHEAD = 1.10  # allocator fragmentation and short-lived buffers, on top of what is counted
+CUDA_CONTEXT_GIB = 0.5  # an estimate (the driver's context and the kernels it loads): nothing here measures it
 README_MARKERS = ("<!-- memory:start -->", "<!-- memory:end -->")
 MODES = {"full": {}, "lora": {"finetune": "lora"}}
 
@@ -114,37 +120,60 @@ def state_bytes(mode: str, optimizer: str) -> float:
 
 ROWS = (("full", "adamw", "full, AdamW"), ("full", "adamw8bit", "full, 8-bit AdamW"),
         ("lora", "adamw", "LoRA r=16, AdamW"))
-HEAD = ("| CSM-1B, bf16 autocast | state GiB | activations MiB/frame | fixed activations GiB | "
+HEAD = ("| CSM-1B, bf16 autocast | state GiB | activations MiB/frame | fixed activations GiB | transient MiB/frame | "
         + " | ".join(f"max_tokens, "
-                     f"{gb} GB" for gb in GPU_SIZES_GB) + " |\n|---|---|---|---|" + "---|" * len(GPU_SIZES_GB))
+                     f"{gb} GB" for gb in GPU_SIZES_GB) + " |\n|---|---|---|---|---|" + "---|" * len(GPU_SIZES_GB))
 
 
 def row(mode: str, optimizer: str, label: str, checkpointing: bool, short: int, long: int) -> str:
     """One line of the table: the state, the activations and the largest max_tokens per GPU size."""
     state = state_bytes(mode, optimizer)
     per_frame, fixed = activation_model(mode, checkpointing, short, long)
-    fits = [max_tokens(gb * 1e9, state, per_frame, fixed) for gb in GPU_SIZES_GB]
+    transient = transient_per_frame()
+    fits = [max_tokens(gb * 1e9, state, per_frame, fixed, transient) for gb in GPU_SIZES_GB]
     fits = [f"{n:,}" if n else "does not fit" for n in fits]
     return (f"| {label}{', checkpointing' if checkpointing else ''} | {state / GIB:.1f} | "
-            f"{per_frame / 2**20:.2f} | {fixed / GIB:.2f} | " + " | ".join(fits) + " |")
+            f"{per_frame / 2**20:.2f} | {fixed / GIB:.2f} | {transient / 2**20:.2f} | " + " | ".join(fits) + " |")
 
 
-def max_tokens(gpu_bytes: float, state: float, per_frame: float, fixed: float) -> int | None:
-    """The largest max_tokens (a multiple of 256) whose state + activations, with the allocator's overhead, fit in
+def peak_bytes(state: float, per_frame: float, fixed: float, transient: float, frames: int,
+               context: bool = True) -> float:
+    """The planning figure of a step's peak: state + activations + the largest transient (+ the CUDA context; a
+    GPU's allocator statistics leave it out, so a comparison with them does too)."""
+    return (CUDA_CONTEXT_GIB * GIB if context else 0) + state + fixed + (per_frame + transient) * frames
+
+
+def max_tokens(gpu_bytes: float, state: float, per_frame: float, fixed: float, transient: float) -> int | None:
+    """The largest max_tokens (a multiple of 256) whose peak_bytes, with the allocator's overhead, fit in
     `gpu_bytes`; None when not even 256 do."""
-    room = gpu_bytes / OVERHEAD - state - fixed
-    return int(room / per_frame) // 256 * 256 if room > 256 * per_frame else None
+    room = gpu_bytes / OVERHEAD - peak_bytes(state, 0, fixed, 0, 0)
+    frames = int(room / (per_frame + transient)) // 256 * 256 if room > 0 else 0
+    return frames or None
 
 
-def read_guide(readme: str) -> dict[str, tuple[float, float]]:
-    """{row label: (activation bytes per frame, fixed activation bytes)} from the README's memory table, which this
-    script wrote: the measured activations, for tools that cannot measure them again (doctor.py)."""
+def read_guide(readme: str) -> dict[str, tuple[float, float, float]]:
+    """{row label: (activation bytes per frame, fixed activation bytes, transient bytes per frame)} from the README's
+    memory table, which this script wrote: the measured figures, for tools that cannot measure them again
+    (doctor.py)."""
     start, end = README_MARKERS
     if start not in readme or end not in readme:
         return {}
     rows = readme.split(start)[1].split(end)[0].strip().splitlines()[2:]
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
-    return {c[0]: (float(c[2]) * 2**20, float(c[3]) * GIB) for c in cells if len(c) >= 4}
+    return {c[0]: (float(c[2]) * 2**20, float(c[3]) * GIB, float(c[4]) * 2**20) for c in cells if len(c) >= 5}
+
+
+@functools.lru_cache(maxsize=None)
+def transient_per_frame(batch: int = 16, length: int = 256) -> float:
+    """Bytes per frame of the largest short-lived buffer of a step: the frame embedding's peak above what it
+    starts with, in forward, or in backward less the two tables' gradients (counted in the state), whichever is
+    larger; measured at CSM-1B's real tables, in a process of its own."""
+    args = ModelArgs()
+    dim = FLAVORS[args.backbone_flavor].embed_dim
+    table_gradients = 4 * dim * (args.text_vocab_size + args.audio_vocab_size * args.audio_num_codebooks)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        forward, backward = pool.submit(_embedding_peaks, "this", batch, length).result()
+    return max(forward, backward - table_gradients) / (batch * length)
 
 
 def official_frame_embedding(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -192,12 +192,16 @@ def step_flops(args: ModelArgs, batch: int = 16, length: int = 256, decoder_frac
 
 
 def predicted_peak_gib(mode: str, optimizer: str, checkpointing: bool, frames: int) -> float:
-    """bench/memory.py's planning figure for this configuration (state + activations, no overhead added)."""
+    """bench/memory.py's planning figure for this configuration (state + activations + the largest transient; no
+    overhead, and no CUDA context, which the allocator's peak it is compared with leaves out too), from the
+    README's memory table, which that script wrote (measuring again takes a minute of CPU)."""
     import memory
 
-    short, long = 128, 384
-    per_frame, fixed = memory.activation_model(mode, checkpointing, short, long)
-    return (memory.state_bytes(mode, optimizer) + fixed + per_frame * frames) / 2**30
+    label = next(label for m, o, label in memory.ROWS if (m, o) == (mode, optimizer))
+    guide = memory.read_guide((ROOT / "README.md").read_text())
+    per_frame, fixed, transient = guide[label + (", checkpointing" if checkpointing else "")]
+    return memory.peak_bytes(memory.state_bytes(mode, optimizer), per_frame, fixed, transient, frames,
+                             context=False) / 2**30
 
 
 BIG_RUNS = [("1B, fp32, AdamW", {"precision": "fp32"}),
