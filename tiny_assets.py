@@ -316,7 +316,8 @@ def make_preference_file(path, model_dir, n_train=8, n_val=2, seed=0, short=(2, 
             for c, (c0, decoder) in zip([p.chosen for p in pairs] + [p.rejected for p in pairs], scored):
                 c.ref_c0, c.ref_decoder = c0, decoder
         splits[split] = pairs
-    with write_preference_file(path, {"codebooks": k, "reference_model": str(model_dir)}) as add:
+    attrs = {"codebooks": k, "reference_model": str(model_dir), "precision": "fp32", "reference_compiled": False}
+    with write_preference_file(path, attrs) as add:
         for split, pairs in splits.items():
             if pairs or split == "train":
                 add(split, pairs)

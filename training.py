@@ -527,7 +527,7 @@ def open_data(cfg: TrainConfig, data: str, rt: Runtime) -> RunData:
     if cfg.eval_every:
         check_eval_source(cfg, data)
     if preferences:
-        check_reference(cfg, data)
+        check_reference(cfg, data, resolve_precision(cfg.precision, rt.device))
         train_set = PairDataset(data, "train", max_seq_len=cfg.max_seq_len)
         val_set = PairDataset(data, "val", max_seq_len=cfg.max_seq_len) if splits.get("val") else None
         collate_fn = partial(collate_pairs, num_codebooks=train_set.num_codebooks)
@@ -564,10 +564,19 @@ def data_splits(data: str | Path) -> dict[str, int]:
     return open_preference_file(data) if is_preference_file(data) else open_splits(data)
 
 
-def check_reference(cfg: TrainConfig, data: str) -> None:
-    """DPO starts from the model whose log-probabilities the preference file holds (its reference): another one
-    would make every log-ratio wrong from the first step, so a `model` that names another local path is warned of."""
-    recorded = str(settings_of(data).get("reference_model") or "")
+def check_reference(cfg: TrainConfig, data: str, precision: str) -> None:
+    """DPO starts from the model whose log-probabilities the preference file holds (its reference), computed as the
+    run computes them: another model would make every log-ratio wrong from the first step, and another precision
+    or compile setting moves them by its rounding, so either is warned of, in one line naming both."""
+    settings = settings_of(data)
+    made = (str(settings.get("precision") or ""), bool(settings.get("reference_compiled", False)))
+    if made[0] and made != (precision, cfg.compile):
+        how = (lambda p, c: f"{p}, {'compiled' if c else 'eager'}")
+        print0(f"warning: {data}'s reference log-probabilities were computed in {how(*made)}, but this run trains in "
+               f"{how(precision, cfg.compile)}: the first step's dpo_loss is off log 2 by the difference in rounding "
+               f"(prefer.py --precision {precision}, or train with precision: {made[0]}, matches them)",
+               file=sys.stderr)
+    recorded = str(settings.get("reference_model") or "")
     if not recorded or cfg.train_from_scratch:
         return
     same = recorded == cfg.model

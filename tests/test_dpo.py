@@ -437,6 +437,24 @@ def _train_cli(data, assets, out, *extra):
                            "--wandb_mode", "disabled", *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+def test_a_run_at_another_precision_or_compile_setting_than_the_reference_is_warned_of(assets, prefs, capsys):
+    """The file records the precision and compile setting its reference log-probabilities were computed in (fp32,
+    eager here); a run that differs in either gets one warning line naming both, a matching run none."""
+    import runtime
+
+    cpu = runtime.Runtime(torch.device("cpu"))
+    for overrides, said in (({}, None), ({"precision": "bf16"}, "bf16, eager"), ({"compile": True}, "fp32, compiled"),
+                            ({"precision": "auto"}, None)):  # auto is fp32 on the CPU
+        training.check_reference(_cfg(assets, **overrides), str(prefs),
+                                 runtime.resolve_precision(overrides.get("precision", "fp32"), cpu.device))
+        err = capsys.readouterr().err
+        if said is None:
+            assert err == "", overrides
+        else:
+            assert err.count("\n") == 1 and "computed in fp32, eager, but this run trains in " + said in err, err
+    assert settings_of(prefs)["precision"] == "fp32" and settings_of(prefs)["reference_compiled"] in (False, 0)
+
+
 def test_the_wrong_file_for_the_objective_is_one_clear_line(assets, prefs, tmp_path):
     tokens = write_token_file(tmp_path / "tokens.hdf5", n_train=4, n_val=0)
     for data, extra, message in ((tokens, ["--set", "objective=dpo"], "is not a preference file"),
