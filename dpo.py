@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from dataloaders import collate
-from loss import decoder_frame_count, decoder_logits, decoder_subset, target_indices, target_states
+from loss import at_least_one, decoder_frame_count, decoder_logits, decoder_subset, target_indices, target_states
 from preference_file import Pair, read_pairs
 from token_file import DataError
 
@@ -171,12 +171,12 @@ def dpo_terms(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> Pai
     return PairTerms(-F.logsigmoid(margins), margins, chosen, rejected, policy[:p])
 
 
-def dpo_loss(terms: PairTerms, pairs_total: int, chosen_codes_total: int, sft_weight: float) -> torch.Tensor:
+def dpo_loss(terms: PairTerms, pairs_total, chosen_codes_total, sft_weight: float) -> torch.Tensor:
     """This micro-batch's share of the step's loss: the DPO losses over the step's pairs (all micro-batches and
     processes), plus `sft_weight` x the chosen candidates' negative log-likelihood per code (target frames x K)."""
-    loss = terms.losses.sum() / max(pairs_total, 1)
+    loss = terms.losses.sum() / at_least_one(pairs_total)
     if sft_weight:
-        loss = loss - sft_weight * terms.chosen_logp.sum() / max(chosen_codes_total, 1)
+        loss = loss - sft_weight * terms.chosen_logp.sum() / at_least_one(chosen_codes_total)
     return loss
 
 

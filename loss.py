@@ -134,13 +134,19 @@ def decoder_logits(model, h_prev: torch.Tensor, codes: torch.Tensor) -> torch.Te
     return torch.einsum("nsd,sdv->nsv", dec_h[:, 1:, :], model.audio_head.to(dec_h.dtype))
 
 
-def combine_loss(terms: LossTerms, n_c0_total: int, n_decoder_total: int, decoder_loss_weight: float) -> torch.Tensor:
-    """The original objective 2((1-w) c0 + w dec), each term normalised by the step's total target count.
+def combine_loss(terms: LossTerms, n_c0_total, n_decoder_total, decoder_loss_weight: float) -> torch.Tensor:
+    """The original objective 2((1-w) c0 + w dec), each term normalised by the step's total target count (ints, or
+    0-d tensors on the device: a step's totals summed over processes stay there).
 
     Summing this over the micro-batches of an accumulated step gives the loss of the whole step.
     """
-    return weighted_loss(terms.c0_sum / max(n_c0_total, 1), terms.decoder_sum / max(n_decoder_total, 1),
+    return weighted_loss(terms.c0_sum / at_least_one(n_c0_total), terms.decoder_sum / at_least_one(n_decoder_total),
                          decoder_loss_weight)
+
+
+def at_least_one(n):
+    """max(n, 1) of a count that is an int or a tensor (a tensor's is taken on its device, without reading it)."""
+    return n.clamp(min=1) if isinstance(n, torch.Tensor) else max(n, 1)
 
 
 def weighted_loss(c0_mean, decoder_mean, decoder_loss_weight: float):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from dpo import dpo_loss, pair_terms, PairBatch, plan_pairs
-from loss import combine_loss, compute_loss, plan_targets, weighted_loss
+from loss import at_least_one, combine_loss, compute_loss, plan_targets, weighted_loss
 from runtime import all_reduce_sum, autocast
 
 OBJECTIVES = ("sft", "dpo")
@@ -30,11 +30,13 @@ class SFT:
         return plan.counts(self.k)
 
     def loss(self, loss_model, batch, plan, totals) -> tuple[torch.Tensor, torch.Tensor]:
+        """A micro-batch's share of the step's loss and its logged numbers; `totals` ([2], on the device): the
+        step's counts summed over micro-batches and processes."""
         tokens, mask, target = batch
         terms = loss_model(compute_loss, tokens, mask, target, plan=plan)
-        loss = combine_loss(terms, int(totals[0]), int(totals[1]), self.cfg.decoder_loss_weight)
-        parts = torch.stack([loss.detach(), terms.c0_sum.detach() / max(totals[0], 1),
-                             terms.decoder_sum.detach() / max(totals[1], 1)])
+        loss = combine_loss(terms, totals[0], totals[1], self.cfg.decoder_loss_weight)
+        parts = torch.stack([loss.detach(), terms.c0_sum.detach() / at_least_one(totals[0]),
+                             terms.decoder_sum.detach() / at_least_one(totals[1])])
         return loss, parts
 
     def sums(self, loss_model, batch, plan) -> list[float]:
@@ -77,7 +79,7 @@ class DPO:
                 terms.margins.sum(), terms.chosen_ratio.sum(), terms.rejected_ratio.sum()]
 
     def loss(self, loss_model, batch: PairBatch, plan, totals) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs, codes = max(totals[0], 1), max(totals[1], 1)
+        pairs, codes = at_least_one(totals[0]), at_least_one(totals[1])
         terms = self._terms(loss_model, batch, plan)
         loss = dpo_loss(terms, pairs, codes, self.cfg.dpo_sft_weight)
         dpo_sum, chosen_logp, right, margin, chosen, rejected = (t.detach() for t in self._parts(terms))

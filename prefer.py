@@ -145,7 +145,8 @@ def _prefer(args, data: Path, output: Path, weights: dict[str, float]) -> int:
                    "judges": [args.asr, args.speaker_model, args.language, not args.no_dnsmos],
                    "context": content_digest([[s.text, s.speaker, s.audio] for s in context])}
     attrs = {**settings_attrs(settings), "codebooks": model.config.audio_num_codebooks,
-             "reference_model": str(args.model), "reference_compiled": False, "adapter": str(args.adapter or ""), "data": str(data),
+             "reference_model": str(args.model), "reference_compiled": False, "adapter": str(args.adapter or ""),
+             "data": str(data),
              "split": args.split, "context_turns": args.context_turns, "asr": str(args.asr),
              "speaker_model": str(args.speaker_model), "dnsmos": not args.no_dnsmos,
              "fingerprint": json.dumps(fingerprint, sort_keys=True, default=str)}

@@ -96,11 +96,15 @@ def train_step(loss_model: nn.Module, micro_batches: list, cfg: TrainConfig, rt:
     (objectives.py) and the step's own."""
     objective = make_objective(cfg, num_codebooks)
     # Everything that depends on the batch layout is read from the CPU copies of the masks; the step's
-    # numbers stay on the device until one read at its end (`read_stats`: the step's only host-device sync
-    # in one process; DDP adds the all-reduce of the counts before the first forward).
+    # numbers stay on the device until one read at its end (`read_stats`: the step's only host-device sync, in one
+    # process and under DDP or FSDP alike: the counts that normalise the loss are summed over processes on the
+    # device and never read back).
     plans = [objective.plan(batch, generator) for batch in micro_batches]
     counts = [objective.counts(plan) for plan in plans]
-    totals = all_reduce_sum([sum(c[0] for c in counts), sum(c[1] for c in counts)], rt)
+    totals = to_device(torch.tensor([sum(c[0] for c in counts), sum(c[1] for c in counts)], dtype=torch.float64),
+                       rt.device)
+    if rt.distributed:
+        dist.all_reduce(totals)
     n = len(objective.stats)
     stats = torch.zeros(n + 2, dtype=torch.float64, device=rt.device)  # the objective's numbers, real, padded
     real = padded = 0
@@ -571,9 +575,9 @@ def check_reference(cfg: TrainConfig, data: str, precision: str) -> None:
     settings = settings_of(data)
     made = (str(settings.get("precision") or ""), bool(settings.get("reference_compiled", False)))
     if made[0] and made != (precision, cfg.compile):
-        how = (lambda p, c: f"{p}, {'compiled' if c else 'eager'}")
-        print0(f"warning: {data}'s reference log-probabilities were computed in {how(*made)}, but this run trains in "
-               f"{how(precision, cfg.compile)}: the first step's dpo_loss is off log 2 by the difference in rounding "
+        made_how, run_how = (f"{p}, {'compiled' if c else 'eager'}" for p, c in (made, (precision, cfg.compile)))
+        print0(f"warning: {data}'s reference log-probabilities were computed in {made_how}, but this run trains in "
+               f"{run_how}: the first step's dpo_loss is off log 2 by the difference in rounding "
                f"(prefer.py --precision {precision}, or train with precision: {made[0]}, matches them)",
                file=sys.stderr)
     recorded = str(settings.get("reference_model") or "")

@@ -178,9 +178,11 @@ def test_compiled_generation_compiles_a_bounded_number_of_graphs_across_calls(mo
     backend = CudaGraphLike()
     step = CompiledStep(model, 4, backend=backend)
     short, long = 0.4, 20.8  # the long one needs more than 256 cache positions: the next length bucket
-    say = (lambda n, seconds: synthesize_batch(model, text_tokenizer, mimi,
-                                                [SpeechRequest(f"Line {i} of {n}.", i, (), seconds, i)
-                                                 for i in range(n)], topk=1, step=step))
+
+    def say(n, seconds):
+        requests = [SpeechRequest(f"Line {i} of {n}.", i, (), seconds, i) for i in range(n)]
+        return synthesize_batch(model, text_tokenizer, mimi, requests, topk=1, step=step)
+
     say(3, short)  # bucket (4 rows, 256): a backbone graph and two decoder graphs
     after_first = backend.graphs
     assert after_first == 3

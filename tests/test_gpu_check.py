@@ -128,6 +128,10 @@ def test_the_csm1b_rows_come_first_and_each_part_fits_one_ten_minute_command_wit
     for part, budget in gpu_check.PART_BUDGETS.items():
         assert budget == sum(limit for _, _, _, p, limit in gpu_check.ROWS if p in (0, part)) <= 450
     assert sum(gpu_check.PART_BUDGETS.values()) <= 15 * 60 - 120  # a 15-minute lease, less the machine's start
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    for part, budget in gpu_check.PART_BUDGETS.items():  # the README's commands for a short GPU window
+        assert f"gpu_check.py --output gpu_check_out --part {part}" in readme and f"at most {budget} s" in readme
+    assert ", ".join(f"`{name}` {limit}" for name, _, _, part, limit in gpu_check.ROWS if part == 1) in readme
 
 
 def test_the_second_part_joins_the_first_parts_report(tmp_path, monkeypatch):

@@ -244,10 +244,18 @@ def test_missing_data_file_is_a_clear_error(assets, tmp_path):
         training.train(tiny_cfg(assets), tmp_path / "nope.hdf5", tmp_path / "out", device="cpu")
 
 
-def test_a_training_step_reads_from_the_device_once(assets, token_file, monkeypatch):
+@pytest.mark.parametrize("processes", [1, 2], ids=["one process", "2-process DDP"])
+def test_a_training_step_reads_from_the_device_once(assets, token_file, monkeypatch, processes):
     """On the meta device every host-device sync (.item(), a boolean index's nonzero, .tolist(), float())
     raises: a whole optimizer step (accumulation, clipping, AdamW) runs there but for its one read of the
-    step's numbers (`read_stats`), which is counted."""
+    step's numbers (`read_stats`), which is counted. As one of 2 DDP processes too (a process group of the
+    fake backend, whose collectives take meta tensors): the counts that normalise the loss and the step's numbers
+    are all-reduced on the device, and nothing more is read. (DDP's wrapper itself cannot be built on the meta
+    device, as it checks the processes' parameter shapes with .item(): the step runs on the unwrapped module,
+    whose gradient sync DDP's hooks add without a read.)"""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
     from dataloaders import CSMDataset, make_loader
     from optim import make_optimizer
 
@@ -259,11 +267,22 @@ def test_a_training_step_reads_from_the_device_once(assets, token_file, monkeypa
     optimizer = make_optimizer(model, cfg, meta)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     batches = list(make_loader(CSMDataset(str(token_file), "train"), batch_size=4, seed=0))[:3]
-    reads = []
+    reads, reduced = [], []
     monkeypatch.setattr(training, "read_stats", lambda t: reads.append(t.shape) or [1.0, 1.0, 1.0, 10.0, 12.0, 1.0])
-    stats = training.train_step(training.LossModule(model), batches, cfg, runtime.Runtime(meta), "fp32", optimizer,
-                                scaler, torch.Generator().manual_seed(0), model.config.audio_num_codebooks)
+    rt = runtime.Runtime(meta)
+    if processes > 1:
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=processes)
+        rt = runtime.Runtime(meta, rank=0, world_size=processes, distributed=True)
+        real = dist.all_reduce
+        monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: reduced.append(t.device.type) or real(t, *a, **k))
+    try:
+        stats = training.train_step(training.LossModule(model), batches, cfg, rt, "fp32", optimizer, scaler,
+                                    torch.Generator().manual_seed(0), model.config.audio_num_codebooks)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     assert reads == [torch.Size([6])] and stats["finite"]
+    assert reduced == ([] if processes == 1 else ["meta", "meta"])  # the counts, then the step's numbers
     with pytest.raises(Exception):
         torch.zeros(1, device="meta").item()  # the premise: a sync on the meta device raises
 
