@@ -16,14 +16,15 @@ from pathlib import Path
 import torch
 
 from metrics import BY_NAME, QUALITY, ROWS
-from utils import check_number, run_cli, UserError
+from utils import check_number, run_cli
 from runtime import resolve_device, resolve_precision
 from outputs import claim_output_dir, clear_dir
 from weights import resolve_source
 from adapters import read_adapter
-from evaluation import add_item_flags, EvalSettings, evaluate_model, is_token_file, load_items, write_report
-from synthesis import (add_speech_flags, CompiledStep, context_segments, load_speech_model, model_speaker_names,
-                       prompt_segments)
+from evaluation import (add_item_flags, check_item_source, EvalSettings, evaluate_model, is_token_file, load_items,
+                        write_report)
+from synthesis import (add_speech_flags, check_speech_flags, CompiledStep, context_segments, load_speech_model,
+                       model_speaker_names, prompt_segments)
 from speech_metrics import add_judge_flags, judges_of
 from config import load_config
 
@@ -56,18 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_speech_flags(args)
     check_number("--n", args.n, min=0, max=10**7)
     check_number("--context_turns", args.context_turns, min=0, max=64)
-    check_number("--temperature", args.temperature, gt=0, max=100)
-    check_number("--topk", args.topk, min=1)
-    check_number("--max_audio_seconds", args.max_audio_seconds, gt=0, max=160)
     check_number("--seed", args.seed, min=0, max=2**32 - 1)
-    check_number("--batch_size", args.batch_size, min=1, max=4096)
-    data = Path(args.eval_data)
-    if data.is_dir():
-        raise UserError(f"--eval_data {data} is a directory; give a metadata file or a token file (.hdf5)")
-    if not data.is_file():
-        raise UserError(f"--eval_data {data}: no such file")
+    data = check_item_source(args.eval_data)
     inputs = [("--eval_data", data), ("--model", args.model), ("--adapter", args.adapter),
               *[("--context_audio", a) for a in args.context_audio]]
     with claim_output_dir(args.output_dir, "--output_dir", inputs=inputs, overwrite=args.overwrite) as out:

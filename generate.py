@@ -15,8 +15,9 @@ import soundfile as sf
 
 from adapters import read_adapter
 from metadata import visible_text
-from synthesis import (add_speech_flags, CompiledStep, context_segments, load_speech_model, model_speaker_names,
-                       parse_speaker, SpeechRequest, SpeechStream, synthesize_batch, utterance_seed)
+from synthesis import (add_speech_flags, check_prompts, check_speech_flags, CompiledStep, context_segments,
+                       encode_context, load_speech_model, model_speaker_names, parse_speaker, SpeechRequest,
+                       SpeechStream, synthesize_batch, utterance_seed)
 from codec import MIMI_SAMPLE_RATE
 from utils import check_number, run_cli, UserError
 from runtime import resolve_device, resolve_precision
@@ -58,11 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Load model, tokenizers and context once, then write one wav per utterance."""
     args = build_parser().parse_args(argv)
-    check_number("--temperature", args.temperature, gt=0, max=100)
-    check_number("--topk", args.topk, min=1)
-    check_number("--max_audio_seconds", args.max_audio_seconds, gt=0, max=160)
+    check_speech_flags(args)
     check_number("--seed", args.seed, min=0, max=2**63 - 1)
-    check_number("--batch_size", args.batch_size, min=1, max=4096)
     if args.speaker_model and not args.context_audio:
         raise UserError("--speaker_model reports each wav's similarity to the prompt: give --context_audio too")
     if args.stream and args.lines:
@@ -111,8 +109,12 @@ def _generate(args, numbered: list[tuple[int, str]], outputs: list[Path]) -> int
     judge = _prompt_judge(args, context, device)  # a judge that cannot be loaded fails before the model loads
     model, tokenizer, mimi = load_speech_model(args, source, device, precision)
     step = CompiledStep(model, args.batch_size) if args.compile else None
-    requests = [SpeechRequest(text, speaker, tuple(context), args.max_audio_seconds, utterance_seed(args.seed, number))
+    context = encode_context(context, mimi, model.config.audio_num_codebooks)  # once, not once a line
+    requests = [SpeechRequest(text, speaker, context, args.max_audio_seconds, utterance_seed(args.seed, number))
                 for number, text in numbered]
+    # Every line is checked before the first is spoken: a line too long for the model stops nothing midway.
+    check_prompts(model, tokenizer, mimi, requests,
+                  [f"--lines {args.lines} line {number + 1}" if args.lines else "--text" for number, _ in numbered])
     if args.stream:
         return _stream(model, tokenizer, mimi, requests[0], outputs[0], args, step)
     for start in range(0, len(requests), args.batch_size):

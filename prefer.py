@@ -22,7 +22,8 @@ from preference_file import is_preference_file
 from preferences import candidates_csv, DEFAULT_WEIGHTS, PreferenceRun, PreferSettings, REWARD_TERMS, settings_attrs
 from runtime import resolve_device, resolve_precision
 from speech_metrics import add_judge_flags, judges_of
-from synthesis import add_speech_flags, CompiledStep, context_segments, load_speech_model, model_speaker_names
+from synthesis import (add_speech_flags, check_speech_flags, CompiledStep, context_segments, load_speech_model,
+                       model_speaker_names)
 from utils import check_number, content_digest, run_cli, UserError
 from weights import resolve_source
 
@@ -90,17 +91,14 @@ def _identity(path) -> object:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_speech_flags(args)
     check_number("--n", args.n, min=0, max=10**8)
     check_number("--context_turns", args.context_turns, min=0, max=64)
     check_number("--n_candidates", args.n_candidates, min=2, max=256)
     check_number("--margin", args.margin, min=0, max=1e6)
     check_number("--val_fraction", args.val_fraction, min=0, max=0.9)
     check_number("--save_every", args.save_every, min=1, max=10**7)
-    check_number("--max_audio_seconds", args.max_audio_seconds, gt=0, max=160)
     check_number("--seed", args.seed, min=0, max=2**31 - 1)
-    check_number("--temperature", args.temperature, gt=0, max=100)
-    check_number("--topk", args.topk, min=1)
-    check_number("--batch_size", args.batch_size, min=1, max=4096)
     weights = reward_weights(args)
     data = Path(args.data)
     if data.is_dir():

@@ -13,19 +13,20 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from frames import Segment, audio_frames, next_input_frames, text_frames
 from tokenization import encode_text, load_text_tokenizer, resolve_text_tokenizer
 from codec import decode_audio, load_mimi, MIMI_FRAME_RATE, SAMPLES_PER_FRAME
-from utils import UserError
+from utils import check_number, UserError
 from runtime import autocast, DTYPES, PRECISIONS
 from audio_io import read_audio
 from token_file import SPEAKERS_NAME, speaker_names
 from weights import DEFAULT_MODEL, load_model
 from adapters import load_adapter
-from csm_model import frame_noise
+from csm_model import frame_noise, MIMI_CARDINALITY
 
 
 def add_speech_flags(p: argparse.ArgumentParser, *, context_speaker: str, precision_note: str = "") -> None:
@@ -61,6 +62,15 @@ def add_speech_flags(p: argparse.ArgumentParser, *, context_speaker: str, precis
                         "faster frames")
 
 
+def check_speech_flags(args) -> None:
+    """The numbers of the speech flags, before any work: top-k is at most a codebook's size (a larger one would only
+    draw noise for ids that cannot win)."""
+    check_number("--temperature", args.temperature, gt=0, max=100)
+    check_number("--topk", args.topk, min=1, max=MIMI_CARDINALITY)
+    check_number("--max_audio_seconds", args.max_audio_seconds, gt=0, max=160)
+    check_number("--batch_size", args.batch_size, min=1, max=4096)
+
+
 def load_speech_model(args, source, device, precision: str):
     """The model of the speech flags (`source`: --model resolved; --adapter applied, unmerged) in the precision's
     dtype, its text tokenizer and Mimi."""
@@ -94,8 +104,14 @@ def prompt_segments(turns: list[dict], names: dict[str, int] | None = None) -> l
     for turn in turns:
         if not str(turn["text"]).strip():
             raise UserError(f"the context turn with audio {turn['audio']} has an empty transcript")
+        audio = read_audio(turn["audio"])
+        if len(audio) < SAMPLES_PER_FRAME:  # Mimi makes no frame of it: the turn would be its text alone
+            raise UserError(f"the context audio {turn['audio']} holds {len(audio)} samples at 24 kHz, less than one "
+                            f"frame ({SAMPLES_PER_FRAME}, 80 ms); give a recording of the turn")
+        if not np.isfinite(audio).all():
+            raise UserError(f"the context audio {turn['audio']} holds NaN or infinite samples")
         segments.append(Segment(str(turn["text"]).strip(), parse_speaker(turn["speaker"], names, "--context_speaker"),
-                                torch.from_numpy(read_audio(turn["audio"]))))
+                                torch.from_numpy(audio)))
     return segments
 
 
@@ -181,6 +197,22 @@ def _prompt(tokenizer, mimi, request: SpeechRequest, k: int, limit: int) -> tupl
                         f"{int(cap)} more, over the model's {limit}-frame limit; shorten the text or context, "
                         "or lower --max_audio_seconds")
     return tokens, mask, int(cap)
+
+
+def encode_context(segments, mimi, k: int) -> tuple[Segment, ...]:
+    """Context turns with their audio encoded once (kept beside it), for prompts that share them."""
+    return tuple(Segment(s.text, s.speaker, s.audio, s.turn_codes(mimi, k)) for s in segments)
+
+
+def check_prompts(model, tokenizer, mimi, requests: list[SpeechRequest], labels: list[str]) -> None:
+    """Every request's prompt against the model's length limit, before any is spoken: the first that does not fit
+    is one line naming it (`labels[i]`, e.g. "--lines line 7")."""
+    k, limit = model.config.audio_num_codebooks, model.backbone.max_seq_len
+    for request, label in zip(requests, labels):
+        try:
+            _prompt(tokenizer, mimi, request, k, limit)
+        except UserError as e:
+            raise UserError(f"{label}: {e}") from None
 
 
 class FrameLoop:

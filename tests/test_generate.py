@@ -201,3 +201,32 @@ def test_generation_reports_its_similarity_to_the_prompt(assets, tmp_path, capsy
     assert -1 <= said <= 1
     with pytest.raises(utils.UserError, match="give --context_audio too"):
         generate.main(_cli(assets, "--text", "Hi.", "--output", str(tmp_path / "x.wav"), "--speaker_model", "m"))
+
+
+def test_bad_prompts_are_refused_before_anything_is_spoken(assets, tmp_path):
+    """A --lines line too long for the model is named by its number before any line is spoken; a context wav
+    with no frame's worth of samples, or with NaN samples, is one line; so is a --topk past a codebook's size, in
+    every command that speaks (it once allocated [rows, 32, topk] of noise)."""
+    import evaluate
+    import prefer
+
+    lines = tmp_path / "lines.txt"
+    lines.write_text("Short.\n\n" + "many words " * 40 + "\n")
+    out = tmp_path / "out.wav"
+    with pytest.raises(utils.UserError, match=r"^--lines .*lines.txt line 3: the text and context take \d+ frames"):
+        generate.main(_cli(assets, "--lines", str(lines), "--output", str(out), "--max_audio_seconds", "160"))
+    assert not list(tmp_path.glob("out*"))
+    for samples, message in ((np.zeros(0, np.float32), "holds 0 samples at 24 kHz, less than one frame"),
+                             (np.full(4800, np.nan, np.float32), "NaN or infinite samples")):
+        wav = tmp_path / "context.wav"
+        sf.write(wav, samples, 24000, subtype="FLOAT")
+        with pytest.raises(utils.UserError, match=message):
+            generate.main(_cli(assets, "--text", "Hi.", "--output", str(out), "--context_audio", str(wav),
+                               "--context_text", "Before.", "--context_speaker", "0"))
+        assert not out.exists()
+    for main, args in ((generate.main, ["--text", "Hi.", "--output", str(out)]),
+                       (evaluate.main, ["--eval_data", str(lines), "--output_dir", str(tmp_path / "ev")]),
+                       (prefer.main, ["--data", str(lines), "--output", str(tmp_path / "p.hdf5")])):
+        with pytest.raises(utils.UserError, match="--topk must be <= 2048, got 4096"):
+            main([*args, "--topk", "4096"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["context.wav", "lines.txt"]
