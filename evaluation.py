@@ -31,6 +31,7 @@ from outputs import atomic_path, write_text_atomic
 from audio_io import read_audio
 from metadata import SkipRow, check_row, read_metadata, turn_order
 import token_file
+from preference_file import is_preference_file
 from synthesis import SpeechRequest, synthesize_batch
 from dnsmos import Score, SCORES as DNSMOS_SCORES
 
@@ -202,16 +203,25 @@ def items_from_token_file(path: Path, split: str, n: int | None, seed: int, toke
     return items, skipped
 
 
-def load_items(source: str | Path, *, split: str = "val", n: int | None = None, seed: int = 0, tokenizer=None,
-               trust_pickle: bool = False, flag: str = "--eval_data",
-               context_turns: int = 0) -> tuple[list[EvalItem], list]:
-    """Items from a metadata file or a token file (its `split`); (items, skipped rows with reasons). Errors name
-    the file by `flag`, the option that gave it."""
+def check_item_source(source: str | Path, flag: str = "--eval_data") -> Path:
+    """A file items can come from (a metadata file or a token file), checked before any model loads."""
     path = Path(source)
     if path.is_dir():
         raise UserError(f"{flag} {path} is a directory; give a metadata file or a token file (.hdf5)")
     if not path.is_file():
         raise UserError(f"{flag} {path}: no such file")
+    if is_preference_file(path):
+        raise UserError(f"{flag} {path} is a preference file (prefer.py): it holds candidates, not reference "
+                        "recordings; give the token file or metadata file its prompts came from")
+    return path
+
+
+def load_items(source: str | Path, *, split: str = "val", n: int | None = None, seed: int = 0, tokenizer=None,
+               trust_pickle: bool = False, flag: str = "--eval_data",
+               context_turns: int = 0) -> tuple[list[EvalItem], list]:
+    """Items from a metadata file or a token file (its `split`); (items, skipped rows with reasons). Errors name
+    the file by `flag`, the option that gave it."""
+    path = check_item_source(source, flag)
     if is_token_file(path):
         items, skipped = items_from_token_file(path, split, n, seed, tokenizer, flag, context_turns)
     else:

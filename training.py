@@ -36,8 +36,8 @@ from checkpoint import (LoopState, find_resume_checkpoint, prune_checkpoints, re
 from config import TrainConfig
 from csm_model import CSM, ModelArgs, count_parameters
 from dpo import collate_pairs, PairDataset
-from dataloaders import CSMDataset, ResumableLoader, default_num_workers, make_loader
-from evaluation import EvalSettings, evaluate_model, is_token_file, load_items, write_report
+from dataloaders import check_text_ids, CSMDataset, ResumableLoader, default_num_workers, make_loader
+from evaluation import check_item_source, EvalSettings, evaluate_model, is_token_file, load_items, write_report
 from hf_export import csm_tokenizer, DEFAULT_CODEC, export_transformers
 from metrics import QUALITY, lower_is_better
 from objectives import make_objective, move_batch, validate
@@ -558,6 +558,7 @@ def check_eval_source(cfg: TrainConfig, data: str) -> None:
     what = "eval_data" if cfg.eval_data else "--data"
     if not Path(source).is_file():
         raise UserError(f"{what} {source}: no such file (eval_every speaks its items)")
+    check_item_source(source, what)
     if is_token_file(Path(source)) and "val" not in open_splits(source):
         raise UserError(f"eval_every needs a val split in {source}; give pretokenize.py --val_data, or set "
                         "eval_every: 0")
@@ -600,6 +601,9 @@ def build_model_for(cfg: TrainConfig, rt: Runtime, base: Path | None, planned: M
     k = model.config.audio_num_codebooks
     if data.train_set.num_codebooks != k:
         raise UserError(f"{data.path} has {data.train_set.num_codebooks} codebooks per frame; the model expects {k}")
+    for dataset in (data.train_set, data.val_loader.dataset if data.val_loader else None):
+        if dataset is not None:
+            check_text_ids(dataset, model.config.text_vocab_size)
     if rt.is_main:
         check_disk_space(model, cfg, out)
     if hasattr(model, "set_activation_checkpointing"):

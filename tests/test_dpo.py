@@ -277,8 +277,17 @@ def test_outputs_that_would_lose_work_are_refused(assets, judges, tmp_path):
 
 
 def test_a_preference_file_is_not_taken_for_prompts(assets, judges, prefs, tmp_path):
+    """Neither as prefer.py's prompts nor as an evaluation's items (it was taken for pickled metadata and got
+    --trust_pickle advice)."""
+    import evaluate
+
     with pytest.raises(UserError, match="is a preference file; give the token file or metadata file"):
         prefer.main(_prefer_args(assets, judges, prefs, tmp_path / "p.hdf5"))
+    with pytest.raises(UserError, match="is a preference file .prefer.py.: it holds candidates, not reference"):
+        evaluate.main(["--eval_data", str(prefs), "--model", str(assets["model"]), "--output_dir", str(tmp_path / "e")])
+    with pytest.raises(UserError, match="eval_data .* is a preference file .prefer.py.: it holds candidates"):
+        training.train(_cfg(assets, eval_every=1, eval_data=str(prefs)), str(prefs), tmp_path / "r", device="cpu")
+    assert not (tmp_path / "e").exists() and not (tmp_path / "r").exists()
 
 
 def test_reward_weights_come_from_yaml_then_flags(tmp_path):
