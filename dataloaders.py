@@ -47,6 +47,11 @@ class CSMDataset(Dataset):
                 self._audio, self._audio_offsets = token_file.read_flat(f, path, split, "audio")
                 self._text, self._text_offsets = token_file.read_flat(f, path, split, "text")
                 self._check_consistency()
+                text = self._text
+            else:
+                text = token_file.read_flat(f, path, split, "text")[0]  # small beside the audio; read once
+            # Checked against a model's vocabulary once it is known (check_text_ids).
+            self.text_ids = (int(text.min()), int(text.max())) if text.size else (0, 0)
 
     def _check_lengths(self) -> None:
         too_long = self.lengths > self.max_seq_len
@@ -326,6 +331,15 @@ class ResumableLoader:
             raise UserError(f"the checkpoint's epoch had {state['num_batches']} batches per process, this run has "
                             f"{len(self)}: the data, batch settings or number of processes changed since it was saved")
         self.consumed = int(state["consumed"])
+
+
+def check_text_ids(dataset, vocab_size: int) -> None:
+    """Every text id of a dataset (its `text_ids`: lowest and highest) is a row of the model's text embeddings."""
+    low, high = dataset.text_ids
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise DataError(f"{dataset.path}: /{dataset.split} holds text id {bad}, outside the model's text vocabulary "
+                        f"[0, {vocab_size}); was it pretokenized with another model's tokenizer?")
 
 
 def make_loader(dataset: CSMDataset, *, max_tokens: int | None = None, batch_size: int | None = None,

@@ -45,6 +45,9 @@ class PairDataset(Dataset):
             raise DataError(f"{path}: {int(too_long.sum())} of {len(longest)} '{split}' pairs have a sequence longer "
                             f"than max_seq_len={max_seq_len} frames (longest {int(longest.max())})")
         self.lengths = 2 * longest
+        ids = [np.concatenate([p.text, *[t for _, t in p.context]]) for p in self.pairs]
+        flat = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        self.text_ids = (int(flat.min()), int(flat.max())) if flat.size else (0, 0)
 
     def __len__(self) -> int:
         return len(self.pairs)

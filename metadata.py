@@ -176,6 +176,11 @@ def check_row(index: int, raw: dict) -> Row:
         turn = _as_float(turn, f"turn {turn!r} is not a number")
         if not math.isfinite(turn):
             raise SkipRow(f"turn {turn} is not finite")
+    score = raw.get("dnsmos")
+    if not _missing(score):  # prepare.py's DNSMOS OVRL: on the 1-5 scale, or the row is not what it says
+        score = _as_float(score, f"dnsmos {score!r} is not a number")
+        if not 1 <= score <= 5:
+            raise SkipRow(f"dnsmos {score:g} is outside DNSMOS's 1-5 scale")
     return Row(index, str(path), text, start, end, speaker, conversation, turn)
 
 

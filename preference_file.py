@@ -118,6 +118,9 @@ def open_preference_file(path: str | Path) -> dict[str, int]:
         return {name: len(group["prompt"]) for name, group in f.items() if isinstance(group, h5py.Group)}
 
 
+LOGP_SLACK = 1e-3
+
+
 def read_pairs(path: str | Path, split: str) -> tuple[list[Pair], int]:
     """Every pair of one split, and the codebooks per frame; a file that does not add up is refused."""
     with h5py.File(path, "r") as f:
@@ -144,6 +147,12 @@ def read_pairs(path: str | Path, split: str) -> tuple[list[Pair], int]:
             if not len(candidate.ref_c0) == len(candidate.ref_decoder) == candidate.targets:
                 raise DataError(f"{path}: /{split} pair {i}: the {role} candidate has {candidate.targets} target "
                                 f"frames but {len(candidate.ref_c0)} reference log-probabilities; re-run prefer.py")
+            for name, logps in (("ref_c0", candidate.ref_c0), ("ref_decoder", candidate.ref_decoder)):
+                # Log-probabilities are finite and at most 0 (a little above, for float rounding).
+                if logps.size and not (np.isfinite(logps).all() and logps.max() <= LOGP_SLACK):
+                    bad = logps[~np.isfinite(logps) | (logps > LOGP_SLACK)][0]
+                    raise DataError(f"{path}: /{split}/{role}_{name} of pair {i} holds {bad:g}, not a log-probability "
+                                    "(finite, at most 0); re-run prefer.py")
             candidates.append(candidate)
         pairs.append(Pair(int(columns["prompt"][i]), int(columns["speaker"][i]),
                           np.asarray(columns["text"][i], np.int64), context, *candidates))
