@@ -110,6 +110,7 @@ def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, loader, 
         "nonfinite_streak": loop.nonfinite_streak,
         "best_score": loop.best_score,
         "best_by": cfg.select_best_by,
+        "best_meaning": selection_meaning(cfg),
     }
     state["digest"] = content_digest(state)
     with atomic_path(path) as tmp:
@@ -174,10 +175,34 @@ def restore_checkpoint(path: Path, state: dict, *, model, optimizer, scheduler, 
     changed = sorted(key for key, v in state["config"].items() if getattr(cfg, key, v) != v)
     print0(f"resumed from {path} at step "
            f"{state['step']}" + (f" (config changed: {', '.join(changed)})" if changed else ""))
-    # Checkpoints from before select_best_by picked best/ by val loss; a changed select_best_by starts afresh.
+    # Checkpoints from before select_best_by picked best/ by val loss; a changed select_best_by starts afresh, and
+    # so does a change of what the numbers mean (dpo_beta rescales the DPO val_loss, eval_data changes the items a
+    # CER is measured on): an old best would no longer be comparable, and best/ would never move again.
     best_by = state.get("best_by", "val_loss")
-    best_score = state.get("best_score", state["best_val_loss"]) if best_by == cfg.select_best_by else float("inf")
-    return LoopState(state["step"], state["best_val_loss"], state["nonfinite_streak"], best_score)
+    best_val, best_score = state["best_val_loss"], state.get("best_score", state["best_val_loss"])
+    now = selection_meaning(cfg)
+    saved = state.get("best_meaning", now)
+    meaning = [key for key in now if saved.get(key) != now[key]]
+    if best_by != cfg.select_best_by or meaning:
+        best_score = float("inf")
+    if meaning:
+        best_val = float("inf")
+        print0(f"note: {', '.join(f'{k} {saved.get(k)!r} -> {now[k]!r}' for k in meaning)} changes what "
+               f"validation measures: best/ is chosen afresh from here")
+    return LoopState(state["step"], best_val, state["nonfinite_streak"], best_score)
+
+
+# The config keys that decide what the validation numbers best/ is chosen by mean: the validation loss's terms and
+# scale, and the items, judges and prompts of the quality evaluation.
+MEANING_KEYS = ("objective", "decoder_loss_weight", "context_mode", "context_turns", "context_loss", "max_seq_len",
+                "dpo_beta", "dpo_sft_weight", "eval_data", "eval_n", "eval_max_seconds", "eval_asr",
+                "eval_speaker_model", "eval_language", "gen_context", "seed")
+
+
+def selection_meaning(cfg) -> dict:
+    """The values of MEANING_KEYS in `cfg` (plain values, as a checkpoint stores them)."""
+    values = cfg.to_dict()
+    return {key: values[key] for key in MEANING_KEYS}
 
 
 def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
