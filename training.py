@@ -546,6 +546,10 @@ def open_data(cfg: TrainConfig, data: str, rt: Runtime) -> RunData:
     val_loader = make_loader(val_set, shuffle=False, **settings) if val_set else None
     total_steps = run_length(cfg, data, train_loader, rt)
     check_warmup(cfg, total_steps)
+    if val_loader is None and not (cfg.eval_every and cfg.select_best_by != "val_loss"):
+        print0(f"warning: {data} has no val {'pairs' if preferences else 'split'}: nothing will choose best/, so it is "
+               f"not written; final/ is the trained model (give a val split, or eval_every with select_best_by a "
+               "quality metric)", file=sys.stderr)
     # A preference file names no speakers: a DPO run keeps those of the model it starts from (its speakers.json).
     speakers = model_speaker_names(cfg.model) if preferences else speaker_names(data)
     return RunData(data, train_set, train_loader, val_loader, speakers, total_steps)
@@ -791,7 +795,8 @@ def finish(run: Run, whole: parallel.WholeModel, final_val: float | None, stoppe
     score = lower_is_better(by, loop.best_score)  # the score's sign undone
     print0(f"{'stopped' if stopped_early else 'done'} at step {loop.step}; outputs in {run.out}"
            + (f"; best val loss {best:.4f}" if math.isfinite(best) else "")
-           + (f"; best/ has the best {by}, {score:.4f}" if by != "val_loss" and math.isfinite(score) else ""))
+           + (f"; best/ has the best {by}, {score:.4f}" if by != "val_loss" and math.isfinite(score) else "")
+           + ("" if (run.out / "best").is_dir() else f"; no best/ (no {by} was measured): use final/"))
     return TrainResult(loop.step, best, final_val, run.out, stopped_early)
 
 

@@ -352,6 +352,16 @@ def test_a_change_of_what_validation_measures_chooses_best_afresh_on_resume(asse
     assert vals[1] > vals[0]  # the premise: at the new scale, step 4's val_loss is above step 2's
 
 
+def test_a_run_without_val_pairs_says_it_writes_no_best(assets, tmp_path, capsys):
+    """It wrote no best/ silently, and the README's next command (evaluate.py --model RUN/best) then failed."""
+    prefs = make_preference_file(tmp_path / "p.hdf5", assets["model"], n_train=4, n_val=0)
+    training.train(_cfg(assets, max_steps=2), prefs, tmp_path / "run", device="cpu", progress=False)
+    out, err = capsys.readouterr()
+    assert "has no val pairs: nothing will choose best/, so it is not written; final/ is the trained model" in err
+    assert "no best/ (no val_loss was measured): use final/" in out.strip().splitlines()[-1]
+    assert (tmp_path / "run" / "final").is_dir() and not (tmp_path / "run" / "best").exists()
+
+
 def test_a_dpo_run_evaluates_on_eval_data_and_keeps_the_best_by_cer(assets, judges, prefs, tmp_path):
     """eval_every with eval_data (here the bundled recordings' metadata): the quality metrics are logged beside the
     DPO numbers and select_best_by: cer picks best/."""
