@@ -131,14 +131,67 @@ def suggest(trial, space: dict[str, dict]) -> dict:
 # --------------------------------------------------------------------------- storage and study
 
 
+def is_journal(url: str) -> bool:
+    return url.startswith("journal:") or url.endswith((".log", ".journal"))
+
+
+def storage_file(url: str) -> Path | None:
+    """The file a storage keeps the study in (a journal file, an SQLite database), None for a server's."""
+    if is_journal(url):
+        return Path(url.removeprefix("journal:")).expanduser()
+    if url.startswith("sqlite"):
+        from sqlalchemy.engine import make_url
+
+        try:
+            database = make_url(url).database
+        except Exception:  # noqa: BLE001 - an unparsable URL is reported when the storage opens
+            return None
+        return Path(database).expanduser() if database and database != ":memory:" else None
+    return None
+
+
+def check_storage(url: str) -> None:
+    """A storage that every worker process (and machine) of the sweep can share, checked before any work: an
+    in-memory SQLite database is private to the process that opens it, so the workers' trials would vanish."""
+    if url.startswith("sqlite") and storage_file(url) is None:
+        raise UserError(f"--storage {url}: an in-memory SQLite database is not shared by the sweep's worker "
+                        "processes (their trials would vanish); give a file, e.g. sqlite:///sweeps/study.db, or "
+                        "leave --storage out for one in --output_dir")
+    path = storage_file(url)
+    if path is not None:
+        folder = path.parent
+        if not folder.is_dir():
+            raise UserError(f"--storage {url}: the folder {folder} does not exist; create it, or give a file in a "
+                            "folder every worker can reach")
+        if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise UserError(f"--storage {url}: cannot write {path if path.exists() else 'in ' + str(folder)}")
+
+
+def shown_url(url: str) -> str:
+    """The storage URL as it may be printed: whatever stands between :// and its last @ is the user and password,
+    and the password is replaced, whatever the URL's shape (an unencoded @ in the password, a broken port)."""
+    head, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    userinfo, _, tail = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    return f"{head}://{user}{':***' if colon else ''}@{tail}"
+
+
+def default_storage(out: Path) -> str:
+    """The study database in the output directory, as a URL: the path percent-encoded, so that a '#' or '?' in it
+    stays part of the path (SQLAlchemy decodes it) instead of ending it."""
+    from urllib.parse import quote
+
+    return f"sqlite:///{quote(str((out / 'study.db').resolve()))}"
+
+
 def storage_for(url: str):
     """An Optuna storage: SQLAlchemy URLs (sqlite://, postgresql://, ...) or a journal file (*.log,
     journal:PATH) that several machines can share over a network file system."""
-    if url.startswith("journal:") or url.endswith((".log", ".journal")):
-        path = Path(url.removeprefix("journal:")).expanduser()
-        if not path.parent.is_dir():
-            raise UserError(f"--storage {url}: the folder {path.parent} does not exist; create it, or give a journal "
-                            "file in a folder every worker can reach")
+    if is_journal(url):
+        path = storage_file(url)
+        check_storage(url)
         try:
             return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
         except OSError as e:
@@ -176,13 +229,22 @@ def storage_error(url: str, error: Exception) -> str:
     from sqlalchemy.engine import make_url  # optuna's own dependency, imported with its RDB storage
     from sqlalchemy.exc import ArgumentError, OperationalError
 
+    shown = shown_url(url)
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    if "@" in userinfo:  # read by SQLAlchemy as user:pass@host, the rest of the password taken for the host
+        return f"--storage {shown}: the user or password holds an unencoded @; write it as %40 (and : as %3A)"
     try:
         parsed = make_url(url)
-        shown = parsed.render_as_string(hide_password=True)
-    except ArgumentError:
-        return f"--storage {url!r} is neither a database URL (postgresql://user@host/db, sqlite:///file) nor a " \
-               "journal file (*.log)"
+        port = parsed.port  # noqa: F841 - a port that is not a number raises here
+    except (ArgumentError, ValueError) as e:
+        why = "" if isinstance(e, ArgumentError) else " (its port or host does not parse: an unencoded @ or : in " \
+                                                      "the password must be written %40 or %3A)"
+        return f"--storage {shown!r} is neither a database URL (postgresql://user@host/db, sqlite:///file) nor a " \
+               f"journal file (*.log){why}"
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    secret = userinfo.partition(":")[2]
+    if secret:  # a driver may quote the URL back
+        first = first.replace(secret, "***")
     if isinstance(error, ImportError) or isinstance(error.__cause__, ImportError):
         package = DRIVERS.get(parsed.get_driver_name(), parsed.get_driver_name())
         return f"--storage {shown}: the {parsed.get_backend_name()} driver is not installed: pip install {package}"
@@ -551,6 +613,12 @@ def run_sweep(args) -> int:
     if args.metric in QUALITY and not base.get("eval_every"):
         raise UserError(f"--metric {args.metric} is measured by the quality evaluation: set eval_every in the base "
                         "config or with --set eval_every=N")
+    if args.storage:
+        check_storage(args.storage)
+        kept = storage_file(args.storage)
+        if kept is not None and kept.resolve().is_relative_to(out.expanduser().resolve()):
+            raise UserError(f"--storage {args.storage} lies inside --output_dir {out}, which --overwrite empties (and "
+                            "a shared storage may hold other studies); keep it outside, or leave --storage out")
     n_gpus, auto_cpu = choose_gpus(args)
     check_trial_lengths(base, space, args.data)
     check_model_size(auto_cpu, base)
@@ -580,13 +648,13 @@ def _run_study(run: SweepRun, base: dict, space: dict) -> int:
     study = make_study(run.study, storage_for(run.storage)) if run.storage else None
     _claim(out, run.study.name)
     if study is None:
-        run = replace(run, storage=f"sqlite:///{(out / 'study.db').resolve()}")
+        run = replace(run, storage=default_storage(out))
         study = make_study(run.study, storage_for(run.storage))
     if mark_interrupted_trials(study):
         print("trials left running by a killed earlier run were marked failed; they will be redone")
     done = budget_used(study)
     run = replace(run, trials_at_start=len(study.get_trials(deepcopy=False)))  # seeds the samplers (sampler_seed)
-    print(f"study {run.study.name!r} in {run.storage}: {done} of {run.n_trials} trials already done")
+    print(f"study {run.study.name!r} in {shown_url(run.storage)}: {done} of {run.n_trials} trials already done")
 
     n_workers = max(1, min(run.n_workers, run.n_trials - done)) if done < run.n_trials else 0
     ctx = multiprocessing.get_context("spawn")

@@ -142,3 +142,54 @@ def test_a_trial_whose_process_died_before_naming_itself_is_failed_and_redone(tm
     states = {t.number: t.state for t in study.trials}
     assert states == {orphan.number: TrialState.FAIL, named.number: TrialState.RUNNING}
     assert optuna_sweep.budget_used(study) == 1
+
+
+def test_storage_that_cannot_be_shared_or_would_be_lost_is_refused_before_any_work(assets, token_file, tmp_path):
+    """In-memory SQLite (the workers' trials vanished and the sweep reported 0), a study file inside --output_dir
+    (--overwrite deleted a journal that may hold other studies), a folder that cannot be written: one line each,
+    and the output and the study file are left as they were."""
+    import os
+
+    out = tmp_path / "sw"
+    out.mkdir()
+    journal = out / "journal.log"
+    journal.write_text("other studies\n")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    cases = [("sqlite://", "in-memory SQLite database is not shared"),
+             ("sqlite:///:memory:", "in-memory SQLite database is not shared"),
+             (str(journal), "lies inside --output_dir"),
+             (f"sqlite:///{out}/study2.db", "lies inside --output_dir"),
+             (str(tmp_path / "nofolder" / "j.log"), "the folder .* does not exist")]
+    if os.geteuid() != 0:  # root writes anywhere
+        cases.append((str(locked / "j.log"), "cannot write in"))
+    for storage, message in cases:
+        with pytest.raises(UserError, match=message):
+            sweep.main(base_args(assets, token_file, out, "--storage", storage, "--overwrite",
+                                 "--sweep_config", str(ROOT / "configs" / "sweep.yaml")))
+    assert journal.read_text() == "other studies\n" and sorted(p.name for p in out.iterdir()) == ["journal.log"]
+
+
+@pytest.mark.parametrize("url", ["postgresql://sweeper:se@cret@127.0.0.1:1/db",
+                                 "postgresql://sweeper:secret@host:abc/db",
+                                 "postgresql://sweeper:secret@[::1:5432/db",
+                                 "postgresql://sweeper:sec:ret@127.0.0.1:1/db",
+                                 "postgresql+psycopg://sweeper:secret@127.0.0.1:1/db", "mysql://sweeper:secret@h/db",
+                                 "postgresql://sweeper:s%40cret@127.0.0.1:1/db"])
+def test_a_storage_url_is_never_shown_with_its_password(url):
+    """Whatever the URL's shape: an unencoded @ or : in the password, a port that is not a number, a broken IPv6
+    host, another driver. The error is one line; no part of the password is in it."""
+    with pytest.raises(UserError) as e:
+        optuna_sweep.storage_for(url)
+    message = str(e.value)
+    assert len(message.splitlines()) == 1 and "sweeper" in message
+    assert not any(part in message for part in ("secret", "se@cret", "cret", "s%40", "ret@"))
+    assert optuna_sweep.shown_url(url).startswith(url.split("://")[0] + "://sweeper:***@")
+
+
+def test_the_default_study_database_stays_in_an_output_dir_with_hash_or_question_mark(tmp_path):
+    out = tmp_path / "runs#1?x=y"
+    out.mkdir()
+    url = optuna_sweep.default_storage(out)
+    optuna_sweep.storage_for(url)
+    assert (out / "study.db").is_file() and [p.name for p in tmp_path.iterdir()] == ["runs#1?x=y"]
