@@ -139,9 +139,30 @@ def login_lines() -> list[str]:
     netrc = Path.home() / ".netrc"
     in_netrc = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
     wandb = bool(os.environ.get("WANDB_API_KEY")) or in_netrc
-    lines.append(f"  W&B: {'a key is set' if wandb else 'no key (wandb_mode offline and disabled need none)'}"
-                 + (", .env present" if Path(".env").is_file() else ""))
+    lines.append(f"  W&B: {'a key is set' if wandb else 'no key (wandb_mode offline and disabled need none)'}")
     return lines
+
+
+def read_env_file() -> list[str] | None:
+    """The working directory's .env read as every command reads it (None when it could not be)."""
+    try:
+        from utils import load_env_file  # imports torch: see the note at the imports
+    except Exception:  # noqa: BLE001 - a broken torch is reported in its own section
+        return None
+    try:
+        return load_env_file()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def env_file_line(given: list[str] | None) -> str:
+    """What the working directory's .env gave (the names, never the values)."""
+    path = Path.cwd() / ".env"
+    if not path.is_file():
+        return f"  .env: none in {Path.cwd()} (optional: cp .env.example .env)"
+    if given is None:
+        return f"  .env: {path} was not read (python-dotenv missing, or the file is not a .env file)"
+    return f"  .env: {path} read; it set {', '.join(given) if given else 'nothing not already set'}"
 
 
 def disk_lines(output_dir: Path) -> list[str]:
@@ -172,13 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output_dir", default=".", help="where runs will be written (for its free space)")
     args = p.parse_args(argv)
+    given = read_env_file()  # as every command reads it, so the logins below are what a run would see
     t0 = time.time()
     lines = [f"csm-train doctor, {time.strftime('%Y-%m-%d')}",
              f"  Python {platform.python_version()} ({sys.executable}), {platform.system()} {platform.machine()}, "
              f"{os.cpu_count()} CPUs"]
     lines += section("torch, CUDA and GPUs", torch_lines)
     lines += section("packages (requirements.txt)", package_lines)
-    lines += section("logins (whether set; never their values)", login_lines)
+    lines += section("logins (whether set; never their values)", lambda: [env_file_line(given), *login_lines()])
     lines += section("disk", lambda: disk_lines(Path(args.output_dir)))
     print("\n".join(lines) + f"\n({time.time() - t0:.0f} s)")
     return 0

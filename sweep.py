@@ -15,7 +15,7 @@ from pathlib import Path
 
 from metrics import SWEEPABLE, describe
 from optuna_sweep import run_sweep
-from utils import load_env_file, run_cli
+from utils import run_cli
 
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # the defaults work from any directory
@@ -59,7 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    load_env_file()
     return run_sweep(args)
 
 

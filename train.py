@@ -15,7 +15,7 @@ from pathlib import Path
 import config as config_mod
 from config import TrainConfig
 from training import train
-from utils import EXIT_STOPPED, load_env_file, run_cli
+from utils import EXIT_STOPPED, run_cli
 from runtime import compute_cleanup
 
 
@@ -72,7 +72,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    load_env_file()
     if args.wandb_api_key:
         os.environ["WANDB_API_KEY"] = args.wandb_api_key
     cfg = config_from_args(args)

@@ -7,6 +7,7 @@ Nothing here does work at import: no environment reads, no network, no CUDA, no 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import sys
 from pathlib import Path
@@ -29,8 +30,10 @@ EXIT_STOPPED = 75
 
 
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a script's main(); a UserError or Ctrl-C becomes one line on stderr and a non-zero exit."""
+    """Run a script's main() after reading the working directory's .env; a UserError or Ctrl-C becomes one line on
+    stderr and a non-zero exit."""
     try:
+        load_env_file()
         result = main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -56,17 +59,30 @@ def print0(*args, **kwargs):
 # --------------------------------------------------------------------------- environment and seeding
 
 
-def load_env_file() -> None:
-    """Settings from a .env file in the working directory (WANDB_API_KEY, HF_TOKEN, ...), through python-dotenv.
-    Without it (a bare PyTorch machine), a .env file that is there is reported as not read."""
+def load_env_file() -> list[str] | None:
+    """Settings from the .env file in the working directory (WANDB_API_KEY, HF_TOKEN, ...), through python-dotenv;
+    a variable already set in the environment wins. Returns the names it gave a value (None: no .env was read).
+    Without python-dotenv (a bare PyTorch machine), a .env file that is there is reported as not read. Every
+    command calls this first (run_cli), so each reads the same file: the one where it is run, not beside the code."""
+    path = Path.cwd() / ".env"
+    if not path.is_file():
+        return None
     try:
-        from dotenv import load_dotenv  # optional: a bare PyTorch machine lacks it
+        from dotenv import dotenv_values  # optional: a bare PyTorch machine lacks it
     except ImportError:
-        if Path(".env").is_file():
-            print("warning: .env was not read: python-dotenv is not installed (pip install python-dotenv)",
-                  file=sys.stderr)
-        return
-    load_dotenv()
+        print("warning: .env was not read: python-dotenv is not installed (pip install python-dotenv)",
+              file=sys.stderr)
+        return None
+    try:
+        values = dotenv_values(path, encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} cannot be read as a .env file ({e})") from None
+    given = []
+    for name, value in values.items():
+        if value and name not in os.environ:
+            os.environ[name] = value
+            given.append(name)
+    return given
 
 
 def seed_everything(seed: int) -> None:

@@ -1,6 +1,7 @@
 """Set-up on the GPU machines people have: the CUDA variant make setup installs, why CUDA is unusable (said
 in one line, never a silent CPU run of a large model), and make doctor. The probes are simulated: no test
 needs a GPU or a driver."""
+import os
 import subprocess
 import sys
 
@@ -200,3 +201,47 @@ def test_generate_on_an_automatic_cpu_says_why_and_goes_on(old_driver, assets, t
                           "--max_audio_seconds", "0.3", "--text_tokenizer", str(assets["text_tokenizer"]),
                           "--mimi_weights", str(assets["mimi"])]) == 0
     assert "warning: CUDA is unusable, so this runs on the CPU: NVIDIA driver 535.154.05" in capsys.readouterr().err
+
+
+COMMANDS = ("train", "sweep", "prepare", "pretokenize", "generate", "evaluate", "prefer", "export", "demo")
+
+
+def test_every_command_reads_the_env_file_of_its_working_directory(tmp_path, monkeypatch, capsys):
+    """.env was read by train.py and sweep.py alone, and from beside the code (python-dotenv's search starts at the
+    calling file). Every command's entry point is run_cli, which reads ./.env first: a .env that cannot be read is
+    one line and exit 2 from any command, and one that can sets what the shell has not set, never overriding."""
+    import importlib
+
+    import utils
+
+    for name in COMMANDS:
+        assert (ROOT / f"{name}.py").read_text().rstrip().endswith("run_cli(main)"), name
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_bytes(b"WANDB_API_KEY=\xff\xfe broken\n")
+    for name in COMMANDS:
+        main = importlib.import_module(name).main
+        with pytest.raises(SystemExit) as e:
+            utils.run_cli(lambda: main(["--help"]))
+        assert e.value.code == 2 and "error: " in capsys.readouterr().err, name
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "from-the-shell")
+    (tmp_path / ".env").write_text("\ufeffWANDB_API_KEY=fromdotenv789\nHF_TOKEN=fromdotenv000\nEMPTY=\n")
+    assert utils.load_env_file() == ["WANDB_API_KEY"]
+    assert os.environ["WANDB_API_KEY"] == "fromdotenv789" and os.environ["HF_TOKEN"] == "from-the-shell"
+    monkeypatch.delenv("WANDB_API_KEY")
+
+
+def test_doctor_says_what_the_env_file_set_without_its_values(tmp_path, monkeypatch, capsys):
+    import doctor
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert doctor.main([]) == 0
+    assert ".env: none in" in capsys.readouterr().out
+    (tmp_path / ".env").write_text("WANDB_API_KEY=doctorenvsecret\n")
+    assert doctor.main([]) == 0
+    out = capsys.readouterr().out
+    assert f".env: {tmp_path / '.env'} read; it set WANDB_API_KEY" in out and "W&B: a key is set" in out
+    assert "doctorenvsecret" not in out
+    monkeypatch.delenv("WANDB_API_KEY")
