@@ -152,6 +152,9 @@ def find_resume_checkpoint(resume: str, directory: Path) -> tuple[Path, dict] | 
 def restore_checkpoint(path: Path, state: dict, *, model, optimizer, scheduler, scaler, loader,
                        generator: torch.Generator, cfg, rt: Runtime) -> LoopState:
     """Put every piece of a saved training state (as read_checkpoint returned it) back; returns the loop counters."""
+    if len(state["rng"]["loss_generators"]) != rt.world_size:  # before anything that depends on it (the batches)
+        raise UserError(f"{path} was saved by {len(state['rng']['loss_generators'])} process(es); "
+                        f"resume it with as many (this run has {rt.world_size})")
     if bool(state.get("sharded")) != is_sharded(model):
         saved = "distributed: fsdp" if state.get("sharded") else "a single process or distributed: ddp"
         raise UserError(f"{path} was saved by {saved}; resume it the same way")
@@ -166,13 +169,14 @@ def restore_checkpoint(path: Path, state: dict, *, model, optimizer, scheduler, 
     load_optimizer_state_dict(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     restore_scaler(scaler, state["scaler"])
-    loader.load_state_dict(state["loader"])
-    if len(state["rng"]["loss_generators"]) != rt.world_size:
-        raise UserError(f"{path} was saved by {len(state['rng']['loss_generators'])} process(es); "
-                        f"resume it with as many (this run has {rt.world_size})")
+    changed = sorted(key for key, v in state["config"].items() if getattr(cfg, key, v) != v)
+    try:
+        loader.load_state_dict(state["loader"])
+    except UserError as e:
+        keys = [f"{k} {state['config'][k]!r} -> {getattr(cfg, k)!r}" for k in changed]
+        raise UserError(f"{path}: {e}" + (f" (config changed: {', '.join(keys)})" if keys else "")) from None
     _set_rng_state(state["rng"], rt)
     generator.set_state(state["rng"]["loss_generators"][rt.rank])
-    changed = sorted(key for key, v in state["config"].items() if getattr(cfg, key, v) != v)
     print0(f"resumed from {path} at step "
            f"{state['step']}" + (f" (config changed: {', '.join(changed)})" if changed else ""))
     # Checkpoints from before select_best_by picked best/ by val loss; a changed select_best_by starts afresh, and

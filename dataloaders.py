@@ -320,7 +320,7 @@ class ResumableLoader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.sampler.epoch, "consumed": self.consumed, "seed": self.sampler.seed,
-                "num_batches": len(self)}
+                "num_batches": len(self), "examples": len(self.dataset)}
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.sampler.seed:
@@ -328,8 +328,11 @@ class ResumableLoader:
                             "resume with the same seed")
         self.set_epoch(int(state["epoch"]))
         if len(self) != state["num_batches"]:
+            saved = state.get("examples")
+            why = (f"the data changed: {saved} examples then, {len(self.dataset)} now" if saved is not None
+                   and saved != len(self.dataset) else "the batch settings changed")
             raise UserError(f"the checkpoint's epoch had {state['num_batches']} batches per process, this run has "
-                            f"{len(self)}: the data, batch settings or number of processes changed since it was saved")
+                            f"{len(self)}: {why}")
         self.consumed = int(state["consumed"])
 
 

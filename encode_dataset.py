@@ -33,7 +33,8 @@ from codec import (encode_audio, frames_of, load_mimi, MIMI_FRAME_RATE, MIMI_SAM
                    SAMPLES_PER_FRAME)
 from utils import UserError
 from runtime import resolve_device
-from outputs import atomic_path, claim_output_files, claim_work_dir, MANIFEST_NAME, remove_work_dir
+from outputs import (atomic_path, claim_output_files, claim_work_dir, describe_change, inputs_of, MANIFEST_NAME,
+                     remove_work_dir)
 
 SILENCE_PEAK = 1e-4
 
@@ -145,14 +146,11 @@ def fingerprint(args: EncodeSettings, tokenizer, mimi, sources: dict) -> dict:
     }
 
 
-def _describe_change(old: dict, new: dict) -> str:
-    changed = [k for k in new if old.get(k) != new[k]]
-    names = {"text_tokenizer_vocab": "text tokenizer", "text_tokenizer": "text tokenizer",
-             "mimi": "Mimi weights/config",
-             "metadata": "metadata files", "max_seq_len": "--max_seq_len", "omit_speaker_id": "--omit_speaker_id",
-             "save_every": "--save_every", "codebooks": "codebooks", "format_version": "format version",
-             "speakers": "speaker names"}
-    return ", ".join(dict.fromkeys(names.get(k, k) for k in changed))
+# What the fingerprint's keys are called on the command line, for a refusal naming what changed.
+FINGERPRINT_NAMES = {"text_tokenizer_vocab": "text tokenizer vocabulary", "text_tokenizer": "--text_tokenizer",
+                     "mimi": "Mimi weights/config", "metadata": "metadata files", "max_seq_len": "--max_seq_len",
+                     "omit_speaker_id": "--omit_speaker_id", "save_every": "--save_every", "codebooks": "codebooks",
+                     "format_version": "format version", "speakers": "speaker names", "min_dnsmos": "--min_dnsmos"}
 
 
 # --------------------------------------------------------------------------- the run
@@ -366,7 +364,7 @@ def run(args: EncodeSettings) -> int:
     metadata = args.splits
     device = resolve_device(args.device)
     # An existing output is not refused here: check_existing_output weighs it against this run's settings.
-    with claim_output_files([Path(args.output)], "--output", inputs=metadata.values(),
+    with claim_output_files([Path(args.output)], "--output", inputs=inputs_of(vars(args), skip=("output",)),
                             continues=lambda: True) as (output,):
         previous = check_existing_output(output, args.overwrite)
         work = output.with_name(output.name + ".partial")
@@ -393,10 +391,11 @@ def _run(args: EncodeSettings, device, sources, speakers: dict[str, int], output
             shutil.rmtree(work, ignore_errors=True)
             return 0
         if not args.overwrite:
-            raise UserError(f"--output {output} was written with other settings ({_describe_change(previous, fp)} "
-                            "changed); pass --overwrite to replace it, or choose another output")
+            raise UserError(f"--output {output} was written with other settings "
+                            f"({describe_change(previous, fp, FINGERPRINT_NAMES)}); pass --overwrite to replace it, "
+                            "or choose another output")
         print(f"{output} will be replaced when this run finishes (--overwrite)")
-    claim_work_dir(work, fp, _describe_change)
+    claim_work_dir(work, fp, FINGERPRINT_NAMES)
 
     # A streamed split's chunk count is known once its stream ends: until then, the chunks already on disk.
     plan = {split: math.ceil(src.length / args.save_every) if not src.streaming else _streamed_chunks(work, split)

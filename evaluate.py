@@ -18,7 +18,7 @@ import torch
 from metrics import BY_NAME, QUALITY, ROWS
 from utils import check_number, run_cli
 from runtime import resolve_device, resolve_precision
-from outputs import claim_output_dir, clear_dir
+from outputs import claim_output_dir, clear_dir, inputs_of
 from weights import resolve_source
 from adapters import read_adapter
 from evaluation import (add_item_flags, check_item_source, EvalSettings, evaluate_model, is_token_file, load_items,
@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     check_number("--context_turns", args.context_turns, min=0, max=64)
     check_number("--seed", args.seed, min=0, max=2**32 - 1)
     data = check_item_source(args.eval_data)
-    inputs = [("--eval_data", data), ("--model", args.model), ("--adapter", args.adapter),
-              *[("--context_audio", a) for a in args.context_audio]]
+    inputs = inputs_of(vars(args), skip=("output_dir",))
     with claim_output_dir(args.output_dir, "--output_dir", inputs=inputs, overwrite=args.overwrite) as out:
         return _evaluate(args, data, out)
 

@@ -14,7 +14,7 @@ from hf_export import csm_tokenizer, DEFAULT_CODEC, export_official, export_tran
 from codec import find_codec
 from tokenization import resolve_text_tokenizer
 from utils import run_cli, UserError
-from outputs import check_apart, claim_output_dir
+from outputs import check_apart, claim_output_dir, inputs_of
 from weights import load_model, parse_size, resolve_source
 
 
@@ -41,9 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         parse_size(args.max_shard_size)
     except UserError as e:
         raise UserError(f"--max_shard_size: {e}") from None
-    inputs = [("--model", args.model), ("--codec", args.codec), ("--text_tokenizer", args.text_tokenizer)]
-    # The export replaces the directory whole, so its lock sits beside it.
-    with claim_output_dir(args.output, "--output", inputs=inputs, overwrite=args.overwrite, lock_inside=False) as out:
+    inputs = inputs_of(vars(args), skip=("output",))
+    with claim_output_dir(args.output, "--output", inputs=inputs, overwrite=args.overwrite) as out:
         return export(args, out)
 
 

@@ -21,7 +21,7 @@ from synthesis import (add_speech_flags, check_prompts, check_speech_flags, Comp
 from codec import MIMI_SAMPLE_RATE
 from utils import check_number, run_cli, UserError
 from runtime import resolve_device, resolve_precision
-from outputs import atomic_path, claim_output_files
+from outputs import atomic_path, claim_output_files, inputs_of
 from speech_metrics import prompt_similarity, SpeakerEncoder
 from weights import resolve_source
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     numbered = [(i or 0, text) for i, text in numbered]
     if args.speakers or Path(args.model).expanduser().exists():  # a hub model's speakers.json comes with its files
         parse_speaker(args.speaker, model_speaker_names(args.model, args.speakers))
-    with claim_output_files(outputs, "--output", inputs=[*args.context_audio, args.lines],
+    with claim_output_files(outputs, "--output", inputs=inputs_of(vars(args), skip=("output",)),
                             overwrite=args.overwrite) as outputs:
         return _generate(args, numbered, outputs)
 

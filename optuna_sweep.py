@@ -28,7 +28,7 @@ import config as config_mod
 from metrics import BY_NAME, SWEEPABLE, direction
 from tracking import best_logged, last_logged
 from utils import check_number, UserError
-from outputs import atomic_path, claim_output_dir, clear_dir, dir_entries, write_text_atomic
+from outputs import atomic_path, claim_output_dir, clear_dir, dir_entries, inputs_of, write_text_atomic
 from training import (check_launch, check_planned_size, check_warmup, data_splits, planned_model_args,
                       planned_steps, train)
 from runtime import cuda_unusable_reason, warn_cuda_unusable
@@ -627,9 +627,8 @@ def run_sweep(args) -> int:
                    n_workers=n_gpus * args.trials_per_gpu if n_gpus else args.n_workers,
                    deadline=time.time() + args.timeout if args.timeout else None, trials_at_start=0)
     # Held until the sweep ends; the directory is emptied and marked only once the study's storage has opened.
-    with claim_output_dir(out, "--output_dir", inputs=[("--data", args.data), ("--sweep_config", args.sweep_config),
-                                                       ("--base_config", args.base_config),
-                                                       ("model", base.get("model"))],
+    inputs = inputs_of(vars(args), skip=("output_dir", "storage")) + inputs_of(base, flags=False)
+    with claim_output_dir(out, "--output_dir", inputs=inputs,
                           overwrite=args.overwrite, continues=lambda _: study_of(out) == spec.name,
                           refusal=lambda existing: _holds_other_work(out, spec.name, existing)):
         return _run_study(run, base, space)

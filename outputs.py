@@ -128,17 +128,18 @@ def check_apart(output: str | Path, what: str, inputs, *, nested: bool = True) -
             raise UserError(f"an input ({name}) lies inside {what} {output}; choose an output apart from it")
 
 
-def check_output_file(path: str | Path, what: str, inputs=()) -> Path:
-    """An output file path that is not a directory, not one of `inputs`, and whose folder can be written."""
+def check_output_file(path: str | Path, what: str, inputs: "Inputs" = ()) -> Path:
+    """An output file path that is not a directory, not one of `inputs` ((flag, path) pairs), and whose folder can
+    be written."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise UserError(f"{what} {path} is a directory; give a file name")
-    check_apart(path, what, [("", src) for src in inputs], nested=False)
+    check_apart(path, what, inputs, nested=False)
     check_output_dir(path.parent if str(path.parent) else Path("."), f"{what} {path}: its folder")
     return path
 
 
-LOCK_NAME = ".lock"  # the lock file an output directory holds while a run writes it
+LOCK_NAME = ".lock"  # the lock file earlier versions put inside an output directory (passed over as no content)
 
 
 def dir_entries(path: Path) -> list[str]:
@@ -175,7 +176,7 @@ def first_existing(path: Path) -> Path:
 
 
 class OutputLock:
-    """An exclusive lock on an output (a lock file beside or inside it), so that two processes never write
+    """An exclusive lock on an output (a lock file beside it), so that two processes never write
     the same output: the second gets one clear line. Held until released or the process ends.
 
     Take it before looking at the output: a run that checks first and locks after can find the output
@@ -189,9 +190,14 @@ class OutputLock:
     def acquire(self) -> "OutputLock":
         import fcntl
 
-        self.lock_file.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.lock_file.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:  # a directory where the lock file goes, a folder that cannot be written
+                why = "a directory is in its place" if self.lock_file.is_dir() else (e.strerror or str(e)).lower()
+                raise UserError(f"{self.what}: cannot take its lock {self.lock_file} ({why}); move that out of the "
+                                "way, or choose another output") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -221,9 +227,38 @@ class OutputLock:
 
 
 def lock_beside(path: str | Path, what: str) -> OutputLock:
-    """The lock of a file or directory output: `<name>.lock` beside it."""
-    path = Path(path)
+    """The one lock of an output, file or directory, whichever command takes it: `<name>.lock` beside the output's
+    real path (so a symlink to it and a relative path to it take the same lock)."""
+    path = Path(path).expanduser().resolve()
     return OutputLock(path.with_name(path.name + ".lock"), what)
+
+
+def inputs_of(values, *, skip: Iterable[str] = (), flags: bool = True) -> list[tuple[str, str]]:
+    """Every path a command reads, derived from its settings rather than listed by hand: each value among
+    `values` (parsed arguments or a config, as a dict; nested lists and dicts walked) that names a file or
+    directory that exists. `skip` names the keys that are not inputs (the output itself, a checkpoint of the run
+    being resumed). Labels are `--key` (`flags`) or the config key."""
+    found = []
+
+    def walk(label: str, value) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(label, v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(label, v)
+        elif isinstance(value, (str, Path)) and str(value).strip():
+            try:
+                exists = Path(str(value)).expanduser().exists()
+            except (OSError, ValueError):  # a name too long for a path, a NUL: text, not a path
+                exists = False
+            if exists:
+                found.append((label, str(value)))
+
+    for key, value in dict(values).items():
+        if key not in set(skip):
+            walk(f"--{key}" if flags else key, value)
+    return found
 
 
 # --------------------------------------------------------------------------- the guard of every output
@@ -239,17 +274,16 @@ def _not_empty(what: str, out: Path, existing: list[str]) -> str:
 @contextlib.contextmanager
 def claim_output_dir(path: str | Path, what: str, *, inputs: Inputs = (), overwrite: bool = False,
                      continues: Callable[[list[str]], bool] | None = None,
-                     refusal: Callable[[list[str]], str] | None = None, lock_inside: bool = True,
-                     main: bool = True) -> Iterator[Path]:
+                     refusal: Callable[[list[str]], str] | None = None, main: bool = True) -> Iterator[Path]:
     """The one guard of an output directory (train.py, sweep.py, evaluate.py, export.py).
 
     The path is checked first: a directory that exists or can be made, and can be written, apart from every
     input (neither one of them, nor inside one, nor holding one: --overwrite empties it). Then it is locked
-    (`.lock` inside it, or `<name>.lock` beside it for an output that is replaced whole), and only then
-    looked at: a directory that holds anything is refused unless `overwrite`, or `continues(entries)` says
-    this run carries on what it holds (--resume, the same study). `refusal(entries)` words the refusal.
+    (`<name>.lock` beside it: one lock per output, whichever command takes it), and only then looked at: a
+    directory that holds anything is refused unless `overwrite`, or `continues(entries)` says this run carries on
+    what it holds (--resume, the same study). `refusal(entries)` words the refusal.
 
-    Nothing in the directory is changed here but the lock file; the body empties it (--overwrite) once its own
+    Nothing in the directory is changed here; the body empties it (--overwrite) once its own
     checks pass. A directory this claim created is removed again when the body fails before writing anything
     into it. `main=False` (a run's other processes) checks the path only: the main process locks and looks."""
     out = check_output_dir(path, what)
@@ -258,7 +292,8 @@ def claim_output_dir(path: str | Path, what: str, *, inputs: Inputs = (), overwr
     try:
         if main:
             name = f"{what} {out}"
-            lock = (OutputLock(out / LOCK_NAME, name) if lock_inside else lock_beside(out, name)).acquire()
+            lock = lock_beside(out, name).acquire()
+            out.mkdir(parents=True, exist_ok=True)
             existing = dir_entries(out)  # lock, then look (see OutputLock)
             if existing and not overwrite and not (continues and continues(existing)):
                 raise UserError(refusal(existing) if refusal else _not_empty(what, out, existing))
@@ -273,13 +308,14 @@ def claim_output_dir(path: str | Path, what: str, *, inputs: Inputs = (), overwr
 
 
 @contextlib.contextmanager
-def claim_output_files(paths: list[Path], what: str, *, inputs: Iterable["str | Path"] = (), overwrite: bool = False,
+def claim_output_files(paths: list[Path], what: str, *, inputs: Inputs = (), overwrite: bool = False,
                        continues: Callable[[], bool] | None = None) -> Iterator[list[Path]]:
     """The one guard of file outputs (prepare.py, pretokenize.py, generate.py): each path checked (not a directory,
     not an input, in a folder that can be written), then the lock beside the first taken, then the paths
     looked at: one that exists is refused unless `overwrite` or `continues()` (a run that resumes its own
     unfinished work)."""
-    paths = [check_output_file(p, what, inputs=list(inputs)) for p in paths]
+    inputs = list(inputs)
+    paths = [check_output_file(p, what, inputs=inputs) for p in paths]
     with lock_beside(paths[0], f"{what} {paths[0]}"):  # lock, then look (see OutputLock)
         existing = [str(p) for p in paths if p.exists()]
         if existing and not overwrite and not (continues and continues()):
@@ -294,10 +330,37 @@ def claim_output_files(paths: list[Path], what: str, *, inputs: Iterable["str | 
 MANIFEST_NAME = "manifest.json"  # the settings of the run whose chunks a work directory holds
 
 
-def claim_work_dir(work: Path, fingerprint: dict, describe: Callable[[dict, dict], str]) -> None:
+_ABSENT = object()
+
+
+def describe_change(old: dict, new: dict, names: dict[str, str] | None = None, prefix: str = "") -> str:
+    """What differs between two settings (a refusal's words): each setting changed, added or removed, with its old
+    and its new value; nested settings by their path (settings.margin). `names` gives top-level keys their flags."""
+    parts = []
+    for key in dict.fromkeys([*old, *new]):
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if a == b:
+            continue
+        label = prefix + (names or {}).get(key, key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            parts.append(describe_change(a, b, None, label + "."))
+        else:
+            parts.append(f"{label} {_shown_value(a)} -> {_shown_value(b)}")
+    return ", ".join(parts)
+
+
+def _shown_value(value) -> str:
+    if value is _ABSENT:
+        return "(not set)"
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def claim_work_dir(work: Path, fingerprint: dict, names: dict[str, str] | None = None) -> None:
     """A resumable run's work directory (`<output>.partial`): made with this run's settings in its manifest, or
-    taken over from a half-done run of the same settings. One of other settings is refused, naming what changed
-    (`describe(old, new)`), and so is an unreadable manifest."""
+    taken over from a half-done run of the same settings. One of other settings is refused, naming each setting
+    that changed with its old and new value (`names`: the flags of top-level keys), and so is an unreadable
+    manifest."""
     manifest = work / MANIFEST_NAME
     work.mkdir(exist_ok=True)
     wanted = json.loads(json.dumps(fingerprint))  # as it reads back: tuples become lists
@@ -309,7 +372,7 @@ def claim_work_dir(work: Path, fingerprint: dict, describe: Callable[[dict, dict
     except (OSError, ValueError):
         raise UserError(f"{manifest} is unreadable; delete {work} to start over") from None
     if old != wanted:
-        raise UserError(f"{work} holds a half-done run with other settings ({describe(old, wanted)} changed); "
+        raise UserError(f"{work} holds a half-done run with other settings ({describe_change(old, wanted, names)}); "
                         f"delete {work} to start over, or choose another --output")
 
 

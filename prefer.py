@@ -17,8 +17,8 @@ from pathlib import Path
 from adapters import read_adapter
 from config import read_yaml
 from evaluation import add_item_flags, is_token_file, load_items
-from outputs import claim_output_files
-from preference_file import is_preference_file
+from outputs import claim_output_files, inputs_of
+from preference_file import is_preference_file, path_identity, reference_identity
 from preferences import candidates_csv, DEFAULT_WEIGHTS, PreferenceRun, PreferSettings, REWARD_TERMS, settings_attrs
 from runtime import resolve_device, resolve_precision
 from speech_metrics import add_judge_flags, judges_of
@@ -80,15 +80,6 @@ def reward_weights(args) -> dict[str, float]:
     return weights
 
 
-def _identity(path) -> object:
-    """What a local input is, for telling a resumed run's inputs from changed ones (a hub id stands for itself)."""
-    p = Path(str(path)).expanduser()
-    if not p.exists():
-        return str(path)
-    files = sorted(f for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
-    return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_speech_flags(args)
@@ -111,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output)
     if output.suffix.lower() not in (".hdf5", ".h5"):
         raise UserError(f"--output {output}: give a file name ending in .hdf5")
-    inputs = [data, *args.context_audio, *[p for p in (args.model, args.adapter, args.weights) if p]]
+    inputs = inputs_of(vars(args), skip=("output",))
     if args.adapter:
         read_adapter(args.adapter)  # a bad adapter fails before anything loads
     with claim_output_files([output, candidates_csv(output)], "--output", inputs=inputs,
@@ -137,13 +128,18 @@ def _prefer(args, data: Path, output: Path, weights: dict[str, float]) -> int:
                               val_fraction=args.val_fraction, seed=args.seed, save_every=args.save_every,
                               max_audio_seconds=args.max_audio_seconds, temperature=args.temperature, topk=args.topk,
                               batch_size=args.batch_size, precision=precision)
-    fingerprint = {"settings": settings_attrs(settings), "data": _identity(data), "split": args.split, "n": args.n,
-                   "context_turns": args.context_turns,
-                   "model": _identity(source), "adapter": _identity(args.adapter) if args.adapter else None,
+    # What decides the pairs (not --batch_size: each candidate samples from its own seed, whatever its batch).
+    decides = {k: v for k, v in settings_attrs(settings).items() if k != "batch_size"}
+    # The run's own files (its output, work directory and lock) may lie in the model's folder.
+    own = [output, output.with_name(output.name + ".partial"), f"{output}.lock", candidates_csv(output)]
+    reference = reference_identity(source, args.adapter, exclude=own)
+    fingerprint = {"settings": decides, "data": path_identity(data, own), "split": args.split, "n": args.n,
+                   "context_turns": args.context_turns, **reference,
                    "judges": [args.asr, args.speaker_model, args.language, not args.no_dnsmos],
                    "context": content_digest([[s.text, s.speaker, s.audio] for s in context])}
     attrs = {**settings_attrs(settings), "codebooks": model.config.audio_num_codebooks,
-             "reference_model": str(args.model), "reference_compiled": False, "adapter": str(args.adapter or ""),
+             "reference_model": str(args.model), "reference_identity": json.dumps(reference),
+             "reference_compiled": False, "adapter": str(args.adapter or ""),
              "data": str(data),
              "split": args.split, "context_turns": args.context_turns, "asr": str(args.asr),
              "speaker_model": str(args.speaker_model), "dnsmos": not args.no_dnsmos,

@@ -101,6 +101,28 @@ def write_preference_file(path: str | Path, attrs: dict) -> Iterator:
 # --------------------------------------------------------------------------- reading
 
 
+def path_identity(path, exclude=()) -> object:
+    """What a local input is, for telling it from a changed one: each of its files' name (relative to it, so the
+    same model reached by another path, or copied with its times, is the same), size and modification time; a hub
+    id stands for itself. `exclude`: paths of the run's own outputs (a preference file kept in the model's folder,
+    its lock and work directory), which are not part of the input."""
+    p = Path(str(path)).expanduser()
+    if not p.exists():
+        return str(path)
+    skip = [Path(e).expanduser().resolve() for e in exclude]
+    root = p.resolve()
+    files = sorted(f for f in ([root] if root.is_file() else root.rglob("*")) if f.is_file()
+                   and not any(f == s or f.is_relative_to(s) for s in skip))
+    return [(f.name if root.is_file() else str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
+            for f in files]
+
+
+def reference_identity(model, adapter=None, exclude=()) -> dict:
+    """The identity of a reference model (with the LoRA adapter it was applied with), as a preference file keeps it
+    and a DPO run compares it."""
+    return {"model": path_identity(model, exclude), "adapter": path_identity(adapter, exclude) if adapter else None}
+
+
 def is_preference_file(path: str | Path) -> bool:
     """An HDF5 file whose root says it holds preference pairs."""
     try:

@@ -167,8 +167,7 @@ class PreferenceRun:
         """Every chunk (resuming), then the output file and the candidates' CSV. Returns pair counts per split."""
         fresh = not self.work.exists()
         try:
-            claim_work_dir(self.work, self.fingerprint,
-                           lambda old, new: ", ".join(k for k in new if old.get(k) != new[k]) or "the format")
+            claim_work_dir(self.work, self.fingerprint)
         except BaseException:
             if fresh:
                 shutil.rmtree(self.work, ignore_errors=True)

@@ -18,7 +18,7 @@ import torch
 from speech_metrics import ASR, DEFAULT_ASR
 from utils import check_number, run_cli, UserError
 from runtime import resolve_device
-from outputs import claim_output_files
+from outputs import claim_output_files, inputs_of
 from dnsmos import DNSMOS
 from recordings import CutSettings, find_audio, prepare
 
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     if output.suffix.lower() != ".csv" and not output.is_dir():
         raise UserError(f"--output {output}: give a file name ending in .csv")
     partial = output.with_name(output.name + ".partial.jsonl")  # an unfinished run's work, which this one resumes
-    with claim_output_files([output], "--output", inputs=files, overwrite=args.overwrite, continues=partial.exists):
+    inputs = [("--audio", f) for f in files] + inputs_of(vars(args), skip=("output",))
+    with claim_output_files([output], "--output", inputs=inputs, overwrite=args.overwrite, continues=partial.exists):
         scorer = DNSMOS() if args.min_dnsmos is not None else None  # fails in one line before the ASR loads
         asr = None
         if args.asr.lower() != "none":

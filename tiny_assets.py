@@ -11,6 +11,7 @@ They are loaded by exactly the code that loads the real ones. Audio they produce
 from __future__ import annotations
 
 import tempfile
+import json
 from pathlib import Path
 
 import numpy as np
@@ -292,7 +293,7 @@ def make_preference_file(path, model_dir, n_train=8, n_val=2, seed=0, short=(2, 
     EOS frame, the rejected one long and capped (random codes); the reference log-probabilities are those of the
     model in `model_dir`."""
     from dpo import candidate_logps
-    from preference_file import Candidate, Pair, write_preference_file
+    from preference_file import Candidate, Pair, reference_identity, write_preference_file
     from weights import load_model
 
     rng = np.random.default_rng(seed)
@@ -316,7 +317,8 @@ def make_preference_file(path, model_dir, n_train=8, n_val=2, seed=0, short=(2, 
             for c, (c0, decoder) in zip([p.chosen for p in pairs] + [p.rejected for p in pairs], scored):
                 c.ref_c0, c.ref_decoder = c0, decoder
         splits[split] = pairs
-    attrs = {"codebooks": k, "reference_model": str(model_dir), "precision": "fp32", "reference_compiled": False}
+    attrs = {"codebooks": k, "reference_model": str(model_dir), "precision": "fp32", "reference_compiled": False,
+             "reference_identity": json.dumps(reference_identity(model_dir))}
     with write_preference_file(path, attrs) as add:
         for split, pairs in splits.items():
             if pairs or split == "train":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import config as config_mod
 from config import TrainConfig
+from outputs import inputs_of
 from training import train
 from utils import EXIT_STOPPED, run_cli
 from runtime import compute_cleanup
@@ -76,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["WANDB_API_KEY"] = args.wandb_api_key
     cfg = config_from_args(args)
     try:
+        # The command's own path flags are inputs too (--config); --resume names a checkpoint of the run itself.
         result = train(cfg, args.data, args.output_dir, device=args.device, resume=args.resume,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, inputs=inputs_of(vars(args), skip=("output_dir", "resume")))
     finally:
         compute_cleanup()
     if result.stopped_early:

@@ -46,9 +46,9 @@ from tracking import Tracker, make_tracker
 from utils import print0, seed_everything, UserError
 from runtime import (all_reduce_sum, autocast, compute_init, cuda_unusable_reason, launched_by_torchrun,
                      peak_memory_bytes, resolve_precision, Runtime)
-from outputs import atomic_path, claim_output_dir, clear_dir, first_existing, write_text_atomic
+from outputs import atomic_path, claim_output_dir, clear_dir, first_existing, inputs_of, write_text_atomic
 from token_file import SPEAKERS_NAME, open_splits, speaker_names
-from preference_file import is_preference_file, open_preference_file, settings_of
+from preference_file import is_preference_file, open_preference_file, reference_identity, settings_of
 from speech_metrics import QualityModels
 from synthesis import model_speaker_names, prompt_segments, SpeechRequest, synthesize_batch
 from tokenization import load_text_tokenizer, resolve_text_tokenizer
@@ -335,12 +335,10 @@ class TrainResult:
     stopped_early: bool
 
 
-def run_inputs(cfg: TrainConfig, data: str | Path) -> list[tuple[str, str | None]]:
-    """The files and directories a run reads, which its output directory must stay apart from."""
-    return [("--data", str(data)), ("eval_data", cfg.eval_data), ("model", cfg.model),
-            ("text_tokenizer", cfg.text_tokenizer), ("mimi_weights", cfg.mimi_weights),
-            ("export_codec", cfg.export_codec), ("eval_asr", cfg.eval_asr),
-            ("eval_speaker_model", cfg.eval_speaker_model)]
+def run_inputs(cfg: TrainConfig, data: str | Path) -> list[tuple[str, str]]:
+    """The files and directories a run reads, which its output directory must stay apart from: the data and every
+    config value that names an existing path (gen_context's audio too)."""
+    return [("--data", str(data)), *inputs_of(cfg.to_dict(), flags=False)]
 
 
 def _holds_a_run(out: Path, existing: list[str]) -> str:
@@ -588,11 +586,20 @@ def check_reference(cfg: TrainConfig, data: str, precision: str) -> None:
     recorded = str(settings.get("reference_model") or "")
     if not recorded or cfg.train_from_scratch:
         return
-    same = recorded == cfg.model
-    if not same and Path(recorded).exists() and Path(cfg.model).exists():
-        same = Path(recorded).resolve() == Path(cfg.model).resolve()
+    identity = settings.get("reference_identity")
+    if isinstance(identity, dict) and Path(cfg.model).expanduser().exists():
+        # By what the files are, not by the path: a model replaced at the same path differs, the same model reached
+        # by another path (or copied with its times) does not, and so does one the reference had an adapter on.
+        ours = json.loads(json.dumps(reference_identity(cfg.model)))
+        same = ours["model"] == identity.get("model") and not identity.get("adapter")
+        how = (f"{recorded} with the LoRA adapter {settings.get('adapter')} applied" if identity.get("adapter")
+               else f"{recorded} as its files were then")
+    else:  # a hub id, or a file from before identities were kept: by path
+        same = recorded == cfg.model or (Path(recorded).exists() and Path(cfg.model).exists()
+                                         and Path(recorded).resolve() == Path(cfg.model).resolve())
+        how = recorded
     if not same:
-        print0(f"warning: {data} holds the reference log-probabilities of {recorded}, but this run starts from "
+        print0(f"warning: {data} holds the reference log-probabilities of {how}, but this run starts from "
                f"{cfg.model}; DPO expects the two to be the same model (its first step's dpo_loss is then log 2 = "
                "0.693)", file=sys.stderr)
 
@@ -802,7 +809,7 @@ def finish(run: Run, whole: parallel.WholeModel, final_val: float | None, stoppe
 
 def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device: str | None = "auto",
           resume: str | None = None, overwrite: bool = False, on_eval: Callable[[int, dict], None] | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, inputs: list[tuple[str, str]] = ()) -> TrainResult:
     """Run (or resume) one training run. `on_eval(step, metrics)` (val_loss and/or the quality metrics of
     the step) may raise to stop it (sweep pruning).
 
@@ -810,7 +817,7 @@ def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device:
     check_launch(cfg)
     rt = compute_init(device)
     # Nothing is written into the directory before setup_run's checks pass: a start that fails leaves a run intact.
-    with claim_output_dir(output_dir, "--output_dir", inputs=run_inputs(cfg, data), overwrite=overwrite,
+    with claim_output_dir(output_dir, "--output_dir", inputs=[*run_inputs(cfg, data), *inputs], overwrite=overwrite,
                           continues=lambda _: bool(resume), refusal=lambda e: _holds_a_run(Path(output_dir), e),
                           main=rt.is_main) as out:
         return fit(setup_run(cfg, str(data), out, rt, resume, overwrite), on_eval, progress)

@@ -174,3 +174,96 @@ def test_overwrite_never_empties_a_directory_that_holds_an_input(script, assets,
     with pytest.raises(utils.UserError, match="lies inside --output_dir"):
         main([*argv, "--overwrite"])
     assert data.read_bytes() == Path(tokens).read_bytes() and sorted(p.name for p in run.iterdir()) == [data.name]
+
+
+def test_a_refusal_names_each_changed_setting_with_its_old_and_new_value():
+    """pretokenize.py said "( changed)" for a removed key and prefer.py "(settings changed)"."""
+    from outputs import describe_change
+
+    old = {"max_seq_len": 2048, "min_dnsmos": 3.0, "settings": {"margin": 0.1, "seed": 0}, "same": [1, 2]}
+    new = {"max_seq_len": 1024, "settings": {"margin": 0.5, "seed": 0}, "same": [1, 2], "added": "x" * 80}
+    said = describe_change(old, new, {"max_seq_len": "--max_seq_len"})
+    assert said == ("--max_seq_len 2048 -> 1024, min_dnsmos 3.0 -> (not set), settings.margin 0.1 -> 0.5, "
+                    "added (not set) -> '" + "x" * 56 + "...")
+
+
+def test_a_resume_with_another_number_of_processes_or_data_says_which(token_file):
+    """The loader's check came first and blamed "the data, batch settings or number of processes" at once."""
+    from dataloaders import CSMDataset, make_loader
+
+    loader = make_loader(CSMDataset(str(token_file), "train"), batch_size=4, seed=0)
+    state = loader.state_dict()
+    with pytest.raises(utils.UserError, match=r"the data changed: 99 examples then, \d+ now"):
+        loader.load_state_dict({**state, "num_batches": 99, "examples": 99})
+    with pytest.raises(utils.UserError, match="the batch settings changed"):
+        loader.load_state_dict({**state, "num_batches": 99})
+
+
+def _path_flags(parser, outputs_: tuple[str, ...]):
+    """The flags of a parser that take a string (every path flag among them), but the output's own and --resume."""
+    return [a for a in parser._actions if a.option_strings and a.nargs != 0 and a.choices is None
+            and a.type in (None, str) and a.dest not in (*outputs_, "resume", "help")]
+
+
+def _with(argv: list[str], flag: str, value: str) -> list[str]:
+    """argv with `flag` given `value` (replacing the value it had)."""
+    if flag in argv:
+        i = argv.index(flag)
+        return [*argv[:i + 1], value, *argv[i + 2:]]
+    return [*argv, flag, value]
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "sweep.py", "export.py", "prepare.py", "generate.py"])
+def test_no_path_a_command_reads_can_be_deleted_by_overwrite(script, assets, tokens, tmp_path, monkeypatch):
+    """The guard's inputs are derived from the parsed arguments (every value that names an existing path), not a
+    list per command: each string flag in turn names a folder inside the output directory (or, for a file output,
+    the output file itself), and --overwrite must leave it whole. evaluate.py deleted --asr, --text_tokenizer and
+    --mimi_weights folders kept in its output; a sweep's journal in its output was deleted."""
+    import importlib
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    main, argv, out, _ = _cases(assets, tokens, tmp_path)[script]
+    parser = importlib.import_module(script.removesuffix(".py")).build_parser()
+    directory = out.suffix == ""
+    if directory:
+        kept = out / "kept"
+        kept.mkdir(parents=True)
+        (kept / "file.txt").write_text("an input")
+    flags = _path_flags(parser, ("output", "output_dir"))
+    assert len(flags) >= 3, [a.dest for a in flags]
+    for action in flags:
+        if not directory:
+            out.write_text("an input")
+        target = str(kept if directory else out)
+        with pytest.raises((utils.UserError, SystemExit)):
+            main(_with(argv, action.option_strings[-1], target) + ["--overwrite"])
+        assert (kept / "file.txt" if directory else out).read_text() == "an input", action.option_strings
+
+
+def test_two_different_commands_on_one_output_take_one_lock(assets, tokens, tmp_path):
+    """export.py --output RUN --overwrite while train.py writes RUN deleted its checkpoints: export locked RUN.lock
+    beside it, train RUN/.lock inside it. Now every command takes the one lock beside its output."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", "--data", str(tokens), "--output_dir", str(run), "--model",
+                             str(assets["model"]), "--device", "cpu", "--max_steps", "100000", "--save_every", "1",
+                             "--wandb_mode", "disabled", "--gen_every", "0", "--val_every", "0"],
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600  # for a hang only: training starts in seconds
+        while not list(run.glob("checkpoints/step_*.pt")):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        with pytest.raises(utils.UserError, match="is in use by another running process"):
+            export.main(["--model", str(assets["model"]), "--to", "official", "--output", str(run), "--overwrite"])
+        assert list(run.glob("checkpoints/step_*.pt")) and proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=300)

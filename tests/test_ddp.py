@@ -148,6 +148,15 @@ def test_fsdp_trains_like_ddp_and_both_resume_exactly(assets, tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0 and "distributed: fsdp" in proc.stderr
+    # A DDP checkpoint resumed by one process: the number of processes is named (the loader's check came first and
+    # blamed "the data, batch settings or number of processes").
+    one = tmp_path / "one"
+    (one / "checkpoints").mkdir(parents=True)
+    shutil.copy(ddp / "checkpoints" / "step_0000002.pt", one / "checkpoints")
+    proc = subprocess.run([sys.executable, "train.py", *map(str, common), "--output_dir", str(one), "--resume"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "was saved by 2 process(es); resume it with as many (this run has 1)" in proc.stderr
 
 
 @pytest.mark.slow

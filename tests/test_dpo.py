@@ -3,6 +3,7 @@ training on them (resume, LoRA, freezing), a scripted preference that the tiny m
 import json
 import math
 import shutil
+from pathlib import Path
 import subprocess
 import sys
 
@@ -145,9 +146,10 @@ def test_prefer_writes_pairs_whose_reference_is_fresh_and_resumes_a_killed_run(a
         prefer.main(_prefer_args(assets, judges, data, killed))
     assert not killed.exists() and (tmp_path / "killed.hdf5.partial" / "chunk_000000.hdf5").exists()
     monkeypatch.setattr(preferences.PreferenceRun, "_chunk", real)
-    with pytest.raises(UserError, match=r"half-done run with other settings \(settings changed\)"):
+    with pytest.raises(UserError, match=r"half-done run with other settings \(settings.margin 0.0 -> 0.5\)"):
         prefer.main(_prefer_args(assets, judges, data, killed, "--margin", "0.5"))  # not the killed run's command
-    assert prefer.main(_prefer_args(assets, judges, data, killed)) == 0
+    # --batch_size changes no pair (each candidate samples from its own seed): it does not block the resume.
+    assert prefer.main(_prefer_args(assets, judges, data, killed, "--batch_size", "2")) == 0
     assert "resuming: 2 prompts already done" in capsys.readouterr().out
     assert not (tmp_path / "killed.hdf5.partial").exists()
 
@@ -187,7 +189,7 @@ def test_prefer_writes_pairs_whose_reference_is_fresh_and_resumes_a_killed_run(a
     first = _metrics(out)[0]
     assert first["dpo_loss"] == pytest.approx(math.log(2), abs=1e-5) and first["reward_accuracy"] == 0
     assert json.loads((out / "final" / "speakers.json").read_text()) == {"alice": 3}
-    assert "DPO expects the two to be the same model" in capsys.readouterr().err  # a copy, at another path
+    assert "DPO expects the two to be the same model" not in capsys.readouterr().err  # a copy, times kept: the same
 
 
 def test_prompts_from_recordings_spoken_after_a_context_turn(assets, judges, tmp_path):
@@ -472,6 +474,36 @@ def _train_cli(data, assets, out, *extra):
     return subprocess.run([sys.executable, "train.py", "--data", str(data), "--model", str(assets["model"]),
                            "--output_dir", str(out), "--device", "cpu", "--max_steps", "1", "--gen_every", "0",
                            "--wandb_mode", "disabled", *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_the_reference_model_is_checked_by_its_files_not_its_path(assets, prefs, tmp_path, monkeypatch, capsys):
+    """The same model by another (relative) path: no warning. The model replaced at the same path, or a file made
+    with an adapter on the model (its log-probabilities are the adapter's) and trained from the model alone: a
+    warning naming it."""
+    import h5py
+
+    warned = "DPO expects the two to be the same model"
+    model = Path(assets["model"])
+    monkeypatch.chdir(model.parent)
+    training.check_reference(_cfg(assets, model=f"./{model.name}/../{model.name}"), str(prefs), "fp32")
+    assert warned not in capsys.readouterr().err
+    moved = tmp_path / "model"
+    shutil.copytree(model, moved)
+    data = tmp_path / "p.hdf5"
+    make_preference_file(data, moved, n_train=2, n_val=0)
+    (moved / "config.json").write_text((moved / "config.json").read_text() + "\n")  # replaced in place
+    training.check_reference(_cfg(assets, model=str(moved)), str(data), "fp32")
+    assert warned in capsys.readouterr().err
+    with h5py.File(prefs, "r") as f:
+        identity = json.loads(f.attrs["reference_identity"])
+    adapted = tmp_path / "adapted.hdf5"
+    shutil.copy(prefs, adapted)
+    with h5py.File(adapted, "r+") as f:
+        f.attrs["reference_identity"] = json.dumps({**identity, "adapter": [["adapter_model.safetensors", 1, 2]]})
+        f.attrs["adapter"] = "runs/x/best_adapter"
+    training.check_reference(_cfg(assets), str(adapted), "fp32")
+    err = capsys.readouterr().err
+    assert "with the LoRA adapter runs/x/best_adapter applied" in err and warned in err
 
 
 def test_a_run_at_another_precision_or_compile_setting_than_the_reference_is_warned_of(assets, prefs, capsys):

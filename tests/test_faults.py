@@ -522,9 +522,9 @@ def test_two_pretokenize_runs_on_one_output_get_a_clear_message(assets, tmp_path
 def test_two_sweeps_on_one_output_dir_get_a_clear_message(data, assets, tmp_path):
     import sweep
     from utils import UserError
-    from outputs import OutputLock
+    from outputs import lock_beside
 
     out = tmp_path / "s"
-    with OutputLock(out / ".lock", "the other sweep"):
+    with lock_beside(out, "the other sweep"):
         with pytest.raises(UserError, match="in use by another running process"):
             sweep.main(sweep_cmd(data, assets, out, "--max_steps", "6")[2:])

@@ -355,7 +355,8 @@ def test_changed_tokenizer_is_refused_on_resume(assets, tmp_path):
     work = tmp_path / "o.hdf5.partial"
     work.mkdir()
     (work / "manifest.json").write_text(settings_of_other_run)
-    with pytest.raises(utils.UserError, match="text tokenizer changed.*delete"):
+    changed = r"other settings \(--text_tokenizer .* -> .*, text tokenizer vocabulary .* -> .*\); delete"
+    with pytest.raises(utils.UserError, match=changed):
         run(assets, "--train_data", str(meta), "--output", str(tmp_path / "o.hdf5"))
 
 
