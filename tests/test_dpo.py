@@ -192,6 +192,29 @@ def test_prefer_writes_pairs_whose_reference_is_fresh_and_resumes_a_killed_run(a
     assert "DPO expects the two to be the same model" not in capsys.readouterr().err  # a copy, times kept: the same
 
 
+def test_a_preference_file_kept_in_its_models_folder_resumes(assets, judges, tmp_path, monkeypatch, capsys):
+    """The model's identity counted the run's own work directory and lock, so the second try said the model had
+    changed and the half-done work was stranded."""
+    data = write_token_file(tmp_path / "tokens.hdf5", n_train=4, n_val=0)
+    model = tmp_path / "model"
+    shutil.copytree(assets["model"], model)
+    output = model / "prefs.hdf5"
+    args = [a if a != str(assets["model"]) else str(model) for a in _prefer_args(assets, judges, data, output)]
+    real = preferences.PreferenceRun._chunk
+
+    def dies_at_the_second_chunk(self, index):
+        if index == 1:
+            raise KeyboardInterrupt
+        return real(self, index)
+
+    monkeypatch.setattr(preferences.PreferenceRun, "_chunk", dies_at_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        prefer.main(args)
+    monkeypatch.setattr(preferences.PreferenceRun, "_chunk", real)
+    assert prefer.main(args) == 0
+    assert "resuming: 2 prompts already done" in capsys.readouterr().out and output.is_file()
+
+
 def test_prompts_from_recordings_spoken_after_a_context_turn(assets, judges, tmp_path):
     """A metadata file of real recordings as the prompts, spoken after a prompt turn: each pair carries the turn
     (its Mimi codes and text), DPO lays it out before the candidate, and the first step is at the reference, so
