@@ -168,20 +168,11 @@ class Stats:
         self.seconds += float(chunk["seconds"].sum())
 
 
-def quality_gate(rows: list[tuple[int, dict]], clips, scorer: DNSMOS, minimum: float) -> list:
-    """The chunk's clips, those below `minimum` DNSMOS OVRL turned into SkipRow (with the score): a row's own
-    `dnsmos` column when it has a number there (prepare.py --min_dnsmos writes it), else a score made now (the
-    rows that need one scored together)."""
-    clips = list(clips)
-    given = [_given_score(raw) for _, raw in rows]
-    todo = [i for i, clip in enumerate(clips) if given[i] is None and not isinstance(clip, SkipRow)]
-    for i, score in zip(todo, scorer.score_many([clips[i][1] for i in todo], MIMI_SAMPLE_RATE)):
-        given[i] = score if isinstance(score, NotScorable) else score.ovrl
-    for i, score in enumerate(given):
-        why = None if isinstance(clips[i], SkipRow) else rejection(score, minimum)
-        if why:
-            clips[i] = SkipRow(why)
-    return clips
+GATE_SECONDS = 120.0  # audio scored by DNSMOS at a time: its memory is bounded whatever --save_every is
+
+
+class Filtered(SkipRow):
+    """A row the quality filter (--min_dnsmos) leaves out: not a broken row, so --strict goes on past it."""
 
 
 def _given_score(raw: dict) -> float | None:
@@ -192,14 +183,63 @@ def _given_score(raw: dict) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def quality_gate(items, scorer: DNSMOS, minimum: float):
+    """The rows that passed every other check, in order, those below `minimum` DNSMOS OVRL turned into Filtered
+    (with the score): a row's own `dnsmos` column when it has a number there (prepare.py --min_dnsmos writes it),
+    else a score made now, for GATE_SECONDS of audio at a time (so a chunk's clips are never all held at once)."""
+    pending, seconds = [], 0.0
+
+    def judged():
+        todo = [i for i, item in enumerate(pending) if not isinstance(item, SkipRow) and item[5] is None]
+        scores = scorer.score_many([pending[i][2] for i in todo], MIMI_SAMPLE_RATE)
+        for i, score in zip(todo, scores):
+            pending[i] = (*pending[i][:5], score if isinstance(score, NotScorable) else score.ovrl)
+        for item in pending:
+            why = None if isinstance(item, SkipRow) else rejection(item[5], minimum)
+            if why:
+                item, left_out = Filtered(why), item
+                item.row = left_out[:2]
+            yield item
+        pending.clear()
+
+    for item in items:
+        if not isinstance(item, SkipRow):
+            given = _given_score(item[1])
+            item = (*item, given)
+            seconds += 0 if given is not None else len(item[2]) / MIMI_SAMPLE_RATE
+        pending.append(item)
+        if seconds >= GATE_SECONDS:
+            yield from judged()
+            seconds = 0.0
+    yield from judged()
+
+
 def process_chunk(rows: list[tuple[int, dict]], clips, tokenizer, mimi, args: EncodeSettings, strict_label: str,
                   scorer: DNSMOS | None = None):
     """Encode one chunk's clips (an iterable of _prepare results in row order, e.g. reader futures
-    resolving one by one): returns kept examples and skipped rows, both in row order. With `scorer`, rows
-    below args.min_dnsmos are skipped first (quality_gate)."""
+    resolving one by one): returns kept examples and skipped rows, both in row order. Each row is checked (its
+    text, its length against max_seq_len) before it is scored: with `scorer`, rows below args.min_dnsmos are then
+    left out (quality_gate), and a row too long for the model is never scored."""
     examples, skipped, ready = [], [], []
-    if scorer is not None:
-        clips = quality_gate(rows, clips, scorer, args.min_dnsmos)
+
+    def checked():
+        """(index, raw, audio, text, row) per row that can become an example, else its SkipRow (index in .index)."""
+        for (index, raw), clip in zip(rows, clips):
+            try:
+                if isinstance(clip, SkipRow):
+                    raise clip
+                row, audio = clip
+                text = encode_text(tokenizer, row.text, row.speaker, omit_speaker_id=args.omit_speaker_id)
+                length = len(text) + frames_of(len(audio)) + 1
+                if length > args.max_seq_len:
+                    raise SkipRow(f"too long: {length} frames (text + audio + EOS) > max_seq_len {args.max_seq_len}")
+                yield index, raw, audio, text, row
+            except SkipRow as e:
+                e.row = (index, raw)
+                if args.strict:
+                    raise UserError(f"{strict_label} row {index} ({raw.get('path')}): {e} "
+                                    f"(--strict stops at the first bad row)") from None
+                yield e
 
     def encode_ready():
         # Duration-sorted batches keep padding small; results go back to metadata order at the end.
@@ -211,28 +251,22 @@ def process_chunk(rows: list[tuple[int, dict]], clips, tokenizer, mimi, args: En
                 examples.append((index, codes, text, len(audio) / MIMI_SAMPLE_RATE, row))
         ready.clear()
 
+    items = checked() if scorer is None else quality_gate(checked(), scorer, args.min_dnsmos)
     # Encoding a few batches' worth at a time lets the encoder start while the readers are still
     # busy with the rest of the chunk; batching is exact, so the grouping does not change the codes.
     window = 4 * args.batch_size
-    for (index, raw), clip in zip(rows, clips):
-        try:
-            if isinstance(clip, SkipRow):
-                raise clip
-            row, audio = clip
-            text = encode_text(tokenizer, row.text, row.speaker, omit_speaker_id=args.omit_speaker_id)
-            length = len(text) + frames_of(len(audio)) + 1
-            if length > args.max_seq_len:
-                raise SkipRow(f"too long: {length} frames (text + audio + EOS) > max_seq_len {args.max_seq_len}")
-            ready.append((index, audio, text, row))
-        except SkipRow as e:
-            if args.strict:
-                raise UserError(f"{strict_label} row {index} ({raw.get('path')}): {e} "
-                                f"(--strict stops at the first bad row)")
-            skipped.append((index, str(raw.get("path")), str(e)))
+    for item in items:
+        if isinstance(item, SkipRow):
+            index, raw = getattr(item, "row", (None, {}))
+            skipped.append((index, str(raw.get("path")), str(item)))
+            continue
+        index, _, audio, text, row = item[:5]
+        ready.append((index, audio, text, row))
         if len(ready) >= window:
             encode_ready()
     encode_ready()
     examples.sort(key=lambda e: e[0])
+    skipped.sort(key=lambda s: s[0])
     return examples, skipped
 
 

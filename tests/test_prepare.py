@@ -335,3 +335,37 @@ def _pretokenize_filters_on_dnsmos(tmp_path, prepared):
         assert all(re.fullmatch(r"DNSMOS OVRL [0-9.]+ below --min_dnsmos 2.45", r) for r in skipped["reason"])
         assert sorted(Path(p).stem for p in skipped["path"]) == (
             ["clean_0"] if metadata == given else ["noisy_0", "noisy_1", "noisy_2"])
+
+    # Checked before scored, scored in bounded amounts, and no bad row for --strict. A chunk's clips were scored all
+    # at once, those the length check then dropped too; --strict stopped at the first row the filter left out.
+    import math
+
+    import encode_dataset
+    import tokenization
+    from dnsmos import DNSMOS
+
+    samples = {Path(r["path"]).stem: sf.info(r["path"]).frames * 24000 // sf.info(r["path"]).samplerate for r in rows}
+    longest = max(samples, key=samples.get)
+    text = len(tokenization.encode_text(tokenization.load_text_tokenizer(str(assets["text_tokenizer"])), "Words.", 0))
+    limit = text + math.ceil(samples[longest] / 1920)  # the longest pair of clips is one frame (its EOS) too long
+    calls, real, gate = [], DNSMOS.score_many, encode_dataset.GATE_SECONDS
+    DNSMOS.score_many = lambda self, clips, rate, **kw: calls.append([len(c) for c in clips]) or real(self, clips, rate,
+                                                                                                     **kw)
+    encode_dataset.GATE_SECONDS = 1.0
+    try:
+        for extra, name in ((["--max_seq_len", str(limit)], "short"), (["--strict"], "strict")):
+            out = tmp_path / f"{name}.hdf5"
+            assert pretokenize.main(["--train_data", str(scored), "--output", str(out), "--device", "cpu",
+                                     "--text_tokenizer", str(assets["text_tokenizer"]), "--mimi_weights",
+                                     str(assets["mimi"]), "--min_dnsmos", "2.45", *extra]) == 0
+            reasons = dict(zip((Path(p).stem for p in pd.read_csv(str(out) + ".skipped.csv")["path"]),
+                               pd.read_csv(str(out) + ".skipped.csv")["reason"]))
+            if name == "short":
+                assert reasons[longest].startswith("too long") and reasons[longest.replace("clean", "noisy")] \
+                    .startswith("too long")
+                assert samples[longest] not in [n for call in calls for n in call]  # never scored
+            else:
+                assert sorted(reasons) == ["noisy_0", "noisy_1", "noisy_2"]
+        assert len(calls) > 2 and all(sum(call[:-1]) < 24000 for call in calls)  # 1 s, then the clip that passes it
+    finally:
+        DNSMOS.score_many, encode_dataset.GATE_SECONDS = real, gate
