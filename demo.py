@@ -11,7 +11,6 @@ the tiny random judges give it mean nothing.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -29,7 +28,7 @@ import sweep
 import tiny_assets
 from metrics import BY_NAME
 import train
-from utils import run_cli
+from utils import CommandParser, run_cli
 
 ROOT = Path(__file__).resolve().parent
 SAMPLE = ROOT / "data" / "sample"
@@ -140,7 +139,7 @@ def preference_round(out: Path, model: Path, data: Path, assets: dict, common: l
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = CommandParser(description=__doc__.splitlines()[0])
     p.add_argument("--output_dir", default=str(ROOT / "demo_out"))
     p.add_argument("--quick", action="store_true", help="fewer steps and trials (what the test suite runs)")
     args = p.parse_args(argv)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from metrics import BY_NAME, QUALITY, ROWS
-from utils import check_number, run_cli
+from utils import check_number, CommandParser, run_cli
 from runtime import resolve_device, resolve_precision
 from outputs import claim_output_dir, clear_dir, inputs_of
 from weights import resolve_source
@@ -30,7 +30,7 @@ from config import load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Quality of a CSM checkpoint: WER/CER, speaker similarity, EOS rate, "
+    p = CommandParser(description="Quality of a CSM checkpoint: WER/CER, speaker similarity, EOS rate, "
                                             "with the reference and Mimi ceilings")
     p.add_argument("--eval_data", required=True,
                    help="metadata file (path,text[,start,end,speaker]: references are the recordings) or a token "

@@ -13,13 +13,13 @@ from pathlib import Path
 from hf_export import csm_tokenizer, DEFAULT_CODEC, export_official, export_transformers
 from codec import find_codec
 from tokenization import resolve_text_tokenizer
-from utils import run_cli, UserError
+from utils import CommandParser, run_cli, UserError
 from outputs import check_apart, claim_output_dir, inputs_of
 from weights import load_model, parse_size, resolve_source
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Export a CSM checkpoint to the transformers or the official layout.")
+    p = CommandParser(description="Export a CSM checkpoint to the transformers or the official layout.")
     p.add_argument("--model", required=True, help="hub id, directory (either layout), .safetensors or .pt checkpoint")
     p.add_argument("--revision", default=None, help="branch, tag or commit of a hub --model (default: main)")
     p.add_argument("--to", required=True, choices=("hf", "official"),

@@ -19,7 +19,7 @@ from synthesis import (add_speech_flags, check_prompts, check_speech_flags, Comp
                        encode_context, load_speech_model, model_speaker_names, parse_speaker, SpeechRequest,
                        SpeechStream, synthesize_batch, utterance_seed)
 from codec import MIMI_SAMPLE_RATE
-from utils import check_number, run_cli, UserError
+from utils import check_number, CommandParser, run_cli, UserError
 from runtime import resolve_device, resolve_precision
 from outputs import atomic_path, claim_output_files, inputs_of
 from speech_metrics import prompt_similarity, SpeakerEncoder
@@ -31,7 +31,7 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of generate.py."""
-    p = argparse.ArgumentParser(description="Speech from a CSM checkpoint (hub id, directory in either "
+    p = CommandParser(description="Speech from a CSM checkpoint (hub id, directory in either "
                                             "layout, .safetensors or .pt)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="what to say")

@@ -24,13 +24,13 @@ from runtime import resolve_device, resolve_precision
 from speech_metrics import add_judge_flags, judges_of
 from synthesis import (add_speech_flags, check_speech_flags, CompiledStep, context_segments, load_speech_model,
                        model_speaker_names)
-from utils import check_number, content_digest, run_cli, UserError
+from utils import check_number, CommandParser, content_digest, run_cli, UserError
 from weights import resolve_source
 
 
 def build_parser() -> argparse.ArgumentParser:
     terms = "; ".join(f"{t.name} ({t.what}, default {t.default:g})" for t in REWARD_TERMS)
-    p = argparse.ArgumentParser(description="Sample candidates, judge them, and write preference pairs for DPO")
+    p = CommandParser(description="Sample candidates, judge them, and write preference pairs for DPO")
     p.add_argument("--data", required=True,
                    help="the prompts: a token file from pretokenize.py (its --split) or a metadata file "
                         "(path,text[,start,end,speaker]); each row's reference is its audio")

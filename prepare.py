@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from speech_metrics import ASR, DEFAULT_ASR
-from utils import check_number, run_cli, UserError
+from utils import check_number, CommandParser, run_cli, UserError
 from runtime import resolve_device
 from outputs import claim_output_files, inputs_of
 from dnsmos import DNSMOS
@@ -24,7 +24,7 @@ from recordings import CutSettings, find_audio, prepare
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Recordings -> utterance metadata (VAD, cutting, ASR) for pretokenize.py")
+    p = CommandParser(description="Recordings -> utterance metadata (VAD, cutting, ASR) for pretokenize.py")
     p.add_argument("--audio", nargs="+", required=True, help="audio files and/or directories (searched recursively)")
     p.add_argument("--output", required=True, help="metadata CSV to write")
     p.add_argument("--min_seconds", type=float, default=2.0, help="shortest utterance kept (default 2 s)")

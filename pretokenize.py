@@ -15,12 +15,12 @@ from dataset_sources import SourceOptions
 from encode_dataset import EncodeSettings, run
 from metadata import METADATA_FORMATS
 from tokenization import DEFAULT_TEXT_TOKENIZER
-from utils import check_number, run_cli, UserError
+from utils import check_number, CommandParser, run_cli, UserError
 from runtime import resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Metadata -> HDF5 of Mimi audio codes and Llama text tokens.")
+    p = CommandParser(description="Metadata -> HDF5 of Mimi audio codes and Llama text tokens.")
     p.add_argument("--train_data", help="the training split: a metadata file (" + ", ".join(METADATA_FORMATS) + "), "
                    "a hub dataset hf:NAME[:CONFIG][@SPLIT], or a directory saved with datasets' save_to_disk [@SPLIT]")
     p.add_argument("--val_data", help="the validation split, in the same forms (a dataset's default split: validation)")

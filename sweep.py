@@ -15,14 +15,14 @@ from pathlib import Path
 
 from metrics import SWEEPABLE, describe
 from optuna_sweep import run_sweep
-from utils import run_cli
+from utils import CommandParser, run_cli
 
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # the defaults work from any directory
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Optuna hyperparameter sweep; each trial runs train.py's training loop.")
+    p = CommandParser(description="Optuna hyperparameter sweep; each trial runs train.py's training loop.")
     p.add_argument("--data", required=True, help="HDF5 file from pretokenize.py (needs a val split for val_loss)")
     p.add_argument("--sweep_config", default=str(CONFIGS / "sweep.yaml"),
                    help="YAML search space (default: this tool's configs/sweep.yaml)")

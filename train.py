@@ -16,7 +16,7 @@ import config as config_mod
 from config import TrainConfig
 from outputs import inputs_of
 from training import train
-from utils import EXIT_STOPPED, run_cli
+from utils import CommandParser, EXIT_STOPPED, run_cli
 from runtime import compute_cleanup
 
 
@@ -30,7 +30,7 @@ CONFIG_FLAGS = ("n_epochs", "max_steps", "val_every", "save_every", "gen_every",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Finetune CSM-1B, or train it from scratch, on a pre-tokenized HDF5 file.")
+    p = CommandParser(description="Finetune CSM-1B, or train it from scratch, on a pre-tokenized HDF5 file.")
     p.add_argument("--data", required=True, help="HDF5 file written by pretokenize.py (or the original tool)")
     p.add_argument("--config", help="YAML config (configs/finetune.yaml, configs/pretrain.yaml)")
     p.add_argument("--output_dir", default="./runs/exp", help="checkpoints, samples, metrics.jsonl, best/ and final/")

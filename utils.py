@@ -6,6 +6,7 @@ Nothing here does work at import: no environment reads, no network, no CUDA, no 
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import random
@@ -48,6 +49,26 @@ def run_cli(main: Callable[[], object]) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The command lines' parser: a value that starts with ~/ (or is ~) is expanded to the home folder, the same
+    way for every flag. The shell expands --flag ~/x but leaves --flag=~/x as it is, and code that reads the
+    value does not all expand it."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        for name, value in vars(parsed).items():
+            setattr(parsed, name, _expand_home(value))
+        return parsed, rest
+
+
+def _expand_home(value):
+    if isinstance(value, list):
+        return [_expand_home(v) for v in value]
+    if isinstance(value, str) and (value == "~" or value.startswith("~/")):
+        return os.path.expanduser(value)
+    return value
 
 
 def print0(*args, **kwargs):

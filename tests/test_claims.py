@@ -267,3 +267,22 @@ def test_two_different_commands_on_one_output_take_one_lock(assets, tokens, tmp_
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=300)
+
+
+def test_a_home_path_given_after_an_equals_sign_is_expanded_for_every_flag(assets, tmp_path, monkeypatch):
+    """The shell expands --output ~/x, not --output=~/x: every command's parser expands ~/ itself, for every flag,
+    so a file lands in the home folder, not in a folder named ~ in the working directory."""
+    import importlib
+
+    from utils import CommandParser
+
+    for name in ("train", "sweep", "prepare", "pretokenize", "generate", "evaluate", "prefer", "export"):
+        assert isinstance(importlib.import_module(name).build_parser(), CommandParser), name
+    assert "CommandParser(" in (ROOT / "demo.py").read_text()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    assert generate.main([f"--model={assets['model']}", "--text=Hi.", "--output=~/hi.wav", "--device=cpu",
+                          "--max_audio_seconds=0.16", f"--text_tokenizer={assets['text_tokenizer']}",
+                          f"--mimi_weights={assets['mimi']}"]) == 0
+    assert (tmp_path / "home" / "hi.wav").is_file() and not (tmp_path / "~").exists()

@@ -220,10 +220,15 @@ def test_bad_prompts_are_refused_before_anything_is_spoken(assets, tmp_path):
                              (np.full(4800, np.nan, np.float32), "NaN or infinite samples")):
         wav = tmp_path / "context.wav"
         sf.write(wav, samples, 24000, subtype="FLOAT")
+        turn = ["--context_audio", str(wav), "--context_text", "Before.", "--context_speaker", "0"]
         with pytest.raises(utils.UserError, match=message):
-            generate.main(_cli(assets, "--text", "Hi.", "--output", str(out), "--context_audio", str(wav),
-                               "--context_text", "Before.", "--context_speaker", "0"))
+            generate.main(_cli(assets, "--text", "Hi.", "--output", str(out), *turn))
         assert not out.exists()
+        # evaluate.py exited 0 with every item failed, and prefer.py advised raising --n_candidates
+        with pytest.raises(utils.UserError, match=message):
+            evaluate.main(_cli(assets, "--eval_data", str(lines), "--output_dir", str(tmp_path / "ev"), *turn))
+        with pytest.raises(utils.UserError, match=message):
+            prefer.main(_cli(assets, "--data", str(lines), "--output", str(tmp_path / "p.hdf5"), *turn))
     for main, args in ((generate.main, ["--text", "Hi.", "--output", str(out)]),
                        (evaluate.main, ["--eval_data", str(lines), "--output_dir", str(tmp_path / "ev")]),
                        (prefer.main, ["--data", str(lines), "--output", str(tmp_path / "p.hdf5")])):
