@@ -101,17 +101,23 @@ def write_preference_file(path: str | Path, attrs: dict) -> Iterator:
 # --------------------------------------------------------------------------- reading
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+CONFIG_NAMES = ("config.json", "adapter_config.json")
+
+
 def path_identity(path, exclude=()) -> object:
-    """What a local input is, for telling it from a changed one: each of its files' name (relative to it, so the
-    same model reached by another path, or copied with its times, is the same), size and modification time; a hub
-    id stands for itself. `exclude`: paths of the run's own outputs (a preference file kept in the model's folder,
-    its lock and work directory), which are not part of the input."""
+    """What a local input is, for telling it from a changed one: a file's name, size and modification time; for a
+    model's folder, those of its weights and configs (names relative to it, so the same model reached by another
+    path, or copied with its times, is the same; files beside them, such as speakers.json, do not count). A hub id
+    stands for itself. `exclude`: paths of the run's own outputs (a preference file kept in the model's folder),
+    which are not part of the input."""
     p = Path(str(path)).expanduser()
     if not p.exists():
         return str(path)
     skip = [Path(e).expanduser().resolve() for e in exclude]
     root = p.resolve()
     files = sorted(f for f in ([root] if root.is_file() else root.rglob("*")) if f.is_file()
+                   and (root.is_file() or f.suffix in WEIGHT_SUFFIXES or f.name in CONFIG_NAMES)
                    and not any(f == s or f.is_relative_to(s) for s in skip))
     return [(f.name if root.is_file() else str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
             for f in files]

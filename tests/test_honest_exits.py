@@ -104,7 +104,7 @@ def test_unusable_sweep_storage_is_one_line_and_leaves_nothing(data, assets, tmp
                  ("mysql://nobody@127.0.0.1:1/nothing", "--storage mysql://"),
                  ("bogus://what", "--storage bogus://")]
         if mounted:
-            cases.append((f"{ro / 'j.log'}", "cannot write the journal file"))
+            cases.append((f"{ro / 'j.log'}", "cannot write in"))
         out = tmp_path / "s"
         args = ["--data", data, "--output_dir", out, "--model", assets["model"], "--max_steps", 6,
                 "--sweep_config", ROOT / "configs" / "sweep_demo.yaml", "--storage"]
