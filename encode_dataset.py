@@ -191,7 +191,7 @@ def quality_gate(items, scorer: DNSMOS, minimum: float):
 
     def judged():
         todo = [i for i, item in enumerate(pending) if not isinstance(item, SkipRow) and item[5] is None]
-        scores = scorer.score_many([pending[i][2] for i in todo], MIMI_SAMPLE_RATE)
+        scores = scorer.score_many([pending[i][2] for i in todo], MIMI_SAMPLE_RATE) if todo else []
         for i, score in zip(todo, scores):
             pending[i] = (*pending[i][:5], score if isinstance(score, NotScorable) else score.ovrl)
         for item in pending:

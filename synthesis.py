@@ -346,9 +346,10 @@ class CompiledStep:
     (CUDA graphs record against fixed addresses) and zeroed between calls. A call's batch is padded to a power of
     two and its cache window to one of LENGTH_BUCKETS, so one process compiles at most `max_graphs` graphs, whatever
     it is asked to say; a compile past that is an error rather than Dynamo's silent fall back to eager. `backend`
-    and `mode` are torch.compile's (tests pass a backend of their own)."""
+    and `mode` are torch.compile's (tests pass a backend of their own, and shorter `lengths`)."""
 
-    def __init__(self, model, max_batch: int = 8, *, backend="inductor", mode: str | None = "auto"):
+    def __init__(self, model, max_batch: int = 8, *, backend="inductor", mode: str | None = "auto",
+                 lengths: tuple[int, ...] = LENGTH_BUCKETS):
         if max_batch < 1:
             raise UserError(f"a compiled step needs a batch of at least 1 row, not {max_batch}")
         device = next(model.parameters()).device
@@ -357,7 +358,7 @@ class CompiledStep:
         self.model, self.max_batch = model, max_batch
         limit = model.backbone.max_seq_len
         self.batch_buckets = tuple(sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)}))
-        self.length_buckets = tuple(sorted({min(n, limit) for n in LENGTH_BUCKETS} | {limit}))
+        self.length_buckets = tuple(sorted({min(n, limit) for n in lengths} | {limit}))
         # A backbone graph per (batch, length) bucket and two decoder graphs per batch bucket (codebook 1 reads two
         # positions, the others one); x2: greedy or sampled.
         self.max_graphs = 2 * len(self.batch_buckets) * (len(self.length_buckets) + 2)

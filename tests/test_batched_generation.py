@@ -176,14 +176,14 @@ def test_compiled_generation_compiles_a_bounded_number_of_graphs_across_calls(mo
     sizes in the same buckets compiles nothing, the KV caches are allocated once, and the model is left without
     caches between calls (training may run in between)."""
     backend = CudaGraphLike()
-    step = CompiledStep(model, 4, backend=backend)
-    short, long = 0.4, 20.8  # the long one needs more than 256 cache positions: the next length bucket
+    step = CompiledStep(model, 4, backend=backend, lengths=(48, 96))  # the buckets of 256, 512, ... in small
+    short, long = 0.4, 3.2  # the long one needs more than 48 cache positions: the next length bucket
 
     def say(n, seconds):
         requests = [SpeechRequest(f"Line {i} of {n}.", i, (), seconds, i) for i in range(n)]
         return synthesize_batch(model, text_tokenizer, mimi, requests, topk=1, step=step)
 
-    say(3, short)  # bucket (4 rows, 256): a backbone graph and two decoder graphs
+    say(3, short)  # bucket (4 rows, 48): a backbone graph and two decoder graphs
     after_first = backend.graphs
     assert after_first == 3
     pointer = model.backbone.layers[0].attn.kv_cache if model.backbone.caches_are_enabled() else None
@@ -191,7 +191,7 @@ def test_compiled_generation_compiles_a_bounded_number_of_graphs_across_calls(mo
     caches = [c.k.data_ptr() for c in step._caches]
     say(4, short)
     say(2, short)  # 2 rows: a new batch bucket
-    say(1, long)   # 1 row, 512 positions
+    say(1, long)   # 1 row, 96 positions
     say(1, short)
     assert backend.graphs == after_first + 3 + 3 + 1
     seen = backend.graphs

@@ -307,10 +307,17 @@ def test_min_dnsmos_keeps_clean_speech_and_drops_its_noisy_and_clipped_copies(tm
 
 
 def _pretokenize_filters_on_dnsmos(tmp_path, prepared):
-    """pretokenize.py --min_dnsmos: rows with a dnsmos column are judged by it (a row given 1.0 goes, unheard);
-    rows without one are scored (the noisy copies go)."""
+    """pretokenize.py --min_dnsmos: rows with a dnsmos column are judged by it (a row given 1.0 goes, unheard, and
+    --strict goes on past it: a filter is not a broken row); rows without one are scored (the noisy copies go), each
+    only once its length is checked (the longest pair, too long for --max_seq_len, is never scored: a chunk's clips
+    were scored all at once, those the length check then dropped too) and 1 s of audio at a time (GATE_SECONDS)."""
+    import math
+
+    import encode_dataset
     import pretokenize
     import tiny_assets
+    import tokenization
+    from dnsmos import DNSMOS
 
     assets = tiny_assets.make_all(tmp_path / "assets")
     kept = pd.read_csv(prepared)
@@ -321,51 +328,37 @@ def _pretokenize_filters_on_dnsmos(tmp_path, prepared):
             for k in ("clean", "noisy") for i in range(3)]
     scored = tmp_path / "scored.csv"
     pd.DataFrame(rows).to_csv(scored, index=False)
-    for metadata, expected in ((given, ["clean_1", "clean_2"]), (scored, ["clean_0", "clean_1", "clean_2"])):
-        out = tmp_path / f"{metadata.stem}.hdf5"
-        kept["text"] = "Words."
-        if metadata == given:
-            kept.to_csv(given, index=False)
-        assert pretokenize.main(["--train_data", str(metadata), "--output", str(out), "--device", "cpu",
-                                 "--text_tokenizer", str(assets["text_tokenizer"]), "--mimi_weights",
-                                 str(assets["mimi"]), "--min_dnsmos", "2.45"]) == 0
-        skipped = pd.read_csv(str(out) + ".skipped.csv")
-        with h5py.File(out) as f:
-            assert len(f["train/audio"]) == len(expected)
-        assert all(re.fullmatch(r"DNSMOS OVRL [0-9.]+ below --min_dnsmos 2.45", r) for r in skipped["reason"])
-        assert sorted(Path(p).stem for p in skipped["path"]) == (
-            ["clean_0"] if metadata == given else ["noisy_0", "noisy_1", "noisy_2"])
-
-    # Checked before scored, scored in bounded amounts, and no bad row for --strict. A chunk's clips were scored all
-    # at once, those the length check then dropped too; --strict stopped at the first row the filter left out.
-    import math
-
-    import encode_dataset
-    import tokenization
-    from dnsmos import DNSMOS
-
     samples = {Path(r["path"]).stem: sf.info(r["path"]).frames * 24000 // sf.info(r["path"]).samplerate for r in rows}
-    longest = max(samples, key=samples.get)
+    longest = max((k for k in samples if k.startswith("clean")), key=samples.get)
     text = len(tokenization.encode_text(tokenization.load_text_tokenizer(str(assets["text_tokenizer"])), "Words.", 0))
     limit = text + math.ceil(samples[longest] / 1920)  # the longest pair of clips is one frame (its EOS) too long
+    too_long = [longest, longest.replace("clean", "noisy")]
     calls, real, gate = [], DNSMOS.score_many, encode_dataset.GATE_SECONDS
     DNSMOS.score_many = lambda self, clips, rate, **kw: calls.append([len(c) for c in clips]) or real(self, clips, rate,
                                                                                                      **kw)
     encode_dataset.GATE_SECONDS = 1.0
     try:
-        for extra, name in ((["--max_seq_len", str(limit)], "short"), (["--strict"], "strict")):
-            out = tmp_path / f"{name}.hdf5"
-            assert pretokenize.main(["--train_data", str(scored), "--output", str(out), "--device", "cpu",
+        for metadata, extra, expected in ((given, ["--strict"], ["clean_1", "clean_2"]),
+                                          (scored, ["--max_seq_len", str(limit)],
+                                           [f"clean_{i}" for i in range(3) if f"clean_{i}" != longest])):
+            out = tmp_path / f"{metadata.stem}.hdf5"
+            kept["text"] = "Words."
+            if metadata == given:
+                kept.to_csv(given, index=False)
+            assert pretokenize.main(["--train_data", str(metadata), "--output", str(out), "--device", "cpu",
                                      "--text_tokenizer", str(assets["text_tokenizer"]), "--mimi_weights",
                                      str(assets["mimi"]), "--min_dnsmos", "2.45", *extra]) == 0
-            reasons = dict(zip((Path(p).stem for p in pd.read_csv(str(out) + ".skipped.csv")["path"]),
-                               pd.read_csv(str(out) + ".skipped.csv")["reason"]))
-            if name == "short":
-                assert reasons[longest].startswith("too long") and reasons[longest.replace("clean", "noisy")] \
-                    .startswith("too long")
-                assert samples[longest] not in [n for call in calls for n in call]  # never scored
-            else:
-                assert sorted(reasons) == ["noisy_0", "noisy_1", "noisy_2"]
-        assert len(calls) > 2 and all(sum(call[:-1]) < 24000 for call in calls)  # 1 s, then the clip that passes it
+            skipped = pd.read_csv(str(out) + ".skipped.csv")
+            with h5py.File(out) as f:
+                assert len(f["train/audio"]) == len(expected)
+            reasons = dict(zip((Path(p).stem for p in skipped["path"]), skipped["reason"]))
+            filtered = sorted(k for k in reasons if k not in too_long or metadata == given)
+            assert all(re.fullmatch(r"DNSMOS OVRL [0-9.]+ below --min_dnsmos 2.45", reasons[k]) for k in filtered)
+            assert filtered == (["clean_0"] if metadata == given else sorted(
+                f"noisy_{i}" for i in range(3) if f"noisy_{i}" not in too_long))
+            if metadata == scored:
+                assert all(reasons[k].startswith("too long") for k in too_long)
+        assert samples[longest] not in [n for call in calls for n in call]  # never scored
+        assert len(calls) == 4 and all(len(call) == 1 for call in calls)  # each clip passes 1 s: one at a time
     finally:
         DNSMOS.score_many, encode_dataset.GATE_SECONDS = real, gate
