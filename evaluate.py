@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -97,6 +98,10 @@ def _evaluate(args, data: Path, out: Path) -> int:
                                      "seed": args.seed, "skipped_rows": len(skipped)})
     print(summary_table(result.summary))
     print(f"report: {out / 'report.html'}")
+    if result.summary["n_items"] and result.summary["n_failed"] == result.summary["n_items"]:
+        print(f"error: every one of the {result.summary['n_items']} items failed to generate (their errors are in "
+              f"{out / 'items.csv'}); nothing was evaluated", file=sys.stderr)
+        return 1
     return 0
 
 

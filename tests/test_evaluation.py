@@ -85,6 +85,7 @@ def test_selection_reads_each_metric_the_right_way_round():
 # --------------------------------------------------------------------------- evaluate.py
 
 
+@pytest.mark.slow
 def test_evaluate_end_to_end_from_a_metadata_file(assets, judges, tmp_path):
     out = tmp_path / "eval"
     rc, err = cli("evaluate.py", "--eval_data", SAMPLE / "train.csv", "--n", 3, "--output_dir", out,
@@ -116,6 +117,7 @@ def test_evaluate_end_to_end_from_a_metadata_file(assets, judges, tmp_path):
     assert redone["wer"] == pytest.approx(generated["wer"])
 
 
+@pytest.mark.slow
 def test_the_numbers_do_not_depend_on_the_batch_size(assets, judges, tmp_path):
     """Each item samples from its own seed: batches of 1 and of 3 give the same audio, transcripts and scores."""
     results = {}
@@ -130,6 +132,7 @@ def test_the_numbers_do_not_depend_on_the_batch_size(assets, judges, tmp_path):
     assert len(results[1][1]) == 3 and results[1] == results[3]
 
 
+@pytest.mark.slow
 def test_evaluate_a_token_file_split_with_a_voice_prompt(assets, judges, pretokenized, tmp_path):
     out = tmp_path / "eval"
     prompt = SAMPLE / "clips" / "train_00.flac"
@@ -165,6 +168,13 @@ def test_a_failing_item_is_reported_and_skipped(assets, judges, tmp_path):
     failed = [r for r in csv.DictReader((out / "items.csv").open()) if r["error"]]
     assert len(failed) == 1 and "2048-frame limit" in failed[0]["error"]
     assert "generation failed" in err
+    # Every item failing is no evaluation: exit 1 (it was 0), the report still written to say why.
+    rows.loc[0, "text"] = "word " * 2500
+    rows.to_csv(meta, index=False)
+    rc, err = cli("evaluate.py", "--eval_data", meta, "--output_dir", out, "--max_audio_seconds", 1,
+                  "--no_ceilings", "--overwrite", *common(assets, judges))
+    assert rc == 1 and "every one of the 2 items failed to generate" in err
+    assert json.loads((out / "summary.json").read_text())["n_failed"] == 2
 
 
 def test_judges_that_cannot_be_loaded_fail_in_one_line_before_any_generation(assets, judges, tmp_path):
@@ -262,6 +272,7 @@ def step_weights(out: Path, step: int) -> dict:
     return read_checkpoint(out / "checkpoints" / f"step_{step:07d}.pt")["model"]
 
 
+@pytest.mark.slow
 # speaker_sim (maximised): test_two_gloo_processes_evaluate_once...; dnsmos_ovrl is maximised too
 @pytest.mark.parametrize("select_by", ["wer", "dnsmos_ovrl"])
 def test_quality_metrics_are_logged_and_select_best(assets, judges, pretokenized, tmp_path, select_by):
@@ -301,6 +312,7 @@ def test_quality_evaluation_settings_are_checked_before_training(assets, judges,
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_sweep_optimises_wer(assets, judges, pretokenized, tmp_path):
     import optuna
 

@@ -76,6 +76,7 @@ def _finish(process, timeout=300):
     return out
 
 
+@pytest.mark.slow
 def test_two_machines_share_one_study_and_a_killed_ones_trial_is_redone(assets, token_file, tmp_path, postgres):
     a = _sweep(assets, token_file, tmp_path / "machine_a", postgres, 4)
     b = _sweep(assets, token_file, tmp_path / "machine_b", postgres, 4)
