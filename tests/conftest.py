@@ -108,9 +108,3 @@ def wandb_log(run_dir, keys, timeout: float = 30.0) -> bytes:
         if all(key.encode() in log for key in keys) or time.time() > deadline:
             return log
         time.sleep(0.5)
-
-
-def pytest_collection_modifyitems(items):
-    """The slow tests first (a stable sort: otherwise in file order), so that under pytest-xdist no long test starts
-    last while the other worker has nothing left to run."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
