@@ -25,11 +25,30 @@ RUN_FLAGS = ["--device", "cpu", "--wandb_mode", "disabled", "--gen_every", "0", 
              "--batch_size", "4", "--warmup_steps", "1", "--log_every", "1", "--learning_rate", "1e-3"]
 
 
-def cli(script, *args, timeout=300, env=None, cwd=ROOT):
-    """Run a script as a user would (from `cwd`); returns (exit status, stderr)."""
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    return proc.returncode, proc.stderr
+def cli(script, *args, timeout=300, env=None, cwd=ROOT, fresh=False):
+    """Run a script's command line as a user would (from `cwd`); returns (exit status, stderr). In this process
+    (the script's main through run_cli, stderr captured), which has imported torch already: a new process pays
+    seconds for that on every call. `fresh` (or another `cwd` or `env`) runs it in a process of its own, for what
+    only a new process shows (its imports, its environment, its working directory)."""
+    if fresh or env is not None or cwd != ROOT:
+        proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
+                              text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        return proc.returncode, proc.stderr
+    import contextlib
+    import importlib
+    import io
+
+    from utils import run_cli
+
+    main = importlib.import_module(script.removesuffix(".py")).main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            run_cli(lambda: main([str(a) for a in args]))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            return code, err.getvalue()
+    return 0, err.getvalue()
 
 
 def assert_clear_error(rc, err, match):
