@@ -23,7 +23,9 @@ def _run(cmd, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1",
            "TORCH_SHOW_CPP_STACKTRACES": "1", **(env_extra or {})}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Where a rank died, the first lines that say why (a faulthandler dump ends with a long list of modules).
+    why = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line or "File " in line]
+    assert proc.returncode == 0, "\n".join(why[:40]) + "\n" + proc.stderr[-1500:]
     return proc
 
 

@@ -125,15 +125,8 @@ def _prefer_args(assets, judges, data, output, *extra):
             *extra]
 
 
-def test_prefer_writes_pairs_whose_reference_is_fresh_and_resumes_a_killed_run(assets, judges, tmp_path,
-                                                                                monkeypatch, capsys):
-    """An unbroken run and a run killed after its first chunk then run again write the same pairs; the stored
-    reference log-probabilities equal the model's, computed afresh; the CSV holds every candidate."""
-    data = write_token_file(tmp_path / "tokens.hdf5", n_train=5, n_val=0)
-    whole = tmp_path / "whole.hdf5"
-    assert prefer.main(_prefer_args(assets, judges, data, whole)) == 0
-
-    killed = tmp_path / "killed.hdf5"
+def _killed_at_the_second_chunk(monkeypatch, args):
+    """prefer.py interrupted (as by Ctrl-C) once its first chunk of prompts is committed."""
     real = preferences.PreferenceRun._chunk
 
     def dies_at_the_second_chunk(self, index):
@@ -143,9 +136,21 @@ def test_prefer_writes_pairs_whose_reference_is_fresh_and_resumes_a_killed_run(a
 
     monkeypatch.setattr(preferences.PreferenceRun, "_chunk", dies_at_the_second_chunk)
     with pytest.raises(KeyboardInterrupt):
-        prefer.main(_prefer_args(assets, judges, data, killed))
-    assert not killed.exists() and (tmp_path / "killed.hdf5.partial" / "chunk_000000.hdf5").exists()
+        prefer.main(args)
     monkeypatch.setattr(preferences.PreferenceRun, "_chunk", real)
+
+
+def test_prefer_writes_pairs_whose_reference_is_fresh_and_resumes_a_killed_run(assets, judges, tmp_path,
+                                                                                monkeypatch, capsys):
+    """An unbroken run and a run killed after its first chunk then run again write the same pairs; the stored
+    reference log-probabilities equal the model's, computed afresh; the CSV holds every candidate."""
+    data = write_token_file(tmp_path / "tokens.hdf5", n_train=5, n_val=0)
+    whole = tmp_path / "whole.hdf5"
+    assert prefer.main(_prefer_args(assets, judges, data, whole)) == 0
+
+    killed = tmp_path / "killed.hdf5"
+    _killed_at_the_second_chunk(monkeypatch, _prefer_args(assets, judges, data, killed))
+    assert not killed.exists() and (tmp_path / "killed.hdf5.partial" / "chunk_000000.hdf5").exists()
     with pytest.raises(UserError, match=r"half-done run with other settings \(settings.margin 0.0 -> 0.5\)"):
         prefer.main(_prefer_args(assets, judges, data, killed, "--margin", "0.5"))  # not the killed run's command
     # --batch_size changes no pair (each candidate samples from its own seed): it does not block the resume.
@@ -200,17 +205,7 @@ def test_a_preference_file_kept_in_its_models_folder_resumes(assets, judges, tmp
     shutil.copytree(assets["model"], model)
     output = model / "prefs.hdf5"
     args = [a if a != str(assets["model"]) else str(model) for a in _prefer_args(assets, judges, data, output)]
-    real = preferences.PreferenceRun._chunk
-
-    def dies_at_the_second_chunk(self, index):
-        if index == 1:
-            raise KeyboardInterrupt
-        return real(self, index)
-
-    monkeypatch.setattr(preferences.PreferenceRun, "_chunk", dies_at_the_second_chunk)
-    with pytest.raises(KeyboardInterrupt):
-        prefer.main(args)
-    monkeypatch.setattr(preferences.PreferenceRun, "_chunk", real)
+    _killed_at_the_second_chunk(monkeypatch, args)
     assert prefer.main(args) == 0
     assert "resuming: 2 prompts already done" in capsys.readouterr().out and output.is_file()
 
