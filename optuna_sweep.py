@@ -150,14 +150,15 @@ def storage_file(url: str) -> Path | None:
     return None
 
 
-def check_storage(url: str) -> None:
+def check_storage(url: str) -> Path | None:
     """A storage that every worker process (and machine) of the sweep can share, checked before any work: an
-    in-memory SQLite database is private to the process that opens it, so the workers' trials would vanish."""
-    if url.startswith("sqlite") and storage_file(url) is None:
+    in-memory SQLite database is private to the process that opens it, so the workers' trials would vanish.
+    Returns its file (storage_file)."""
+    path = storage_file(url)
+    if url.startswith("sqlite") and path is None:
         raise UserError(f"--storage {url}: an in-memory SQLite database is not shared by the sweep's worker "
                         "processes (their trials would vanish); give a file, e.g. sqlite:///sweeps/study.db, or "
                         "leave --storage out for one in --output_dir")
-    path = storage_file(url)
     if path is not None:
         folder = path.parent
         if not folder.is_dir():
@@ -165,6 +166,7 @@ def check_storage(url: str) -> None:
                             "folder every worker can reach")
         if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
             raise UserError(f"--storage {url}: cannot write {path if path.exists() else 'in ' + str(folder)}")
+    return path
 
 
 def shown_url(url: str) -> str:
@@ -190,8 +192,7 @@ def storage_for(url: str):
     """An Optuna storage: SQLAlchemy URLs (sqlite://, postgresql://, ...) or a journal file (*.log,
     journal:PATH) that several machines can share over a network file system."""
     if is_journal(url):
-        path = storage_file(url)
-        check_storage(url)
+        path = check_storage(url)
         try:
             return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
         except OSError as e:
@@ -614,8 +615,7 @@ def run_sweep(args) -> int:
         raise UserError(f"--metric {args.metric} is measured by the quality evaluation: set eval_every in the base "
                         "config or with --set eval_every=N")
     if args.storage:
-        check_storage(args.storage)
-        kept = storage_file(args.storage)
+        kept = check_storage(args.storage)
         if kept is not None and kept.resolve().is_relative_to(out.expanduser().resolve()):
             raise UserError(f"--storage {args.storage} lies inside --output_dir {out}, which --overwrite empties (and "
                             "a shared storage may hold other studies); keep it outside, or leave --storage out")

@@ -255,8 +255,9 @@ def inputs_of(values, *, skip: Iterable[str] = (), flags: bool = True) -> list[t
             if exists:
                 found.append((label, str(value)))
 
+    skip = set(skip)
     for key, value in dict(values).items():
-        if key not in set(skip):
+        if key not in skip:
             walk(f"--{key}" if flags else key, value)
     return found
 
