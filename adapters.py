@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import torch
 from torch import nn
 
-from utils import UserError
+from errors import UserError
 from outputs import atomic_path, write_text_atomic
 from weights import build_model
 from conversions import adapter_from_hf, HF_CODEC_PREFIX, is_hf_adapter

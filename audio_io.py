@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 
 from codec import MIMI_SAMPLE_RATE
-from utils import UserError
+from errors import UserError
 from outputs import not_a_file
 
 WINDOW_TOLERANCE_S = 0.05  # an `end` this far past the file's end is rounding, not a bad window

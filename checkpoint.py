@@ -16,7 +16,9 @@ import torch.distributed as dist
 
 from adapters import is_partial, load_trainable_state, trainable_state_dict
 from parallel import full_state_dict, is_sharded, load_full_state_dict, load_optimizer_state_dict, optimizer_state_dict
-from utils import content_digest, print0, UserError
+from outputs import content_digest
+from runtime import print0
+from errors import UserError
 from runtime import Runtime
 from outputs import atomic_path
 from weights import check_keys, read_pt

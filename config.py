@@ -21,7 +21,7 @@ from optim import LR_DECAYS, OPTIMIZERS
 from parallel import DISTRIBUTED
 from speech_metrics import DEFAULT_ASR, DEFAULT_SPEAKER_MODEL
 from tracking import WANDB_MODES
-from utils import UserError
+from errors import UserError
 from runtime import PRECISIONS
 from outputs import write_text_atomic
 from csm_model import FLAVORS

@@ -25,7 +25,7 @@ from context import ContextPlanner
 from frames import turn_frames
 from token_file import DataError
 from codec import NUM_CODEBOOKS
-from utils import UserError
+from errors import UserError
 
 
 class CSMDataset(Dataset):

@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from metadata import read_metadata, speaker_id, speaker_numbers
-from utils import UserError
+from errors import UserError
 from hub import hub_error
 from audio_io import AudioError, read_mono, resample
 from codec import MIMI_SAMPLE_RATE

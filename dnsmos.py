@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from audio_io import resample
-from utils import UserError
+from errors import UserError
 
 RATE = 16_000
 WINDOW = int(9.01 * RATE)  # 144,160 samples

@@ -31,7 +31,7 @@ from token_file import FORMAT_VERSION, write_token_file
 from tokenization import DEFAULT_TEXT_TOKENIZER, encode_text, load_text_tokenizer
 from codec import (encode_audio, frames_of, load_mimi, MIMI_FRAME_RATE, MIMI_SAMPLE_RATE, NUM_CODEBOOKS,
                    SAMPLES_PER_FRAME)
-from utils import UserError
+from errors import UserError
 from runtime import resolve_device
 from outputs import (atomic_path, claim_output_files, claim_work_dir, describe_change, inputs_of, MANIFEST_NAME,
                      remove_work_dir)

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from metrics import BY_NAME, QUALITY, ROWS
-from utils import check_number, CommandParser, run_cli
+from errors import check_number
+from utils import CommandParser, run_cli
 from runtime import resolve_device, resolve_precision
 from outputs import claim_output_dir, clear_dir, inputs_of
 from weights import resolve_source

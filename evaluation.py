@@ -26,7 +26,7 @@ from frames import Segment
 from metrics import QUALITY, ROWS
 from speech_metrics import cosine, error_rates, prompt_similarity, QualityModels
 from codec import decode_audio, encode_audio, MIMI_SAMPLE_RATE
-from utils import UserError
+from errors import UserError
 from outputs import atomic_path, write_text_atomic
 from audio_io import read_audio
 from metadata import SkipRow, check_row, read_metadata, turn_order

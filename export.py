@@ -13,7 +13,8 @@ from pathlib import Path
 from hf_export import csm_tokenizer, DEFAULT_CODEC, export_official, export_transformers
 from codec import find_codec
 from tokenization import resolve_text_tokenizer
-from utils import CommandParser, run_cli, UserError
+from utils import CommandParser, run_cli
+from errors import UserError
 from outputs import check_apart, claim_output_dir, inputs_of
 from weights import load_model, parse_size, resolve_source
 

@@ -19,7 +19,8 @@ from synthesis import (add_speech_flags, check_prompts, check_speech_flags, Comp
                        encode_context, load_speech_model, model_speaker_names, parse_speaker, SpeechRequest,
                        SpeechStream, synthesize_batch, utterance_seed)
 from codec import MIMI_SAMPLE_RATE
-from utils import check_number, CommandParser, run_cli, UserError
+from errors import check_number, UserError
+from utils import CommandParser, run_cli
 from runtime import resolve_device, resolve_precision
 from outputs import atomic_path, claim_output_files, inputs_of
 from speech_metrics import prompt_similarity, SpeakerEncoder

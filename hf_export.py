@@ -16,7 +16,7 @@ from tokenizers.processors import TemplateProcessing
 
 from codec import DEFAULT_MIMI, MIMI_SAMPLE_RATE
 from tokenization import load_text_tokenizer
-from utils import DiskFullError, UserError
+from errors import DiskFullError, UserError
 from outputs import disk_full_error, is_disk_full
 from weights import parse_size, save_pretrained, save_safetensors
 from conversions import HF_CODEC_PREFIX, hf_config_from_args, HF_TIED_AUDIO, official_to_hf

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from huggingface_hub import errors
 
-from utils import UserError
+from errors import UserError
 
 
 def hub_error(what: str, source: str, err: Exception, local_hint: str) -> UserError:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from csm_model import embed_frames
-from utils import UserError
+from errors import UserError
 
 
 class SequenceTooLongError(UserError):

@@ -9,7 +9,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from utils import UserError
+from errors import UserError
 
 LR_DECAYS = ("linear", "cosine", "exponential", "constant")
 OPTIMIZERS = ("adamw", "adamw8bit")

@@ -27,7 +27,7 @@ import torch
 import config as config_mod
 from metrics import BY_NAME, SWEEPABLE, direction
 from tracking import best_logged, last_logged
-from utils import check_number, UserError
+from errors import check_number, UserError
 from outputs import atomic_path, claim_output_dir, clear_dir, dir_entries, inputs_of, write_text_atomic
 from training import (check_launch, check_planned_size, check_warmup, data_splits, planned_model_args,
                       planned_steps, train)

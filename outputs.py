@@ -1,17 +1,21 @@
 """Output files and directories: written to a temporary file, synced, then renamed (atomic_path), never
 half-written on a full disk; refused when they would overwrite or sit inside an input; and locked, so that a
-run takes its output before it looks at it (OutputLock).
+run takes its output before it looks at it (OutputLock); content digests catch a file damaged after it was written.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
 import stat
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
 
 from errors import DiskFullError, UserError
 
@@ -384,3 +388,37 @@ def remove_work_dir(work: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
     os.replace(work, trash)
     shutil.rmtree(trash)
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def content_digest(obj) -> str:
+    """sha256 over a nested structure of tensors, arrays and plain values (dict keys sorted): equal
+    digests mean equal content, so a file whose bytes were damaged is caught when it is read back."""
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, np.ndarray):
+            h.update(f"A{x.dtype}{x.shape}".encode())
+            h.update(np.ascontiguousarray(x).tobytes())
+        elif isinstance(x, dict):
+            h.update(b"{")
+            for k in sorted(x, key=str):
+                h.update(repr(k).encode())
+                walk(x[k])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                walk(v)
+            h.update(b"]")
+        else:
+            h.update(repr(x).encode())
+
+    walk(obj)
+    return h.hexdigest()

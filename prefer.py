@@ -24,7 +24,9 @@ from runtime import resolve_device, resolve_precision
 from speech_metrics import add_judge_flags, judges_of
 from synthesis import (add_speech_flags, check_speech_flags, CompiledStep, context_segments, load_speech_model,
                        model_speaker_names)
-from utils import check_number, CommandParser, content_digest, run_cli, UserError
+from errors import check_number, UserError
+from utils import CommandParser, run_cli
+from outputs import content_digest
 from weights import resolve_source
 
 

@@ -27,7 +27,7 @@ from outputs import claim_work_dir, remove_work_dir, write_text_atomic
 from preference_file import Candidate, Pair, read_pairs, write_preference_file
 from runtime import autocast
 from tokenization import encode_text
-from utils import UserError
+from errors import UserError
 
 
 @dataclass(frozen=True)

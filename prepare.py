@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from speech_metrics import ASR, DEFAULT_ASR
-from utils import check_number, CommandParser, run_cli, UserError
+from errors import check_number, UserError
+from utils import CommandParser, run_cli
 from runtime import resolve_device
 from outputs import claim_output_files, inputs_of
 from dnsmos import DNSMOS

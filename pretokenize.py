@@ -15,7 +15,8 @@ from dataset_sources import SourceOptions
 from encode_dataset import EncodeSettings, run
 from metadata import METADATA_FORMATS
 from tokenization import DEFAULT_TEXT_TOKENIZER
-from utils import check_number, CommandParser, run_cli, UserError
+from errors import check_number, UserError
+from utils import CommandParser, run_cli
 from runtime import resolve_device
 
 

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from metadata import speaker_id, speaker_numbers, visible_text
-from utils import UserError
+from errors import UserError
 from outputs import append_line, atomic_path, not_a_file, write_text_atomic
 from audio_io import AudioError, read_mono, resample
 from dnsmos import DNSMOS, NotScorable, rejection

@@ -1,6 +1,6 @@
 """Where a run computes: the device (CUDA when it works, else the CPU, saying why CUDA is unusable), the
 precision and its autocast, peak memory, and the processes torchrun starts (compute_init, compute_cleanup,
-all_reduce_sum).
+all_reduce_sum), rank-0 printing and seeding.
 
 Nothing here does work at import: no environment reads, no CUDA.
 """
@@ -9,17 +9,30 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import random
 import resource
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from errors import UserError
 from gpu_env import driver_advice, nvidia_driver
-from utils import print0
+
+
+def print0(*args, **kwargs):
+    """Print on rank 0 only (all ranks print when torch.distributed is not initialised)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 AUTO_DEVICE = (None, "", "auto")

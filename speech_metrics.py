@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from hub import hub_snapshot, looks_like_repo_id
-from utils import UserError
+from errors import UserError
 from dnsmos import DNSMOS
 from audio_io import resample
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from frames import Segment, audio_frames, next_input_frames, text_frames
 from tokenization import encode_text, load_text_tokenizer, resolve_text_tokenizer
 from codec import decode_audio, load_mimi, MIMI_FRAME_RATE, SAMPLES_PER_FRAME
-from utils import check_number, UserError
+from errors import check_number, UserError
 from runtime import autocast, DTYPES, PRECISIONS
 from audio_io import read_audio
 from token_file import SPEAKERS_NAME, speaker_names

@@ -14,7 +14,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from utils import UserError
+from errors import UserError
 from outputs import atomic_path
 
 FORMAT_VERSION = 1

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 from hub import hub_error
-from utils import UserError
+from errors import UserError
 from weights import model_tokenizer_dir
 
 DEFAULT_TEXT_TOKENIZER = "meta-llama/Llama-3.2-1B"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import UserError
+from errors import UserError
 from runtime import Runtime
 from outputs import append_line, write_text_atomic
 from codec import MIMI_SAMPLE_RATE

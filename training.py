@@ -43,7 +43,8 @@ from metrics import QUALITY, lower_is_better
 from objectives import make_objective, move_batch, validate
 from optim import make_optimizer, make_scheduler
 from tracking import Tracker, make_tracker
-from utils import print0, seed_everything, UserError
+from runtime import print0, seed_everything
+from errors import UserError
 from runtime import (all_reduce_sum, autocast, compute_init, cuda_unusable_reason, launched_by_torchrun,
                      peak_memory_bytes, resolve_precision, Runtime)
 from outputs import atomic_path, claim_output_dir, clear_dir, first_existing, inputs_of, write_text_atomic

@@ -1,24 +1,18 @@
-"""What every script shares: one-line user errors (run_cli), rank-0 printing, the .env file, seeding, number
-checks and content digests. Where a run computes (device, precision, processes) is runtime.py's; output files,
-directories and their locks are outputs.py's.
+"""What every command shares at its edge: one-line user errors and honest exit statuses (run_cli), the command-line
+parser (CommandParser) and the working directory's .env file. The library below never imports this module: its
+errors are csm/system/errors.py's, rank-0 printing and seeding csm/system/runtime.py's.
 
 Nothing here does work at import: no environment reads, no network, no CUDA, no sys.path edits.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
-import random
 import sys
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import torch
-import torch.distributed as dist
-
-from errors import DiskFullError, UserError  # noqa: F401 - every script gets its errors from here too
+from errors import UserError
 from outputs import DISK_FULL_ERRNOS, disk_full_error
 
 
@@ -71,12 +65,6 @@ def _expand_home(value):
     return value
 
 
-def print0(*args, **kwargs):
-    """Print on rank 0 only (all ranks print when torch.distributed is not initialised)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-        print(*args, **kwargs, flush=True)
-
-
 # --------------------------------------------------------------------------- environment and seeding
 
 
@@ -104,59 +92,3 @@ def load_env_file() -> list[str] | None:
             os.environ[name] = value
             given.append(name)
     return given
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def check_number(name: str, value, *, min=None, gt=None, max=None) -> None:
-    """One clear error for a numeric option that is NaN, infinite or out of range."""
-    import math
-
-    if value is None:
-        return
-    if isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"{name} must be a finite number, got {value}")
-    if min is not None and value < min:
-        raise UserError(f"{name} must be >= {min}, got {value}")
-    if gt is not None and value <= gt:
-        raise UserError(f"{name} must be > {gt}, got {value}")
-    if max is not None and value > max:
-        raise UserError(f"{name} must be <= {max}, got {value}")
-
-
-# --------------------------------------------------------------------------- integrity
-
-
-def content_digest(obj) -> str:
-    """sha256 over a nested structure of tensors, arrays and plain values (dict keys sorted): equal
-    digests mean equal content, so a file whose bytes were damaged is caught when it is read back."""
-    h = hashlib.sha256()
-
-    def walk(x):
-        if isinstance(x, torch.Tensor):
-            t = x.detach().cpu().contiguous()
-            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        elif isinstance(x, np.ndarray):
-            h.update(f"A{x.dtype}{x.shape}".encode())
-            h.update(np.ascontiguousarray(x).tobytes())
-        elif isinstance(x, dict):
-            h.update(b"{")
-            for k in sorted(x, key=str):
-                h.update(repr(k).encode())
-                walk(x[k])
-            h.update(b"}")
-        elif isinstance(x, (list, tuple)):
-            h.update(b"[")
-            for v in x:
-                walk(v)
-            h.update(b"]")
-        else:
-            h.update(repr(x).encode())
-
-    walk(obj)
-    return h.hexdigest()

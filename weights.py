@@ -25,7 +25,8 @@ from conversions import (HF_CODEC_PREFIX, TRANSFORMERS, args_from_hf_config, cle
                          hf_to_official, infer_model_args, model_args_from_dict, model_config_dict)
 from csm_model import CSM, ModelArgs
 from hub import hub_snapshot, looks_like_repo_id
-from utils import content_digest, UserError
+from outputs import content_digest
+from errors import UserError
 from outputs import atomic_path, write_text_atomic
 
 DEFAULT_MODEL = "sesame/csm-1b"

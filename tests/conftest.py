@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny assets in the real layouts, built once per test session (no network)."""
+"""Shared fixtures: tiny assets in the real layouts, built once per test session (no network), and the helpers
+tests import from here (write_token_file, make_preference_file)."""
+import json
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,3 +111,42 @@ def wandb_log(run_dir, keys, timeout: float = 30.0) -> bytes:
         if all(key.encode() in log for key in keys) or time.time() > deadline:
             return log
         time.sleep(0.5)
+
+
+def make_preference_file(path, model_dir, n_train=8, n_val=2, seed=0, short=(2, 5), long=(8, 12), text_len=(3, 8),
+                         text_vocab=400):
+    """A preference file as prefer.py writes it, of scripted pairs: the chosen candidate is short and stops at its
+    EOS frame, the rejected one long and capped (random codes); the reference log-probabilities are those of the
+    model in `model_dir`."""
+    from dpo import candidate_logps
+    from preference_file import Candidate, Pair, reference_identity, write_preference_file
+    from weights import load_model
+
+    rng = np.random.default_rng(seed)
+    model = load_model(model_dir)
+    k = model.config.audio_num_codebooks
+    empty = np.zeros(0, np.float32)
+
+    def candidate(frames, stopped, reward):
+        codes = rng.integers(0, 2048, size=(k, int(rng.integers(*frames, endpoint=True))))
+        return Candidate(codes, stopped, reward, empty, empty)
+
+    splits = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        pairs = []
+        for i in range(n):
+            t = int(rng.integers(*text_len, endpoint=True))
+            text = np.concatenate([[0], rng.integers(2, text_vocab, size=t - 2), [1]])
+            pairs.append(Pair(i, 0, text, [], candidate(short, True, 1.0), candidate(long, False, 0.0)))
+        if pairs:
+            scored = candidate_logps(model, pairs, k)
+            for c, (c0, decoder) in zip([p.chosen for p in pairs] + [p.rejected for p in pairs], scored):
+                c.ref_c0, c.ref_decoder = c0, decoder
+        splits[split] = pairs
+    attrs = {"codebooks": k, "reference_model": str(model_dir), "precision": "fp32", "reference_compiled": False,
+             "reference_identity": json.dumps(reference_identity(model_dir))}
+    with write_preference_file(path, attrs) as add:
+        for split, pairs in splits.items():
+            if pairs or split == "train":
+                add(split, pairs)
+    return path

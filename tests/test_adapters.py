@@ -155,7 +155,7 @@ def test_generate_and_evaluate_take_an_adapter(lora_run, assets, tmp_path):
 
 
 def test_finetune_settings_are_checked_before_any_work(assets, data, tmp_path):
-    from utils import UserError
+    from errors import UserError
 
     cases = [({"freeze": ["backbon"]}, "valid: text_embeddings"),
              ({"finetune": "lora", "train_from_scratch": True}, "training from scratch"),
@@ -173,7 +173,7 @@ def test_finetune_settings_are_checked_before_any_work(assets, data, tmp_path):
 def test_resume_refuses_other_finetune_settings(lora_run, assets, data, tmp_path):
     import shutil
 
-    from utils import UserError
+    from errors import UserError
 
     part = tmp_path / "part"
     (part / "checkpoints").mkdir(parents=True)

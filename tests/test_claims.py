@@ -17,7 +17,7 @@ import prepare
 import pretokenize
 import sweep
 import train
-import utils
+from errors import UserError
 from conftest import write_token_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def test_a_token_file_finished_while_a_second_run_starts_is_not_replaced(assets,
     common = ["--train_data", str(_metadata(tmp_path)), "--output", str(out), "--device", "cpu",
               "--text_tokenizer", str(assets["text_tokenizer"]), "--mimi_weights", str(assets["mimi"])]
     just_before_the_lock(lambda: pretokenize.main([*common, "--omit_speaker_id"]))
-    with pytest.raises(utils.UserError, match="was written with other settings"):
+    with pytest.raises(UserError, match="was written with other settings"):
         pretokenize.main(common)
     with h5py.File(out) as f:  # A's file, whole
         assert '"omit_speaker_id": true' in f.attrs["fingerprint"] and len(f["train/audio"]) == 2
@@ -77,7 +77,7 @@ def test_a_run_holding_the_lock_keeps_a_second_one_out(assets, tmp_path, just_be
 
     def open_source(*args, **kwargs):
         if not refused:
-            with pytest.raises(utils.UserError, match="in use by another running process") as e:
+            with pytest.raises(UserError, match="in use by another running process") as e:
                 pretokenize.main([*common, "--omit_speaker_id"])
             refused.append(e.value)
         return real(*args, **kwargs)
@@ -138,7 +138,7 @@ def test_every_script_locks_then_looks(script, assets, tokens, tmp_path, just_be
     main, argv, out, refusal = _cases(assets, tokens, tmp_path)[script]
     plant = _plant_dir(out) if out.suffix == "" else _plant_file(out)
     taken = just_before_the_lock(plant)
-    with pytest.raises(utils.UserError, match=refusal):
+    with pytest.raises(UserError, match=refusal):
         main(argv)
     assert taken, f"{script} took no lock"
     planted = out / "other-run.txt" if out.suffix == "" else out
@@ -156,7 +156,7 @@ def test_export_refuses_outputs_that_hold_or_lie_inside_an_input(assets, tmp_pat
                                    (run / "final" / "model.safetensors", run / "final", "lies inside --output"),
                                    (run / "final", run / "final" / "hf", "lies inside an input"),
                                    (run / "final", run / "final", "is also an input")):
-        with pytest.raises(utils.UserError, match=message):
+        with pytest.raises(UserError, match=message):
             export.main(["--model", str(model), "--to", "official", "--output", str(output), "--overwrite"])
     assert {p.name: p.read_bytes() for p in (run / "final").iterdir()} == before
 
@@ -171,7 +171,7 @@ def test_overwrite_never_empties_a_directory_that_holds_an_input(script, assets,
     shutil.copy(tokens, data)
     main, argv, _, _ = _cases(assets, data, tmp_path)[script]
     argv = [a if a != str(tmp_path / "out") else str(run) for a in argv]
-    with pytest.raises(utils.UserError, match="lies inside --output_dir"):
+    with pytest.raises(UserError, match="lies inside --output_dir"):
         main([*argv, "--overwrite"])
     assert data.read_bytes() == Path(tokens).read_bytes() and sorted(p.name for p in run.iterdir()) == [data.name]
 
@@ -193,9 +193,9 @@ def test_a_resume_with_another_number_of_processes_or_data_says_which(token_file
 
     loader = make_loader(CSMDataset(str(token_file), "train"), batch_size=4, seed=0)
     state = loader.state_dict()
-    with pytest.raises(utils.UserError, match=r"the data changed: 99 examples then, \d+ now"):
+    with pytest.raises(UserError, match=r"the data changed: 99 examples then, \d+ now"):
         loader.load_state_dict({**state, "num_batches": 99, "examples": 99})
-    with pytest.raises(utils.UserError, match="the batch settings changed"):
+    with pytest.raises(UserError, match="the batch settings changed"):
         loader.load_state_dict({**state, "num_batches": 99})
 
 
@@ -235,7 +235,7 @@ def test_no_path_a_command_reads_can_be_deleted_by_overwrite(script, assets, tok
         if not directory:
             out.write_text("an input")
         target = str(kept if directory else out)
-        with pytest.raises((utils.UserError, SystemExit)):
+        with pytest.raises((UserError, SystemExit)):
             main(_with(argv, action.option_strings[-1], target) + ["--overwrite"])
         assert (kept / "file.txt" if directory else out).read_text() == "an input", action.option_strings
 
@@ -261,7 +261,7 @@ def test_two_different_commands_on_one_output_take_one_lock(assets, tokens, tmp_
             assert proc.poll() is None, proc.stderr.read()
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        with pytest.raises(utils.UserError, match="is in use by another running process"):
+        with pytest.raises(UserError, match="is in use by another running process"):
             export.main(["--model", str(assets["model"]), "--to", "official", "--output", str(run), "--overwrite"])
         assert list(run.glob("checkpoints/step_*.pt")) and proc.poll() is None
     finally:

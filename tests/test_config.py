@@ -8,7 +8,7 @@ import yaml
 
 import config
 from config import TrainConfig
-from utils import UserError
+from errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -155,7 +155,7 @@ def test_a_model_trained_with_a_voice_prompt_speaks_after_one(assets, tmp_path):
 def test_a_missing_prompt_file_fails_before_training(assets, tmp_path):
     import training
     from config import make_config
-    from utils import UserError
+    from errors import UserError
 
     data = write_token_file(tmp_path / "d.hdf5")
     cfg = make_config(dict(model=str(assets["model"]), text_tokenizer=str(assets["text_tokenizer"]),

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import write_token_file
-from utils import UserError
+from errors import UserError
 from dataloaders import CSMDataset, LengthBucketSampler, collate, make_loader
 from token_file import DataError, open_splits
 

@@ -75,7 +75,7 @@ def test_dpo_on_two_gloo_processes_matches_one_process(assets, tmp_path):
     """objective: dpo under DDP and FSDP2: pairs sharded over 2 ranks, normalised by the pairs of both, give one
     process's losses, reward numbers and weights (with the NLL term; the decoder on every frame, as each rank draws
     its own subset)."""
-    from tiny_assets import make_preference_file
+    from conftest import make_preference_file
 
     data = make_preference_file(tmp_path / "prefs.hdf5", assets["model"], n_train=8, n_val=2)
     common = _train_args(data, assets["model"], 4, "--val_every", "2", "--save_every", "0", "--set", "objective=dpo",

@@ -65,7 +65,7 @@ def test_export_and_generate_on_a_full_disk(assets, small_disk):
     """Their main() in this process (the command line's one line is run_cli printing this same error)."""
     import export
     import generate
-    from utils import DiskFullError
+    from errors import DiskFullError
 
     disk = small_disk("4m")
     with pytest.raises(DiskFullError, match=f"while writing {re.escape(str(disk / 'exported'))} .* MiB free in"):

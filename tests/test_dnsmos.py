@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import dnsmos
-import utils
+from errors import UserError
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
@@ -60,10 +60,10 @@ def test_unscorable_clips_say_why():
 
 def test_without_the_packages_one_line_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(utils.UserError, match="pip install speechmos==.* onnxruntime=="):
+    with pytest.raises(UserError, match="pip install speechmos==.* onnxruntime=="):
         dnsmos.DNSMOS()
     monkeypatch.undo()
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "speechmos" else real(name, *a))
-    with pytest.raises(utils.UserError, match="speechmos wheel"):
+    with pytest.raises(UserError, match="speechmos wheel"):
         dnsmos.DNSMOS()

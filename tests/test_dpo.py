@@ -21,8 +21,8 @@ from conftest import ROOT, write_token_file
 from dpo import candidate_logps, collate_pairs, dpo_loss, dpo_terms, pair_terms, plan_pairs
 from loss import compute_loss
 from preference_file import Candidate, Pair, read_pairs, settings_of, write_preference_file
-from tiny_assets import make_preference_file
-from utils import UserError
+from conftest import make_preference_file
+from errors import UserError
 
 
 def _metrics(out):

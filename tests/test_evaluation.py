@@ -191,7 +191,7 @@ def test_judges_that_cannot_be_loaded_fail_in_one_line_before_any_generation(ass
              (["--asr", judges["asr"], "--speaker_model", judges["asr"]], "--speaker_model"),
              (["--asr", "nobody/no-such-asr", "--speaker_model", judges["speaker_model"]], "not in the local cache")]
     import evaluate
-    from utils import UserError
+    from errors import UserError
 
     for i, (args, message) in enumerate(cases):
         out = tmp_path / f"out{i}"
@@ -223,7 +223,7 @@ def test_evaluate_bad_numbers_inputs_and_outputs(assets, judges, tmp_path):
              (["--eval_data", inside / "meta.csv", "--output_dir", inside, "--overwrite"], "inside --output_dir"),
              (["--eval_data", meta, "--output_dir", meta], "is a file")]
     import evaluate
-    from utils import UserError
+    from errors import UserError
 
     # In process (each is refused before any model loads; the one-line CLI form is checked by the tests above).
     for args, message in cases:
@@ -299,7 +299,7 @@ def test_quality_metrics_are_logged_and_select_best(assets, judges, pretokenized
 def test_quality_evaluation_settings_are_checked_before_training(assets, judges, pretokenized, tmp_path):
     import config
     import training
-    from utils import UserError
+    from errors import UserError
 
     with pytest.raises(UserError, match="eval_every"):
         config.make_config({"select_best_by": "wer"})
@@ -325,7 +325,7 @@ def test_sweep_optimises_wer(assets, judges, pretokenized, tmp_path):
              "--set", f"mimi_weights={assets['mimi']}", "--set", "eval_n=2", "--set", "eval_max_seconds=0.5",
              "--set", f"eval_asr={judges['asr']}", "--set", f"eval_speaker_model={judges['speaker_model']}"]
     import sweep
-    from utils import UserError
+    from errors import UserError
 
     with pytest.raises(UserError, match="eval_every"):  # in this process: a command line costs a Python start
         sweep.main([str(f) for f in flags])

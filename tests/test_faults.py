@@ -19,7 +19,7 @@ import soundfile as sf
 import torch
 
 from conftest import ROOT, write_token_file
-from utils import UserError
+from errors import UserError
 
 RUN_FLAGS = ["--device", "cpu", "--wandb_mode", "disabled", "--gen_every", "0", "--val_every", "2", "--save_every", "2",
              "--batch_size", "4", "--warmup_steps", "1", "--log_every", "1", "--learning_rate", "1e-3"]
@@ -202,7 +202,7 @@ def test_a_damaged_checkpoint_is_caught_and_resume_falls_back(finished_run, data
 
 def test_damaged_best_weights_are_caught(finished_run, tmp_path):
     import weights
-    from utils import UserError
+    from errors import UserError
 
     best = tmp_path / "best"
     shutil.copytree(finished_run / "best", best)
@@ -213,7 +213,7 @@ def test_damaged_best_weights_are_caught(finished_run, tmp_path):
 
 def test_pickled_checkpoints_are_refused_without_pytorchs_unsafe_advice(tmp_path):
     import weights
-    from utils import UserError
+    from errors import UserError
 
     class Payload:
         def __reduce__(self):
@@ -528,7 +528,7 @@ def test_killing_the_sweep_kills_its_workers_and_a_rerun_redoes_their_trials_wit
 
 def test_two_pretokenize_runs_on_one_output_get_a_clear_message(assets, tmp_path):
     import pretokenize
-    from utils import UserError
+    from errors import UserError
     from outputs import OutputLock
 
     (tmp_path / "m.csv").write_text("path,text\na.wav,hi\n")
@@ -540,7 +540,7 @@ def test_two_pretokenize_runs_on_one_output_get_a_clear_message(assets, tmp_path
 
 def test_two_sweeps_on_one_output_dir_get_a_clear_message(data, assets, tmp_path):
     import sweep
-    from utils import UserError
+    from errors import UserError
     from outputs import lock_beside
 
     out = tmp_path / "s"

@@ -11,7 +11,8 @@ import training
 from conftest import write_token_file
 from metadata import check_row, SkipRow
 from preference_file import read_pairs
-from tiny_assets import make_preference_file, TEXT_VOCAB_SIZE
+from conftest import make_preference_file
+from tiny_assets import TEXT_VOCAB_SIZE
 from token_file import DataError
 
 

@@ -9,7 +9,7 @@ import torch
 
 import generate
 import synthesis
-import utils
+from errors import UserError
 import weights
 from audio_io import read_audio
 from conftest import ROOT
@@ -51,7 +51,7 @@ def test_bf16_weights_generate(assets, tmp_path, monkeypatch):
                               "--precision", "bf16")) == 0
     assert next(loaded[0].parameters()).dtype == torch.bfloat16
     assert sf.info(str(out)).frames > 0
-    with pytest.raises(utils.UserError, match="fp16"):
+    with pytest.raises(UserError, match="fp16"):
         generate.main(_cli(assets, "--text", "Hi.", "--precision", "fp16"))  # CPU: fp16 is refused
 
 
@@ -128,7 +128,7 @@ def test_read_audio_mixes_to_mono_and_resamples(tmp_path):
     sf.write(str(path), np.zeros((16000, 2), dtype=np.float32), 16000)  # 1 s at 16 kHz
     audio = torch.from_numpy(read_audio(path))
     assert audio.ndim == 1 and audio.shape[0] == 24000
-    with pytest.raises(utils.UserError, match="audio file not found"):
+    with pytest.raises(UserError, match="audio file not found"):
         read_audio(tmp_path / "missing.wav")
 
 
@@ -157,7 +157,7 @@ def test_lines_file_writes_one_wav_per_line(assets, tmp_path):
     assert generate.main(args) == 0
     assert sorted(p.name for p in tmp_path.glob("out_*.wav")) == ["out_000.wav", "out_003.wav"]
     before = {p.name: p.read_bytes() for p in tmp_path.glob("out_*.wav")}
-    with pytest.raises(utils.UserError, match="out_000.wav exists .and 1 more.; pass --overwrite"):
+    with pytest.raises(UserError, match="out_000.wav exists .and 1 more.; pass --overwrite"):
         generate.main(args)
     assert {p.name: p.read_bytes() for p in tmp_path.glob("out_*.wav")} == before
     assert generate.main([*args, "--overwrite"]) == 0
@@ -165,14 +165,14 @@ def test_lines_file_writes_one_wav_per_line(assets, tmp_path):
 
 
 def test_user_errors(model, text_tokenizer, mimi):
-    with pytest.raises(utils.UserError, match="empty"):
+    with pytest.raises(UserError, match="empty"):
         synthesize(model, text_tokenizer, mimi, "  ", 0)
-    with pytest.raises(utils.UserError, match="2048-frame limit"):
+    with pytest.raises(UserError, match="2048-frame limit"):
         synthesize(model, text_tokenizer, mimi, "Hi.", 0, max_audio_seconds=200)
-    with pytest.raises(utils.UserError, match="non-negative integer"):
+    with pytest.raises(UserError, match="non-negative integer"):
         parse_speaker("abc")
     for bad in ("-1", "²", "1.5", ""):
-        with pytest.raises(utils.UserError, match="non-negative integer"):
+        with pytest.raises(UserError, match="non-negative integer"):
             parse_speaker(bad)
     assert parse_speaker("12") == 12 and parse_speaker(0) == 0
 
@@ -183,7 +183,7 @@ def test_cli_errors_are_one_line(assets, tmp_path):
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
     assert proc.stderr.startswith("error:") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    with pytest.raises(utils.UserError, match="--context_text"):
+    with pytest.raises(UserError, match="--context_text"):
         generate.main(_cli(assets, "--text", "Hi", "--context_audio", str(tmp_path / "none.wav")))
 
 
@@ -199,7 +199,7 @@ def test_generation_reports_its_similarity_to_the_prompt(assets, tmp_path, capsy
     assert generate.main(args) == 0
     said = float(capsys.readouterr().out.split("speaker similarity to the prompt ")[1].split()[0])
     assert -1 <= said <= 1
-    with pytest.raises(utils.UserError, match="give --context_audio too"):
+    with pytest.raises(UserError, match="give --context_audio too"):
         generate.main(_cli(assets, "--text", "Hi.", "--output", str(tmp_path / "x.wav"), "--speaker_model", "m"))
 
 
@@ -213,7 +213,7 @@ def test_bad_prompts_are_refused_before_anything_is_spoken(assets, tmp_path):
     lines = tmp_path / "lines.txt"
     lines.write_text("Short.\n\n" + "many words " * 40 + "\n")
     out = tmp_path / "out.wav"
-    with pytest.raises(utils.UserError, match=r"^--lines .*lines.txt line 3: the text and context take \d+ frames"):
+    with pytest.raises(UserError, match=r"^--lines .*lines.txt line 3: the text and context take \d+ frames"):
         generate.main(_cli(assets, "--lines", str(lines), "--output", str(out), "--max_audio_seconds", "160"))
     assert not list(tmp_path.glob("out*"))
     for samples, message in ((np.zeros(0, np.float32), "holds 0 samples at 24 kHz, less than one frame"),
@@ -221,17 +221,17 @@ def test_bad_prompts_are_refused_before_anything_is_spoken(assets, tmp_path):
         wav = tmp_path / "context.wav"
         sf.write(wav, samples, 24000, subtype="FLOAT")
         turn = ["--context_audio", str(wav), "--context_text", "Before.", "--context_speaker", "0"]
-        with pytest.raises(utils.UserError, match=message):
+        with pytest.raises(UserError, match=message):
             generate.main(_cli(assets, "--text", "Hi.", "--output", str(out), *turn))
         assert not out.exists()
         # evaluate.py exited 0 with every item failed, and prefer.py advised raising --n_candidates
-        with pytest.raises(utils.UserError, match=message):
+        with pytest.raises(UserError, match=message):
             evaluate.main(_cli(assets, "--eval_data", str(lines), "--output_dir", str(tmp_path / "ev"), *turn))
-        with pytest.raises(utils.UserError, match=message):
+        with pytest.raises(UserError, match=message):
             prefer.main(_cli(assets, "--data", str(lines), "--output", str(tmp_path / "p.hdf5"), *turn))
     for main, args in ((generate.main, ["--text", "Hi.", "--output", str(out)]),
                        (evaluate.main, ["--eval_data", str(lines), "--output_dir", str(tmp_path / "ev")]),
                        (prefer.main, ["--data", str(lines), "--output", str(tmp_path / "p.hdf5")])):
-        with pytest.raises(utils.UserError, match="--topk must be <= 2048, got 4096"):
+        with pytest.raises(UserError, match="--topk must be <= 2048, got 4096"):
             main([*args, "--topk", "4096"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["context.wav", "lines.txt"]

@@ -10,7 +10,7 @@ import checkpoint
 import config
 import training
 import runtime
-import utils
+from errors import UserError
 import weights
 from conftest import write_token_file
 
@@ -96,10 +96,10 @@ def test_each_rank_keeps_and_restores_its_own_gpus_rng_state(monkeypatch):
 def test_fp16_is_refused_with_fsdp(assets, monkeypatch):
     """The plain GradScaler decides per process whether a step overflowed; sharded, processes could disagree."""
     gpu = runtime.Runtime(torch.device("cuda", 0), distributed=True)
-    with pytest.raises(utils.UserError, match="fp16 with distributed: fsdp.*bf16"):
+    with pytest.raises(UserError, match="fp16 with distributed: fsdp.*bf16"):
         training.run_precision(_cfg(assets, precision="fp16", distributed="fsdp"), gpu)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # a V100 or T4: auto means fp16
-    with pytest.raises(utils.UserError, match="precision: auto picks fp16"):
+    with pytest.raises(UserError, match="precision: auto picks fp16"):
         training.run_precision(_cfg(assets, precision="auto", distributed="fsdp"), gpu)
     assert training.run_precision(_cfg(assets, precision="fp16", distributed="ddp"), gpu) == "fp16"
     assert training.run_precision(_cfg(assets, precision="bf16", distributed="fsdp"), gpu) == "bf16"

@@ -17,7 +17,7 @@ import evaluate
 import sweep
 from conftest import write_token_file
 from test_faults import assert_clear_error, cli
-from utils import UserError
+from errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"

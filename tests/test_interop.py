@@ -21,7 +21,7 @@ from csm_model import embed_frames
 from frames import next_input_frames, text_frames
 from loss import decoder_logits
 from tokenization import encode_text, load_text_tokenizer
-from utils import UserError
+from errors import UserError
 
 K = 32
 

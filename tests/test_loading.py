@@ -12,7 +12,7 @@ import torch
 import hub
 import codec
 import tokenization
-import utils
+from errors import UserError
 import weights
 from csm_model import CSM
 from tiny_assets import TINY_MODEL_ARGS
@@ -44,7 +44,7 @@ def test_hub_id_loads_from_the_cache(assets, hub_cache):
 
 
 def test_unreachable_hub_id_is_one_clear_error(hub_cache):
-    with pytest.raises(utils.UserError, match="cannot be reached.*local directory"):
+    with pytest.raises(UserError, match="cannot be reached.*local directory"):
         weights.load_model("sesame/csm-1b")
 
 
@@ -52,9 +52,9 @@ def test_mistyped_relative_path_is_not_reported_as_only_a_hub_miss(hub_cache, tm
     """'runs/best' is also a valid hub id; with runs/ present the user most likely mistyped a path."""
     (tmp_path / "runs").mkdir()
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(utils.UserError, match="nor is there a local 'runs/best'"):
+    with pytest.raises(UserError, match="nor is there a local 'runs/best'"):
         weights.load_model("runs/best")
-    with pytest.raises(utils.UserError) as err:
+    with pytest.raises(UserError) as err:
         weights.load_model("sesame/csm-1b")  # no sesame/ folder here: a plain hub miss
     assert "nor is there" not in str(err.value)
 
@@ -92,25 +92,25 @@ def test_mismatched_weights_name_what_differs(assets, tmp_path):
     state["extra.weight"] = torch.zeros(1)
     path = tmp_path / "bad.pt"
     torch.save({"model": state, "model_args": TINY_MODEL_ARGS.to_dict()}, path)
-    with pytest.raises(utils.UserError, match=r"1 missing \(e.g. audio_head\); 1 unexpected \(e.g. extra.weight\)"):
+    with pytest.raises(UserError, match=r"1 missing \(e.g. audio_head\); 1 unexpected \(e.g. extra.weight\)"):
         weights.load_model(path)
 
 
 def test_missing_sources_are_clear_errors(tmp_path):
-    with pytest.raises(utils.UserError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         weights.load_model(str(tmp_path / "nope.pt"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(utils.UserError, match="no model.safetensors"):
+    with pytest.raises(UserError, match="no model.safetensors"):
         weights.load_model(tmp_path / "empty")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(utils.UserError, match="could not read checkpoint"):
+    with pytest.raises(UserError, match="could not read checkpoint"):
         weights.load_model(tmp_path / "junk.pt")
 
 
 def test_the_removed_official_model_key_says_what_to_do():
     import config
 
-    with pytest.raises(utils.UserError, match="official model class was removed.*bit for bit"):
+    with pytest.raises(UserError, match="official model class was removed.*bit for bit"):
         config.make_config({"official_model": True})
 
 
@@ -125,7 +125,7 @@ def test_unreachable_text_tokenizer_is_one_clear_error(monkeypatch):
     import huggingface_hub.constants as c
 
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    with pytest.raises(utils.UserError, match="--text_tokenizer"):
+    with pytest.raises(UserError, match="--text_tokenizer"):
         tokenization.load_text_tokenizer("meta-llama/Llama-3.2-1B")
 
 
@@ -156,7 +156,7 @@ def test_mimi_loads_from_a_local_directory_with_distinct_codes(mimi):
 
 
 def test_mimi_default_offline_is_a_clear_error(hub_cache):
-    with pytest.raises(utils.UserError, match="--mimi_weights"):
+    with pytest.raises(UserError, match="--mimi_weights"):
         codec.load_mimi(None)
 
 

@@ -9,7 +9,7 @@ import soundfile as sf
 import torch
 
 import codec
-from utils import UserError
+from errors import UserError
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "moshi_mimi"
 CLIPS = Path(__file__).resolve().parents[1] / "data" / "sample" / "clips"

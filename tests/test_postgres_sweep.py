@@ -17,7 +17,7 @@ import yaml
 from optuna.trial import TrialState
 
 import optuna_sweep
-import utils
+from errors import UserError
 from test_sweep import base_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,11 +107,11 @@ def test_two_machines_share_one_study_and_a_killed_ones_trial_is_redone(assets, 
 def test_a_storage_that_cannot_be_opened_is_one_line(postgres, monkeypatch):
     """The host and port of a server that does not answer; the package of a missing driver; never the password."""
     port = _free_port()
-    with pytest.raises(utils.UserError, match=f"cannot connect to the database server at 127.0.0.1:{port}") as e:
+    with pytest.raises(UserError, match=f"cannot connect to the database server at 127.0.0.1:{port}") as e:
         optuna_sweep.storage_for(f"postgresql://sweeper:secret@127.0.0.1:{port}/postgres")
     assert "secret" not in str(e.value)
-    with pytest.raises(utils.UserError, match="the mysql driver is not installed: pip install mysqlclient$"):
+    with pytest.raises(UserError, match="the mysql driver is not installed: pip install mysqlclient$"):
         optuna_sweep.storage_for("mysql://nobody@127.0.0.1/db")  # mysql:// means MySQLdb, which mysqlclient provides
     monkeypatch.setitem(sys.modules, "psycopg", None)
-    with pytest.raises(utils.UserError, match=r"the postgresql driver is not installed: pip install psycopg\[binary\]"):
+    with pytest.raises(UserError, match=r"the postgresql driver is not installed: pip install psycopg\[binary\]"):
         optuna_sweep.storage_for(postgres)

@@ -118,7 +118,7 @@ def test_a_killed_run_resumes_file_by_file(tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             prepare(files, tmp_path / "out.csv", settings=settings, progress=False)
     assert not (tmp_path / "out.csv").exists()
-    from utils import UserError
+    from errors import UserError
 
     with pytest.raises(UserError, match="other settings"):  # a half-done run is not mixed with other settings
         prepare(files, tmp_path / "out.csv", settings=CutSettings(min_seconds=2), progress=False)
@@ -141,7 +141,7 @@ def test_speaker_ids_come_from_folders_or_the_flag(tmp_path):
 
 def test_prepare_bad_input(tmp_path):
     import prepare
-    from utils import UserError
+    from errors import UserError
 
     long_recording(tmp_path / "rec" / "a.wav", CLIPS[:1])
     kept = tmp_path / "kept.csv"

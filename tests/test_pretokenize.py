@@ -15,7 +15,7 @@ import soundfile as sf
 import torch
 
 import pretokenize
-import utils
+from errors import UserError
 from conftest import ROOT, write_token_file
 from dataloaders import CSMDataset
 from encode_dataset import load_clip
@@ -254,7 +254,7 @@ def test_conversation_turn_and_speaker_are_stored_per_row(assets, clips, tmp_pat
 def test_strict_stops_at_the_first_bad_row(assets, clips, tmp_path):
     pd.DataFrame([{"path": "clips/c0.wav", "text": "ok"}, {"path": "clips/x.wav", "text": "gone"}]).to_csv(
         tmp_path / "m.csv", index=False)
-    with pytest.raises(utils.UserError, match=r"train row 1 .*audio file not found.*--strict"):
+    with pytest.raises(UserError, match=r"train row 1 .*audio file not found.*--strict"):
         run(assets, "--train_data", str(tmp_path / "m.csv"), "--output", str(tmp_path / "o.hdf5"), "--strict")
     assert not (tmp_path / "o.hdf5").exists()
 
@@ -262,7 +262,7 @@ def test_strict_stops_at_the_first_bad_row(assets, clips, tmp_path):
 def test_h5_metadata_without_pytables_says_what_to_install(assets, clips, tmp_path, monkeypatch):
     pd.DataFrame(rows_of(clips)).to_hdf(tmp_path / "m.h5", key="data")
     monkeypatch.setitem(sys.modules, "tables", None)  # makes `import tables` raise ImportError
-    with pytest.raises(utils.UserError, match="needs the 'tables' package"):
+    with pytest.raises(UserError, match="needs the 'tables' package"):
         run(assets, "--train_data", str(tmp_path / "m.h5"), "--output", str(tmp_path / "o.hdf5"), "--trust_pickle")
 
 
@@ -278,19 +278,19 @@ def test_pickled_metadata_is_refused_unless_trusted(assets, clips, tmp_path):
 
     (tmp_path / "evil.pkl").write_bytes(pickle.dumps(Payload()))
     for name in ("evil.pkl",):
-        with pytest.raises(utils.UserError, match="pickle, which can run code.*--trust_pickle"):
+        with pytest.raises(UserError, match="pickle, which can run code.*--trust_pickle"):
             run(assets, "--train_data", str(tmp_path / name), "--output", str(tmp_path / "o.hdf5"))
     assert not marker.exists() and not (tmp_path / "o.hdf5").exists()
 
 
 def test_bad_metadata_gets_one_clear_message(assets, tmp_path):
     (tmp_path / "m.txt").write_text("x")
-    with pytest.raises(utils.UserError, match="unknown metadata format '.txt'; accepted: .json"):
+    with pytest.raises(UserError, match="unknown metadata format '.txt'; accepted: .json"):
         run(assets, "--train_data", str(tmp_path / "m.txt"), "--output", str(tmp_path / "o.hdf5"))
     pd.DataFrame([{"file": "a.wav", "text": "x"}]).to_csv(tmp_path / "m.csv", index=False)
-    with pytest.raises(utils.UserError, match="lacks column\\(s\\) path"):
+    with pytest.raises(UserError, match="lacks column\\(s\\) path"):
         run(assets, "--train_data", str(tmp_path / "m.csv"), "--output", str(tmp_path / "o.hdf5"))
-    with pytest.raises(utils.UserError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         run(assets, "--train_data", str(tmp_path / "none.csv"), "--output", str(tmp_path / "o.hdf5"))
 
 
@@ -356,7 +356,7 @@ def test_changed_tokenizer_is_refused_on_resume(assets, tmp_path):
     work.mkdir()
     (work / "manifest.json").write_text(settings_of_other_run)
     changed = r"other settings \(--text_tokenizer .* -> .*, text tokenizer vocabulary .* -> .*\); delete"
-    with pytest.raises(utils.UserError, match=changed):
+    with pytest.raises(UserError, match=changed):
         run(assets, "--train_data", str(meta), "--output", str(tmp_path / "o.hdf5"))
 
 

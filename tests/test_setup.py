@@ -10,7 +10,7 @@ import torch
 
 import gpu_env
 import runtime
-import utils
+from errors import UserError
 from conftest import ROOT
 
 
@@ -81,7 +81,7 @@ def test_an_automatic_cpu_on_a_gpu_machine_says_why_once(old_driver, capsys):
     assert err == ["warning: CUDA is unusable, so this runs on the CPU: NVIDIA driver 535.154.05 is too old for this "
                    "torch's CUDA 13.0 (it needs R580 or newer): make setup TORCH_CUDA=cu128 installs a build for it, "
                    "or update the driver"]
-    with pytest.raises(utils.UserError, match="--device cuda asked for CUDA, but NVIDIA driver 535.154.05 is too old"):
+    with pytest.raises(UserError, match="--device cuda asked for CUDA, but NVIDIA driver 535.154.05 is too old"):
         runtime.resolve_device("cuda")
 
 
@@ -110,13 +110,13 @@ def test_a_large_model_is_not_trained_on_an_automatic_cpu(old_driver, tmp_path, 
     argv = ["--data", str(data), "--model", str(model), "--output_dir", str(tmp_path / "run"), "--max_steps", "1",
             "--wandb_mode", "disabled", "--text_tokenizer", str(assets["text_tokenizer"]),
             "--set", "warmup_steps=0", "--set", "gen_every=0", "--set", "eval_every=0"]
-    with pytest.raises(utils.UserError, match=r"not training a 1,\d{3}M-parameter model on the CPU, which was chosen "
+    with pytest.raises(UserError, match=r"not training a 1,\d{3}M-parameter model on the CPU, which was chosen "
                                               r"because CUDA is unusable \(NVIDIA driver 535.154.05 is too old.*pass "
                                               r"--device cpu to train on the CPU anyway"):
         train.main(argv)
     assert not (tmp_path / "run").exists()
     # Asked for by name, the CPU is used: the run goes on to read the weights (this directory has none).
-    with pytest.raises(utils.UserError, match="has no model.safetensors"):
+    with pytest.raises(UserError, match="has no model.safetensors"):
         train.main([*argv, "--device", "cpu"])
     # A small model is trained on an automatic CPU, with the one-line warning.
     assert train.main([*argv[:3], str(assets["model"]), *argv[4:]]) == 0
@@ -131,11 +131,11 @@ def test_a_sweep_refuses_a_large_model_on_an_automatic_cpu(old_driver, tmp_path)
     argv = ["--data", str(data), "--model", str(_big_model(tmp_path)), "--output_dir", str(tmp_path / "s"),
             "--n_trials", "1", "--max_steps", "8", "--wandb_mode", "disabled", "--set", "warmup_steps=1",
             "--sweep_config", str(ROOT / "configs" / "sweep_demo.yaml")]
-    with pytest.raises(utils.UserError, match="not training a 1,.*pass --device cpu"):
+    with pytest.raises(UserError, match="not training a 1,.*pass --device cpu"):
         sweep.main(argv)
-    with pytest.raises(utils.UserError, match="--device cuda, but NVIDIA driver 535.154.05 is too old"):
+    with pytest.raises(UserError, match="--device cuda, but NVIDIA driver 535.154.05 is too old"):
         sweep.main([*argv, "--device", "cuda"])
-    with pytest.raises(utils.UserError, match="--device cpu and --n_gpus 2 contradict"):
+    with pytest.raises(UserError, match="--device cpu and --n_gpus 2 contradict"):
         sweep.main([*argv, "--device", "cpu", "--n_gpus", "2"])
     assert not (tmp_path / "s").exists()
 

@@ -12,7 +12,7 @@ import pytest
 import generate
 import metadata
 import pretokenize
-from utils import UserError
+from errors import UserError
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 

@@ -10,7 +10,7 @@ import config
 import optuna_sweep
 import sweep
 import train
-from utils import UserError
+from errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ import objectives
 import tracking
 import training
 import runtime
-import utils
+from errors import UserError
 import weights
 from conftest import wandb_log, write_token_file
 
@@ -224,7 +224,7 @@ def test_samples_and_offline_wandb(assets, token_file, tmp_path):
 def test_online_wandb_without_a_key_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    with pytest.raises(utils.UserError, match="W&B online needs an API key"):
+    with pytest.raises(UserError, match="W&B online needs an API key"):
         tracking.wandb_mode("online")
     assert tracking.wandb_mode("auto") == "offline"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
@@ -240,7 +240,7 @@ def test_train_from_scratch_uses_the_configured_flavors(token_file, tmp_path, as
 
 
 def test_missing_data_file_is_a_clear_error(assets, tmp_path):
-    with pytest.raises(utils.UserError, match="no such file"):
+    with pytest.raises(UserError, match="no such file"):
         training.train(tiny_cfg(assets), tmp_path / "nope.hdf5", tmp_path / "out", device="cpu")
 
 
