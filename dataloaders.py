@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import token_file
-from context import ContextPlanner
-from frames import turn_frames
-from token_file import DataError
-from codec import NUM_CODEBOOKS
-from errors import UserError
+from csm.data import token_file
+from csm.data.context import ContextPlanner
+from csm.data.frames import turn_frames
+from csm.data.token_file import DataError
+from csm.model.codec import NUM_CODEBOOKS
+from csm.system.errors import UserError
 
 
 class CSMDataset(Dataset):

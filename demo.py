@@ -25,8 +25,8 @@ import prefer
 import prepare
 import pretokenize
 import sweep
-import tiny_assets
-from metrics import BY_NAME
+from csm.data import tiny_assets
+from csm.judging.metrics import BY_NAME
 import train
 from utils import CommandParser, run_cli
 

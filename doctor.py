@@ -19,7 +19,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from gpu_env import driver_advice, nvidia_driver
+from csm.system.gpu_env import driver_advice, nvidia_driver
 
 # torch, huggingface_hub and bench/memory.py are imported inside the functions that report on them, so that a
 # missing or broken one is that line's finding, not a crash.

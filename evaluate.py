@@ -16,19 +16,22 @@ from pathlib import Path
 
 import torch
 
-from metrics import BY_NAME, QUALITY, ROWS
-from errors import check_number
+from csm.judging.metrics import BY_NAME, QUALITY, ROWS
+from csm.system.errors import check_number
 from utils import CommandParser, run_cli
-from runtime import resolve_device, resolve_precision
-from outputs import claim_output_dir, clear_dir, inputs_of
-from weights import resolve_source
-from adapters import read_adapter
-from evaluation import (add_item_flags, check_item_source, EvalSettings, evaluate_model, is_token_file, load_items,
-                        write_report)
-from synthesis import (add_speech_flags, check_speech_flags, CompiledStep, context_segments, load_speech_model,
-                       model_speaker_names, prompt_segments)
-from speech_metrics import add_judge_flags, judges_of
-from config import load_config
+from csm.system.runtime import resolve_device, resolve_precision
+from csm.system.outputs import claim_output_dir, clear_dir, inputs_of
+from csm.model.weights import resolve_source
+from csm.model.adapters import read_adapter
+from csm.judging.evaluation import (
+    add_item_flags, check_item_source, EvalSettings, evaluate_model, is_token_file, load_items, write_report,
+)
+from csm.judging.synthesis import (
+    add_speech_flags, check_speech_flags, CompiledStep, context_segments, load_speech_model, model_speaker_names,
+    prompt_segments,
+)
+from csm.judging.speech_metrics import add_judge_flags, judges_of
+from csm.training.config import load_config
 
 
 def build_parser() -> argparse.ArgumentParser:

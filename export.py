@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hf_export import csm_tokenizer, DEFAULT_CODEC, export_official, export_transformers
-from codec import find_codec
-from tokenization import resolve_text_tokenizer
+from csm.model.hf_export import csm_tokenizer, DEFAULT_CODEC, export_official, export_transformers
+from csm.model.codec import find_codec
+from csm.model.tokenization import resolve_text_tokenizer
 from utils import CommandParser, run_cli
-from errors import UserError
-from outputs import check_apart, claim_output_dir, inputs_of
-from weights import load_model, parse_size, resolve_source
+from csm.system.errors import UserError
+from csm.system.outputs import check_apart, claim_output_dir, inputs_of
+from csm.model.weights import load_model, parse_size, resolve_source
 
 
 def build_parser() -> argparse.ArgumentParser:

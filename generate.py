@@ -13,18 +13,20 @@ from pathlib import Path
 
 import soundfile as sf
 
-from adapters import read_adapter
-from metadata import visible_text
-from synthesis import (add_speech_flags, check_prompts, check_speech_flags, CompiledStep, context_segments,
-                       encode_context, load_speech_model, model_speaker_names, parse_speaker, SpeechRequest,
-                       SpeechStream, synthesize_batch, utterance_seed)
-from codec import MIMI_SAMPLE_RATE
-from errors import check_number, UserError
+from csm.model.adapters import read_adapter
+from csm.data.metadata import visible_text
+from csm.judging.synthesis import (
+    add_speech_flags, check_prompts, check_speech_flags, CompiledStep, context_segments, encode_context,
+    load_speech_model, model_speaker_names, parse_speaker, SpeechRequest, SpeechStream, synthesize_batch,
+    utterance_seed,
+)
+from csm.model.codec import MIMI_SAMPLE_RATE
+from csm.system.errors import check_number, UserError
 from utils import CommandParser, run_cli
-from runtime import resolve_device, resolve_precision
-from outputs import atomic_path, claim_output_files, inputs_of
-from speech_metrics import prompt_similarity, SpeakerEncoder
-from weights import resolve_source
+from csm.system.runtime import resolve_device, resolve_precision
+from csm.system.outputs import atomic_path, claim_output_files, inputs_of
+from csm.judging.speech_metrics import prompt_similarity, SpeakerEncoder
+from csm.model.weights import resolve_source
 
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")

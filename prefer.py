@@ -14,20 +14,23 @@ import argparse
 import json
 from pathlib import Path
 
-from adapters import read_adapter
-from config import read_yaml
-from evaluation import add_item_flags, is_token_file, load_items
-from outputs import claim_output_files, inputs_of
-from preference_file import is_preference_file, path_identity, reference_identity
-from preferences import candidates_csv, DEFAULT_WEIGHTS, PreferenceRun, PreferSettings, REWARD_TERMS, settings_attrs
-from runtime import resolve_device, resolve_precision
-from speech_metrics import add_judge_flags, judges_of
-from synthesis import (add_speech_flags, check_speech_flags, CompiledStep, context_segments, load_speech_model,
-                       model_speaker_names)
-from errors import check_number, UserError
+from csm.model.adapters import read_adapter
+from csm.training.config import read_yaml
+from csm.judging.evaluation import add_item_flags, is_token_file, load_items
+from csm.system.outputs import claim_output_files, inputs_of
+from csm.data.preference_file import is_preference_file, path_identity, reference_identity
+from csm.training.preferences import (
+    candidates_csv, DEFAULT_WEIGHTS, PreferenceRun, PreferSettings, REWARD_TERMS, settings_attrs,
+)
+from csm.system.runtime import resolve_device, resolve_precision
+from csm.judging.speech_metrics import add_judge_flags, judges_of
+from csm.judging.synthesis import (
+    add_speech_flags, check_speech_flags, CompiledStep, context_segments, load_speech_model, model_speaker_names,
+)
+from csm.system.errors import check_number, UserError
 from utils import CommandParser, run_cli
-from outputs import content_digest
-from weights import resolve_source
+from csm.system.outputs import content_digest
+from csm.model.weights import resolve_source
 
 
 def build_parser() -> argparse.ArgumentParser:

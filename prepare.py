@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from speech_metrics import ASR, DEFAULT_ASR
-from errors import check_number, UserError
+from csm.judging.speech_metrics import ASR, DEFAULT_ASR
+from csm.system.errors import check_number, UserError
 from utils import CommandParser, run_cli
-from runtime import resolve_device
-from outputs import claim_output_files, inputs_of
-from dnsmos import DNSMOS
-from recordings import CutSettings, find_audio, prepare
+from csm.system.runtime import resolve_device
+from csm.system.outputs import claim_output_files, inputs_of
+from csm.data.dnsmos import DNSMOS
+from csm.data.recordings import CutSettings, find_audio, prepare
 
 
 def build_parser() -> argparse.ArgumentParser:

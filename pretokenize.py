@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dataset_sources import SourceOptions
-from encode_dataset import EncodeSettings, run
-from metadata import METADATA_FORMATS
-from tokenization import DEFAULT_TEXT_TOKENIZER
-from errors import check_number, UserError
+from csm.data.dataset_sources import SourceOptions
+from csm.data.encode_dataset import EncodeSettings, run
+from csm.data.metadata import METADATA_FORMATS
+from csm.model.tokenization import DEFAULT_TEXT_TOKENIZER
+from csm.system.errors import check_number, UserError
 from utils import CommandParser, run_cli
-from runtime import resolve_device
+from csm.system.runtime import resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:

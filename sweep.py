@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from metrics import SWEEPABLE, describe
-from optuna_sweep import run_sweep
+from csm.judging.metrics import SWEEPABLE, describe
+from csm.training.optuna_sweep import run_sweep
 from utils import CommandParser, run_cli
 
 

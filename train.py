@@ -12,12 +12,12 @@ import os
 import sys
 from pathlib import Path
 
-import config as config_mod
-from config import TrainConfig
-from outputs import inputs_of
-from training import train
+from csm.training import config as config_mod
+from csm.training.config import TrainConfig
+from csm.system.outputs import inputs_of
+from csm.training.training import train
 from utils import CommandParser, EXIT_STOPPED, run_cli
-from runtime import compute_cleanup
+from csm.system.runtime import compute_cleanup
 
 
 # Flags that set a config key of the same name (unset: keep the YAML's value). Their values are parsed and

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from errors import UserError
-from outputs import DISK_FULL_ERRNOS, disk_full_error
+from csm.system.errors import UserError
+from csm.system.outputs import DISK_FULL_ERRNOS, disk_full_error
 
 
 # --------------------------------------------------------------------------- errors at the edge

@@ -22,18 +22,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "bench"))  # after the project's own modules
-import adapters  # noqa: E402
-import config  # noqa: E402
-import optim  # noqa: E402
-import runtime  # noqa: E402
-import training  # noqa: E402
-import weights  # noqa: E402
-from csm_model import ModelArgs  # noqa: E402
+from csm.model import adapters  # noqa: E402
+from csm.training import config  # noqa: E402
+from csm.training import optim  # noqa: E402
+from csm.system import runtime  # noqa: E402
+from csm.training import training  # noqa: E402
+from csm.model import weights  # noqa: E402
+from csm.model.csm_model import ModelArgs  # noqa: E402
 from dataloaders import CSMDataset, make_loader  # noqa: E402
-from dpo import candidate_logps, collate_pairs, PairDataset  # noqa: E402
+from csm.training.dpo import candidate_logps, collate_pairs, PairDataset  # noqa: E402
 from lengths import sample_lengths  # noqa: E402
-from preference_file import Candidate, Pair, write_preference_file  # noqa: E402
-from token_file import write_token_file  # noqa: E402
+from csm.data.preference_file import Candidate, Pair, write_preference_file  # noqa: E402
+from csm.data.token_file import write_token_file  # noqa: E402
 
 SIZES = {"mid": ModelArgs(backbone_flavor="llama-mid", decoder_flavor="llama-mid-decoder"), "1b": ModelArgs(),
          "tiny": ModelArgs(backbone_flavor="llama-tiny", decoder_flavor="llama-tiny-decoder")}  # tiny: the tests

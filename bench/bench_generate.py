@@ -18,11 +18,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import conversions  # noqa: E402
-import runtime  # noqa: E402
-from csm_model import CSM, ModelArgs  # noqa: E402
-from frames import text_frames  # noqa: E402
-from synthesis import CompiledStep, FrameLoop  # noqa: E402
+from csm.model import conversions  # noqa: E402
+from csm.system import runtime  # noqa: E402
+from csm.model.csm_model import CSM, ModelArgs  # noqa: E402
+from csm.data.frames import text_frames  # noqa: E402
+from csm.judging.synthesis import CompiledStep, FrameLoop  # noqa: E402
 
 FLAVORS = {"mid": ("llama-mid", "llama-mid-decoder"), "tiny": ("llama-tiny", "llama-tiny-decoder"),
            "1b": ("llama-1B", "llama-100M")}

@@ -29,9 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import pretokenize  # noqa: E402
-import tiny_assets  # noqa: E402
-import codec  # noqa: E402
-import runtime  # noqa: E402
+from csm.data import tiny_assets  # noqa: E402
+from csm.model import codec  # noqa: E402
+from csm.system import runtime  # noqa: E402
 
 
 def make_clips(directory: Path, n: int, rate: int, seed: int) -> tuple[Path, float]:

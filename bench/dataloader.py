@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))  # after the project's own modules
-from context import ContextPlanner  # noqa: E402
+from csm.data.context import ContextPlanner  # noqa: E402
 from dataloaders import CSMDataset, LengthBucketSampler, make_loader  # noqa: E402
-from token_file import write_token_file  # noqa: E402
+from csm.data.token_file import write_token_file  # noqa: E402
 from lengths import padding_waste, sample_lengths  # noqa: E402
 
 CODEBOOKS = 32

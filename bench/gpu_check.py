@@ -84,7 +84,7 @@ class Context:
 
 
 def tiny_config(ctx: Context, **settings):
-    import config
+    from csm.training import config
 
     a = ctx.assets
     values = dict(model=a["model"], text_tokenizer=a["text_tokenizer"], mimi_weights=a["mimi"], batch_size=4,
@@ -105,7 +105,7 @@ def logged_losses(out: Path) -> dict[int, float]:
 
 def train_tiny(ctx: Context, name: str, **settings) -> list[float]:
     """Train the tiny model on the check's token file; its losses, one per step."""
-    import training
+    from csm.training import training
 
     out = ctx.work / "runs" / name
     training.train(tiny_config(ctx, **settings), ctx.work / "data.hdf5", out, device=ctx.device, overwrite=True,
@@ -146,7 +146,7 @@ def row_setup(ctx: Context):
     import torch
 
     import pretokenize
-    import tiny_assets
+    from csm.data import tiny_assets
 
     assets = {**tiny_assets.make_all(ctx.work / "assets"), **tiny_assets.make_judges(ctx.work / "assets")}
     (ctx.work / "assets.json").write_text(json.dumps({k: str(v) for k, v in assets.items()}))
@@ -181,12 +181,12 @@ def row_bf16(ctx: Context):
 
 def row_fp16(ctx: Context):
     if not ctx.cuda:
-        raise Skip("fp16 needs CUDA (its loss scaling is tested on the CPU in tests/test_gpu_paths.py)")
+        raise Skip("fp16 needs CUDA (its loss scaling is tested on the CPU in tests/training/test_gpu_paths.py)")
     return falls(train_tiny(ctx, "fp16", precision="fp16"))
 
 
 def row_fused_adamw(ctx: Context):
-    import training
+    from csm.training import training
 
     made = []
     real = training.make_optimizer
@@ -199,7 +199,7 @@ def row_fused_adamw(ctx: Context):
 
 def row_compile(ctx: Context):
     if ctx.quick and not ctx.cuda:
-        raise Skip("--quick on the CPU: compiling takes a minute here (tests/test_ddp.py and test_model.py compile)")
+        raise Skip("--quick on the CPU: compiling takes a minute here (test_ddp.py and test_model.py compile)")
     return falls(train_tiny(ctx, "compile", compile=True))
 
 
@@ -222,11 +222,11 @@ def row_context(ctx: Context):
 def row_dpo(ctx: Context):
     """objective: dpo on scripted pairs whose reference was computed on the CPU in fp32: the first step is at the
     reference (dpo_loss log 2, within the precision's rounding) and the loss falls."""
-    import tiny_assets
+    from csm.training.preferences import make_preference_file
 
-    data = tiny_assets.make_preference_file(ctx.work / "prefs.hdf5", ctx.assets["model"], n_train=8, n_val=2)
+    data = make_preference_file(ctx.work / "prefs.hdf5", ctx.assets["model"], n_train=8, n_val=2)
     out = ctx.work / "runs" / "dpo"
-    import training
+    from csm.training import training
 
     training.train(tiny_config(ctx, objective="dpo", batch_size=2, learning_rate=1e-3, dpo_sft_weight=0.1,
                                dpo_decoder_fraction=0.5, val_every=4), data, out, device=ctx.device, overwrite=True,
@@ -242,7 +242,7 @@ def row_dpo(ctx: Context):
 
 def row_resume(ctx: Context):
     """A run killed (SIGKILL) in the step after its checkpoint, resumed: the same losses as an unbroken run."""
-    import training
+    from csm.training import training
 
     n, every = ctx.steps(6, 20), ctx.steps(3, 10)
     settings = dict(save_every=every, keep_checkpoints=5)
@@ -321,7 +321,7 @@ def row_workers(ctx: Context):
     """Loader workers with pinned batches; the host-device syncs of each step after the first."""
     import torch
 
-    import training
+    from csm.training import training
 
     real, syncs, pinned = training.train_step, [], []
 
@@ -357,10 +357,10 @@ def row_generate(ctx: Context):
     import torch
 
     import generate
-    from synthesis import CompiledStep, SpeechRequest, synthesize_batch
-    from tokenization import load_text_tokenizer
-    from codec import load_mimi
-    from weights import load_model
+    from csm.judging.synthesis import CompiledStep, SpeechRequest, synthesize_batch
+    from csm.model.tokenization import load_text_tokenizer
+    from csm.model.codec import load_mimi
+    from csm.model.weights import load_model
 
     a, wav = ctx.assets, ctx.work / "generated.wav"
     t0 = time.perf_counter()
@@ -411,7 +411,7 @@ def row_pretokenize(ctx: Context):
     import numpy as np
 
     import pretokenize
-    from token_file import read_flat
+    from csm.data.token_file import read_flat
 
     a, out = ctx.assets, ctx.work / "device_codes.hdf5"
     pretokenize.main(["--train_data", str(SAMPLE / "train.csv"), "--output", str(out), "--device", ctx.device,
@@ -429,7 +429,7 @@ def row_pretokenize(ctx: Context):
 
 def _big_args(ctx: Context):
     """CSM-1B on a GPU; on the CPU its tiny flavors (with the full text vocabulary, as the reference data needs)."""
-    from csm_model import ModelArgs
+    from csm.model.csm_model import ModelArgs
 
     return ModelArgs() if ctx.cuda else ModelArgs(backbone_flavor="llama-tiny", decoder_flavor="llama-tiny-decoder")
 
@@ -461,7 +461,7 @@ def row_csm1b_train(ctx: Context):
 def row_csm1b_compile(ctx: Context):
     """The same with compile: true, apart: compiling CSM-1B takes the most time of any row."""
     if not ctx.cuda:
-        raise Skip("compiling is checked on a GPU only (on the CPU: tests/test_ddp.py and test_model.py)")
+        raise Skip("compiling is checked on a GPU only (on the CPU: tests/training/test_ddp.py and test_model.py)")
     return _csm1b_train(ctx, ["1B, bf16, compile: true (after 3 warm-up steps)"], "csm1b_compile")
 
 
@@ -471,8 +471,8 @@ def row_mimi_throughput(ctx: Context):
     import torch
     from transformers import MimiConfig, MimiModel
 
-    import tiny_assets
-    from codec import encode_audio
+    from csm.data import tiny_assets
+    from csm.model.codec import encode_audio
 
     config = MimiConfig() if ctx.cuda else tiny_assets.tiny_hf_mimi_config()
     mimi = MimiModel(config).to(ctx.device).eval()
@@ -497,10 +497,10 @@ def _csm1b_speaker(ctx: Context):
     import torch
     from transformers import MimiConfig, MimiModel
 
-    import tiny_assets
-    from synthesis import SpeechRequest, synthesize_batch
-    from tokenization import load_text_tokenizer
-    from weights import build_model
+    from csm.data import tiny_assets
+    from csm.judging.synthesis import SpeechRequest, synthesize_batch
+    from csm.model.tokenization import load_text_tokenizer
+    from csm.model.weights import build_model
 
     dtype = torch.bfloat16 if ctx.cuda else torch.float32
     torch.manual_seed(0)
@@ -535,10 +535,10 @@ def row_csm1b_generate(ctx: Context):
 def row_csm1b_generate_compiled(ctx: Context):
     """The same stream with the compiled step (CUDA graphs): its RTF, and how many greedy codes match eager's (bf16:
     the compiled kernels round differently, so a few may differ)."""
-    from synthesis import CompiledStep
+    from csm.judging.synthesis import CompiledStep
 
     if not ctx.cuda:
-        raise Skip("CUDA graphs need a GPU (the compiled step against eager on the CPU: tests/test_batched_generation)")
+        raise Skip("CUDA graphs need a GPU (the compiled step against eager on CPU: test_batched_generation.py)")
     model, rtf = _csm1b_speaker(ctx)
     step = CompiledStep(model, 1)
     eager_rtf, _, _ = rtf(1)
@@ -757,10 +757,10 @@ def main(argv: list[str] | None = None) -> int:
     import evaluate  # noqa: F401
     import generate  # noqa: F401
     import pretokenize  # noqa: F401
-    import synthesis  # noqa: F401
-    import tiny_assets  # noqa: F401
+    from csm.judging import synthesis  # noqa: F401
+    from csm.data import tiny_assets  # noqa: F401
     import train_step  # noqa: F401
-    import training  # noqa: F401
+    from csm.training import training  # noqa: F401
 
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
@@ -784,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {"device": args.device, **env, "quick": args.quick or None}
         details = [(ctx.work / name).read_text() for name in ("csm1b_train.md", "csm1b_compile.md", "csm1b_dpo.md")
                    if (ctx.work / name).is_file()]
-    from outputs import write_text_atomic
+    from csm.system.outputs import write_text_atomic
 
     report = {"env": env, "rows": rows, "details": details}
     if earlier is not None:  # the other part's rows, from an earlier command on the same --output

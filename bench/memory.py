@@ -33,10 +33,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import adapters  # noqa: E402
-import config  # noqa: E402
-from csm_model import CSM, FLAVORS, ModelArgs  # noqa: E402
-from loss import compute_loss  # noqa: E402
+from csm.model import adapters  # noqa: E402
+from csm.training import config  # noqa: E402
+from csm.model.csm_model import CSM, FLAVORS, ModelArgs  # noqa: E402
+from csm.training.loss import compute_loss  # noqa: E402
 
 GIB = 2**30
 GPU_SIZES_GB = (16, 24, 40, 80)
@@ -178,7 +178,7 @@ def transient_per_frame(batch: int = 16, length: int = 256) -> float:
 
 def official_frame_embedding(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The official embedding, written out: gather the audio and the text columns, concatenate, multiply by the
-    mask out of place, sum. csm_model.embed_frames gives the same values (tests/test_model.py)."""
+    mask out of place, sum. csm_model.embed_frames gives the same values (tests/model/test_model.py)."""
     text = model.text_embeddings(tokens[:, :, -1]).unsqueeze(-2)
     audio = model.audio_embeddings(tokens[:, :, :-1] + _offsets(model, tokens))
     return (torch.cat([audio, text], dim=-2) * mask.unsqueeze(-1)).sum(dim=2)
@@ -212,7 +212,7 @@ def _embedding_peaks(variant: str, batch: int, length: int) -> tuple[int, int]:
     allocates the two tables' gradients), at CSM-1B's real tables and width, fp32 as the model keeps them."""
     from types import SimpleNamespace
 
-    from csm_model import embed_frames
+    from csm.model.csm_model import embed_frames
 
     args = ModelArgs()
     torch.manual_seed(0)
@@ -276,8 +276,8 @@ def main(argv=None) -> None:
         return
     text = table(*args.frames)
     if args.update_readme:
-        from config import replace_between
-        from outputs import write_text_atomic
+        from csm.training.config import replace_between
+        from csm.system.outputs import write_text_atomic
 
         path = Path(args.update_readme)
         write_text_atomic(path, replace_between(path.read_text(), README_MARKERS, text))

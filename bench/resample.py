@@ -19,7 +19,7 @@ CASE = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
     import numpy as np, soundfile as sf, torch, torchaudio
-    import audio_io
+    from csm.data import audio_io
     rate, target, how, seconds = {rate}, {target}, {how!r}, {seconds}
     clips = sorted((__import__("pathlib").Path({root!r}) / "data" / "sample" / "clips").glob("train_*.flac"))
     audio = np.concatenate([sf.read(c, dtype="float32")[0] for c in clips])[:int(seconds * rate)]

@@ -24,13 +24,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "bench"))  # after the project's own modules
-import adapters  # noqa: E402
-import config  # noqa: E402
-import optim  # noqa: E402
-import training  # noqa: E402
-import runtime  # noqa: E402
-import weights  # noqa: E402
-from csm_model import ModelArgs  # noqa: E402
+from csm.model import adapters  # noqa: E402
+from csm.training import config  # noqa: E402
+from csm.training import optim  # noqa: E402
+from csm.training import training  # noqa: E402
+from csm.system import runtime  # noqa: E402
+from csm.model import weights  # noqa: E402
+from csm.model.csm_model import ModelArgs  # noqa: E402
 from dataloaders import CSMDataset, make_loader  # noqa: E402
 from dataloader import write_reference_file  # noqa: E402
 
@@ -58,7 +58,7 @@ def measure(data: Path, device: torch.device, args: ModelArgs, steps: int, warmu
     loss_model = training.LossModule(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    import loss
+    from csm.training import loss
 
     kept, loss.embed_frames = loss.embed_frames, embedding or loss.embed_frames
     try:
@@ -148,7 +148,7 @@ def table(title: str, rows: list[tuple[str, dict]], memory: bool) -> str:
 def state_memory_table(args: ModelArgs) -> str:
     """Weights, gradients and optimizer states of CSM-1B per finetune mode, counted from the parameters of the
     real model (built on the meta device): exact for those tensors; activations come on top."""
-    from csm_model import CSM
+    from csm.model.csm_model import CSM
 
     gib = 2**30
     rows = []
@@ -174,8 +174,8 @@ def step_flops(args: ModelArgs, batch: int = 16, length: int = 256, decoder_frac
     torch.utils.flop_counter on the meta device (nothing is computed; matmuls and attention are counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from csm_model import CSM
-    from loss import compute_loss, plan_targets
+    from csm.model.csm_model import CSM
+    from csm.training.loss import compute_loss, plan_targets
 
     meta = torch.device("meta")
     with meta:

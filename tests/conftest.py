@@ -1,11 +1,9 @@
-"""Shared fixtures: tiny assets in the real layouts, built once per test session (no network), and the helpers
-tests import from here (write_token_file, make_preference_file)."""
-import json
+"""Shared fixtures: tiny assets in the real layouts, built once per test session (no network), and the helper
+tests import from here (write_token_file)."""
 import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -23,13 +21,13 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
-from tiny_assets import make_token_file as write_token_file  # noqa: E402,F401  (tests import it from here)
+from csm.data.tiny_assets import make_token_file as write_token_file  # noqa: E402,F401  (tests import it from here)
 
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
     """{'model': dir, 'text_tokenizer': dir, 'mimi': file} of tiny stand-ins saved like the real ones."""
-    import tiny_assets
+    from csm.data import tiny_assets
 
     return tiny_assets.make_all(tmp_path_factory.mktemp("assets"))
 
@@ -37,7 +35,7 @@ def assets(tmp_path_factory):
 @pytest.fixture(scope="session")
 def judges(tmp_path_factory):
     """{'asr': dir, 'speaker_model': dir}: a tiny random Whisper and WavLM x-vector saved by transformers."""
-    import tiny_assets
+    from csm.data import tiny_assets
 
     return tiny_assets.make_judges(tmp_path_factory.mktemp("judges"))
 
@@ -45,7 +43,7 @@ def judges(tmp_path_factory):
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory, assets):
     """A tiny CsmForConditionalGeneration (with Mimi, tokenizer and processor) as transformers saves it."""
-    import tiny_assets
+    from csm.data import tiny_assets
 
     return tiny_assets.make_hf_csm(tmp_path_factory.mktemp("hf") / "csm-tiny-hf",
                                    tokenizer_dir=assets["text_tokenizer"])
@@ -53,14 +51,14 @@ def hf_dir(tmp_path_factory, assets):
 
 @pytest.fixture(scope="session")
 def text_tokenizer(assets):
-    import tokenization
+    from csm.model import tokenization
 
     return tokenization.load_text_tokenizer(str(assets["text_tokenizer"]))
 
 
 @pytest.fixture(scope="session")
 def mimi(assets):
-    import codec
+    from csm.model import codec
 
     return codec.load_mimi(str(assets["mimi"]))
 
@@ -111,42 +109,3 @@ def wandb_log(run_dir, keys, timeout: float = 30.0) -> bytes:
         if all(key.encode() in log for key in keys) or time.time() > deadline:
             return log
         time.sleep(0.5)
-
-
-def make_preference_file(path, model_dir, n_train=8, n_val=2, seed=0, short=(2, 5), long=(8, 12), text_len=(3, 8),
-                         text_vocab=400):
-    """A preference file as prefer.py writes it, of scripted pairs: the chosen candidate is short and stops at its
-    EOS frame, the rejected one long and capped (random codes); the reference log-probabilities are those of the
-    model in `model_dir`."""
-    from dpo import candidate_logps
-    from preference_file import Candidate, Pair, reference_identity, write_preference_file
-    from weights import load_model
-
-    rng = np.random.default_rng(seed)
-    model = load_model(model_dir)
-    k = model.config.audio_num_codebooks
-    empty = np.zeros(0, np.float32)
-
-    def candidate(frames, stopped, reward):
-        codes = rng.integers(0, 2048, size=(k, int(rng.integers(*frames, endpoint=True))))
-        return Candidate(codes, stopped, reward, empty, empty)
-
-    splits = {}
-    for split, n in (("train", n_train), ("val", n_val)):
-        pairs = []
-        for i in range(n):
-            t = int(rng.integers(*text_len, endpoint=True))
-            text = np.concatenate([[0], rng.integers(2, text_vocab, size=t - 2), [1]])
-            pairs.append(Pair(i, 0, text, [], candidate(short, True, 1.0), candidate(long, False, 0.0)))
-        if pairs:
-            scored = candidate_logps(model, pairs, k)
-            for c, (c0, decoder) in zip([p.chosen for p in pairs] + [p.rejected for p in pairs], scored):
-                c.ref_c0, c.ref_decoder = c0, decoder
-        splits[split] = pairs
-    attrs = {"codebooks": k, "reference_model": str(model_dir), "precision": "fp32", "reference_compiled": False,
-             "reference_identity": json.dumps(reference_identity(model_dir))}
-    with write_preference_file(path, attrs) as add:
-        for split, pairs in splits.items():
-            if pairs or split == "train":
-                add(split, pairs)
-    return path
