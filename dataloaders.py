@@ -1,8 +1,8 @@
 """Token-file examples -> padded (tokens, mask, target) training batches, in a resumable order.
 
-- `CSMDataset`: one split of a token file (read through token_file.py), held in memory as flat
-  int16/int32 buffers plus offsets, or read lazily row by row (`partial=True`) for data that does
-  not fit in memory.
+- `CSMDataset`: one split of a token file (read through csm/data/token_file.py): a format-2 file mapped
+  from disk and shared by every process on the machine; a format-1 file held in memory as flat int16/int32
+  buffers plus offsets, or read lazily row by row (`partial=True`).
 - `LengthBucketSampler`: batches of similar-length examples, filled up to a padded-token budget
   (or a fixed example count), re-formed every epoch from one seed, sharded over DDP ranks.
 - `collate`: padded batches of examples, each one turn or (with conversational context, context.py)
@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -26,23 +27,36 @@ from csm.data.frames import turn_frames
 from csm.data.token_file import DataError
 from csm.model.codec import NUM_CODEBOOKS
 from csm.system.errors import UserError
+from csm.system.runtime import print0
 
 
 class CSMDataset(Dataset):
-    """One split of a token file. Items are (audio codes [K, F], text ids [T]) as int64 tensors."""
+    """One split of a token file. Items are (audio codes [K, F], text ids [T]) as int64 tensors.
+
+    A format-2 file's codes and text ids are mapped from the file, in each process on first use: every rank and
+    loader worker on a machine reads the one copy in the page cache. A format-1 file is read into flat buffers
+    (`partial=True`: row by row from the file instead), and the first open of one says how to upgrade it."""
 
     def __init__(self, path: str | Path, split: str = "train", *, partial: bool = False, max_seq_len: int = 2048):
         self.path, self.split, self.partial, self.max_seq_len = str(path), split, partial, max_seq_len
         splits = token_file.open_splits(path)
         if split not in splits:
             raise DataError(f"{path} has no '{split}' split (found: {', '.join(splits)})")
+        self._file = self._pid = None
+        self._audio = self._text = None
         with token_file.open_token_file(self.path) as f:
             self.lengths, self.num_codebooks = token_file.read_split_index(f, path, split)
             # Each row's conversation id ("": on its own), order within it and speaker (-1: unknown).
             self.conversation, self.turn, self.speaker = token_file.read_turns(f, split)
             self._check_lengths()
-            self._file = None
-            self._pid = None
+            self.mapped = token_file.is_flat(f[split])
+            if self.mapped:
+                self.partial = False  # nothing is read into memory either way
+                self._audio_offsets, self._text_offsets = token_file.read_offsets(f, split)
+                self._check_consistency()
+                self.text_ids = token_file.text_id_range(f, path, split)
+                return
+            warn_format_1(self.path)
             if not partial:
                 self._audio, self._audio_offsets = token_file.read_flat(f, path, split, "audio")
                 self._text, self._text_offsets = token_file.read_flat(f, path, split, "text")
@@ -74,6 +88,11 @@ class CSMDataset(Dataset):
         return len(self.lengths)
 
     def _row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.mapped and (self._audio is None or self._pid != os.getpid()):
+            with token_file.open_token_file(self.path) as f:
+                self._audio = token_file.map_flat(f, self.path, self.split, "audio")
+                self._text = token_file.map_flat(f, self.path, self.split, "text")
+            self._pid = os.getpid()
         if not self.partial:
             a = self._audio[self._audio_offsets[i]:self._audio_offsets[i + 1]]
             t = self._text[self._text_offsets[i]:self._text_offsets[i + 1]]
@@ -93,6 +112,8 @@ class CSMDataset(Dataset):
     def _turn(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         i = int(i)
         audio, text = self._row(i)
+        if self.mapped:  # format 1 was checked whole as it was read; a mapped file's rows are checked as they are
+            token_file.check_codes(audio, self.path, self.split, i)
         frames = len(audio) // self.num_codebooks
         if len(text) + frames + 1 != self.lengths[i]:
             raise DataError(f"{self.path}: /{self.split} row {i} does not match its stored "
@@ -103,14 +124,33 @@ class CSMDataset(Dataset):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_file"] = state["_pid"] = None
+        if self.mapped:  # a process it is sent to maps the file itself, rather than receive a copy
+            state["_audio"] = state["_text"] = None
         return state
 
     def nbytes(self) -> int:
-        """Memory held for the examples (buffers and index), not counting Python object overhead."""
+        """Memory a process holds for the examples (buffers and index; a mapped file's pages are the page cache's),
+        not counting Python object overhead."""
         total = self.lengths.nbytes
+        if self.mapped:
+            return total + self._audio_offsets.nbytes + self._text_offsets.nbytes
         if not self.partial:
             total += self._audio.nbytes + self._audio_offsets.nbytes + self._text.nbytes + self._text_offsets.nbytes
         return total
+
+
+_WARNED_FORMAT_1: set[str] = set()
+
+
+def warn_format_1(path: str) -> None:
+    """Say once per file and process (rank 0 only) that a format-1 file is copied into memory, and how to
+    upgrade it."""
+    if path in _WARNED_FORMAT_1:
+        return
+    _WARNED_FORMAT_1.add(path)
+    print0(f"note: {path} is a format-1 token file: each process reads it into its own memory. "
+           f"`python pretokenize.py --upgrade {path} --output NEW.hdf5` rewrites it as format 2, which every process "
+           "maps from the file and shares", file=sys.stderr)
 
 
 def collate(batch: list, num_codebooks: int = NUM_CODEBOOKS, pad_to: int | None = None,

@@ -1,6 +1,7 @@
 """Metadata (path, text, optional start/end/speaker) -> one HDF5 file of Mimi codes and text tokens (docs/formats.md).
 
     python pretokenize.py --train_data train.csv --val_data val.csv --output data.hdf5
+    python pretokenize.py --upgrade old.hdf5 --output data.hdf5    (a format-1 token file -> format 2)
 
 The command line only: the crash-safe, resumable work is encode_dataset.run (see its docstring).
 Rows that cannot be used are skipped and listed in <output>.skipped.csv with the reason; a killed
@@ -15,7 +16,9 @@ from csm.data.dataset_sources import SourceOptions
 from csm.data.encode_dataset import EncodeSettings, run
 from csm.data.metadata import METADATA_FORMATS
 from csm.model.tokenization import DEFAULT_TEXT_TOKENIZER
+from csm.data.token_file import FORMAT_VERSION, open_splits, upgrade_token_file
 from csm.system.errors import check_number, UserError
+from csm.system.outputs import claim_output_files
 from utils import CommandParser, run_cli
 from csm.system.runtime import resolve_device
 
@@ -54,11 +57,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace --output even if it is not a finished token file with the same settings")
     p.add_argument("--trust_pickle", action="store_true",
                    help="allow .pkl/.h5 metadata, which pandas reads with pickle (can run code from the file)")
+    p.add_argument("--upgrade", metavar="TOKEN_FILE",
+                   help="instead of encoding audio: rewrite a format-1 token file (this tool's before format 2, or "
+                        "the original tool's) as format 2 at --output, which training maps from disk and shares "
+                        "between processes")
     return p
+
+
+def upgrade(args) -> int:
+    """pretokenize.py --upgrade: one token file rewritten in the current format, nothing encoded."""
+    given = [f for f in ("train_data", "val_data") if getattr(args, f)]
+    if given:
+        raise UserError(f"--upgrade rewrites a token file and encodes nothing: drop --{given[0]}")
+    source = Path(args.upgrade)
+    open_splits(source)  # a missing, damaged or foreign file is refused before the output is touched
+    with claim_output_files([Path(args.output)], "--output", inputs=[("--upgrade", str(source))],
+                            overwrite=args.overwrite) as (output,):
+        rows = upgrade_token_file(source, output)
+    print(f"wrote {output} (format {FORMAT_VERSION}): " + ", ".join(f"{s} {n} rows" for s, n in rows.items()))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.upgrade:
+        return upgrade(args)
     metadata = {split: p for split, p in (("train", args.train_data), ("val", args.val_data)) if p}
     if not metadata:
         raise UserError("give --train_data and/or --val_data")

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (torchrun sets one GPU per process)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     p.add_argument("--train_from_scratch", action="store_true", default=None, help="random init instead of --model")
-    p.add_argument("--partial_data_loading", action="store_true", default=None, help="read examples lazily from disk")
+    p.add_argument("--partial_data_loading", action="store_true", default=None,
+                   help="format-1 token files: read examples row by row from disk (format 2 is always mapped)")
     p.add_argument("--export_hf", action="store_true", default=None,
                    help="also write best_hf/ and final_hf/ in the transformers layout (config key export_hf)")
     p.add_argument("--gen_sentence", action="append", dest="gen_sentences", metavar="TEXT",

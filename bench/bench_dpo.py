@@ -64,8 +64,8 @@ def write_data(directory: Path, args: ModelArgs, n_pairs: int, max_frames: int, 
         add("train", pairs)
     examples = [(p.text, c.codes) for p in pairs for c in (p.chosen, p.rejected)]
     with write_token_file(tokens, {"codebooks": k}, num_codebooks=k) as out:
-        out.split("train", len(examples), source_rows=False).write(
-            0, [c.reshape(-1).astype(np.int16) for _, c in examples], [t.astype(np.int32) for t, _ in examples])
+        out.write_split("train", [c.reshape(-1).astype(np.int16) for _, c in examples],
+                        [t.astype(np.int32) for t, _ in examples])
     return prefs, tokens
 
 

@@ -70,7 +70,7 @@ def write_reference_file(path: Path, n: int) -> None:
     audio = [rng.integers(0, 2048, CODEBOOKS * int(fr), dtype=np.int16) for fr in frames]
     txt = [rng.integers(0, 128256, int(t), dtype=np.int32) for t in text]
     with write_token_file(path, None, num_codebooks=CODEBOOKS) as out:
-        out.split("train", n, source_rows=False).write(0, audio, txt)
+        out.write_split("train", audio, txt)
 
 
 def memory_table(path: Path) -> str:

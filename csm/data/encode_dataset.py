@@ -297,11 +297,12 @@ def write_output(output: Path, work: Path, plan: dict, fp: dict, args: EncodeSet
     with write_token_file(output, attrs, num_codebooks=NUM_CODEBOOKS) as out:
         for split, n_chunks in plan.items():
             paths = [_chunk_path(work, split, i) for i in range(n_chunks)]
-            n = 0
-            for chunk_path in paths:  # npz members load lazily: this reads only the row ids
+            n = codes = text_ids = 0
+            for chunk_path in paths:  # npz members load lazily: this reads only the rows and sizes
                 with np.load(chunk_path, allow_pickle=False) as z:
-                    n += len(z["rows"])
-            writer, start = out.split(split, n, turns=True), 0
+                    n, codes, text_ids = n + len(z["rows"]), codes + int(z["audio_sizes"].sum()), \
+                        text_ids + int(z["text_sizes"].sum())
+            writer, start = out.split(split, n, codes=codes, text_ids=text_ids, turns=True), 0
             for chunk_path in paths:  # one chunk in memory at a time
                 chunk = _load_chunk(chunk_path)
                 start = writer.write(start, _ragged(chunk["audio"], chunk["audio_sizes"]),
@@ -426,6 +427,12 @@ def _run(args: EncodeSettings, device, sources, speakers: dict[str, int], output
             print(f"{output} is up to date (same metadata and settings); nothing to do")
             shutil.rmtree(work, ignore_errors=True)
             return 0
+        if not args.overwrite and {k: v for k, v in previous.items() if k != "format_version"} == \
+                {k: v for k, v in json.loads(json.dumps(fp)).items() if k != "format_version"}:
+            version = previous.get("format_version")
+            raise UserError(f"--output {output} holds these rows in token-file format {version}: "
+                            f"`python pretokenize.py --upgrade {output} --output NEW.hdf5` rewrites it as format "
+                            f"{FORMAT_VERSION} without encoding again (or pass --overwrite to encode it anew)")
         if not args.overwrite:
             raise UserError(f"--output {output} was written with other settings "
                             f"({describe_change(previous, fp, FINGERPRINT_NAMES)}); pass --overwrite to replace it, "

@@ -261,13 +261,15 @@ def make_long_recording(path: str | Path, clips: list[str | Path], gap: float = 
 
 
 def make_token_file(path, n_train=12, n_val=4, seed=0, codebooks=32, audio_frames=(6, 14), text_len=(3, 8),
-                    text_vocab=400, audio_dtype="int16", attrs=True, speakers=0):
+                    text_vocab=400, audio_dtype="int16", attrs=True, speakers=0, version=token_file.FORMAT_VERSION):
     """A token file of random codes and text ids, written by token_file.py as pretokenize.py writes it;
-    `attrs=False` and `audio_dtype="int32"` give a file like the original tool's. With `speakers`, rows also
-    carry conversations (row i in conversation "c{i % 3}", turn i) and random speakers below that."""
+    `version=1` gives this tool's earlier format, and `attrs=False` with `audio_dtype="int32"` a file like the
+    original tool's. With `speakers`, rows also carry conversations (row i in conversation "c{i % 3}", turn i)
+    and random speakers below that."""
     rng = np.random.default_rng(seed)
     meta = dict(codebooks=codebooks, sample_rate=24000, frame_rate=12.5) if attrs else None
-    with token_file.write_token_file(path, meta, num_codebooks=codebooks, audio_dtype=audio_dtype) as out:
+    with token_file.write_token_file(path, meta, num_codebooks=codebooks, audio_dtype=audio_dtype,
+                                     version=version) as out:
         for split, n in (("train", n_train), ("val", n_val)):
             if n == 0:
                 continue
@@ -277,10 +279,7 @@ def make_token_file(path, n_train=12, n_val=4, seed=0, codebooks=32, audio_frame
                 t = int(rng.integers(*text_len, endpoint=True))
                 audio.append(rng.integers(0, 2048, size=codebooks * frames).astype(audio_dtype))
                 text.append(np.concatenate([[0], rng.integers(2, text_vocab, size=t - 2), [1]]).astype("int32"))
-            if speakers:
-                turns = ([f"c{i % 3}" for i in range(n)], np.arange(n, dtype=np.float64),
-                         rng.integers(0, speakers, size=n).astype(np.int32))
-                out.split(split, n, source_rows=False, turns=True).write(0, audio, text, turns=turns)
-            else:
-                out.split(split, n, source_rows=False).write(0, audio, text)
+            turns = ([f"c{i % 3}" for i in range(n)], np.arange(n, dtype=np.float64),
+                     rng.integers(0, speakers, size=n).astype(np.int32)) if speakers else None
+            out.write_split(split, audio, text, turns=turns)
     return path

@@ -81,7 +81,9 @@ class TrainConfig:
     grad_acc_steps: int = _f(1, "Micro-batches per optimizer step.", min=1)
     max_seq_len: int = _f(2048,
                           "Longest example in frames; longer ones are refused when the data opens.", min=2, max=2048)
-    partial_data_loading: bool = _f(False, "Read examples lazily from the HDF5 file instead of loading it into memory.")
+    partial_data_loading: bool = _f(False, "Format-1 token files only: read examples row by row from the file "
+                                           "instead of into each process's memory. Changes nothing for format 2 "
+                                           "(what pretokenize.py writes), which every process maps from the file.")
     num_workers: int | None = _f(None,
                                  "DataLoader worker processes; unset: 2 on CUDA (loading overlaps the GPU's step), 0 "
                                  "on CPU (workers would take the cores the step runs on). See README: benchmarks.",

@@ -62,7 +62,7 @@ def test_a_token_file_finished_while_a_second_run_starts_is_not_replaced(assets,
     with pytest.raises(UserError, match="was written with other settings"):
         pretokenize.main(common)
     with h5py.File(out) as f:  # A's file, whole
-        assert '"omit_speaker_id": true' in f.attrs["fingerprint"] and len(f["train/audio"]) == 2
+        assert '"omit_speaker_id": true' in f.attrs["fingerprint"] and len(f["train/length"]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv", "tokens.hdf5", "tokens.hdf5.skipped.csv"]
 
 

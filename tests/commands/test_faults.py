@@ -1,9 +1,7 @@
 """Bad input, interruption and corruption through the real command lines: every case exits non-zero with
 one clear line (no traceback), and the files on disk are what they were, or what the user asked for."""
-import importlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -11,65 +9,14 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
 import torch
 
-from conftest import ROOT, write_token_file
+from conftest import assert_clear_error, cli, fails_clearly, ROOT, RUN_FLAGS, token_rows, write_token_file
 from csm.system.errors import UserError
-
-RUN_FLAGS = ["--device", "cpu", "--wandb_mode", "disabled", "--gen_every", "0", "--val_every", "2", "--save_every", "2",
-             "--batch_size", "4", "--warmup_steps", "1", "--log_every", "1", "--learning_rate", "1e-3"]
-
-
-def cli(script, *args, timeout=300, env=None, cwd=ROOT, fresh=False):
-    """Run a script's command line as a user would (from `cwd`); returns (exit status, stderr). In this process
-    (the script's main through run_cli, stderr captured), which has imported torch already: a new process pays
-    seconds for that on every call. `fresh` (or another `cwd` or `env`) runs it in a process of its own, for what
-    only a new process shows (its imports, its environment, its working directory)."""
-    if fresh or env is not None or cwd != ROOT:
-        proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
-                              text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-        return proc.returncode, proc.stderr
-    import contextlib
-    import importlib
-    import io
-
-    from utils import run_cli
-
-    main = importlib.import_module(script.removesuffix(".py")).main
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            run_cli(lambda: main([str(a) for a in args]))
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            return code, err.getvalue()
-    return 0, err.getvalue()
-
-
-def assert_clear_error(rc, err, match):
-    assert rc != 0 and rc != 1, (rc, err[-2000:])  # 1 is Python's status for an uncaught exception
-    assert "Traceback" not in err, err[-3000:]
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert 1 <= len(lines) <= 2 and match.lower() in lines[-1].lower(), err  # argparse adds a usage line
-
-
-def fails_clearly(script: str, argv, message: str, through_cli: bool) -> None:
-    """A bad input refused: through the command line (a non-zero exit and one line, no traceback), or, for the
-    other cases of a class once one went through it, by the same main() in this process (a UserError, which
-    run_cli turns into that line), which spares a Python start and a torch import per case."""
-    if through_cli:
-        rc, err = cli(script, *argv)
-        assert_clear_error(rc, err, message)
-        return
-    module = importlib.import_module(script.removesuffix(".py"))
-    with pytest.raises(UserError, match=re.escape(message) if message else None):
-        module.main([str(a) for a in argv])
-
 
 def snapshot(directory: Path) -> dict:
     """Every file under a directory with its bytes, to prove nothing changed."""
@@ -202,7 +149,6 @@ def test_a_damaged_checkpoint_is_caught_and_resume_falls_back(finished_run, data
 
 def test_damaged_best_weights_are_caught(finished_run, tmp_path):
     from csm.model import weights
-    from csm.system.errors import UserError
 
     best = tmp_path / "best"
     shutil.copytree(finished_run / "best", best)
@@ -213,7 +159,6 @@ def test_damaged_best_weights_are_caught(finished_run, tmp_path):
 
 def test_pickled_checkpoints_are_refused_without_pytorchs_unsafe_advice(tmp_path):
     from csm.model import weights
-    from csm.system.errors import UserError
 
     class Payload:
         def __reduce__(self):
@@ -415,9 +360,8 @@ def test_pretokenize_redoes_a_chunk_left_empty_by_a_power_loss(assets, tmp_path,
     chunk = tmp_path / "o.hdf5.partial" / "train_000000.npz"
     chunk.write_bytes(b"")
     pretokenize.main([*common, "--output", str(tmp_path / "o.hdf5")])
-    with h5py.File(tmp_path / "o.hdf5") as a, h5py.File(tmp_path / "ref.hdf5") as b:
-        assert [list(x) for x in a["train/text"]] == [list(x) for x in b["train/text"]]
-        assert [list(x) for x in a["train/audio"]] == [list(x) for x in b["train/audio"]]
+    for got, want in zip(token_rows(tmp_path / "o.hdf5"), token_rows(tmp_path / "ref.hdf5")):
+        assert [x.tolist() for x in got] == [x.tolist() for x in want]
 
 
 SWEEP_NUMBERS = [
@@ -528,7 +472,6 @@ def test_killing_the_sweep_kills_its_workers_and_a_rerun_redoes_their_trials_wit
 
 def test_two_pretokenize_runs_on_one_output_get_a_clear_message(assets, tmp_path):
     import pretokenize
-    from csm.system.errors import UserError
     from csm.system.outputs import OutputLock
 
     (tmp_path / "m.csv").write_text("path,text\na.wav,hi\n")
@@ -540,7 +483,6 @@ def test_two_pretokenize_runs_on_one_output_get_a_clear_message(assets, tmp_path
 
 def test_two_sweeps_on_one_output_dir_get_a_clear_message(data, assets, tmp_path):
     import sweep
-    from csm.system.errors import UserError
     from csm.system.outputs import lock_beside
 
     out = tmp_path / "s"

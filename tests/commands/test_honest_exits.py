@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import evaluate
 import sweep
 from conftest import write_token_file
-from test_faults import assert_clear_error, cli
+from conftest import assert_clear_error, cli
 from csm.system.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -209,7 +209,7 @@ def test_jsonl_metadata_with_a_byte_order_mark_is_read(assets, tmp_path):
     import h5py
 
     with h5py.File(tmp_path / "o.hdf5") as f:
-        assert len(f["train/audio"]) == 2
+        assert len(f["train/length"]) == 2
 
 
 def test_a_sweep_refuses_fsdp_before_any_trial(data, assets, tmp_path):

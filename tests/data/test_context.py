@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, write_token_file
 from csm.data.context import ContextPlanner
 from dataloaders import CSMDataset, collate, make_loader
-from test_faults import cli
+from conftest import cli
 
 SAMPLE = ROOT / "data" / "sample"
 
@@ -26,7 +26,7 @@ def _tiny_conversation_file(path):
             np.array([1, 7, 2], dtype=np.int32), np.array([1, 8, 9, 2], dtype=np.int32)]
     turns = (["a", "", "a", "a"], np.array([1.0, 0.0, 0.5, 2.0]), np.array([0, 1, 1, 0], dtype=np.int32))
     with token_file.write_token_file(path, {"codebooks": 2}, num_codebooks=2) as out:
-        out.split("train", 4, source_rows=False, turns=True).write(0, audio, text, turns=turns)
+        out.write_split("train", audio, text, turns=turns)
     return path
 
 

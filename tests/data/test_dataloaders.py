@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import write_token_file
+from conftest import token_rows, write_token_file
 from csm.system.errors import UserError
 from dataloaders import CSMDataset, LengthBucketSampler, collate, make_loader
 from csm.data.token_file import DataError, open_splits
@@ -172,23 +172,36 @@ def test_collate_matches_hand_built_layout():
     assert torch.equal(target, mask[:, :, 0])
 
 
-def test_items_match_the_file_in_every_mode(tmp_path):
-    path = write_token_file(tmp_path / "t.hdf5", n_train=9, n_val=2)
-    with h5py.File(path) as f:
-        raw_audio, raw_text = [np.asarray(x) for x in f["train/audio"]], [np.asarray(x) for x in f["train/text"]]
+@pytest.mark.parametrize("version", [1, 2])
+def test_items_match_the_file_in_every_mode(tmp_path, version):
+    path = write_token_file(tmp_path / "t.hdf5", n_train=9, n_val=2, version=version)
+    raw = list(zip(*token_rows(path)))
     for ds in (CSMDataset(path, "train"), CSMDataset(path, "train", partial=True)):
-        assert len(ds) == 9 and ds.num_codebooks == 32
+        assert len(ds) == 9 and ds.num_codebooks == 32 and ds.mapped == (version == 2)
         for i in range(9):
             audio, text = ds[i]
-            assert torch.equal(audio, torch.from_numpy(raw_audio[i].astype(np.int64)).view(32, -1))
-            assert torch.equal(text, torch.from_numpy(raw_text[i].astype(np.int64)))
+            assert torch.equal(audio, torch.from_numpy(raw[i][0].astype(np.int64)).view(32, -1))
+            assert torch.equal(text, torch.from_numpy(raw[i][1].astype(np.int64)))
 
 
-def test_partial_mode_with_workers_matches_in_memory(token_file):
-    a = [t for t, _, _ in make_loader(CSMDataset(token_file, "train"), batch_size=3, seed=0)]
-    partial = CSMDataset(token_file, "train", partial=True)
-    b = [t for t, _, _ in make_loader(partial, batch_size=3, seed=0, num_workers=2)]
-    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+def test_every_mode_and_format_gives_the_same_batches_with_workers(tmp_path):
+    """Format 1 in memory, format 1 read row by row (partial) and format 2 mapped from the file, each with loader
+    workers (which map the file themselves): the same batches."""
+    old = write_token_file(tmp_path / "old.hdf5", version=1)
+    new = write_token_file(tmp_path / "new.hdf5")
+    a = [t for t, _, _ in make_loader(CSMDataset(old, "train"), batch_size=3, seed=0)]
+    for ds in (CSMDataset(old, "train", partial=True), CSMDataset(new, "train")):
+        b = [t for t, _, _ in make_loader(ds, batch_size=3, seed=0, num_workers=2)]
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_a_format_1_file_says_once_how_to_upgrade_it(tmp_path, capsys):
+    old = write_token_file(tmp_path / "old.hdf5", version=1)
+    CSMDataset(old, "train"), CSMDataset(old, "val")
+    err = capsys.readouterr().err
+    assert err.count("format-1 token file") == 1 and f"pretokenize.py --upgrade {old} --output" in err
+    CSMDataset(write_token_file(tmp_path / "new.hdf5"), "train")
+    assert "format-1" not in capsys.readouterr().err
 
 
 def test_original_int32_file_loads_like_int16(tmp_path):
@@ -200,10 +213,13 @@ def test_original_int32_file_loads_like_int16(tmp_path):
 
 
 def test_memory_per_token_is_compact(tmp_path):
-    path = write_token_file(tmp_path / "t.hdf5", n_train=50, n_val=0, audio_frames=(40, 120), text_len=(8, 30))
-    ds = CSMDataset(path, "train")
-    tokens = sum(a.numel() + t.numel() for a, t in (ds[i] for i in range(len(ds))))
-    assert ds.nbytes() / tokens <= 2.5
+    """Format 1 in memory: about 2 bytes a token. Format 2: only the row index (the codes stay in the file)."""
+    for version in (1, 2):
+        path = write_token_file(tmp_path / f"t{version}.hdf5", n_train=50, n_val=0, audio_frames=(40, 120),
+                                text_len=(8, 30), version=version)
+        ds = CSMDataset(path, "train")
+        tokens = sum(a.numel() + t.numel() for a, t in (ds[i] for i in range(len(ds))))
+        assert ds.nbytes() / tokens <= (2.5 if version == 1 else 0.2)
 
 
 def test_too_long_examples_refused_at_open(tmp_path):
@@ -235,7 +251,7 @@ def test_a_newer_token_file_format_is_refused_with_a_clear_error(tmp_path):
     path = write_token_file(tmp_path / "t.hdf5")
     with h5py.File(path, "a") as f:
         f.attrs["format_version"] = 99
-    with pytest.raises(DataError, match="format version 99; this csm-train reads versions up to 1"):
+    with pytest.raises(DataError, match="format version 99; this csm-train reads versions up to 2"):
         open_splits(path)
     with pytest.raises(DataError, match="format version 99"):
         CSMDataset(path, "train")

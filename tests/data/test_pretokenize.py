@@ -1,5 +1,6 @@
 """pretokenize.py: formats, audio handling, bad rows, batch exactness, crash-safe resume, output layout."""
 import csv
+import json
 import os
 import signal
 import sqlite3
@@ -16,7 +17,7 @@ import torch
 
 import pretokenize
 from csm.system.errors import UserError
-from conftest import ROOT, write_token_file
+from conftest import ROOT, token_rows, write_token_file
 from dataloaders import CSMDataset
 from csm.data.encode_dataset import load_clip
 from csm.data.metadata import check_row
@@ -55,8 +56,12 @@ def read(path):
     with h5py.File(path) as f:
         out = {"attrs": {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}}
         for split in f:
-            out[split] = {k: [np.asarray(x).tolist() for x in f[split][k]] for k in f[split]}
+            flat = ("audio", "text", "audio_offsets", "text_offsets")
+            out[split] = {k: [np.asarray(x).tolist() for x in f[split][k]] for k in f[split] if k not in flat}
             out[split]["dtypes"] = {k: str(f[split][k].dtype) for k in f[split]}
+    for split in (k for k in out if k != "attrs"):
+        audio, text = token_rows(path, split)
+        out[split]["audio"], out[split]["text"] = [a.tolist() for a in audio], [t.tolist() for t in text]
     return out
 
 
@@ -103,11 +108,13 @@ def test_output_layout_and_attributes(assets, clips, tmp_path, text_tokenizer):
     run(assets, "--train_data", str(tmp_path / "m.csv"), "--val_data", str(tmp_path / "m.csv"), "--output", str(out))
     data = read(out)
     assert data["train"]["dtypes"]["length"] == "int32" and data["train"]["dtypes"]["source_row"] == "int64"
-    with h5py.File(out) as f:
-        assert f["train/audio"].dtype.metadata["vlen"] == np.int16
-        assert f["train/text"].dtype.metadata["vlen"] == np.int32
+    with h5py.File(out) as f:  # format 2: flat, contiguous arrays a reader can map
+        for name, dtype in (("audio", np.int16), ("text", np.int32), ("audio_offsets", np.int64),
+                            ("text_offsets", np.int64)):
+            dataset = f[f"train/{name}"]
+            assert dataset.dtype == dtype and dataset.chunks is None and dataset.compression is None
     attrs = data["attrs"]
-    assert attrs["format_version"] == 1 and attrs["codebooks"] == 32 and attrs["sample_rate"] == 24000
+    assert attrs["format_version"] == 2 and attrs["codebooks"] == 32 and attrs["sample_rate"] == 24000
     assert attrs["bos_id"] == text_tokenizer.bos_token_id and attrs["text_vocab_size"] == len(text_tokenizer)
     train = data["train"]
     assert train["source_row"] == list(range(6))
@@ -371,9 +378,71 @@ def test_rerun_of_a_finished_file_is_a_no_op(assets, clips, tmp_path, capsys):
 
 def test_original_int32_file_still_loads(tmp_path):
     """Files of the original tool (int32 codes, no attributes, no source_row) load for training."""
-    from conftest import write_token_file
+
 
     path = write_token_file(tmp_path / "orig.hdf5", audio_dtype="int32", attrs=False)
     ds = CSMDataset(path, "train")
     audio, text = ds[0]
     assert audio.shape[0] == 32 and audio.dtype == torch.int64 and text[0] == 0
+
+
+@pytest.mark.parametrize("original", [False, True], ids=["this tool's format 1", "the original tool's file"])
+def test_upgrade_rewrites_a_format_1_file_as_format_2_with_the_same_rows(tmp_path, original):
+    """pretokenize.py --upgrade: the same rows, columns and attributes, in the mapped format; the old file trains
+    to the same batches as the new one."""
+
+    from dataloaders import make_loader
+
+    kind = dict(attrs=False, audio_dtype="int32") if original else dict(speakers=3)
+    old = write_token_file(tmp_path / "old.hdf5", version=1, **kind)
+    if not original:
+        with h5py.File(old, "r+") as f:
+            f.attrs["fingerprint"] = json.dumps({"format_version": 1, "max_seq_len": 2048})
+    new = tmp_path / "new.hdf5"
+    assert pretokenize.main(["--upgrade", str(old), "--output", str(new)]) == 0
+    for split in ("train", "val"):
+        (a_old, t_old), (a_new, t_new) = token_rows(old, split), token_rows(new, split)
+        assert [a.tolist() for a in a_old] == [a.tolist() for a in a_new] and \
+            [t.tolist() for t in t_old] == [t.tolist() for t in t_new]
+    with h5py.File(old) as f, h5py.File(new) as g:
+        assert g.attrs["format_version"] == 2 and "audio_offsets" in g["train"]
+        assert {k: v for k, v in g.attrs.items() if k not in ("format_version", "fingerprint")} == \
+            {k: v for k, v in f.attrs.items() if k not in ("format_version", "fingerprint")}
+        for column in ("conversation", "turn", "speaker", "length"):
+            assert (column in f["train"]) == (column in g["train"])
+            if column in f["train"]:
+                assert f["train"][column][:].tolist() == g["train"][column][:].tolist()
+        if not original:
+            assert json.loads(g.attrs["fingerprint"]) == {"format_version": 2, "max_seq_len": 2048}
+    batches = [[t for t, _, _ in make_loader(CSMDataset(p, "train"), batch_size=3, seed=1, context_mode="none")]
+               for p in (old, new)]
+    assert all(torch.equal(x, y) for x, y in zip(*batches, strict=True))
+
+
+def test_upgrade_refuses_what_it_cannot_do_in_one_line(tmp_path):
+    from conftest import fails_clearly
+
+    old = write_token_file(tmp_path / "old.hdf5", version=1)
+    new = write_token_file(tmp_path / "new.hdf5")
+    before = new.read_bytes()
+    cases = [(["--upgrade", new, "--output", tmp_path / "x.hdf5"], "already format 2; nothing to upgrade"),
+             (["--upgrade", old, "--output", new], f"--output {new} exists; pass --overwrite"),
+             (["--upgrade", old, "--output", old], "is also an input"),
+             (["--upgrade", tmp_path / "nope.hdf5", "--output", tmp_path / "x.hdf5"], "no such file"),
+             (["--upgrade", tmp_path, "--output", tmp_path / "x.hdf5"], "is a directory, not a token file"),
+             (["--upgrade", old, "--train_data", old, "--output", tmp_path / "x.hdf5"], "drop --train_data")]
+    for i, (argv, message) in enumerate(cases):
+        fails_clearly("pretokenize.py", argv, message, through_cli=i == 0)
+    assert new.read_bytes() == before and not (tmp_path / "x.hdf5").exists()
+
+
+def test_a_format_1_output_of_the_same_settings_points_to_upgrade(assets, clips, tmp_path):
+    pd.DataFrame(rows_of(clips, 2)).to_csv(tmp_path / "m.csv", index=False)
+    out = tmp_path / "o.hdf5"
+    run(assets, "--train_data", str(tmp_path / "m.csv"), "--output", str(out))
+    with h5py.File(out, "r+") as f:  # as the tool before format 2 would have recorded the same settings
+        fingerprint = json.loads(f.attrs["fingerprint"])
+        f.attrs["fingerprint"] = json.dumps({**fingerprint, "format_version": 1}, sort_keys=True)
+    with pytest.raises(UserError, match=f"holds these rows in token-file format 1: `python pretokenize.py --upgrade "
+                                        f"{out} --output NEW.hdf5`"):
+        run(assets, "--train_data", str(tmp_path / "m.csv"), "--output", str(out))

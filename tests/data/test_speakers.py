@@ -13,6 +13,7 @@ import generate
 from csm.data import metadata
 import pretokenize
 from csm.system.errors import UserError
+from conftest import token_rows
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
 
@@ -25,7 +26,7 @@ def _pretokenize(assets, output, *args):
 def _speakers(path):
     with h5py.File(path) as f:
         return ({split: f[split]["speaker"][:].tolist() for split in f}, json.loads(f.attrs["speakers"]),
-                {split: [np.asarray(t).tolist() for t in f[split]["text"]] for split in f})
+                {split: [t.tolist() for t in token_rows(path, split)[1]] for split in f})
 
 
 def test_speaker_cells_are_ids_names_or_unknown():

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, wandb_log, write_token_file
-from test_faults import assert_clear_error, cli
+from conftest import assert_clear_error, cli
 
 SAMPLE = ROOT / "data" / "sample"
 
@@ -363,12 +363,12 @@ def test_two_gloo_processes_evaluate_once_and_agree_on_best(assets, judges, pret
     import subprocess
     import sys
 
-    from test_ddp import _free_port
+    from conftest import free_port
     from csm.training.tracking import read_metrics
     from csm.model.weights import read_model_weights
 
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "train.py", "--data", str(pretokenized), "--model", str(assets["model"]), "--max_steps", "2",
            "--output_dir", str(out), "--device", "cpu", "--wandb_mode", "disabled", "--gen_every", "0",
            "--save_every", "1", "--val_every", "1", "--batch_size", "2", "--warmup_steps", "1",
@@ -449,7 +449,7 @@ def test_a_token_file_row_without_text_is_skipped_with_a_reason(tmp_path, text_t
     ids = [np.array([0, 1], np.int32), np.array([0, *text_tokenizer.encode("[0]Hello there.",
                                                                          add_special_tokens=False), 1], np.int32)]
     with token_file.write_token_file(path, {"codebooks": 32}) as out:
-        out.split("val", 2, source_rows=False).write(0, [np.zeros(32 * 3, np.int16)] * 2, ids)
+        out.write_split("val", [np.zeros(32 * 3, np.int16)] * 2, ids)
     items, skipped = load_items(path, split="val", tokenizer=text_tokenizer)
     assert [(i.row, i.text) for i in items] == [(1, "Hello there.")]
     assert skipped == [(0, "its text ids decode to no text")]

@@ -13,7 +13,7 @@ from csm.training import training
 from csm.model import conversions
 from csm.model import weights
 from conftest import write_token_file
-from test_faults import assert_clear_error, cli
+from conftest import assert_clear_error, cli
 from test_interop import assert_same_model, codebook0_logits_ours, hf_model
 from csm.model.tokenization import encode_text
 

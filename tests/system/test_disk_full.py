@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import write_token_file
-from test_faults import RUN_FLAGS, cli
+from conftest import RUN_FLAGS, cli
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
 

@@ -1,7 +1,6 @@
 """torchrun with 2 CPU processes (gloo) trains like one process that sees the same global batches."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -9,13 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, write_token_file
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from conftest import free_port, ROOT, write_token_file
 
 
 def _run(cmd, env_extra=None):
@@ -56,7 +49,7 @@ def test_two_gloo_processes_match_one_process(assets, tmp_path, context):
     single = tmp_path / "single"
     _run([sys.executable, "train.py", *common, "--grad_acc_steps", "4", "--output_dir", str(single)])
     ddp = tmp_path / "ddp"
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
           "train.py", *common, "--grad_acc_steps", "2", "--output_dir", str(ddp)])
 
     (train_1, val_1), (train_2, val_2) = _losses(single), _losses(ddp)
@@ -99,7 +92,7 @@ def test_dpo_on_two_gloo_processes_matches_one_process(assets, tmp_path):
 
 def _torchrun(*args, processes: int = 2):
     return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-                 str(_free_port()), "train.py", *map(str, args)])
+                 str(free_port()), "train.py", *map(str, args)])
 
 
 @pytest.mark.slow
@@ -146,7 +139,7 @@ def test_fsdp_trains_like_ddp_and_both_resume_exactly(assets, tmp_path):
     (other / "checkpoints").mkdir(parents=True)
     shutil.copy(fsdp / "checkpoints" / "step_0000002.pt", other / "checkpoints")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(_free_port()), "train.py", *common, "--output_dir", str(other), "--resume"],
+                           str(free_port()), "train.py", *common, "--output_dir", str(other), "--resume"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0 and "distributed: fsdp" in proc.stderr
@@ -199,7 +192,7 @@ def test_compiled_layers_under_ddp_train_like_eager_and_resume(assets, tmp_path)
 def test_compile_with_fsdp_is_refused_in_one_line(assets, tmp_path):
     data = write_token_file(tmp_path / "d.hdf5", n_train=8, n_val=0)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(_free_port()), "train.py",
+                           str(free_port()), "train.py",
                            *_train_args(data, assets["model"], 2, "--set", "compile=true",
                                                                         "--set", "distributed=fsdp"),
                            "--output_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True,

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, write_token_file
-from test_ddp import _free_port, _losses, _run, _train_args
+from conftest import free_port
+from test_ddp import _losses, _run, _train_args
 
 KILLED_AT = 3  # the optimizer step that never finishes: the one after the step-2 checkpoint
 
@@ -64,17 +65,17 @@ def test_two_nodes_train_like_one_and_resume_exactly_after_both_are_killed(asset
     common = _train_args(data, assets["model"], 5, "--val_every", "2", "--save_every", "2", "--keep_checkpoints", "5",
                          "--set", "decoder_fraction=0.5")
     one_node = tmp_path / "one_node"
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
           "train.py", *common, "--output_dir", str(one_node)])
 
     shared = tmp_path / "shared"  # the output directory both nodes see
     results = _nodes(_dies_in_step(tmp_path / "dies.py", KILLED_AT), [[*common, "--output_dir", shared]] * 2,
-                     _free_port())
+                     free_port())
     assert all(rc != 0 for rc, _ in results), results
     assert sorted(p.name for p in (shared / "checkpoints").iterdir()) == ["step_0000002.pt"]
     assert not (shared / "final").exists()
 
-    resumed = _nodes(ROOT / "train.py", [[*common, "--output_dir", shared, "--resume"]] * 2, _free_port())
+    resumed = _nodes(ROOT / "train.py", [[*common, "--output_dir", shared, "--resume"]] * 2, free_port())
     assert all(rc == 0 for rc, _ in resumed), [err[-2000:] for _, err in resumed]
     logged = [json.loads(x) for x in (shared / "metrics.jsonl").read_text().splitlines()]
     by_step = {m["step"]: m["loss"] for m in logged if "loss" in m}  # steps 1-2 from the killed run, 3-5 resumed
@@ -91,10 +92,10 @@ def test_a_node_that_cannot_see_the_checkpoint_is_refused(assets, tmp_path):
     data = write_token_file(tmp_path / "d.hdf5", n_train=8, n_val=0)
     common = _train_args(data, assets["model"], 4, "--save_every", "2")
     shared, local = tmp_path / "shared", tmp_path / "node_b_local"
-    _nodes(_dies_in_step(tmp_path / "dies.py", KILLED_AT), [[*common, "--output_dir", shared]] * 2, _free_port())
+    _nodes(_dies_in_step(tmp_path / "dies.py", KILLED_AT), [[*common, "--output_dir", shared]] * 2, free_port())
     assert (shared / "checkpoints" / "step_0000002.pt").is_file()
     results = _nodes(ROOT / "train.py", [[*common, "--output_dir", shared, "--resume"],
-                                         [*common, "--output_dir", local, "--resume"]], _free_port())
+                                         [*common, "--output_dir", local, "--resume"]], free_port())
     assert all(rc != 0 for rc, _ in results)
     said = "\n".join(err for _, err in results)
     assert "must be on a filesystem every node shares" in said and "sees no checkpoint" in said

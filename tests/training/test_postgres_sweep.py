@@ -29,7 +29,7 @@ def _server_bin() -> Path | None:
     return found[-1].parent if found else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -47,7 +47,7 @@ def postgres():
     root.chmod(0o755)
     if as_user:
         shutil.chown(root, "postgres")
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
     run = dict(check=True, capture_output=True, text=True)
     subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "sweeper", "--auth=trust", "-E", "UTF8"],
                    **run)
@@ -106,7 +106,7 @@ def test_two_machines_share_one_study_and_a_killed_ones_trial_is_redone(assets, 
 
 def test_a_storage_that_cannot_be_opened_is_one_line(postgres, monkeypatch):
     """The host and port of a server that does not answer; the package of a missing driver; never the password."""
-    port = _free_port()
+    port = free_port()
     with pytest.raises(UserError, match=f"cannot connect to the database server at 127.0.0.1:{port}") as e:
         optuna_sweep.storage_for(f"postgresql://sweeper:secret@127.0.0.1:{port}/postgres")
     assert "secret" not in str(e.value)

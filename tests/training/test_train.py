@@ -131,6 +131,25 @@ def test_resume_is_bit_exact(assets, tmp_path, context):
     assert logged(part) == logged(full)
 
 
+def test_a_run_on_a_format_1_file_resumes_on_its_upgrade_exactly(assets, tmp_path):
+    """Trained 3 steps on a format-1 file, resumed on the same data upgraded to format 2 (pretokenize.py
+    --upgrade): the same weights as an unbroken run on the old file."""
+    import shutil
+
+    import pretokenize
+
+    old, new = write_token_file(tmp_path / "old.hdf5", n_train=10, n_val=3, version=1), tmp_path / "new.hdf5"
+    assert pretokenize.main(["--upgrade", str(old), "--output", str(new)]) == 0
+    cfg = tiny_cfg(assets, batch_size=3, max_steps=6, save_every=3, val_every=3)
+    full, part = tmp_path / "full", tmp_path / "part"
+    training.train(cfg, old, full, device="cpu", progress=False)
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copy(full / "checkpoints" / "step_0000003.pt", part / "checkpoints" / "step_0000003.pt")
+    training.train(cfg, new, part, device="cpu", resume="auto", progress=False)
+    a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(part / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_nan_guard_skips_then_stops_with_a_checkpoint(assets, token_file, tmp_path):
     model = weights.load_model(assets["model"])
     with torch.no_grad():
