@@ -46,13 +46,12 @@ class CSMDataset(Dataset):
         self._audio = self._text = None
         with token_file.open_token_file(self.path) as f:
             self.lengths, self.num_codebooks = token_file.read_split_index(f, path, split)
-            # Each row's conversation id ("": on its own), order within it and speaker (-1: unknown).
-            self.conversation, self.turn, self.speaker = token_file.read_turns(f, split)
             self._check_lengths()
             self.mapped = token_file.is_flat(f[split])
             if self.mapped:
                 self.partial = False  # nothing is read into memory either way
-                self._audio_offsets, self._text_offsets = token_file.read_offsets(f, split)
+                self._audio_offsets = token_file.map_flat(f, path, split, "audio_offsets")
+                self._text_offsets = token_file.map_flat(f, path, split, "text_offsets")
                 self._check_consistency()
                 self.text_ids = token_file.text_id_range(f, path, split)
                 return
@@ -66,6 +65,12 @@ class CSMDataset(Dataset):
                 text = token_file.read_flat(f, path, split, "text")[0]  # small beside the audio; read once
             # Checked against a model's vocabulary once it is known (check_text_ids).
             self.text_ids = (int(text.min()), int(text.max())) if text.size else (0, 0)
+
+    def turns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each row's conversation id ("": on its own), order within it and speaker (-1: unknown), read from the
+        file when asked (conversational context needs them; plain training does not hold millions of ids)."""
+        with token_file.open_token_file(self.path) as f:
+            return token_file.read_turns(f, self.split)
 
     def _check_lengths(self) -> None:
         too_long = self.lengths > self.max_seq_len
@@ -90,8 +95,9 @@ class CSMDataset(Dataset):
     def _row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         if self.mapped and (self._audio is None or self._pid != os.getpid()):
             with token_file.open_token_file(self.path) as f:
-                self._audio = token_file.map_flat(f, self.path, self.split, "audio")
-                self._text = token_file.map_flat(f, self.path, self.split, "text")
+                self._audio, self._text, self._audio_offsets, self._text_offsets = (
+                    token_file.map_flat(f, self.path, self.split, what)
+                    for what in ("audio", "text", "audio_offsets", "text_offsets"))
             self._pid = os.getpid()
         if not self.partial:
             a = self._audio[self._audio_offsets[i]:self._audio_offsets[i + 1]]
@@ -125,15 +131,15 @@ class CSMDataset(Dataset):
         state = self.__dict__.copy()
         state["_file"] = state["_pid"] = None
         if self.mapped:  # a process it is sent to maps the file itself, rather than receive a copy
-            state["_audio"] = state["_text"] = None
+            state["_audio"] = state["_text"] = state["_audio_offsets"] = state["_text_offsets"] = None
         return state
 
     def nbytes(self) -> int:
         """Memory a process holds for the examples (buffers and index; a mapped file's pages are the page cache's),
         not counting Python object overhead."""
         total = self.lengths.nbytes
-        if self.mapped:
-            return total + self._audio_offsets.nbytes + self._text_offsets.nbytes
+        if self.mapped:  # the offsets are mapped too
+            return total
         if not self.partial:
             total += self._audio.nbytes + self._audio_offsets.nbytes + self._text.nbytes + self._text_offsets.nbytes
         return total
@@ -398,8 +404,7 @@ def make_loader(dataset: CSMDataset, *, max_tokens: int | None = None, batch_siz
         raise ValueError("give max_tokens or batch_size")
     planner = None
     if context_mode != "none":
-        planner = ContextPlanner(dataset.lengths, dataset.conversation, dataset.turn,
-                                 dataset.speaker, mode=context_mode,
+        planner = ContextPlanner(dataset.lengths, *dataset.turns(), mode=context_mode,
                                  context_turns=context_turns, max_seq_len=dataset.max_seq_len, seed=seed)
     sampler = LengthBucketSampler(dataset.lengths, max_tokens=max_tokens, batch_size=batch_size, shuffle=shuffle,
                                   seed=seed, rank=rank, world_size=world_size, planner=planner)

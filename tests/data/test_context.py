@@ -32,7 +32,7 @@ def _tiny_conversation_file(path):
 
 def test_a_composed_example_matches_a_hand_built_one(tmp_path):
     ds = CSMDataset(_tiny_conversation_file(tmp_path / "c.hdf5"), "train")
-    planner = ContextPlanner(ds.lengths, ds.conversation, ds.turn, ds.speaker, mode="conversation", context_turns=2)
+    planner = ContextPlanner(ds.lengths, *ds.turns(), mode="conversation", context_turns=2)
     plans, lengths = planner.plans(0)
     assert plans == [(2, 0), (1,), (2,), (2, 0, 3)]  # turn order within "a": row 2, row 0, row 3
     tokens, mask, target = collate([ds[plans[3]]], num_codebooks=2)
@@ -130,10 +130,10 @@ def test_a_model_trained_with_a_voice_prompt_speaks_after_one(assets, tmp_path):
                       str(data), "--device", "cpu", "--text_tokenizer", str(assets["text_tokenizer"]),
                       "--mimi_weights", str(assets["mimi"])])
     ds = CSMDataset(data, "train")
-    speakers = pd.read_csv(SAMPLE / "train.csv")["speaker"]
-    assert sorted(ds.speaker.tolist()) == sorted(speakers.tolist())  # kept per row by pretokenize.py
+    speaker = ds.turns()[2]
+    assert sorted(speaker.tolist()) == sorted(pd.read_csv(SAMPLE / "train.csv")["speaker"].tolist())  # kept per row
     plans = make_loader(ds, batch_size=4, context_mode="same_speaker").sampler.planner.plans(0)[0]
-    assert all(len(p) == 2 and ds.speaker[p[0]] == ds.speaker[p[1]] for p in plans)
+    assert all(len(p) == 2 and speaker[p[0]] == speaker[p[1]] for p in plans)
 
     prompt = {"audio": str(SAMPLE / "clips" / "train_00.flac"), "text": "The quick brown fox jumps over the lazy dog.",
               "speaker": 0}

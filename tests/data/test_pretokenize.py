@@ -248,14 +248,14 @@ def test_conversation_turn_and_speaker_are_stored_per_row(assets, clips, tmp_pat
         "clips/c4.wav,by start,0,dlg2,,0.1,0.3\n")
     out = tmp_path / "o.hdf5"
     run(assets, "--train_data", str(tmp_path / "m.csv"), "--output", str(out))
-    ds = CSMDataset(out, "train")
-    assert list(ds.conversation) == ["dlg1", "dlg1", "", "dlg2"]
-    assert list(ds.turn) == [2.0, 1.0, 0.0, 0.1]  # turn, turn, start (row 2), start
-    assert list(ds.speaker) == [1, 0, -1, 0]  # a missing speaker is -1 (unknown); its text says [999]
+    conversation, turn, speaker = CSMDataset(out, "train").turns()
+    assert list(conversation) == ["dlg1", "dlg1", "", "dlg2"]
+    assert list(turn) == [2.0, 1.0, 0.0, 0.1]  # turn, turn, start (row 2), start
+    assert list(speaker) == [1, 0, -1, 0]  # a missing speaker is -1 (unknown); its text says [999]
     assert {int(r["row"]): r["reason"] for r in skipped(out)} == {3: "turn inf is not finite"}
     old = write_token_file(tmp_path / "old.hdf5", n_train=3, n_val=0, attrs=False)
-    ds = CSMDataset(old, "train")
-    assert list(ds.conversation) == ["", "", ""] and list(ds.turn) == [0, 1, 2] and list(ds.speaker) == [-1] * 3
+    conversation, turn, speaker = CSMDataset(old, "train").turns()
+    assert list(conversation) == ["", "", ""] and list(turn) == [0, 1, 2] and list(speaker) == [-1] * 3
 
 
 def test_strict_stops_at_the_first_bad_row(assets, clips, tmp_path):
