@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from csm.data import token_file
 from csm.data.context import ContextPlanner
-from csm.data.frames import turn_frames
+from csm.data.frames import fill_turn
 from csm.data.token_file import DataError
 from csm.model.codec import NUM_CODEBOOKS
 from csm.system.errors import UserError
@@ -95,8 +95,9 @@ class CSMDataset(Dataset):
     def _row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         if self.mapped and (self._audio is None or self._pid != os.getpid()):
             with token_file.open_token_file(self.path) as f:
+                # Plain array views of the maps: numpy's memmap class costs microseconds on every slice.
                 self._audio, self._text, self._audio_offsets, self._text_offsets = (
-                    token_file.map_flat(f, self.path, self.split, what)
+                    token_file.map_flat(f, self.path, self.split, what).view(np.ndarray)
                     for what in ("audio", "text", "audio_offsets", "text_offsets"))
             self._pid = os.getpid()
         if not self.partial:
@@ -165,7 +166,7 @@ def collate(batch: list, num_codebooks: int = NUM_CODEBOOKS, pad_to: int | None 
     "The frame layout").
 
     An example is one turn (audio [K, F], text [T]) or a list of turns (context turns, then the target
-    turn); each turn is laid out by `frames.turn_frames` (text, audio, EOS frame), one after the other,
+    turn); each turn is laid out by `frames.fill_turn` (text, audio, EOS frame), one after the other,
     then right padding. A turn given as (audio, text, False) has no EOS frame (generated audio that ran to its
     length cap). `target` marks the frames the loss predicts: the audio and EOS frames of the target
     turn, or of every turn with `context_loss="all"` (context frames are otherwise inputs only).
@@ -183,8 +184,7 @@ def collate(batch: list, num_codebooks: int = NUM_CODEBOOKS, pad_to: int | None 
             audio, text, eos = turn[0], turn[1], _eos(turn)
             if audio.shape[0] != k:
                 raise ValueError(f"example {b} has {audio.shape[0]} codebooks, expected {k}")
-            n = len(text) + audio.shape[1] + eos
-            tokens[b, start:start + n], mask[b, start:start + n] = turn_frames(text, audio, k, eos)
+            n = fill_turn(tokens[b, start:], mask[b, start:], text, audio, k, eos)
             if context_loss == "all" or t == len(turns) - 1:
                 target[b, start + len(text):start + n] = True
             start += n

@@ -57,9 +57,23 @@ def audio_frames(codes, k: int, eos: bool = True) -> tuple[torch.Tensor, torch.T
 
 def turn_frames(text_ids, codes, k: int, eos: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole turn: text frames, audio frames, EOS frame (unless not `eos`); len(text) + F + 1 frames."""
-    t_tokens, t_mask = text_frames(text_ids, k)
-    a_tokens, a_mask = audio_frames(codes, k, eos)
-    return torch.cat([t_tokens, a_tokens]), torch.cat([t_mask, a_mask])
+    n = len(text_ids) + codes.shape[1] + int(eos)
+    tokens, mask = empty_frames(n, k)
+    fill_turn(tokens, mask, text_ids, codes, k, eos)
+    return tokens, mask
+
+
+def fill_turn(tokens: torch.Tensor, mask: torch.Tensor, text_ids, codes, k: int, eos: bool = True) -> int:
+    """Lay a turn out as turn_frames does, into the zeroed frames at the start of `tokens` and `mask` [>= n, K+1]
+    (a batch row's slice: no frames of its own are made); returns n, the frames it took."""
+    codes = torch.as_tensor(codes, dtype=torch.long)
+    if codes.shape[0] != k:
+        raise ValueError(f"codes have {codes.shape[0]} codebooks, expected {k}")
+    t, f = len(text_ids), codes.shape[1]
+    tokens[:t, k], mask[:t, k] = torch.as_tensor(text_ids, dtype=torch.long), True
+    tokens[t:t + f, :k] = codes.T
+    mask[t:t + f + int(eos), :k] = True
+    return t + f + int(eos)
 
 
 def next_input_frames(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,7 @@
 """The dataset, batching, sharding, resume and collate of dataloaders.py."""
 
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -268,3 +270,38 @@ def test_loader_workers_default_to_two_on_cuda_and_none_on_cpu():
 
     assert config.make_config({}).num_workers is None
     assert default_num_workers(torch.device("cuda")) == 2 and default_num_workers(torch.device("cpu")) == 0
+
+
+def _read_every_row(path, barrier, results):
+    from dataloader import process_memory  # bench/dataloader.py: what the at-scale benchmark reads from /proc
+
+    torch.set_num_threads(1)
+    before = process_memory(os.getpid(), path)
+    ds = CSMDataset(path, "train")
+    total = sum(int(ds[i][0].sum()) for i in range(len(ds)))
+    barrier.wait()  # both processes have read every row: every page of the codes is mapped in both
+    results.put((total, before, process_memory(os.getpid(), path)))
+    barrier.wait()
+
+
+def test_two_processes_reading_one_file_share_its_pages(tmp_path):
+    """Two processes read every row of one format-2 file at the same time: the file's pages each maps are shared
+    with the other (one copy, in the page cache), and neither holds private memory near the file's size."""
+    from dataloader import write_reference_file
+
+    path = write_reference_file(tmp_path / "t.hdf5", 8000)  # about 40 MB of codes
+    with h5py.File(path) as f:
+        codes_bytes = f["train/audio"].nbytes
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_read_every_row, args=(str(path), barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    seen = [results.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(timeout=600)
+        assert p.exitcode == 0
+    assert seen[0][0] == seen[1][0]  # the same codes
+    for _, before, after in seen:
+        assert after["file_shared"] >= 0.9 * codes_bytes, (after, codes_bytes)
+        assert after["beyond_file"] - before["beyond_file"] < codes_bytes / 4, (before, after, codes_bytes)
