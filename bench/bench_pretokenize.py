@@ -155,6 +155,9 @@ def main() -> None:
     p.add_argument("--configs", default="1:0,auto",
                    help="tool settings to time, comma-separated BATCH:WORKERS pairs or 'auto' (the defaults)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--processes", type=int, nargs="*", default=[2],
+                   help="also time torchrun --nproc_per_node N pretokenize.py against one process, for each N")
+    p.add_argument("--process_clips", type=int, default=192, help="clips of the processes table")
     args = p.parse_args()
     device = runtime.resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -184,6 +187,7 @@ def main() -> None:
 
             label = "defaults" if config == "auto" else f"--batch_size {extra[1]} --num_workers {extra[3]}"
             rows.append((label, timed(tool, args.repeats)))
+        processes = processes_table(tmp, assets, mimi_weights, device, args) if args.processes else ""
     print(f"\n{args.clips} clips, {seconds / 60:.1f} min of {args.source_rate / 1000:g} kHz audio, {which}, {device}, "
           f"{torch.get_num_threads()} torch threads, median of {args.repeats}")
     print("| pretokenizing | clips/s | audio s/s | vs bare loop |\n|---|---|---|---|")
@@ -194,6 +198,43 @@ def main() -> None:
               f"{bare / t:.2f}x |")
     print()
     print(comparison)
+    if processes:
+        print()
+        print(processes)
+
+
+def processes_table(tmp: Path, assets: dict, mimi_weights: str, device, args) -> str:
+    """The whole command as a user launches it, start-up included: one process against torchrun with N processes
+    (each taking its share of the chunks; torchrun gives each one CPU thread), on `--process_clips` clips."""
+    import os
+    import subprocess
+
+    folder = tmp / "processes"
+    folder.mkdir()
+    meta, seconds = make_clips(folder, args.process_clips, args.source_rate, args.seed + 1)
+    common = ["--train_data", str(meta), "--text_tokenizer", str(assets["text_tokenizer"]), "--mimi_weights",
+              mimi_weights, "--device", str(device), "--save_every", str(max(1, args.process_clips // 16))]
+    out = folder / "out.hdf5"
+
+    def launch(n: int) -> None:
+        out.unlink(missing_ok=True)
+        head = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                 str(n), "--master_port", str(29400 + n)]
+        done = subprocess.run([*head, str(ROOT / "pretokenize.py"), *common, "--output", str(out)], cwd=ROOT,
+                              capture_output=True, text=True, env=os.environ.copy())
+        if done.returncode:
+            raise SystemExit(f"pretokenize.py with {n} process(es) failed:\n{done.stderr[-2000:]}")
+
+    one = timed(lambda: launch(1), args.repeats)
+    rows = [f"| python pretokenize.py (1 process, {torch.get_num_threads()} torch threads) | "
+            f"{args.process_clips / one:.1f} | {seconds / one:.0f} | 1.00x |"]
+    for n in args.processes:
+        t = timed(lambda: launch(n), args.repeats)
+        rows.append(f"| torchrun --nproc_per_node {n} pretokenize.py | {args.process_clips / t:.1f} | "
+                    f"{seconds / t:.0f} | {one / t:.2f}x |")
+    return (f"{args.process_clips} clips, {seconds / 60:.1f} min of audio, the whole command (start-up included), "
+            f"{device}, median of {args.repeats}\n| launch | clips/s | audio s/s | vs 1 process |\n|---|---|---|---|\n"
+            + "\n".join(rows))
 
 
 if __name__ == "__main__":

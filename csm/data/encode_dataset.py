@@ -8,6 +8,7 @@ appears (atomically) only once every chunk is done. pretokenize.py is the comman
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import itertools
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from csm.data.audio_io import AudioError, read_audio
@@ -33,7 +35,7 @@ from csm.model.codec import (
     encode_audio, frames_of, load_mimi, MIMI_FRAME_RATE, MIMI_SAMPLE_RATE, NUM_CODEBOOKS, SAMPLES_PER_FRAME,
 )
 from csm.system.errors import UserError
-from csm.system.runtime import resolve_device
+from csm.system.runtime import Ranks, resolve_device, torchrun_ranks
 from csm.system.outputs import (
     atomic_path, claim_output_files, claim_work_dir, describe_change, inputs_of, MANIFEST_NAME, remove_work_dir,
 )
@@ -361,25 +363,28 @@ def check_existing_output(output: Path, overwrite: bool) -> dict | None:
     return previous
 
 
-def _done_chunks(work: Path, plan: dict) -> tuple[list, dict]:
-    """Chunks still to encode, and the stats of those already done. A chunk that cannot be read (a
-    power loss can leave 0 bytes behind the rename) is deleted and done again."""
+def _done_chunks(work: Path, plan: dict, ranks: Ranks | None = None) -> tuple[list, dict]:
+    """Chunks still to encode, and the stats of those already done: all of them, or with `ranks` this rank's
+    share (chunk g of the plan, counted across splits, is rank g mod N's). A chunk that cannot be read (a power
+    loss can leave 0 bytes behind the rename) is deleted and done again."""
     todo, stats = [], {split: Stats() for split in plan}
-    for split, n in plan.items():
-        for i in range(n):
-            path = _chunk_path(work, split, i)
-            if path.exists():
-                try:
-                    chunk = _load_chunk(path)
-                    missing = [k for k in CHUNK_KEYS if k not in chunk]
-                    if missing:  # written by an older version of this tool
-                        raise KeyError(", ".join(missing))
-                    stats[split].add_chunk(chunk)
-                    continue
-                except (OSError, ValueError, KeyError, EOFError) as e:
-                    print(f"warning: {path} is damaged ({type(e).__name__}); encoding its rows again")
-                    path.unlink()
-            todo.append((split, i))
+    chunks = [(split, i) for split, n in plan.items() for i in range(n)]
+    if ranks is not None:
+        chunks = chunks[ranks.rank::ranks.world_size]
+    for split, i in chunks:
+        path = _chunk_path(work, split, i)
+        if path.exists():
+            try:
+                chunk = _load_chunk(path)
+                missing = [k for k in CHUNK_KEYS if k not in chunk]
+                if missing:  # written by an older version of this tool
+                    raise KeyError(", ".join(missing))
+                stats[split].add_chunk(chunk)
+                continue
+            except (OSError, ValueError, KeyError, EOFError) as e:
+                print(f"warning: {path} is damaged ({type(e).__name__}); encoding its rows again")
+                path.unlink()
+        todo.append((split, i))
     return todo, stats
 
 
@@ -397,36 +402,53 @@ def _streamed_chunks(work: Path, split: str) -> int:
 
 
 def run(args: EncodeSettings) -> int:
-    """Metadata files -> token file, for pretokenize.py's settings; resumable."""
-    metadata = args.splits
+    """Metadata files -> token file, for pretokenize.py's settings; resumable. Under torchrun the chunks are shared
+    out over the processes (chunk i to rank i mod N), each on its own GPU, and rank 0 writes the one token file
+    once every rank is done."""
+    with torchrun_ranks() as ranks:
+        return _run_ranks(args, ranks)
+
+
+def _run_ranks(args: EncodeSettings, ranks: Ranks) -> int:
+    if args.sources.streaming and ranks.world_size > 1:
+        raise UserError(f"--streaming reads a dataset as one stream, which {ranks.world_size} processes cannot "
+                        "share out: run pretokenize.py as one process, or without --streaming")
     device = resolve_device(args.device)
-    # An existing output is not refused here: check_existing_output weighs it against this run's settings.
-    with claim_output_files([Path(args.output)], "--output", inputs=inputs_of(vars(args), skip=("output",)),
-                            continues=lambda: True) as (output,):
-        previous = check_existing_output(output, args.overwrite)
-        work = output.with_name(output.name + ".partial")
-        fresh = not work.exists()
+    if ranks.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
+    with contextlib.ExitStack() as held:
+        def claim():
+            # Rank 0 takes the output's lock for the whole run. An existing output is not refused here:
+            # check_existing_output weighs it against this run's settings.
+            (output,) = held.enter_context(claim_output_files(
+                [Path(args.output)], "--output", inputs=inputs_of(vars(args), skip=("output",)),
+                continues=lambda: True))
+            return output, check_existing_output(output, args.overwrite), not _work_dir(output).exists()
+
+        output, previous, fresh = ranks.share(claim)
+        work = _work_dir(output)
         try:
-            sources = {split: open_source(spec, args.sources, split) for split, spec in metadata.items()}
+            sources = {split: open_source(spec, args.sources, split) for split, spec in args.splits.items()}
             speakers = number_speakers(sources.values())
-            return _run(args, device, sources, speakers, output, work, previous)
+            return _run(args, device, sources, speakers, output, work, previous, ranks)
         except BaseException:
-            if fresh and not (work / MANIFEST_NAME).exists():
+            if ranks.rank == 0 and fresh and not (work / MANIFEST_NAME).exists():
                 shutil.rmtree(work, ignore_errors=True)  # nothing of this run to resume: leave no trace
             raise
 
 
-def _run(args: EncodeSettings, device, sources, speakers: dict[str, int], output, work, previous) -> int:
-    scorer = DNSMOS() if args.min_dnsmos is not None else None  # a missing package fails before the models load
-    tokenizer = load_text_tokenizer(args.text_tokenizer)
-    mimi = load_mimi(args.mimi_weights, device=device, num_codebooks=NUM_CODEBOOKS)
-    fp = {**fingerprint(args, tokenizer, mimi, sources), "speakers": speakers}
+def _work_dir(output: Path) -> Path:
+    return output.with_name(output.name + ".partial")
 
+
+def _claim_work(args: EncodeSettings, fp: dict, output: Path, work: Path, previous: dict | None) -> str:
+    """Rank 0's decision once the settings are known: "up to date" (nothing to do), or "go" with the work
+    directory claimed for this run; a refusal raises."""
     if previous is not None and not (work / MANIFEST_NAME).exists():
         if previous == json.loads(json.dumps(fp)):
             print(f"{output} is up to date (same metadata and settings); nothing to do")
             shutil.rmtree(work, ignore_errors=True)
-            return 0
+            return "up to date"
         if not args.overwrite and {k: v for k, v in previous.items() if k != "format_version"} == \
                 {k: v for k, v in json.loads(json.dumps(fp)).items() if k != "format_version"}:
             version = previous.get("format_version")
@@ -439,20 +461,35 @@ def _run(args: EncodeSettings, device, sources, speakers: dict[str, int], output
                             "or choose another output")
         print(f"{output} will be replaced when this run finishes (--overwrite)")
     claim_work_dir(work, fp, FINGERPRINT_NAMES)
+    return "go"
+
+
+def _run(args: EncodeSettings, device, sources, speakers: dict[str, int], output, work, previous,
+         ranks: Ranks) -> int:
+    scorer = DNSMOS() if args.min_dnsmos is not None else None  # a missing package fails before the models load
+    tokenizer = load_text_tokenizer(args.text_tokenizer)
+    mimi = load_mimi(args.mimi_weights, device=device, num_codebooks=NUM_CODEBOOKS)
+    fp = {**fingerprint(args, tokenizer, mimi, sources), "speakers": speakers}
+    if ranks.share(lambda: _claim_work(args, fp, output, work, previous)) == "up to date":
+        return 0
 
     # A streamed split's chunk count is known once its stream ends: until then, the chunks already on disk.
     plan = {split: math.ceil(src.length / args.save_every) if not src.streaming else _streamed_chunks(work, split)
             for split, src in sources.items()}
-    todo, stats = _done_chunks(work, plan)
+    todo, stats = _done_chunks(work, plan, ranks)
     done_rows = sum(stats[s].kept + stats[s].skipped for s in plan)
-    if done_rows:
-        print(f"resuming: {done_rows} rows already done in {work}")
+    if done_rows and ranks.rank == 0:
+        share = f" (rank 0's share of {ranks.world_size})" if ranks.world_size > 1 else ""
+        print(f"resuming: {done_rows} rows already done in {work}{share}")
 
     def rows_of(split: str, i: int) -> list[tuple[int, dict]]:
         return sources[split].rows(i * args.save_every, (i + 1) * args.save_every)
 
-    total = None if any(src.streaming for src in sources.values()) else sum(src.length for src in sources.values())
-    bar = tqdm(total=total, initial=done_rows, unit="clip", desc="pretokenize", dynamic_ncols=True)
+    total = None if any(src.streaming for src in sources.values()) else \
+        done_rows + sum(len(range(i * args.save_every, min((i + 1) * args.save_every, sources[split].length)))
+                        for split, i in todo)
+    bar = tqdm(total=total, initial=done_rows, unit="clip", dynamic_ncols=True, disable=ranks.rank != 0,
+               desc="pretokenize" + (f" (rank 0 of {ranks.world_size})" if ranks.world_size > 1 else ""))
     t0, audio_s = time.perf_counter(), 0.0
     pool = ThreadPoolExecutor(args.num_workers) if args.num_workers else None
 
@@ -493,7 +530,19 @@ def _run(args: EncodeSettings, device, sources, speakers: dict[str, int], output
         if pool:
             pool.shutdown(wait=False, cancel_futures=True)
         bar.close()
+    ranks.barrier()  # every rank's chunks are on disk
+    return ranks.share(lambda: _finish(args, output, work, plan, fp, tokenizer, stats, ranks.world_size))
 
+
+def _finish(args: EncodeSettings, output: Path, work: Path, plan: dict, fp: dict, tokenizer, stats: dict,
+            world_size: int) -> int:
+    """Rank 0, once every chunk is done: the skipped-rows report, then the token file, then the work gone."""
+    if world_size > 1:  # this rank saw only its own chunks
+        missing, stats = _done_chunks(work, plan)
+        if missing:
+            raise UserError(f"{work} lacks {len(missing)} chunk(s) the other processes wrote (first: "
+                            f"{_chunk_path(work, *missing[0]).name}): with several nodes, the output's folder must be "
+                            "one every node writes to (a shared filesystem); run again there to finish")
     report = Path(str(output) + ".skipped.csv")
     n_skipped = write_skipped_report(report, work, plan)
     empty = [split for split, s in stats.items() if s.kept == 0]

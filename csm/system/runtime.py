@@ -13,6 +13,7 @@ import random
 import resource
 import sys
 from dataclasses import dataclass
+from typing import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,53 @@ def compute_init(device_name: str | None) -> Runtime:
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+@dataclass
+class Ranks:
+    """The processes torchrun started for a job whose ranks only need to agree, not to exchange tensors (each
+    pretokenize.py rank encodes its own chunks): rank 0 decides what all must know, and every rank hears it."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    def share(self, decide: Callable[[], object]) -> object:
+        """decide() run on rank 0, its result given to every rank; a UserError it raises is raised on every rank."""
+        if self.world_size == 1:
+            return decide()
+        box = [None]
+        if self.rank == 0:
+            try:
+                box[0] = ("value", decide())
+            except UserError as e:
+                box[0] = ("error", str(e))
+        dist.broadcast_object_list(box, src=0)
+        kind, value = box[0]
+        if kind == "error":
+            raise UserError(value)
+        return value
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+@contextlib.contextmanager
+def torchrun_ranks() -> Iterator[Ranks]:
+    """The ranks of this launch: under torchrun, a gloo group set up here and torn down after (no GPU memory,
+    whatever the device); otherwise one rank."""
+    if not launched_by_torchrun():
+        yield Ranks()
+        return
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo")
+    try:
+        yield Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    finally:
+        if created:
+            dist.destroy_process_group()
 
 
 def compute_cleanup() -> None:

@@ -1,4 +1,5 @@
 """pretokenize.py: formats, audio handling, bad rows, batch exactness, crash-safe resume, output layout."""
+import contextlib
 import csv
 import json
 import os
@@ -7,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -446,3 +448,72 @@ def test_a_format_1_output_of_the_same_settings_points_to_upgrade(assets, clips,
     with pytest.raises(UserError, match=f"holds these rows in token-file format 1: `python pretokenize.py --upgrade "
                                         f"{out} --output NEW.hdf5`"):
         run(assets, "--train_data", str(tmp_path / "m.csv"), "--output", str(out))
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process below it (torchrun's workers live in sessions of their own)."""
+    def below(p):
+        kids = []
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        return kids + [d for k in kids for d in below(k)]
+
+    for p in [pid, *below(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_make_the_file_one_process_makes_and_resume_after_a_kill(assets, tmp_path):
+    """torchrun --nproc_per_node 2 pretokenize.py: each process encodes its share of the chunks, and rank 0
+    writes the same token file and skipped-rows report as one process. Killed mid-way (every process at once, as
+    a lost node), the same command resumes from the chunks on disk."""
+    from conftest import free_port
+
+    meta = _many_rows(tmp_path)
+    args = ["--train_data", str(meta), "--val_data", str(meta), "--save_every", "2", "--batch_size", "2",
+            "--text_tokenizer", str(assets["text_tokenizer"]), "--mimi_weights", str(assets["mimi"]), "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # every process alike (see the kill-and-resume test above)
+
+    def command(output, processes):
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+                  str(free_port())] if processes > 1 else [sys.executable]
+        return [*launch, "pretokenize.py", *args, "--output", str(output)]
+
+    ref = tmp_path / "ref.hdf5"
+    done = subprocess.run(command(ref, 1), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    two = tmp_path / "two.hdf5"
+    done = subprocess.run(command(two, 2), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read(two) == read(ref) and skipped(two) == skipped(ref) and len(skipped(ref)) == 2
+
+    out, work = tmp_path / "killed.hdf5", tmp_path / "killed.hdf5.partial"
+    proc = subprocess.Popen(command(out, 2), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(work.glob("*.npz"))) < 4:
+        time.sleep(0.05)
+    _kill_tree(proc.pid)
+    proc.wait()
+    assert 0 < len(list(work.glob("*.npz"))) < 24 and not out.exists(), "the kill should land mid-way"
+    resumed = subprocess.run(command(out, 2), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    assert read(out) == read(ref) and skipped(out) == skipped(ref) and not work.exists()
+
+
+def test_streaming_is_refused_with_several_processes(assets, tmp_path, monkeypatch):
+    """A streamed dataset is one stream: several processes cannot share it out, said before any model loads."""
+    from csm.data import encode_dataset
+    from csm.system.runtime import Ranks
+
+    meta = _many_rows(tmp_path, n=6)
+    monkeypatch.setattr(encode_dataset, "torchrun_ranks", lambda: contextlib.nullcontext(Ranks(0, 2)))
+    monkeypatch.setattr(encode_dataset, "load_mimi", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(UserError, match="--streaming reads a dataset as one stream, which 2 processes cannot"):
+        run(assets, "--train_data", str(meta), "--streaming", "--output", str(tmp_path / "o.hdf5"))
