@@ -160,6 +160,78 @@ def warn_format_1(path: str) -> None:
            "maps from the file and shares", file=sys.stderr)
 
 
+class MixedDataset(Dataset):
+    """Several sources (splits of token files, or of preference files) as one dataset: rows numbered source after
+    source, `sizes` rows each, read from the source that holds them."""
+
+    def __init__(self, parts: list, names: list[str]):
+        self.parts, self.names = parts, names
+        codebooks = {p.num_codebooks for p in parts}
+        if len(codebooks) > 1:
+            raise DataError(f"the sources hold {sorted(codebooks)} codebooks per frame: " + ", ".join(
+                f"{p.path} {p.num_codebooks}" for p in parts))
+        self.num_codebooks = codebooks.pop()
+        self.sizes = [len(p) for p in parts]
+        self.starts = np.cumsum([0, *self.sizes])
+        self.lengths = np.concatenate([np.asarray(p.lengths, np.int64) for p in parts])
+        self.path, self.split, self.max_seq_len = ", ".join(p.path for p in parts), parts[0].split, parts[0].max_seq_len
+        self.text_ids = (min(p.text_ids[0] for p in parts), max(p.text_ids[1] for p in parts))
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _one(self, i: int):
+        s = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[s][int(i) - int(self.starts[s])]
+
+    def __getitem__(self, i):
+        if isinstance(i, tuple):  # a plan: context turns, then the target
+            return [self._one(r) for r in i]
+        return self._one(i)
+
+    def turns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each row's conversation (named per source: two sources' "c1" are two conversations), order, speaker."""
+        found = [p.turns() for p in self.parts]
+        conversation = np.concatenate([np.array([f"{s}:{c}" if c else "" for c in t[0]], dtype=object)
+                                       for s, t in enumerate(found)])
+        return conversation, np.concatenate([t[1] for t in found]), np.concatenate([t[2] for t in found])
+
+    def nbytes(self) -> int:
+        return sum(p.nbytes() for p in self.parts)
+
+
+def source_paths(spec) -> list[str]:
+    """The token files (or preference files) a run trains on: one path, a glob, or a list of either; globs expand
+    in sorted order. A glob that matches nothing, or a file named twice, is refused."""
+    import glob
+
+    items = [spec] if isinstance(spec, (str, Path)) else list(spec or [])
+    paths = []
+    for item in map(str, items):
+        if glob.has_magic(item):
+            found = sorted(glob.glob(os.path.expanduser(item)))
+            if not found:
+                raise UserError(f"--data {item} matches no file")
+            paths += found
+        else:
+            paths.append(item)
+    seen = set()
+    for p in paths:
+        key = os.path.realpath(p)
+        if key in seen:
+            raise UserError(f"--data names {p} twice: give each source once (weights set how often it is seen)")
+        seen.add(key)
+    if not paths:
+        raise UserError("no training data: give --data (one or more token files, or a glob), or train_data")
+    return paths
+
+
+def source_names(paths: list[str]) -> list[str]:
+    """Short names of the sources, for their metrics (val_loss/NAME): the file names, numbered where they repeat."""
+    stems = [Path(p).stem for p in paths]
+    return [s if stems.count(s) == 1 else f"{s}{i}" for i, s in enumerate(stems)]
+
+
 def collate(batch: list, num_codebooks: int = NUM_CODEBOOKS, pad_to: int | None = None,
             context_loss: str = "none") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Examples -> tokens [B, S, K+1] int64, mask [B, S, K+1] bool and target [B, S] bool (docs/formats.md,
@@ -246,13 +318,14 @@ class LengthBucketSampler:
 
     def __init__(self, lengths, *, max_tokens: int | None = None, batch_size: int | None = None,
                  shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 planner: ContextPlanner | None = None):
+                 planner: ContextPlanner | None = None, mix: tuple[list[int], list[float]] | None = None):
         if (max_tokens is None) == (batch_size is None):
             raise ValueError("give exactly one of max_tokens and batch_size")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.planner = planner  # with context: batches of plans, formed on each epoch's composed lengths
+        self.mix = mix  # (rows of each source, numbered source after source; each source's share of an epoch)
         self.max_tokens, self.batch_size = max_tokens, batch_size
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
         self.epoch = 0
@@ -265,13 +338,34 @@ class LengthBucketSampler:
         """Each example's length in frames this epoch (composed with its context, when there is any)."""
         return self.planner.plans(epoch)[1] if self.planner is not None else self.lengths
 
+    def epoch_rows(self, epoch: int) -> np.ndarray | None:
+        """The rows an epoch draws when sources are mixed by weight (None: every row once). Each source gives its
+        weight's share of the epoch's examples (as many as all sources hold): a source with fewer rows than its
+        share is repeated whole as often as it fits and the rest drawn, one with more is drawn from; every draw
+        comes from (seed, epoch), so a resumed run draws the same rows."""
+        if self.mix is None:
+            return None
+        sizes, weights = self.mix
+        shares = np.asarray(weights, dtype=np.float64) / np.sum(weights) * sum(sizes)
+        counts = np.round(shares).astype(np.int64)
+        rng = np.random.default_rng([self.seed, epoch, len(sizes)])
+        rows, start = [], 0
+        for n, count in zip(sizes, counts):
+            whole, part = divmod(int(count), n)
+            rows += [start + np.arange(n)] * whole + [start + np.sort(rng.choice(n, part, replace=False))]
+            start += n
+        return np.concatenate(rows)
+
     def global_batches(self, epoch: int | None = None) -> list[np.ndarray]:
         """All ranks' batches of an epoch (target row indices), in order (rank r takes r, r+W, ...)."""
         epoch = self.epoch if epoch is None else epoch
         lengths = self.epoch_lengths(epoch)
-        n = len(lengths)
+        rows = self.epoch_rows(epoch)
+        n = len(lengths) if rows is None else len(rows)
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
         tie = rng.permutation(n) if rng is not None else np.arange(n)
+        if rows is not None:
+            tie = rows[tie]
         order = tie[np.argsort(lengths[tie], kind="stable")]
         if self.max_tokens is not None:
             batches = _balance_tail(_fill_by_budget(order, lengths, self.max_tokens), lengths, self.max_tokens)
@@ -384,6 +478,8 @@ class ResumableLoader:
 
 def check_text_ids(dataset, vocab_size: int) -> None:
     """Every text id of a dataset (its `text_ids`: lowest and highest) is a row of the model's text embeddings."""
+    for part in getattr(dataset, "parts", ()):
+        check_text_ids(part, vocab_size)
     low, high = dataset.text_ids
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
@@ -394,10 +490,11 @@ def check_text_ids(dataset, vocab_size: int) -> None:
 def make_loader(dataset: CSMDataset, *, max_tokens: int | None = None, batch_size: int | None = None,
                 shuffle: bool = True, seed: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1,
                 pin_memory: bool = False, context_mode: str = "none", context_turns: int = 1,
-                context_loss: str = "none", collate_fn=None) -> ResumableLoader:
+                context_loss: str = "none", collate_fn=None, weights: list[float] | None = None) -> ResumableLoader:
     """A resumable loader over `dataset` with length-bucketed batches (in pinned memory with `pin_memory`: for a
     run on a CUDA device, whose copies then need not wait); with a `context_mode` other than none, each example
-    is composed with its context (context.py)."""
+    is composed with its context (context.py); with `weights` (a MixedDataset's, one per source), each epoch
+    draws each source's share of its examples (LengthBucketSampler.epoch_rows)."""
     if max_tokens is not None:
         batch_size = None
     elif batch_size is None:
@@ -406,7 +503,8 @@ def make_loader(dataset: CSMDataset, *, max_tokens: int | None = None, batch_siz
     if context_mode != "none":
         planner = ContextPlanner(dataset.lengths, *dataset.turns(), mode=context_mode,
                                  context_turns=context_turns, max_seq_len=dataset.max_seq_len, seed=seed)
+    mix = (dataset.sizes, list(weights)) if weights is not None else None
     sampler = LengthBucketSampler(dataset.lengths, max_tokens=max_tokens, batch_size=batch_size, shuffle=shuffle,
-                                  seed=seed, rank=rank, world_size=world_size, planner=planner)
+                                  seed=seed, rank=rank, world_size=world_size, planner=planner, mix=mix)
     return ResumableLoader(dataset, sampler, num_workers=num_workers, pin_memory=pin_memory, context_loss=context_loss,
                            collate_fn=collate_fn)

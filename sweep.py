@@ -23,7 +23,9 @@ CONFIGS = Path(__file__).resolve().parent / "configs"  # the defaults work from 
 
 def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(description="Optuna hyperparameter sweep; each trial runs train.py's training loop.")
-    p.add_argument("--data", required=True, help="HDF5 file from pretokenize.py (needs a val split for val_loss)")
+    p.add_argument("--data", nargs="+", metavar="TOKEN_FILE",
+                   help="HDF5 file(s) from pretokenize.py, or a quoted glob (a val split for val_loss); several are "
+                        "mixed by the base config's data_weights. Default: the base config's train_data")
     p.add_argument("--sweep_config", default=str(CONFIGS / "sweep.yaml"),
                    help="YAML search space (default: this tool's configs/sweep.yaml)")
     p.add_argument("--base_config", default=str(CONFIGS / "finetune.yaml"),

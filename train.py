@@ -1,6 +1,7 @@
 """Finetune CSM-1B on a pre-tokenized HDF5 file, or train it from scratch.
 
     python train.py --data data.hdf5 --config configs/finetune.yaml --output_dir runs/my-voice
+    python train.py --data emilia.hdf5 libritts.hdf5 --set data_weights=[0.7,0.3] --output_dir runs/mix
     torchrun --nproc_per_node 4 train.py --data data.hdf5 --config configs/finetune.yaml
 
 The command line only: the loop itself is `training.train()`, which sweep trials run too.
@@ -31,7 +32,9 @@ CONFIG_FLAGS = ("n_epochs", "max_steps", "val_every", "save_every", "gen_every",
 
 def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(description="Finetune CSM-1B, or train it from scratch, on a pre-tokenized HDF5 file.")
-    p.add_argument("--data", required=True, help="HDF5 file written by pretokenize.py (or the original tool)")
+    p.add_argument("--data", nargs="+", metavar="TOKEN_FILE",
+                   help="HDF5 file(s) written by pretokenize.py (or the original tool), or a quoted glob; several are "
+                        "mixed (config key data_weights). Default: config key train_data")
     p.add_argument("--config", help="YAML config (configs/finetune.yaml, configs/pretrain.yaml)")
     p.add_argument("--output_dir", default="./runs/exp", help="checkpoints, samples, metrics.jsonl, best/ and final/")
     p.add_argument("--resume", nargs="?", const="auto", metavar="PATH|auto",
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     try:
         # The command's own path flags are inputs too (--config); --resume names a checkpoint of the run itself.
-        result = train(cfg, args.data, args.output_dir, device=args.device, resume=args.resume,
+        result = train(cfg, args.data or cfg.train_data, args.output_dir, device=args.device, resume=args.resume,
                        overwrite=args.overwrite, inputs=inputs_of(vars(args), skip=("output_dir", "resume")))
     finally:
         compute_cleanup()

@@ -81,6 +81,13 @@ class TrainConfig:
     grad_acc_steps: int = _f(1, "Micro-batches per optimizer step.", min=1)
     max_seq_len: int = _f(2048,
                           "Longest example in frames; longer ones are refused when the data opens.", min=2, max=2048)
+    train_data: list[str] = _f(None, "What trains: token files (preference files for objective: dpo), each a path or "
+                               "a glob; several are mixed (data_weights). --data gives them on the command line, "
+                               "and wins over this key.", default_factory=list)
+    data_weights: list[float] = _f(None, "Each train_data source's share of an epoch's examples, in order (e.g. "
+                                   "[0.5, 0.3, 0.2]; they need not sum to 1), drawn anew each epoch from the seed: a "
+                                   "source smaller than its share repeats, a larger one is sampled. Unset: every "
+                                   "example of every source once an epoch.", default_factory=list)
     partial_data_loading: bool = _f(False, "Format-1 token files only: read examples row by row from the file "
                                            "instead of into each process's memory. Changes nothing for format 2 "
                                            "(what pretokenize.py writes), which every process maps from the file.")
@@ -210,6 +217,13 @@ def _coerce(key: str, value, tp, optional: bool):
     origin = typing.get_origin(tp)
     if origin is list and typing.get_args(tp) == (dict,):
         return _coerce_turns(key, value)
+    if origin is list and typing.get_args(tp) == (float,):
+        if not isinstance(value, list):
+            value = [value]
+        numbers = [_coerce(key, v, float, False) for v in value]
+        if any(v <= 0 for v in numbers):
+            raise UserError(f"config key {key!r} must hold numbers > 0, got {value!r}")
+        return numbers
     if origin is list:
         if isinstance(value, str):
             value = [value]

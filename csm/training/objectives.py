@@ -102,10 +102,15 @@ def make_objective(cfg, num_codebooks: int):
     return {"sft": SFT, "dpo": DPO}[cfg.objective](cfg, num_codebooks)
 
 
-@torch.no_grad()
 def validate(objective, loss_model, loader, rt, precision: str) -> dict:
     """The objective's validation numbers over a loader (the decoder on every frame: deterministic), summed over
     processes. `loss_model` is the (DDP- or FSDP-wrapped) LossModule."""
+    return objective.summary(validation_sums(objective, loss_model, loader, rt, precision))
+
+
+@torch.no_grad()
+def validation_sums(objective, loss_model, loader, rt, precision: str) -> list:
+    """What `validate` sums over a loader and the processes, before the objective turns it into its numbers."""
     was_training = loss_model.training
     loss_model.eval()
     sums = None
@@ -117,7 +122,7 @@ def validate(objective, loss_model, loader, rt, precision: str) -> dict:
     loss_model.train(was_training)
     if sums is None:
         raise ValueError("validation got no batches")
-    return objective.summary(all_reduce_sum(sums, rt))
+    return all_reduce_sum(sums, rt)
 
 
 def move_batch(batch, device: torch.device, move=None):

@@ -29,6 +29,7 @@ from csm.judging.metrics import BY_NAME, SWEEPABLE, direction
 from csm.training.tracking import best_logged, last_logged
 from csm.system.errors import check_number, UserError
 from csm.system.outputs import atomic_path, claim_output_dir, clear_dir, dir_entries, inputs_of, write_text_atomic
+from dataloaders import source_paths
 from csm.training.training import (
     check_launch, check_planned_size, check_warmup, data_splits, planned_model_args, planned_steps, train,
 )
@@ -275,7 +276,7 @@ class SweepRun:
 
     study: Study
     storage: str | None  # the study's storage (URL or journal file); None until the default one is made
-    data: str
+    data: str | list[str]  # one token file, or several mixed by the base config's data_weights
     output_dir: Path
     n_trials: int
     n_gpus: int  # 0: the CPU
@@ -566,7 +567,7 @@ def _candidates(spec: dict) -> list:
         spec["type"], lambda: [spec["min"], spec["max"]])()
 
 
-def check_trial_lengths(base: dict, space: dict, data: str) -> None:
+def check_trial_lengths(base: dict, space: dict, data: str | list[str]) -> None:
     """The training config's launch and run-length checks (no fsdp outside torchrun; warmup shorter than the run,
     a train split that gives batches), before any trial starts, for the settings the space can draw that make
     them hardest to pass."""
@@ -606,12 +607,14 @@ def run_sweep(args) -> int:
     out = Path(args.output_dir)
     base = base_values(args)
     space = load_space(args.sweep_config, base)
-    if not Path(args.data).is_file():
-        raise UserError(f"--data {args.data}: no such file (make one with pretokenize.py)")
-
-    if args.metric != "train_loss" and "val" not in data_splits(args.data):
-        raise UserError(f"{args.data} has no 'val' split; give pretokenize.py --val_data (prefer.py: --val_fraction) "
-                        "or use --metric train_loss")
+    sources = source_paths(args.data or base.get("train_data"))
+    data = sources[0] if len(sources) == 1 else sources
+    for path in sources:
+        if not Path(path).is_file():
+            raise UserError(f"--data {path}: no such file (make one with pretokenize.py)")
+    if args.metric != "train_loss" and not any("val" in data_splits(path) for path in sources):
+        raise UserError(f"{', '.join(sources)} {'has' if len(sources) == 1 else 'have'} no 'val' split; give "
+                        "pretokenize.py --val_data (prefer.py: --val_fraction) or use --metric train_loss")
     if args.metric in QUALITY and not base.get("eval_every"):
         raise UserError(f"--metric {args.metric} is measured by the quality evaluation: set eval_every in the base "
                         "config or with --set eval_every=N")
@@ -621,10 +624,10 @@ def run_sweep(args) -> int:
             raise UserError(f"--storage {args.storage} lies inside --output_dir {out}, which --overwrite empties (and "
                             "a shared storage may hold other studies); keep it outside, or leave --storage out")
     n_gpus, auto_cpu = choose_gpus(args)
-    check_trial_lengths(base, space, args.data)
+    check_trial_lengths(base, space, data)
     check_model_size(auto_cpu, base)
     spec = Study(args.study_name, args.metric, args.sampler, args.pruner, args.seed)
-    run = SweepRun(spec, args.storage, str(args.data), out, args.n_trials, n_gpus,
+    run = SweepRun(spec, args.storage, data, out, args.n_trials, n_gpus,
                    n_workers=n_gpus * args.trials_per_gpu if n_gpus else args.n_workers,
                    deadline=time.time() + args.timeout if args.timeout else None, trials_at_start=0)
     # Held until the sweep ends; the directory is emptied and marked only once the study's storage has opened.

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
@@ -37,13 +37,16 @@ from csm.training.checkpoint import (
 from csm.training.config import TrainConfig
 from csm.model.csm_model import CSM, ModelArgs, count_parameters
 from csm.training.dpo import collate_pairs, PairDataset
-from dataloaders import check_text_ids, CSMDataset, ResumableLoader, default_num_workers, make_loader
+from dataloaders import (
+    check_text_ids, CSMDataset, default_num_workers, make_loader, MixedDataset, ResumableLoader, source_names,
+    source_paths,
+)
 from csm.judging.evaluation import (
     check_item_source, EvalSettings, evaluate_model, is_token_file, load_items, write_report,
 )
 from csm.model.hf_export import csm_tokenizer, DEFAULT_CODEC, export_transformers
 from csm.judging.metrics import QUALITY, lower_is_better
-from csm.training.objectives import make_objective, move_batch, validate
+from csm.training.objectives import make_objective, move_batch, validate, validation_sums
 from csm.training.optim import make_optimizer, make_scheduler
 from csm.training.tracking import Tracker, make_tracker
 from csm.system.runtime import print0, seed_everything
@@ -343,10 +346,11 @@ class TrainResult:
     stopped_early: bool
 
 
-def run_inputs(cfg: TrainConfig, data: str | Path) -> list[tuple[str, str]]:
+def run_inputs(cfg: TrainConfig, data: str | Path | list[str]) -> list[tuple[str, str]]:
     """The files and directories a run reads, which its output directory must stay apart from: the data and every
     config value that names an existing path (gen_context's audio too)."""
-    return [("--data", str(data)), *inputs_of(cfg.to_dict(), flags=False)]
+    return [*(("--data", str(p)) for p in (data if isinstance(data, list) else [data])),
+            *inputs_of(cfg.to_dict(), flags=False)]
 
 
 def _holds_a_run(out: Path, existing: list[str]) -> str:
@@ -393,13 +397,17 @@ def run_length(cfg: TrainConfig, data: str, train_loader: ResumableLoader, rt: R
     return cfg.max_steps or math.ceil(cfg.n_epochs * len(train_loader) / cfg.grad_acc_steps)
 
 
-def planned_steps(cfg: TrainConfig, data: str) -> int:
-    """The optimizer steps a one-process run of `cfg` on `data` would take, from the train split's lengths alone
-    (what a sweep checks for each trial's settings before any trial starts)."""
+def planned_steps(cfg: TrainConfig, data: str | list[str]) -> int:
+    """The optimizer steps a one-process run of `cfg` on `data` (one source or several) would take, from the train
+    splits' lengths alone (what a sweep checks for each trial's settings before any trial starts)."""
     rt = Runtime(torch.device("cpu"))
-    train_set = (PairDataset(data, "train", max_seq_len=cfg.max_seq_len) if is_preference_file(data)
-                 else CSMDataset(data, "train", partial=True, max_seq_len=cfg.max_seq_len))
-    return run_length(cfg, data, make_loader(train_set, shuffle=True, num_workers=0, **loader_settings(cfg, rt)), rt)
+    paths = data if isinstance(data, list) else [data]
+    parts = [PairDataset(p, "train", max_seq_len=cfg.max_seq_len) if is_preference_file(p)
+             else CSMDataset(p, "train", partial=True, max_seq_len=cfg.max_seq_len) for p in paths]
+    train_set = parts[0] if len(parts) == 1 else MixedDataset(parts, source_names(paths))
+    loader = make_loader(train_set, shuffle=True, num_workers=0, weights=cfg.data_weights or None,
+                         **loader_settings(cfg, rt))
+    return run_length(cfg, ", ".join(paths), loader, rt)
 
 
 def check_warmup(cfg: TrainConfig, total_steps: int) -> None:
@@ -468,7 +476,7 @@ class Run:
     cfg: TrainConfig
     rt: Runtime
     out: Path
-    data: str
+    data: str | list[str]
     precision: str
     train_loader: ResumableLoader
     val_loader: ResumableLoader | None
@@ -487,6 +495,7 @@ class Run:
     quality: QualityEval | None
     hf_exports: HFExports | None
     tracker: Tracker | None = None  # made once the run's first step is known (after a resume)
+    val_sources: list[tuple[str, ResumableLoader]] = field(default_factory=list)  # several sources: each one's val
 
     @property
     def objective(self):
@@ -510,55 +519,104 @@ class Run:
 class RunData:
     """A token file opened for training."""
 
-    path: str
-    train_set: CSMDataset
+    path: str | list[str]
+    train_set: CSMDataset | MixedDataset
     train_loader: ResumableLoader
     val_loader: ResumableLoader | None
     speakers: dict[str, int]
     total_steps: int
+    val_sources: list[tuple[str, ResumableLoader]] = field(default_factory=list)  # several sources: each one's val
 
 
-def open_data(cfg: TrainConfig, data: str, rt: Runtime) -> RunData:
+def first_source(data: str | list[str]) -> str:
+    """The source whose val split eval_every speaks when eval_data is unset: the data, or the first of several."""
+    return data[0] if isinstance(data, list) else data
+
+
+def open_data(cfg: TrainConfig, data: str | list[str], rt: Runtime) -> RunData:
     """The data's splits, loaders and speaker names, checked before any model is loaded: a token file for
-    `objective: sft`, a preference file (prefer.py) for `objective: dpo`."""
-    if not Path(data).is_file():
-        raise UserError(f"--data {data}: no such file (make one with "
-                        f"{'prefer.py' if cfg.objective == 'dpo' else 'pretokenize.py'})")
-    preferences = is_preference_file(data)
-    if preferences and cfg.objective != "dpo":
-        raise UserError(f"--data {data} is a preference file (prefer.py): train on it with --set objective=dpo, or "
-                        "give a token file from pretokenize.py")
-    if cfg.objective == "dpo" and not preferences:
-        raise UserError(f"--data {data} is not a preference file: objective: dpo trains on the pairs prefer.py "
-                        "writes (prefer.py --model M --data TOKENS --output PREFS)")
-    splits = data_splits(data)
-    if "train" not in splits:
-        raise UserError(f"{data} has no 'train' split (found: {', '.join(splits) or 'nothing'})")
+    `objective: sft`, a preference file (prefer.py) for `objective: dpo`. Several sources are mixed by
+    data_weights, and each one's val split is validated on its own (val_loss/NAME) beside all of them (val_loss)."""
+    paths = data if isinstance(data, list) else [data]
+    if cfg.data_weights and len(cfg.data_weights) != len(paths):
+        raise UserError(f"data_weights has {len(cfg.data_weights)} weight(s) for {len(paths)} source(s) "
+                        f"({', '.join(paths)}): give one weight per source")
+    preferences = cfg.objective == "dpo"
+    all_splits = []
+    for path in paths:
+        check_source_kind(cfg, path)
+        all_splits.append(data_splits(path))
+        if "train" not in all_splits[-1]:
+            raise UserError(f"{path} has no 'train' split (found: {', '.join(all_splits[-1]) or 'nothing'})")
     if cfg.eval_every:
-        check_eval_source(cfg, data)
-    if preferences:
-        check_reference(cfg, data, resolve_precision(cfg.precision, rt.device))
-        train_set = PairDataset(data, "train", max_seq_len=cfg.max_seq_len)
-        val_set = PairDataset(data, "val", max_seq_len=cfg.max_seq_len) if splits.get("val") else None
-        collate_fn = partial(collate_pairs, num_codebooks=train_set.num_codebooks)
+        check_eval_source(cfg, paths[0])
+    trains, vals = [], []
+    for path, splits in zip(paths, all_splits):
+        if preferences:
+            check_reference(cfg, path, resolve_precision(cfg.precision, rt.device))
+            trains.append(PairDataset(path, "train", max_seq_len=cfg.max_seq_len))
+            vals.append(PairDataset(path, "val", max_seq_len=cfg.max_seq_len) if splits.get("val") else None)
+        else:
+            trains.append(CSMDataset(path, "train", partial=cfg.partial_data_loading, max_seq_len=cfg.max_seq_len))
+            vals.append(CSMDataset(path, "val", partial=cfg.partial_data_loading,
+                                   max_seq_len=cfg.max_seq_len) if "val" in splits else None)
+    names = source_names(paths)
+    with_val = [(name, v) for name, v in zip(names, vals) if v is not None]
+    if len(paths) == 1:
+        train_set, val_set = trains[0], vals[0]
     else:
-        train_set = CSMDataset(data, "train", partial=cfg.partial_data_loading, max_seq_len=cfg.max_seq_len)
-        val_set = CSMDataset(data, "val", partial=cfg.partial_data_loading,
-                             max_seq_len=cfg.max_seq_len) if "val" in splits else None
-        collate_fn = None
+        train_set = MixedDataset(trains, names)
+        val_set = MixedDataset([v for _, v in with_val], [n for n, _ in with_val]) if with_val else None
+    collate_fn = partial(collate_pairs, num_codebooks=train_set.num_codebooks) if preferences else None
     workers = default_num_workers(rt.device) if cfg.num_workers is None else cfg.num_workers
     settings = {**loader_settings(cfg, rt), "num_workers": workers, "collate_fn": collate_fn}
-    train_loader = make_loader(train_set, shuffle=True, **settings)
+    train_loader = make_loader(train_set, shuffle=True, weights=cfg.data_weights or None, **settings)
     val_loader = make_loader(val_set, shuffle=False, **settings) if val_set else None
-    total_steps = run_length(cfg, data, train_loader, rt)
+    val_sources = [(name, make_loader(v, shuffle=False, **settings)) for name, v in with_val if len(paths) > 1]
+    total_steps = run_length(cfg, ", ".join(paths), train_loader, rt)
     check_warmup(cfg, total_steps)
     if val_loader is None and not (cfg.eval_every and cfg.select_best_by != "val_loss"):
-        print0(f"warning: {data} has no val {'pairs' if preferences else 'split'}: nothing will choose best/, so it is "
-               f"not written; final/ is the trained model (give a val split, or eval_every with select_best_by a "
-               "quality metric)", file=sys.stderr)
+        print0(f"warning: {', '.join(paths)} {'has' if len(paths) == 1 else 'have'} no val "
+               f"{'pairs' if preferences else 'split'}: nothing will choose best/, so it is not written; final/ is "
+               "the trained model (give a val split, or eval_every with select_best_by a quality metric)",
+               file=sys.stderr)
     # A preference file names no speakers: a DPO run keeps those of the model it starts from (its speakers.json).
-    speakers = model_speaker_names(cfg.model) if preferences else speaker_names(data)
-    return RunData(data, train_set, train_loader, val_loader, speakers, total_steps)
+    speakers = model_speaker_names(cfg.model) if preferences else merged_speaker_names(paths)
+    return RunData(data, train_set, train_loader, val_loader, speakers, total_steps, val_sources)
+
+
+def check_source_kind(cfg: TrainConfig, path: str) -> None:
+    """A source exists and is what the objective trains on: a token file (sft) or a preference file (dpo)."""
+    if not Path(path).is_file():
+        raise UserError(f"--data {path}: no such file (make one with "
+                        f"{'prefer.py' if cfg.objective == 'dpo' else 'pretokenize.py'})")
+    preferences = is_preference_file(path)
+    if preferences and cfg.objective != "dpo":
+        raise UserError(f"--data {path} is a preference file (prefer.py): train on it with --set objective=dpo, or "
+                        "give a token file from pretokenize.py")
+    if cfg.objective == "dpo" and not preferences:
+        raise UserError(f"--data {path} is not a preference file: objective: dpo trains on the pairs prefer.py "
+                        "writes (prefer.py --model M --data TOKENS --output PREFS)")
+
+
+def merged_speaker_names(paths: list[str]) -> dict[str, int]:
+    """The speaker names of several token files as one mapping. The ids are in the text ids already (`[3]...`),
+    so a name must have one id everywhere and an id one name: two sources that disagree are refused."""
+    merged: dict[str, int] = {}
+    where: dict[str, str] = {}
+    for path in paths:
+        for name, sid in speaker_names(path).items():
+            if merged.get(name, sid) != sid:
+                raise UserError(f"speaker {name!r} is id {merged[name]} in {where[name]} but id {sid} in {path}: "
+                                "sources mixed in one run must number their speakers alike (pretokenize them "
+                                "with the same speaker names, or train on them apart)")
+            other = next((n for n, i in merged.items() if i == sid and n != name), None)
+            if other is not None:
+                raise UserError(f"speaker id {sid} is {other!r} in {where[other]} but {name!r} in {path}: sources "
+                                "mixed in one run must number their speakers alike (pretokenize them with the same "
+                                "speaker names, or train on them apart)")
+            merged[name], where[name] = sid, path
+    return merged
 
 
 def check_eval_source(cfg: TrainConfig, data: str) -> None:
@@ -632,7 +690,8 @@ def build_model_for(cfg: TrainConfig, rt: Runtime, base: Path | None, planned: M
     return model.train()
 
 
-def setup_run(cfg: TrainConfig, data: str, out: Path, rt: Runtime, resume: str | None, overwrite: bool) -> Run:
+def setup_run(cfg: TrainConfig, data: str | list[str], out: Path, rt: Runtime, resume: str | None,
+              overwrite: bool) -> Run:
     """Everything before the first step, in the order that fails fastest: the data, then what the base model
     brings (tokenizer, codec, judges), then the model, its wrapping and optimizer, then the resumed state; only
     when all of it is ready is the output directory changed."""
@@ -650,7 +709,7 @@ def setup_run(cfg: TrainConfig, data: str, out: Path, rt: Runtime, resume: str |
     if rt.is_main:
         if cfg.gen_every:
             speech.load()
-        quality = QualityEval(cfg, out, speech, data) if cfg.eval_every else None
+        quality = QualityEval(cfg, out, speech, first_source(data)) if cfg.eval_every else None
         hf_exports = HFExports(cfg, base, text_tokenizer) if cfg.export_hf else None
     model = build_model_for(cfg, rt, base, planned, auto_cpu, run_data, out)
     # DDP or FSDP before the optimizer: fully_shard replaces the parameters with sharded ones.
@@ -662,7 +721,8 @@ def setup_run(cfg: TrainConfig, data: str, out: Path, rt: Runtime, resume: str |
               torch.amp.GradScaler(rt.device.type, enabled=precision == "fp16"),
               torch.Generator().manual_seed(cfg.seed + rt.rank), LoopState(),
               tokenizer_dir=Path(text_tokenizer) if Path(text_tokenizer).is_dir() else None,
-              samples=SampleWriter(cfg, out, speech), quality=quality, hf_exports=hf_exports)
+              samples=SampleWriter(cfg, out, speech), quality=quality, hf_exports=hf_exports,
+              val_sources=run_data.val_sources)
     found = find_resume_checkpoint(resume, run.checkpoints) if resume else None
     if resume and rt.distributed:
         check_same_resume_point(found, run.checkpoints, rt)
@@ -761,6 +821,19 @@ def log_step(run: Run, stats: dict, lr: float, seconds: float) -> None:
                               f"saved in {run.checkpoints}. Lower learning_rate, raise warmup_steps or use bf16/fp32.")
 
 
+def validation(run: Run) -> dict:
+    """The objective's validation numbers over the val split; with several sources, over all of them (val_loss)
+    and over each (val_loss/NAME), from one pass over each source."""
+    if not run.val_sources:
+        return validate(run.objective, run.loss_model, run.val_loader, run.rt, run.precision)
+    sums = {name: validation_sums(run.objective, run.loss_model, loader, run.rt, run.precision)
+            for name, loader in run.val_sources}
+    measured = run.objective.summary([sum(parts) for parts in zip(*sums.values())])
+    for name, part in sums.items():
+        measured.update({f"{key}/{name}": value for key, value in run.objective.summary(part).items()})
+    return measured
+
+
 def after_step(run: Run, whole: parallel.WholeModel, stopping: bool,
                on_eval: Callable[[int, dict], None] | None) -> float | None:
     """What follows an optimizer step, in order: validation, the quality evaluation, best/, `on_eval`, the
@@ -769,7 +842,7 @@ def after_step(run: Run, whole: parallel.WholeModel, stopping: bool,
     last = step == run.total_steps
     evaluated = {}
     if run.val_loader is not None and ((cfg.val_every and step % cfg.val_every == 0) or last):
-        measured = validate(run.objective, run.loss_model, run.val_loader, rt, run.precision)
+        measured = validation(run)
         run.tracker.log(measured, step)
         evaluated.update(measured)
         loop.best_val_loss = min(loop.best_val_loss, evaluated["val_loss"])  # NaN never becomes the best
@@ -823,9 +896,11 @@ def train(cfg: TrainConfig, data: str | Path, output_dir: str | Path, *, device:
 
     `output_dir` must be empty or new unless `resume` (continue the run in it) or `overwrite` (replace it)."""
     check_launch(cfg)
+    sources = source_paths(data or cfg.train_data)
+    data = sources[0] if len(sources) == 1 else sources
     rt = compute_init(device)
     # Nothing is written into the directory before setup_run's checks pass: a start that fails leaves a run intact.
     with claim_output_dir(output_dir, "--output_dir", inputs=[*run_inputs(cfg, data), *inputs], overwrite=overwrite,
                           continues=lambda _: bool(resume), refusal=lambda e: _holds_a_run(Path(output_dir), e),
                           main=rt.is_main) as out:
-        return fit(setup_run(cfg, str(data), out, rt, resume, overwrite), on_eval, progress)
+        return fit(setup_run(cfg, data, out, rt, resume, overwrite), on_eval, progress)
