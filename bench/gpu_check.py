@@ -407,24 +407,36 @@ def row_evaluate(ctx: Context):
 
 
 def row_pretokenize(ctx: Context):
+    """pretokenize.py as a multi-GPU run launches it: under torchrun, one process per GPU (2 on the CPU), each
+    encoding its share of the chunks in batches of 16; the codes against the CPU's, encoded one at a time."""
+    import socket
+    import subprocess
+
     import h5py
     import numpy as np
+    import torch
 
-    import pretokenize
     from csm.data.token_file import read_flat
 
     a, out = ctx.assets, ctx.work / "device_codes.hdf5"
-    pretokenize.main(["--train_data", str(SAMPLE / "train.csv"), "--output", str(out), "--device", ctx.device,
-                      "--batch_size", "16", "--text_tokenizer", a["text_tokenizer"], "--mimi_weights", a["mimi"],
-                      "--overwrite"])
+    processes = torch.cuda.device_count() if ctx.cuda else 2
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                    "--master_port", str(port), str(ROOT / "pretokenize.py"), "--train_data", str(SAMPLE / "train.csv"),
+                    "--output", str(out), "--device", ctx.device, "--batch_size", "16", "--save_every", "4",
+                    "--text_tokenizer", a["text_tokenizer"], "--mimi_weights", a["mimi"], "--overwrite"],
+                   cwd=ROOT, check=True)
     with h5py.File(ctx.work / "cpu_codes.hdf5", "r") as f, h5py.File(out, "r") as g:
         (cpu, cpu_rows), (dev, dev_rows) = read_flat(f, "cpu", "train", "audio"), read_flat(g,
                                                                                             "device", "train", "audio")
     if not np.array_equal(cpu_rows, dev_rows):
         return False, "the batched encoding gave other frame counts than the CPU's"
     differ = float((cpu != dev).mean())
-    return differ <= CODE_FLIP_BOUND, (f"{len(cpu_rows) - 1} clips, batch 16 on {ctx.device} vs one at a time on the "
-                                        f"CPU: {differ:.2%} of {len(cpu)} codes differ (at most {CODE_FLIP_BOUND:.0%})")
+    return differ <= CODE_FLIP_BOUND, (f"{len(cpu_rows) - 1} clips, torchrun with {processes} process(es), batch 16 on "
+                                        f"{ctx.device} vs one at a time on the CPU: {differ:.2%} of {len(cpu)} codes "
+                                        f"differ (at most {CODE_FLIP_BOUND:.0%})")
 
 
 def _big_args(ctx: Context):
@@ -606,7 +618,7 @@ ROWS = [
     ("workers", "loader workers, pinned memory, host syncs", row_workers, 2, 15),
     ("generate", "generate.py; compiled step vs eager", row_generate, 2, 35),
     ("evaluate", "evaluate.py, tiny judges", row_evaluate, 2, 20),
-    ("pretokenize", "pretokenize.py, batched Mimi vs CPU codes", row_pretokenize, 2, 15),
+    ("pretokenize", "torchrun pretokenize.py, a process per GPU, vs CPU codes", row_pretokenize, 2, 21),
     ("compile", "tiny model, compile: true", row_compile, 2, 40),
     ("adamw8bit", "tiny model, 8-bit AdamW", row_adamw8bit, 2, 10),
 ]
