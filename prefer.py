@@ -16,9 +16,9 @@ from pathlib import Path
 
 from csm.model.adapters import read_adapter
 from csm.training.config import read_yaml
-from csm.judging.evaluation import add_item_flags, is_token_file, load_items
+from csm.judging.evaluation import add_item_flags, check_item_source, is_token_file, load_items
 from csm.system.outputs import claim_output_files, inputs_of
-from csm.data.preference_file import is_preference_file, path_identity, reference_identity
+from csm.data.preference_file import path_identity, reference_identity
 from csm.training.preferences import (
     candidates_csv, DEFAULT_WEIGHTS, PreferenceRun, PreferSettings, REWARD_TERMS, settings_attrs,
 )
@@ -96,14 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     check_number("--save_every", args.save_every, min=1, max=10**7)
     check_number("--seed", args.seed, min=0, max=2**31 - 1)
     weights = reward_weights(args)
-    data = Path(args.data)
-    if data.is_dir():
-        raise UserError(f"--data {data} is a directory; give a token file (.hdf5) or a metadata file")
-    if not data.is_file():
-        raise UserError(f"--data {data}: no such file")
-    if is_preference_file(data):
-        raise UserError(f"--data {data} is a preference file; give the token file or metadata file its prompts came "
-                        "from")
+    data = check_item_source(args.data, "--data")
     output = Path(args.output)
     if output.suffix.lower() not in (".hdf5", ".h5"):
         raise UserError(f"--output {output}: give a file name ending in .hdf5")

@@ -73,7 +73,7 @@ def _ddp_worker(rank, world_size, path, port, out):
     loader = make_loader(CSMDataset(path, "train"), max_tokens=60, seed=0, rank=dist.get_rank(),
                          world_size=dist.get_world_size())
     rows = [int(tokens.shape[0]) for tokens, _, _ in loader]
-    mine = [i for b in loader.sampler for i in b]
+    mine = [int(i) for b in loader.sampler for i in b]
     gathered = [None] * world_size
     dist.all_gather_object(gathered, (rows, mine))
     if rank == 0:

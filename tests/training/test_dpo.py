@@ -301,7 +301,7 @@ def test_a_preference_file_is_not_taken_for_prompts(assets, judges, prefs, tmp_p
     --trust_pickle advice)."""
     import evaluate
 
-    with pytest.raises(UserError, match="is a preference file; give the token file or metadata file"):
+    with pytest.raises(UserError, match="--data .* is a preference file .prefer.py.: it holds candidates"):
         prefer.main(_prefer_args(assets, judges, prefs, tmp_path / "p.hdf5"))
     with pytest.raises(UserError, match="is a preference file .prefer.py.: it holds candidates, not reference"):
         evaluate.main(["--eval_data", str(prefs), "--model", str(assets["model"]), "--output_dir", str(tmp_path / "e")])
