@@ -11,6 +11,7 @@ from csm.training import optuna_sweep
 import sweep
 import train
 from csm.system.errors import UserError
+from conftest import write_token_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -193,3 +194,22 @@ def test_the_default_study_database_stays_in_an_output_dir_with_hash_or_question
     url = optuna_sweep.default_storage(out)
     optuna_sweep.storage_for(url)
     assert (out / "study.db").is_file() and [p.name for p in tmp_path.iterdir()] == ["runs#1?x=y"]
+
+
+def test_a_sweep_trains_each_trial_on_several_weighted_sources(assets, tmp_path):
+    """sweep.py --data A B with data_weights in the base config: every trial trains on both, and reports val_loss
+    over both splits beside each one's."""
+    import json
+
+    sources = [write_token_file(tmp_path / f"{name}.hdf5", n_train=6, n_val=2, seed=i)
+               for i, name in enumerate(("a", "b"))]
+    space = write_space(tmp_path / "space.yaml", "learning_rate:\n  type: float\n  min: 1.0e-4\n  max: 1.0e-3\n")
+    out = tmp_path / "sweep"
+    args = base_args(assets, sources[0], out, "--sweep_config", str(space), "--n_trials", "1", "--set",
+                     "data_weights=[0.3, 0.7]")
+    args[1:2] = [str(p) for p in sources]  # --data A B
+    assert sweep.main(args) == 0
+    [trial] = load(out).trials
+    assert trial.state == TrialState.COMPLETE
+    logged = [json.loads(line) for line in next(out.rglob("metrics.jsonl")).read_text().splitlines()]
+    assert any({"val_loss", "val_loss/a", "val_loss/b"} <= set(m) for m in logged)
