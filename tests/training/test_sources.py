@@ -103,3 +103,11 @@ def test_the_sweep_checks_and_dpo_take_the_same_lists(assets, tmp_path, two_sour
                    data_weights=[0.5, 0.5])
     training.train(dpo, list(map(str, prefs)), tmp_path / "dpo", device="cpu", progress=False)
     assert {"val_loss", "val_loss/p0", "val_loss/p1"} <= set(metrics(tmp_path / "dpo")[-1])
+
+
+def test_no_data_at_all_is_one_line(tmp_path):
+    import train
+
+    with pytest.raises(UserError, match="no training data: give --data"):
+        train.main(["--output_dir", str(tmp_path / "run"), "--device", "cpu"])
+    assert not (tmp_path / "run").exists()
