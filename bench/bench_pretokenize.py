@@ -218,8 +218,8 @@ def processes_table(tmp: Path, assets: dict, mimi_weights: str, device, args) ->
 
     def launch(n: int) -> None:
         out.unlink(missing_ok=True)
-        head = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                                                 str(n), "--master_port", str(29400 + n)]
+        head = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                 "--nproc_per_node", str(n)]
         done = subprocess.run([*head, str(ROOT / "pretokenize.py"), *common, "--output", str(out)], cwd=ROOT,
                               capture_output=True, text=True, env=os.environ.copy())
         if done.returncode:

@@ -409,7 +409,6 @@ def row_evaluate(ctx: Context):
 def row_pretokenize(ctx: Context):
     """pretokenize.py as a multi-GPU run launches it: under torchrun, one process per GPU (2 on the CPU), each
     encoding its share of the chunks in batches of 16; the codes against the CPU's, encoded one at a time."""
-    import socket
     import subprocess
 
     import h5py
@@ -420,11 +419,9 @@ def row_pretokenize(ctx: Context):
 
     a, out = ctx.assets, ctx.work / "device_codes.hdf5"
     processes = torch.cuda.device_count() if ctx.cuda else 2
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                    "--master_port", str(port), str(ROOT / "pretokenize.py"), "--train_data", str(SAMPLE / "train.csv"),
+    # --standalone: torchrun finds a free port itself (one picked here could be taken before torchrun binds it).
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                    str(ROOT / "pretokenize.py"), "--train_data", str(SAMPLE / "train.csv"),
                     "--output", str(out), "--device", ctx.device, "--batch_size", "16", "--save_every", "4",
                     "--text_tokenizer", a["text_tokenizer"], "--mimi_weights", a["mimi"], "--overwrite"],
                    cwd=ROOT, check=True)

@@ -473,16 +473,14 @@ def test_two_processes_under_torchrun_make_the_file_one_process_makes_and_resume
     """torchrun --nproc_per_node 2 pretokenize.py: each process encodes its share of the chunks, and rank 0
     writes the same token file and skipped-rows report as one process. Killed mid-way (every process at once, as
     a lost node), the same command resumes from the chunks on disk."""
-    from conftest import free_port
-
     meta = _many_rows(tmp_path)
     args = ["--train_data", str(meta), "--val_data", str(meta), "--save_every", "2", "--batch_size", "2",
             "--text_tokenizer", str(assets["text_tokenizer"]), "--mimi_weights", str(assets["mimi"]), "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # every process alike (see the kill-and-resume test above)
 
     def command(output, processes):
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-                  str(free_port())] if processes > 1 else [sys.executable]
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                  str(processes)] if processes > 1 else [sys.executable]
         return [*launch, "pretokenize.py", *args, "--output", str(output)]
 
     ref = tmp_path / "ref.hdf5"
