@@ -7,6 +7,7 @@ Nothing here does work at import: no environment reads, no network, no CUDA, no 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
 from pathlib import Path
@@ -32,17 +33,36 @@ def run_cli(main: Callable[[], object]) -> None:
         result = main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit(2)
     except OSError as e:  # a write outside atomic_path (an appended log, a library's own file) on a full disk
         if e.errno not in DISK_FULL_ERRNOS:
             raise
         where = Path(e.filename) if e.filename else Path.cwd()
         print(f"error: {disk_full_error(where, where)}", file=sys.stderr)
-        sys.exit(2)
+        _exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(result if isinstance(result, int) else 0)
+        _exit(130)
+    _exit(result if isinstance(result, int) else 0)
+
+
+def _exit(code: int) -> None:
+    """Exit with `code`. A process torchrun started ends once the atexit handlers (W&B, logging, multiprocessing)
+    have run and stdout and stderr are flushed, without the interpreter's own teardown: there the C++ objects of
+    torch.distributed and the libraries' thread pools are destroyed in no set order, and twice a 2-process gloo
+    job that had written every output aborted there ("terminate called without an active exception"), so its
+    launcher reported a failure for a job that had succeeded."""
+    from csm.system.runtime import launched_by_torchrun  # torch.distributed, only once the work is done
+
+    if not launched_by_torchrun():
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said on it
+            pass
+    os._exit(code)
 
 
 class CommandParser(argparse.ArgumentParser):

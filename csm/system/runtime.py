@@ -204,7 +204,7 @@ def torchrun_ranks() -> Iterator[Ranks]:
         yield Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     finally:
         if created:
-            dist.destroy_process_group()
+            compute_cleanup()
 
 
 def compute_cleanup() -> None:

@@ -219,3 +219,29 @@ def test_a_sweep_refuses_fsdp_before_any_trial(data, assets, tmp_path):
                                      "--max_steps", 6, "--sweep_config", ROOT / "configs" / "sweep_demo.yaml",
                                      "--set", "distributed=fsdp")])
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("ends, status, said", [("return 3", 3, "the work's last words"),
+                                                ("raise UserError('no such thing')", 2, "error: no such thing")])
+def test_a_process_torchrun_started_exits_with_its_status_after_its_atexit_handlers_and_its_output(tmp_path, ends,
+                                                                                                     status, said):
+    """Under torchrun, run_cli ends the process without the interpreter's teardown (where gloo jobs that had done
+    their work aborted): the status, the atexit handlers and the unflushed output must all still get out."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import atexit, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from utils import run_cli\n"
+        "from csm.system.errors import UserError\n"
+        "def main():\n"
+        f"    atexit.register(lambda: open({str(tmp_path / 'handled')!r}, 'w').write('yes'))\n"
+        "    print(\"the work's last words\", end='')  # no newline: still in the buffer at exit\n"
+        f"    {ends}\n"
+        "run_cli(main)\n")
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == status, done.stderr
+    assert said in done.stdout + done.stderr and (tmp_path / "handled").read_text() == "yes"

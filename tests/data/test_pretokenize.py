@@ -515,3 +515,30 @@ def test_streaming_is_refused_with_several_processes(assets, tmp_path, monkeypat
     monkeypatch.setattr(encode_dataset, "load_mimi", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(UserError, match="--streaming reads a dataset as one stream, which 2 processes cannot"):
         run(assets, "--train_data", str(meta), "--streaming", "--output", str(tmp_path / "o.hdf5"))
+
+
+def test_a_refusal_on_rank_0_stops_every_process_with_one_line(assets, tmp_path):
+    """Under torchrun rank 0 decides for all: an --output that is not a token file is refused on every process
+    (exit 2, the reason), and the file is left as it was."""
+    meta = _many_rows(tmp_path, n=6)
+    out = tmp_path / "notes.hdf5"
+    out.write_text("someone's notes")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "pretokenize.py", "--train_data", str(meta), "--output", str(out), "--device", "cpu",
+                           "--text_tokenizer", str(assets["text_tokenizer"]), "--mimi_weights", str(assets["mimi"])],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode != 0 and out.read_text() == "someone's notes"
+    assert done.stderr.count("is not a token file written by pretokenize.py") == 2  # each rank says why
+
+
+def test_chunks_another_node_could_not_write_here_are_one_line(tmp_path):
+    """With several nodes every process writes its chunks under the output's folder: rank 0 finding one missing
+    (a folder that is not shared) refuses to write the file, naming the chunk."""
+    from csm.data import encode_dataset
+
+    work = tmp_path / "o.hdf5.partial"
+    work.mkdir()
+    with pytest.raises(UserError, match=r"lacks 2 chunk\(s\) the other processes wrote \(first: train_000000"):
+        encode_dataset._finish(None, tmp_path / "o.hdf5", work, {"train": 2}, {}, None, {}, world_size=2)
+    assert not (tmp_path / "o.hdf5").exists()
