@@ -399,7 +399,13 @@ def content_digest(obj) -> str:
     h = hashlib.sha256()
 
     def walk(x):
-        if isinstance(x, torch.Tensor):
+        if isinstance(x, torch.Tensor) and hasattr(x, "__tensor_flatten__"):
+            # A tensor subclass (torchao's quantized optimizer states): its inner tensors and its metadata.
+            names, meta = x.__tensor_flatten__()
+            h.update(f"S{type(x).__name__}{meta!r}{tuple(x.shape)}".encode())
+            for name in names:
+                walk(getattr(x, name))
+        elif isinstance(x, torch.Tensor):
             t = x.detach().cpu().contiguous()
             h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")

@@ -17,7 +17,7 @@ from csm.model.adapters import FINETUNE_MODES, FREEZABLE, LORA_TARGETS, MODULES_
 from csm.data.context import CONTEXT_LOSSES, CONTEXT_MODES
 from csm.judging.metrics import SELECTS_BEST
 from csm.training.objectives import OBJECTIVES
-from csm.training.optim import LR_DECAYS, OPTIMIZERS
+from csm.training.optim import COMPENSATIONS, LR_DECAYS, OPTIMIZER_STATES, OPTIMIZERS, WEIGHT_DTYPES
 from csm.training.parallel import DISTRIBUTED
 from csm.judging.speech_metrics import DEFAULT_ASR, DEFAULT_SPEAKER_MODEL
 from csm.training.tracking import WANDB_MODES
@@ -113,6 +113,21 @@ class TrainConfig:
     adam_eps: float = _f(1e-8, "AdamW epsilon.", gt=0)
     optimizer: str = _f("adamw", "adamw (fused on CUDA) or adamw8bit (bitsandbytes, CUDA only).", choices=OPTIMIZERS)
     max_grad_norm: float = _f(1.3, "Clip the global gradient norm to this (0 disables clipping).", min=0)
+    # --- low-memory full finetuning (see README: a full finetune on a 12 GB card)
+    weight_dtype: str = _f("fp32", "fp32: fp32 weights (autocast computes in bf16 on a GPU); bf16: the weights "
+                           "themselves in bf16, 2 bytes each, updated as `bf16_compensation` says (needs precision: "
+                           "bf16).", choices=WEIGHT_DTYPES)
+    bf16_compensation: str = _f("stochastic_rounding",
+                                "How bf16 weights keep updates smaller than their precision: stochastic_rounding "
+                                "(torchao: each weight rounds up or down with the odds of the exact value), kahan "
+                                "(torch-optimi: a bf16 buffer keeps what rounding lost), or none (plain bf16, which "
+                                "loses them; for comparison).", choices=COMPENSATIONS)
+    optimizer_states: str = _f("full", "AdamW's two moments: full (the weights' dtype), 8bit or 4bit (torchao's "
+                               "block-quantized states; tensors under 4096 values stay full).",
+                               choices=OPTIMIZER_STATES)
+    optimizer_in_backward: bool = _f(False, "Step each weight as soon as backward completes its gradient, then free "
+                                     "the gradient, so the whole model's gradients never exist at once. Needs "
+                                     "grad_acc_steps 1, max_grad_norm 0 and one process.")
     warmup_steps: int = _f(1000, "Optimizer steps of linear warmup.", min=0)
     lr_decay: str = _f("linear", "Decay after warmup, reaching its end value at the last step.", choices=LR_DECAYS)
     min_lr_ratio: float = _f(0.0,
@@ -349,6 +364,7 @@ def make_config(values: dict, source: str = "config") -> TrainConfig:
                             "adapters and lora_modules_to_save")
         if not cfg.lora_targets:
             raise UserError("finetune: lora needs at least one name in lora_targets")
+    check_low_memory(cfg)
     if cfg.select_best_by != "val_loss" and not cfg.eval_every:
         raise UserError(f"select_best_by: {cfg.select_best_by} needs the quality evaluation: set eval_every > 0")
     if not cfg.eval_language.strip():
@@ -364,6 +380,34 @@ def make_config(values: dict, source: str = "config") -> TrainConfig:
         raise UserError(f"max_tokens ({cfg.max_tokens}) must be at least max_seq_len "
                         f"({cfg.max_seq_len}) so every example fits")
     return cfg
+
+
+def check_low_memory(cfg: TrainConfig) -> None:
+    """The low-memory keys' combinations that cannot train as asked, refused before anything loads (the device and
+    the process count are checked once they are known: optim.check_low_memory_launch)."""
+    low = cfg.weight_dtype == "bf16" or cfg.optimizer_states != "full" or cfg.optimizer_in_backward
+    if cfg.weight_dtype == "bf16" and cfg.precision in ("fp32", "fp16"):
+        raise UserError(f"weight_dtype: bf16 computes in bf16, not precision: {cfg.precision}: set precision: bf16")
+    if cfg.optimizer == "adamw8bit" and (cfg.weight_dtype == "bf16" or cfg.optimizer_states != "full"):
+        raise UserError("optimizer: adamw8bit is bitsandbytes' 8-bit AdamW for fp32 weights; for bf16 weights or "
+                        "optimizer_states 8bit/4bit use optimizer: adamw (the states come from torchao)")
+    if cfg.bf16_compensation == "kahan" and cfg.weight_dtype == "bf16" and cfg.optimizer_states != "full":
+        raise UserError(f"bf16_compensation: kahan comes from torch-optimi, whose AdamW keeps full states: use "
+                        f"bf16_compensation: stochastic_rounding with optimizer_states: {cfg.optimizer_states}")
+    if low and cfg.finetune == "lora":
+        raise UserError("weight_dtype, optimizer_states and optimizer_in_backward shrink a full finetune's state; "
+                        "LoRA's adapters are a few MiB, so they would save nothing: leave them at their defaults")
+    if cfg.optimizer_in_backward:
+        if cfg.grad_acc_steps > 1:
+            raise UserError(f"optimizer_in_backward steps each weight during backward, so gradients cannot "
+                            f"accumulate over grad_acc_steps {cfg.grad_acc_steps}: set grad_acc_steps: 1 and raise "
+                            "max_tokens (or batch_size) instead")
+        if cfg.max_grad_norm > 0:
+            raise UserError(f"optimizer_in_backward steps each weight before the global gradient norm is known, so "
+                            f"it cannot clip to max_grad_norm {cfg.max_grad_norm}: set max_grad_norm: 0")
+        if cfg.optimizer == "adamw8bit":
+            raise UserError("optimizer_in_backward steps one weight at a time with torch's or torchao's AdamW; for "
+                            "8-bit states set optimizer: adamw and optimizer_states: 8bit")
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> dict:

@@ -47,7 +47,7 @@ from csm.judging.evaluation import (
 from csm.model.hf_export import csm_tokenizer, DEFAULT_CODEC, export_transformers
 from csm.judging.metrics import QUALITY, lower_is_better
 from csm.training.objectives import make_objective, move_batch, validate, validation_sums
-from csm.training.optim import make_optimizer, make_scheduler
+from csm.training.optim import StepInBackward, cast_weights, make_optimizer, make_scheduler
 from csm.training.tracking import Tracker, make_tracker
 from csm.system.runtime import print0, seed_everything
 from csm.system.errors import UserError
@@ -106,6 +106,7 @@ def train_step(loss_model: nn.Module, micro_batches: list, cfg: TrainConfig, rt:
     pairs; summed over micro-batches and ranks), then clip and step. Returns the step's metrics: the objective's
     (objectives.py) and the step's own."""
     objective = make_objective(cfg, num_codebooks)
+    in_backward = isinstance(optimizer, StepInBackward)
     # Everything that depends on the batch layout is read from the CPU copies of the masks; the step's
     # numbers stay on the device until one read at its end (`read_stats`: the step's only host-device sync, in one
     # process and under DDP or FSDP alike: the counts that normalise the loss are summed over processes on the
@@ -128,21 +129,26 @@ def train_step(loss_model: nn.Module, micro_batches: list, cfg: TrainConfig, rt:
         with gradient_sync(loss_model, last or not rt.distributed):
             with autocast(rt.device, precision):
                 loss, parts = objective.loss(loss_model, batch, plan, totals)
-            # DDP averages gradients over ranks; the loss is already a share of the global sum.
-            scaler.scale(loss * rt.world_size).backward()
+            # DDP averages gradients over ranks; the loss is already a share of the global sum. Stepped inside
+            # backward, a non-finite loss must stop before backward: there is no step to skip after it.
+            if not in_backward or torch.isfinite(loss):
+                scaler.scale(loss * rt.world_size).backward()
         stats[:n] += parts.double()
     stats[n:] += to_device(torch.tensor([real, padded], dtype=torch.float64), rt.device)
     if rt.distributed:
         dist.all_reduce(stats)
 
-    if scaler.is_enabled():
-        scaler.unscale_(optimizer)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
-    values = read_stats(torch.cat([stats, norm.detach().reshape(1).double()]))
+    if in_backward:  # every weight was stepped (or skipped, its gradient not finite) as backward went
+        norm, skipped = optimizer.take_grad_norm()
+    else:
+        if scaler.is_enabled():
+            scaler.unscale_(optimizer)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        norm, skipped = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")), 0
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
+    values = read_stats(torch.cat([stats, norm.detach().reshape(1).double().to(stats.device)]))
     named, (real, padded, grad_norm) = dict(zip(objective.stats, values[:n])), values[n:]
-    finite = math.isfinite(named["loss"]) and (math.isfinite(grad_norm) or scaler.is_enabled())
+    finite = math.isfinite(named["loss"]) and (math.isfinite(grad_norm) or scaler.is_enabled()) and not skipped
     if finite:
         # With fp16 the scaler itself skips steps whose gradients overflowed.
         scaler.step(optimizer)
@@ -372,6 +378,15 @@ def check_launch(cfg: TrainConfig) -> None:
 def run_precision(cfg: TrainConfig, rt: Runtime) -> str:
     """The run's precision (`auto` resolved for its device), refused where it would train wrongly."""
     precision = resolve_precision(cfg.precision, rt.device)
+    if cfg.weight_dtype == "bf16" and precision != "bf16":
+        raise UserError(f"weight_dtype: bf16 computes in bf16, and precision: auto picks {precision} on {rt.device}: "
+                        "set precision: bf16")
+    low = [k for k, on in (("weight_dtype: bf16", cfg.weight_dtype == "bf16"),
+                           (f"optimizer_states: {cfg.optimizer_states}", cfg.optimizer_states != "full"),
+                           ("optimizer_in_backward", cfg.optimizer_in_backward)) if on]
+    if low and rt.distributed:
+        raise UserError(f"{', '.join(low)} is tested in one process only, not with {rt.world_size} under "
+                        "torchrun: run one process, or use distributed: fsdp to spread the state over the GPUs")
     if precision == "fp16" and cfg.distributed == "fsdp" and rt.distributed:
         # The fp16 GradScaler decides per process whether gradients overflowed; sharded, the processes can decide
         # differently, and then some shards take a step that others skip.
@@ -461,7 +476,14 @@ def meta_parameters(args: ModelArgs) -> int:
 def check_disk_space(model: nn.Module, cfg: TrainConfig, out: Path) -> None:
     """Room for one checkpoint (weights + optimizer state), estimated from the parameter sizes."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    need = weights * (3 if cfg.optimizer == "adamw" else 1.6)  # AdamW keeps two fp32 states per weight
+    trained = [p for p in model.parameters() if p.requires_grad]
+    # AdamW's two moments per trained weight: in the weights' dtype, or quantized (8-bit: 2 bytes for both, 4-bit:
+    # 1, plus their block scales); Kahan summation keeps one more buffer in the weights' dtype.
+    per_state = {"full": None, "8bit": 1.1, "4bit": 0.6}[cfg.optimizer_states] or (
+        1.1 if cfg.optimizer == "adamw8bit" else None)
+    kahan = cfg.weight_dtype == "bf16" and cfg.bf16_compensation == "kahan"
+    need = weights + sum(p.numel() * (2 * (per_state or p.element_size()) + kahan * p.element_size())
+                         for p in trained)
     free = shutil.disk_usage(first_existing(out.absolute())).free
     if free < need:
         raise UserError(f"{out}: {free / 2**30:.1f} GiB free, but one checkpoint needs about {need / 2**30:.1f} GiB; "
@@ -673,7 +695,7 @@ def check_reference(cfg: TrainConfig, data: str, precision: str) -> None:
 def build_model_for(cfg: TrainConfig, rt: Runtime, base: Path | None, planned: ModelArgs | None, auto_cpu: bool,
                     data: RunData, out: Path) -> nn.Module:
     """The model to train: loaded or built, its finetune mode applied, checked against the data, set up to train."""
-    model = apply_finetune_mode(build_or_load_model(cfg, rt.device, base), cfg)
+    model = cast_weights(apply_finetune_mode(build_or_load_model(cfg, rt.device, base), cfg), cfg.weight_dtype)
     check_auto_cpu(count_parameters(model), auto_cpu and planned is None)
     k = model.config.audio_num_codebooks
     if data.train_set.num_codebooks != k:
@@ -778,7 +800,7 @@ def fit(run: Run, on_eval: Callable[[int, dict], None] | None, progress: bool) -
         while loop.step < run.total_steps:
             whole.drop()  # the previous step's whole copy (FSDP), before training needs the memory again
             t0 = time.perf_counter()
-            lr = run.optimizer.param_groups[0]["lr"]
+            lr = float(run.optimizer.param_groups[0]["lr"])  # torchao keeps it as a tensor
             stats = train_step(run.loss_model, [next(batches) for _ in range(cfg.grad_acc_steps)], cfg, rt,
                                run.precision, run.optimizer, run.scaler, run.generator, codebooks)
             if cfg.compile and loop.step == first_step:
