@@ -25,8 +25,9 @@ from csm.system.gpu_env import driver_advice, nvidia_driver
 # missing or broken one is that line's finding, not a crash.
 
 ROOT = Path(__file__).resolve().parent
-MODES = (("full, AdamW", "full", "adamw"), ("full, 8-bit AdamW", "full", "adamw8bit"),
-         ("LoRA r=16, AdamW", "lora", "adamw"))
+MODES = ("full, AdamW", "full, 8-bit AdamW", "LoRA r=16, AdamW",  # the memory guide's rows
+         "full, bf16 + stochastic rounding, 8-bit states, step in backward",
+         "full, bf16 + stochastic rounding, 8-bit states, step in backward, text embeddings frozen")
 
 
 def pins() -> list[tuple[str, str]]:
@@ -97,9 +98,8 @@ def max_tokens_lines(gpu_bytes: float) -> list[str]:
     if not guide:
         return ["    max_tokens: the memory guide (README.md) is not here"]
     parts = []
-    for label, mode, optimizer in MODES:
-        state = memory.state_bytes(mode, optimizer)
-        fits = [memory.max_tokens(gpu_bytes, state, *guide[label + suffix]) for suffix in ("", ", checkpointing")]
+    for label in MODES:
+        fits = [memory.max_tokens(gpu_bytes, *guide[label + suffix]) for suffix in ("", ", checkpointing")]
         parts.append(f"{label} {f'{fits[0]:,}' if fits[0] else 'does not fit'}"
                      + (f" ({fits[1]:,} with activation checkpointing)" if fits[1] else ""))
     return ["    largest max_tokens (from the memory guide's figures; a planning estimate): " + "; ".join(parts)]

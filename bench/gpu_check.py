@@ -1,7 +1,7 @@
 """GPU acceptance check: every CUDA path of the toolkit in one run, each row in a process of its own.
 
     python bench/gpu_check.py --output gpu_check_out            (or: make gpu-check)
-    python bench/gpu_check.py --output gpu_check_out --part 1   (then --part 2: one part per short GPU window)
+    python bench/gpu_check.py --output gpu_check_out --part 1   (then --part 2, --part 3: one part per command)
     python bench/gpu_check.py --output /tmp/x --device cpu --quick   (what the test suite runs)
 
 Rows: a tiny model trained a few steps in bf16, fp16 (GradScaler), with fused AdamW, compile: true, activation
@@ -11,10 +11,12 @@ loader workers with pinned batches and the host-device syncs of a step; generate
 pretokenize.py on the device (batched Mimi codes against CPU-encoded ones); CSM-1B and the full-size Mimi with
 random weights (bench/train_step.py's rows, MFU, peak memory beside bench/memory.py's prediction, Mimi encode
 throughput at batch 1 and 16, generation RTF eager and compiled); the compiled frame step against the eager one
-(greedy codes equal); 8-bit AdamW when bitsandbytes is installed.
+(greedy codes equal); 8-bit AdamW when bitsandbytes is installed; configs/finetune_12gb.yaml's low-memory recipe on
+CSM-1B (torchao's compiled 8-bit update), its peak beside the prediction and its speed beside fp32-weight AdamW.
 
-The CSM-1B rows run first (part 1), the tiny model's after them (part 2); `--part 1` and `--part 2` run one each, so
-that each fits one 10-minute command, and the second adds its rows to the first's report in the same --output. Each
+The CSM-1B rows run first (part 1), the tiny model's after them (part 2), the low-memory recipe last (part 3);
+`--part N` runs one part, so that each fits one 10-minute command, and a later part adds its rows to the earlier
+parts' report in the same --output. Each
 row runs in a forked process with a time limit on the GPU (ROWS; a part's limits add up to its budget), so a
 failing, hanging or crashing row never stops the others; the report (gpu_check.md, gpu_check.json, gpu_check.log
 with each row's output) is written when all have run. Exit status: 0 when no row failed, 1 when one did, 2 for bad
@@ -47,7 +49,7 @@ sys.path.append(str(ROOT / "bench"))  # after the project's own modules
 
 # What a stock PyTorch image has (with what those packages need), and what `make wheelhouse` adds for this check.
 STOCK = ("torch", "transformers", "peft", "safetensors", "h5py", "numpy", "pandas", "pyyaml", "tqdm")
-WHEELHOUSE = ("torchaudio", "soundfile", "cffi", "pycparser", "jiwer", "rapidfuzz", "click")
+WHEELHOUSE = ("torchaudio", "soundfile", "cffi", "pycparser", "jiwer", "rapidfuzz", "click", "torchao")
 
 SYNCS_PER_STEP = 1  # the step's one read of its numbers (training.read_stats); more is a regression
 CODE_FLIP_BOUND = 0.01  # at most this share of Mimi codes may differ between CUDA and CPU encoding (near-ties)
@@ -467,6 +469,15 @@ def row_csm1b_train(ctx: Context):
                         "csm1b_train")
 
 
+def row_csm1b_low_memory(ctx: Context):
+    """configs/finetune_12gb.yaml's recipe on CSM-1B: its measured peak beside bench/memory.py's prediction, and its
+    speed beside the fp32-weight AdamW row, measured in the same call. On a GPU torchao compiles its 8-bit update
+    (Triton) for each weight's shape, the first step."""
+    import train_step
+
+    return _csm1b_train(ctx, ["1B, bf16, fused AdamW", train_step.LOW_MEMORY_RUN], "csm1b_low_memory")
+
+
 def row_csm1b_compile(ctx: Context):
     """The same with compile: true, apart: compiling CSM-1B takes the most time of any row."""
     if not ctx.cuda:
@@ -618,8 +629,12 @@ ROWS = [
     ("pretokenize", "torchrun pretokenize.py, a process per GPU, vs CPU codes", row_pretokenize, 2, 21),
     ("compile", "tiny model, compile: true", row_compile, 2, 40),
     ("adamw8bit", "tiny model, 8-bit AdamW", row_adamw8bit, 2, 10),
+    ("csm1b_low_memory", "CSM-1B, the 12 GB recipe (bf16 + stochastic rounding, 8-bit states, step in backward) "
+     "beside fp32-weight AdamW", row_csm1b_low_memory, 3, 240),
 ]
-PARTS = (1, 2)
+# Parts 1 and 2 fit one 15-minute GPU lease; part 3 (torchao compiles its update for each of CSM-1B's weight
+# shapes on its first step) is a lease of its own.
+PARTS = (1, 2, 3)
 PART_BUDGETS = {part: sum(limit for *_, p, limit in ROWS if p in (0, part)) for part in PARTS}
 
 
@@ -692,10 +707,11 @@ def earlier_part(path: Path, part: int | None) -> dict | None:
 
 
 def merge_parts(earlier: dict, report: dict) -> dict:
-    """One report of two parts: the rows in ROWS' order (this run's setup row), the details of both."""
+    """One report of the parts run so far: the rows in ROWS' order (this run's setup row), every part's details."""
     order = {name: i for i, (name, *_) in enumerate(ROWS)}
     rows = [r for r in earlier["rows"] if r["row"] != "setup"] + report["rows"]
-    env = {**report["env"], "parts": "1 and 2"}
+    parts = sorted({r["part"] for r in rows if r["row"] != "setup"})
+    env = {**report["env"], "parts": ", ".join(map(str, parts))}
     return {"env": env, "rows": sorted(rows, key=lambda r: order.get(r["row"], len(order))),
             "details": earlier.get("details", []) + report["details"]}
 

@@ -8,7 +8,12 @@ the cost splits into a part per frame and a fixed part (the bf16 copies autocast
 With activation checkpointing, one backbone layer's activations are added: backward runs each layer
 again and holds its activations while it does.
 State: fp32 weights, gradients of what trains, and optimizer states (AdamW 8 bytes a trained parameter,
-8-bit AdamW 2), counted from the real model's parameters.
+8-bit AdamW 2), counted from the real model's parameters. For the low-memory recipes (bf16 weights, torchao's
+8-bit states, the step in backward) the optimizer's state is counted from the real optimizer's state tensors
+after one step on a tensor of each parameter's shape (a table's rows cut to 4096 and its state scaled up by
+the rows cut: quantized states are block-wise, so their size follows the number of values); the weights are
+bf16, and of the gradients only the largest single one is held at a time. Their activations and transient are
+measured on bf16 weights (no bf16 copies of the weights for autocast to make).
 The largest transient: the frame embedding's fp32 [frames, K+1, dim] buffer (the gathered entries in forward, their
 gradient in backward), measured as the peak resident memory of the embedding at CSM-1B's real tables, per frame.
 With checkpointing it is of the size of all the saved activations, so it cannot be left out. It is added to them
@@ -37,13 +42,19 @@ from csm.model import adapters  # noqa: E402
 from csm.training import config  # noqa: E402
 from csm.model.csm_model import CSM, FLAVORS, ModelArgs  # noqa: E402
 from csm.training.loss import compute_loss  # noqa: E402
+from csm.training.optim import cast_weights  # noqa: E402
 
 GIB = 2**30
-GPU_SIZES_GB = (16, 24, 40, 80)
+GPU_SIZES_GB = (8, 12, 16, 24, 40, 80)
 OVERHEAD = 1.10  # allocator fragmentation and short-lived buffers, on top of what is counted
 CUDA_CONTEXT_GIB = 0.5  # an estimate (the driver's context and the kernels it loads): nothing here measures it
 README_MARKERS = ("<!-- memory:start -->", "<!-- memory:end -->")
-MODES = {"full": {}, "lora": {"finetune": "lora"}}
+MODES = {"full": {}, "lora": {"finetune": "lora"}, "frozen_text": {"freeze": ["text_embeddings"]}}
+# The low-memory recipe (configs/finetune_12gb.yaml without its activation checkpointing, which the table varies).
+LOW_MEMORY = {"weight_dtype": "bf16", "bf16_compensation": "stochastic_rounding", "optimizer_states": "8bit",
+              "optimizer_in_backward": True, "max_grad_norm": 0.0, "precision": "bf16"}
+RECIPES = {"adamw": {}, "adamw8bit": {"optimizer": "adamw8bit"}, "low_memory": LOW_MEMORY}
+MEASURED_ROWS = 4096  # a table's rows are cut to this when its optimizer state is measured
 
 
 def saved_bytes(model, frames: int, checkpointing: bool) -> int:
@@ -68,9 +79,10 @@ def saved_bytes(model, frames: int, checkpointing: bool) -> int:
     return sum(seen.values())
 
 
-def _measure(backbone_layers: int, decoder_layers: int, mode: str, short: int, long: int) -> dict:
+def _measure(backbone_layers: int, decoder_layers: int, mode: str, short: int, long: int,
+             weight_dtype: str = "fp32") -> dict:
     """Saved bytes at the two lengths, without and with checkpointing, of one model (built once)."""
-    model = build(backbone_layers, decoder_layers, mode)
+    model = cast_weights(build(backbone_layers, decoder_layers, mode), weight_dtype)
     return {cp: [saved_bytes(model, n, cp) for n in (short, long)] for cp in (False, True)}
 
 
@@ -85,41 +97,87 @@ def build(backbone_layers: int, decoder_layers: int, mode: str) -> CSM:
 
 
 @functools.lru_cache(maxsize=None)
-def measurements(mode: str, short: int, long: int) -> tuple[dict, dict, dict]:
+def measurements(mode: str, short: int, long: int, weight_dtype: str = "fp32") -> tuple[dict, dict, dict]:
     """The 1+1, 2+1 and 1+2 layer models, each in a process of its own (a 1B-wide model is over 1 GB;
     freed for sure when its process ends)."""
     def measure(b, d):
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return pool.submit(_measure, b, d, mode, short, long).result()
+            return pool.submit(_measure, b, d, mode, short, long, weight_dtype).result()
 
     return measure(1, 1), measure(2, 1), measure(1, 2)
 
 
-def activation_model(mode: str, checkpointing: bool, short: int, long: int) -> tuple[float, float]:
+def activation_model(mode: str, checkpointing: bool, short: int, long: int,
+                     weight_dtype: str = "fp32") -> tuple[float, float]:
     """(bytes per frame, fixed bytes) of CSM-1B's saved activations, from 1- and 2-layer models."""
-    base, more_b, more_d = (m[checkpointing] for m in measurements(mode, short, long))
+    base, more_b, more_d = (m[checkpointing] for m in measurements(mode, short, long, weight_dtype))
     full = FLAVORS["llama-1B"].num_layers, FLAVORS["llama-100M"].num_layers
     at = [base[i] + (full[0] - 1) * (more_b[i] - base[i]) + (full[1] - 1) * (more_d[i] - base[i]) for i in range(2)]
     if checkpointing:
         # In backward, one backbone layer at a time is run again and its activations held: add one layer's
         # activations as measured without checkpointing.
-        plain = measurements(mode, short, long)
+        plain = measurements(mode, short, long, weight_dtype)
         at = [at[i] + plain[1][False][i] - plain[0][False][i] for i in range(2)]
     per_frame = (at[1] - at[0]) / (long - short)
     return per_frame, at[0] - per_frame * short
 
 
-def state_bytes(mode: str, optimizer: str) -> float:
+def csm1b(mode: str, recipe: str) -> CSM:
+    """CSM-1B on the meta device (nothing allocated), its finetune mode applied and its weights in the recipe's
+    dtype."""
+    cfg = config.make_config({"wandb_mode": "disabled", **MODES[mode], **RECIPES[recipe]})
     with torch.device("meta"):
-        model = adapters.apply_finetune_mode(CSM(ModelArgs()), config.make_config({"wandb_mode": "disabled",
-                                                                                      **MODES[mode]}))
+        return cast_weights(adapters.apply_finetune_mode(CSM(ModelArgs()), cfg), cfg.weight_dtype)
+
+
+def state_bytes(mode: str, optimizer: str) -> float:
+    """Weights, gradients and optimizer state of CSM-1B for a finetune mode and a recipe (RECIPES): counted from
+    the parameters for AdamW and bitsandbytes' 8-bit AdamW, from the real optimizer's states for the low-memory
+    recipe (`measured_state_bytes`)."""
+    model = csm1b(mode, optimizer)
     total = sum(p.numel() for p in model.parameters())
     trained = adapters.count_trainable(model)
-    return 4 * total + 4 * trained + (8 if optimizer == "adamw" else 2) * trained
+    if optimizer != "low_memory":
+        return 4 * total + 4 * trained + (8 if optimizer == "adamw" else 2) * trained
+    params = list(model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in params)
+    largest_gradient = max(p.numel() * p.element_size() for p in params if p.requires_grad)
+    return weights + largest_gradient + measured_state_bytes(mode, optimizer)
+
+
+def measured_state_bytes(mode: str, recipe: str) -> float:
+    """The optimizer state of CSM-1B's trained parameters, each counted from the real optimizer's state tensors
+    after one step on a tensor of that parameter's shape and dtype (rows cut to MEASURED_ROWS, the state scaled up
+    by the same factor); shapes repeat, so each is stepped once."""
+    model = csm1b(mode, recipe)
+    shapes: dict[tuple, int] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            key = (tuple(p.shape), p.dtype, p.ndim >= 2)
+            shapes[key] = shapes.get(key, 0) + 1
+    return sum(count * _state_of_shape(recipe, *key) for key, count in shapes.items())
+
+
+@functools.lru_cache(maxsize=None)
+def _state_of_shape(recipe: str, shape: tuple, dtype: torch.dtype, decays: bool) -> float:
+    from csm.training.optim import make_optimizer, optimizer_state_bytes
+
+    rows = min(shape[0], MEASURED_ROWS)
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(torch.randn(rows, *shape[1:]).mul(0.02).to(dtype))
+    cfg = config.make_config({"wandb_mode": "disabled", **RECIPES[recipe], "optimizer_in_backward": False,
+                              "weight_decay": 0.002 if decays else 0.0})
+    optimizer = make_optimizer(holder, cfg, torch.device("cpu"))
+    holder.weight.grad = torch.randn_like(holder.weight).mul(1e-3)
+    optimizer.step()
+    return optimizer_state_bytes(optimizer) * shape[0] / rows
 
 
 ROWS = (("full", "adamw", "full, AdamW"), ("full", "adamw8bit", "full, 8-bit AdamW"),
-        ("lora", "adamw", "LoRA r=16, AdamW"))
+        ("lora", "adamw", "LoRA r=16, AdamW"),
+        ("full", "low_memory", "full, bf16 + stochastic rounding, 8-bit states, step in backward"),
+        ("frozen_text", "low_memory", "full, bf16 + stochastic rounding, 8-bit states, step in backward, text "
+                                      "embeddings frozen"))
 HEAD = ("| CSM-1B, bf16 autocast | state GiB | activations MiB/frame | fixed activations GiB | transient MiB/frame | "
         + " | ".join(f"max_tokens, "
                      f"{gb} GB" for gb in GPU_SIZES_GB) + " |\n|---|---|---|---|---|" + "---|" * len(GPU_SIZES_GB))
@@ -128,8 +186,9 @@ HEAD = ("| CSM-1B, bf16 autocast | state GiB | activations MiB/frame | fixed act
 def row(mode: str, optimizer: str, label: str, checkpointing: bool, short: int, long: int) -> str:
     """One line of the table: the state, the activations and the largest max_tokens per GPU size."""
     state = state_bytes(mode, optimizer)
-    per_frame, fixed = activation_model(mode, checkpointing, short, long)
-    transient = transient_per_frame()
+    weight_dtype = config.make_config({"wandb_mode": "disabled", **RECIPES[optimizer]}).weight_dtype
+    per_frame, fixed = activation_model(mode, checkpointing, short, long, weight_dtype)
+    transient = transient_per_frame(weight_dtype=weight_dtype, text_trains=mode != "frozen_text")
     fits = [max_tokens(gb * 1e9, state, per_frame, fixed, transient) for gb in GPU_SIZES_GB]
     fits = [f"{n:,}" if n else "does not fit" for n in fits]
     return (f"| {label}{', checkpointing' if checkpointing else ''} | {state / GIB:.1f} | "
@@ -151,28 +210,32 @@ def max_tokens(gpu_bytes: float, state: float, per_frame: float, fixed: float, t
     return frames or None
 
 
-def read_guide(readme: str) -> dict[str, tuple[float, float, float]]:
-    """{row label: (activation bytes per frame, fixed activation bytes, transient bytes per frame)} from the README's
-    memory table, which this script wrote: the measured figures, for tools that cannot measure them again
-    (doctor.py)."""
+def read_guide(readme: str) -> dict[str, tuple[float, float, float, float]]:
+    """{row label: (state bytes, activation bytes per frame, fixed activation bytes, transient bytes per frame)} from
+    the README's memory table, which this script wrote: the measured figures, for tools that cannot measure them
+    again (doctor.py)."""
     start, end = README_MARKERS
     if start not in readme or end not in readme:
         return {}
     rows = readme.split(start)[1].split(end)[0].strip().splitlines()[2:]
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
-    return {c[0]: (float(c[2]) * 2**20, float(c[3]) * GIB, float(c[4]) * 2**20) for c in cells if len(c) >= 5}
+    return {c[0]: (float(c[1]) * GIB, float(c[2]) * 2**20, float(c[3]) * GIB, float(c[4]) * 2**20)
+            for c in cells if len(c) >= 5}
 
 
 @functools.lru_cache(maxsize=None)
-def transient_per_frame(batch: int = 16, length: int = 256) -> float:
+def transient_per_frame(batch: int = 16, length: int = 256, weight_dtype: str = "fp32",
+                        text_trains: bool = True) -> float:
     """Bytes per frame of the largest short-lived buffer of a step: the frame embedding's peak above what it
-    starts with, in forward, or in backward less the two tables' gradients (counted in the state), whichever is
-    larger; measured at CSM-1B's real tables, in a process of its own."""
+    starts with, in forward, or in backward less the tables' gradients (counted in the state), whichever is
+    larger; measured at CSM-1B's real tables in the weights' dtype, in a process of its own."""
     args = ModelArgs()
     dim = FLAVORS[args.backbone_flavor].embed_dim
-    table_gradients = 4 * dim * (args.text_vocab_size + args.audio_vocab_size * args.audio_num_codebooks)
+    size = 2 if weight_dtype == "bf16" else 4
+    rows = args.text_vocab_size * text_trains + args.audio_vocab_size * args.audio_num_codebooks
+    table_gradients = size * dim * rows
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        forward, backward = pool.submit(_embedding_peaks, "this", batch, length).result()
+        forward, backward = pool.submit(_embedding_peaks, "this", batch, length, weight_dtype, text_trains).result()
     return max(forward, backward - table_gradients) / (batch * length)
 
 
@@ -207,9 +270,10 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
 
 
-def _embedding_peaks(variant: str, batch: int, length: int) -> tuple[int, int]:
+def _embedding_peaks(variant: str, batch: int, length: int, weight_dtype: str = "fp32",
+                     text_trains: bool = True) -> tuple[int, int]:
     """Peak resident bytes above the start of the frame embedding's forward, and of its backward (which
-    allocates the two tables' gradients), at CSM-1B's real tables and width, fp32 as the model keeps them."""
+    allocates the tables' gradients), at CSM-1B's real tables and width, in the weights' dtype."""
     from types import SimpleNamespace
 
     from csm.model.csm_model import embed_frames
@@ -220,11 +284,13 @@ def _embedding_peaks(variant: str, batch: int, length: int) -> tuple[int, int]:
     shell = SimpleNamespace(config=args, text_embeddings=torch.nn.Embedding(args.text_vocab_size, dim),
                             audio_embeddings=torch.nn.Embedding(args.audio_vocab_size * k, dim))
     shell._embed_tokens = lambda tokens: CSM._embed_tokens(shell, tokens)
+    cast_weights(shell.text_embeddings, weight_dtype), cast_weights(shell.audio_embeddings, weight_dtype)
+    shell.text_embeddings.weight.requires_grad_(text_trains)
     tokens = torch.randint(0, 2048, (batch, length, k + 1))
     mask = torch.zeros(batch, length, k + 1, dtype=torch.bool)
     mask[:, : length // 4, k] = True  # text frames, then audio frames (docs/formats.md)
     mask[:, length // 4:, :k] = True
-    upstream = torch.randn(batch, length, dim)
+    upstream = torch.randn(batch, length, dim, dtype=shell.audio_embeddings.weight.dtype)
     embed = {"official": official_frame_embedding, "previous": previous_frame_embedding, "this": embed_frames}[variant]
     peaks = []
     for attempt in range(2):  # the first pass pages in the tables and the allocator's arenas

@@ -43,7 +43,8 @@ def measure(data: Path, device: torch.device, args: ModelArgs, steps: int, warmu
                               "decoder_flavor": args.decoder_flavor, "text_vocab_size": args.text_vocab_size,
                               "learning_rate": 1e-4, "warmup_steps": 0, "wandb_mode": "disabled", **settings})
     torch.manual_seed(0)
-    model = adapters.apply_finetune_mode(weights.build_model(args, device=device), cfg)
+    model = optim.cast_weights(adapters.apply_finetune_mode(weights.build_model(args, device=device), cfg),
+                               cfg.weight_dtype)
     model.set_activation_checkpointing(cfg.activation_checkpointing)
     model.set_compile(cfg.compile)
     model.train()
@@ -67,8 +68,7 @@ def measure(data: Path, device: torch.device, args: ModelArgs, steps: int, warmu
     finally:
         loss.embed_frames = kept
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    optimizer_bytes = sum(v.numel() * v.element_size() for state in optimizer.state.values()
-                          for v in state.values() if torch.is_tensor(v))
+    optimizer_bytes = optim.optimizer_state_bytes(optimizer)
     result = {"frames_per_s": frames / elapsed, "peak_gb": peak, "precision": precision,
               "trainable": adapters.count_trainable(model), "params": sum(p.numel() for p in model.parameters()),
               "optimizer_bytes": optimizer_bytes}
@@ -199,11 +199,11 @@ def predicted_peak_gib(mode: str, optimizer: str, checkpointing: bool, frames: i
 
     label = next(label for m, o, label in memory.ROWS if (m, o) == (mode, optimizer))
     guide = memory.read_guide((ROOT / "README.md").read_text())
-    per_frame, fixed, transient = guide[label + (", checkpointing" if checkpointing else "")]
-    return memory.peak_bytes(memory.state_bytes(mode, optimizer), per_frame, fixed, transient, frames,
-                             context=False) / 2**30
+    state, per_frame, fixed, transient = guide[label + (", checkpointing" if checkpointing else "")]
+    return memory.peak_bytes(state, per_frame, fixed, transient, frames, context=False) / 2**30
 
 
+LOW_MEMORY_RUN = "1B, bf16 weights + stochastic rounding, 8-bit states, step in backward, checkpointing"
 BIG_RUNS = [("1B, fp32, AdamW", {"precision": "fp32"}),
             ("1B, bf16, fused AdamW", {"precision": "bf16"}),
             ("1B, bf16, activation checkpointing", {"precision": "bf16", "activation_checkpointing": True}),
@@ -213,7 +213,11 @@ BIG_RUNS = [("1B, fp32, AdamW", {"precision": "fp32"}),
             ("1B, bf16, compile: true (after 3 warm-up steps)", {"precision": "bf16", "compile": True, "warmup": 3}),
             ("1B, bf16, grad_acc_steps=4", {"precision": "bf16", "grad_acc_steps": 4}),
             ("1B, bf16, previous frame embedding", {"precision": "bf16", "embedding": "previous"}),
-            ("1B, bf16, LoRA", {"precision": "bf16", "finetune": "lora"})]
+            ("1B, bf16, LoRA", {"precision": "bf16", "finetune": "lora"}),
+            # configs/finetune_12gb.yaml's recipe
+            (LOW_MEMORY_RUN, {"precision": "bf16", "weight_dtype": "bf16", "bf16_compensation": "stochastic_rounding",
+                              "optimizer_states": "8bit", "optimizer_in_backward": True, "max_grad_norm": 0.0,
+                              "activation_checkpointing": True})]
 DENSE_BF16 = {"h100 pcie": 756e12, "h100": 989e12, "h200": 989e12, "a100": 312e12}  # peak FLOP/s, vendor figures
 
 
@@ -236,8 +240,8 @@ def big_model_report(data: Path, device: torch.device, big: ModelArgs, steps: in
               "|---|---|---|"]
     for name, r in rows:
         if r["precision"] == "bf16":
-            predicted = predict("lora" if "LoRA" in name else "full", "adamw8bit" if "8-bit" in name else "adamw",
-                                "checkpointing" in name, 4096)
+            optimizer = "low_memory" if name == LOW_MEMORY_RUN else "adamw8bit" if "8-bit" in name else "adamw"
+            predicted = predict("lora" if "LoRA" in name else "full", optimizer, "checkpointing" in name, 4096)
             lines.append(f"| {name} | {predicted:.1f} | {r['peak_gb']:.1f} |")
     return "\n".join(lines)
 

@@ -151,7 +151,8 @@ class TrainConfig:
                           "gradients and optimizer states over them (FSDP2, full finetuning only).",
                           choices=DISTRIBUTED)
     compile: bool = _f(False, "torch.compile the transformer layers (dynamic shapes: one compilation serves every "
-                       "batch length); the first steps pay for compiling.")
+                       "batch length); the first steps pay for compiling. On the CPU it also compiles torchao's "
+                       "update (optimizer_states 8bit/4bit, stochastic rounding), which a GPU always compiles.")
     activation_checkpointing: bool = _f(False,
                                         "Recompute layer activations in backward: less "
                                         "activation memory for extra compute.")

@@ -48,7 +48,8 @@ def _adamw(groups: list[dict], cfg, device: torch.device) -> torch.optim.Optimiz
         optim = _library("torchao.optim", "torchao", f"optimizer_states: {cfg.optimizer_states}" if
                          cfg.optimizer_states != "full" else "bf16_compensation: stochastic_rounding")
         cls = {"8bit": optim.AdamW8bit, "4bit": optim.AdamW4bit, "full": optim._AdamW}[cfg.optimizer_states]
-        return _eager_on_cpu(cls(groups, **kw, bf16_stochastic_round=rounding), device)
+        optimizer = cls(groups, **kw, bf16_stochastic_round=rounding)
+        return optimizer if device.type == "cuda" or cfg.compile else _eager(optimizer)
     if bf16 and cfg.bf16_compensation == "kahan":
         optimi = _library("optimi", "torch-optimi", "bf16_compensation: kahan")
         # decouple_lr=False: weight decay scaled by the learning rate, as torch's AdamW does.
@@ -65,11 +66,9 @@ def _library(module: str, package: str, needed_by: str):
         raise UserError(f"{needed_by} needs {package}: pip install -r requirements.txt") from e
 
 
-def _eager_on_cpu(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.optim.Optimizer:
+def _eager(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """torchao compiles its update for each weight's shape. On a GPU that is its speed; on the CPU it is a C++
-    build of minutes for a step of milliseconds, so there the same update runs eagerly."""
-    if device.type == "cuda":
-        return optimizer
+    build of a minute or more, so there the same update runs eagerly (about 8x slower) unless `compile: true`."""
     step = optimizer.step
 
     def eager_step(self, *args, **kwargs):
@@ -136,6 +135,20 @@ class StepInBackward(torch.optim.Optimizer):
             o.load_state_dict(s)
         # Loading replaces each optimizer's group dicts: the schedule must reach the new ones.
         self.param_groups[:] = [g for o in self.optimizers for g in o.param_groups]
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by an optimizer's state tensors (each per-weight optimizer's, stepped in backward)."""
+    inner = optimizer.optimizers if isinstance(optimizer, StepInBackward) else [optimizer]
+    return sum(tensor_bytes(v) for o in inner for state in o.state.values() for v in state.values()
+               if isinstance(v, torch.Tensor))
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds; a tensor subclass (torchao's quantized states) counted by the tensors inside it."""
+    if hasattr(t, "__tensor_flatten__"):
+        return sum(tensor_bytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+    return t.numel() * t.element_size()
 
 
 def cast_weights(model: nn.Module, weight_dtype: str) -> nn.Module:
