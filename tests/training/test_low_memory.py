@@ -54,7 +54,8 @@ def test_updates_below_half_an_ulp_need_compensation():
     fp32 = _one({})
     assert fp32 == pytest.approx(1.0 - 1000 * 1e-4, rel=1e-4)
     assert _one({"weight_dtype": "bf16", "bf16_compensation": "none", "precision": "bf16"}) == 1.0
-    for compensation, states in (("stochastic_rounding", "full"), ("stochastic_rounding", "8bit"), ("kahan", "full")):
+    for compensation, states in (("stochastic_rounding", "full"), ("stochastic_rounding", "8bit"),
+                                 ("stochastic_rounding", "4bit"), ("kahan", "full")):
         moved = _one({"weight_dtype": "bf16", "bf16_compensation": compensation, "optimizer_states": states,
                       "precision": "bf16"})
         assert moved - 1.0 == pytest.approx(fp32 - 1.0, rel=0.03), (compensation, states)
@@ -101,8 +102,7 @@ def test_the_step_in_backward_is_the_step_after_it(assets, token_file):
     assert not torch.equal(after["codebook0_head.weight"], before["codebook0_head.weight"])
 
 
-@pytest.mark.parametrize("recipe", [LOW, {**LOW, "bf16_compensation": "kahan", "optimizer_states": "full"},
-                                    {"optimizer_states": "4bit"}])
+@pytest.mark.parametrize("recipe", [LOW, {**LOW, "bf16_compensation": "kahan", "optimizer_states": "full"}])
 def test_resume_is_bit_exact(assets, tmp_path, recipe):
     """A low-memory run stopped after step 3 and resumed equals the unbroken run bitwise: the weights (bf16, as
     saved), the quantized states, the Kahan buffers and the rounding's random numbers all come back."""
@@ -185,3 +185,23 @@ def test_a_sweep_can_search_the_low_memory_keys(tmp_path):
     with pytest.raises(UserError, match="sweep entry 'bf16_compensation' can produce a bad value: "
                                         "bf16_compensation: kahan comes from torch-optimi"):
         optuna_sweep.load_space(space, base)
+
+
+def test_a_short_run_of_the_compensated_recipes_learns_as_fp32_weights_do(assets, tmp_path):
+    """bench/low_memory.py in small: the tiny model, the same seed, batches and steps. With stochastic rounding or
+    Kahan summation (the step in backward) the validation loss ends within 2% of fp32 weights', and within a tenth
+    of how far fp32 weights' fell from step 6 to 12 (random codes leave little to learn, so 2% alone would be
+    easy). (Why plain bf16 falls short: test_updates_below_half_an_ulp_need_compensation.)"""
+    data = write_token_file(tmp_path / "d.hdf5", n_train=16, n_val=4)
+    common = dict(batch_size=4, max_steps=12, warmup_steps=2, learning_rate=3e-3, lr_decay="constant",
+                  max_grad_norm=0.0, val_every=6, save_every=0, log_every=6, decoder_fraction=1.0)
+    bf16 = dict(weight_dtype="bf16", precision="bf16", optimizer_in_backward=True)
+    val = {}
+    for name, recipe in (("fp32", {"precision": "bf16"}), ("rounding", bf16),
+                         ("kahan", {**bf16, "bf16_compensation": "kahan"})):
+        training.train(tiny_cfg(assets, **common, **recipe), data, tmp_path / name, device="cpu", progress=False)
+        val[name] = [m["val_loss"] for m in metrics(tmp_path / name) if "val_loss" in m]
+    fall = val["fp32"][0] - val["fp32"][-1]
+    assert fall > 0.02, val
+    for name in ("rounding", "kahan"):
+        assert abs(val[name][-1] - val["fp32"][-1]) <= min(0.02 * val["fp32"][-1], 0.1 * fall), val
