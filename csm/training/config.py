@@ -406,6 +406,9 @@ def check_low_memory(cfg: TrainConfig) -> None:
         if cfg.max_grad_norm > 0:
             raise UserError(f"optimizer_in_backward steps each weight before the global gradient norm is known, so "
                             f"it cannot clip to max_grad_norm {cfg.max_grad_norm}: set max_grad_norm: 0")
+        if cfg.precision == "fp16":
+            raise UserError("optimizer_in_backward steps each weight during backward, before fp16's GradScaler could "
+                            "unscale its gradient or skip an overflowing step: use precision: bf16 or fp32")
         if cfg.optimizer == "adamw8bit":
             raise UserError("optimizer_in_backward steps one weight at a time with torch's or torchao's AdamW; for "
                             "8-bit states set optimizer: adamw and optimizer_states: 8bit")

@@ -378,6 +378,9 @@ def check_launch(cfg: TrainConfig) -> None:
 def run_precision(cfg: TrainConfig, rt: Runtime) -> str:
     """The run's precision (`auto` resolved for its device), refused where it would train wrongly."""
     precision = resolve_precision(cfg.precision, rt.device)
+    if cfg.optimizer_in_backward and precision == "fp16":
+        raise UserError("optimizer_in_backward cannot work with fp16's GradScaler, and precision: auto picks fp16 on "
+                        "this GPU (it has no bf16): set precision: fp32")
     if cfg.weight_dtype == "bf16" and precision != "bf16":
         raise UserError(f"weight_dtype: bf16 computes in bf16, and precision: auto picks {precision} on {rt.device}: "
                         "set precision: bf16")

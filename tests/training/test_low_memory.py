@@ -136,6 +136,7 @@ def test_resume_is_bit_exact(assets, tmp_path, recipe):
     ({**LOW, "optimizer": "adamw8bit"}, "optimizer: adamw8bit is bitsandbytes' 8-bit AdamW for fp32 weights"),
     ({**LOW, "precision": "fp16"}, "weight_dtype: bf16 computes in bf16, not precision: fp16"),
     ({"optimizer_in_backward": True, "max_grad_norm": 0, "optimizer": "adamw8bit"}, "for 8-bit states set"),
+    ({"optimizer_in_backward": True, "max_grad_norm": 0, "precision": "fp16"}, "before fp16's GradScaler could"),
 ])
 def test_combinations_that_cannot_train_are_refused_in_one_line(values, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -147,6 +148,11 @@ def test_the_device_and_the_processes_are_checked_before_the_model_loads(assets,
     cfg = tiny_cfg(assets, **{**LOW, "precision": "auto"})
     with pytest.raises(UserError, match="precision: auto picks fp32 on cpu: set precision: bf16"):
         training.train(cfg, token_file, tmp_path / "a", device="cpu", progress=False)
+    gpu = runtime.Runtime(torch.device("cuda", 0))
+    monkeypatch.setattr(training, "resolve_precision", lambda precision, device: "fp16")  # a GPU without bf16
+    with pytest.raises(UserError, match="precision: auto picks fp16 on this GPU"):
+        training.run_precision(tiny_cfg(assets, optimizer_in_backward=True, max_grad_norm=0.0, precision="auto"), gpu)
+    monkeypatch.undo()
     rt = runtime.Runtime(torch.device("cpu"), rank=0, world_size=2, distributed=True)
     with pytest.raises(UserError, match="is tested in one process only, not with 2 under torchrun"):
         training.run_precision(tiny_cfg(assets, **LOW), rt)
