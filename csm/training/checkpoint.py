@@ -229,3 +229,42 @@ def prune_checkpoints(directory: Path, keep: int) -> None:
     """Delete all but the newest `keep` step checkpoints."""
     for old in sorted(directory.glob(STEP_GLOB))[:-keep]:
         old.unlink()
+
+
+# --------------------------------------------------------------------------- averaging
+
+
+def average_checkpoints(run_dir: Path, last: int) -> tuple[dict[str, torch.Tensor], dict, list[Path]]:
+    """The fp32 mean of the model weights in a run's last `last` step checkpoints (by step), with the first's state
+    (config, model_args, trainable_only) and the files averaged. Checkpoints that do not hold the same kind of
+    model (other shapes, finetune modes or configs) are refused in one line; so is a run with fewer checkpoints."""
+    directory = run_dir / "checkpoints"
+    if not directory.is_dir():
+        raise UserError(f"--model {run_dir} holds no checkpoints/ folder: give a training run's output directory")
+    paths = sorted(directory.glob(STEP_GLOB))[-last:]
+    if len(paths) < last:
+        raise UserError(f"--average_last {last}: {directory} holds {len(paths)} checkpoint(s); keep more with "
+                        "keep_checkpoints (or average fewer)")
+    first_path, first = paths[0], read_checkpoint(paths[0])
+    total = {k: v.float() for k, v in first["model"].items()}
+    for path in paths[1:]:
+        state = read_checkpoint(path)
+        for what in ("trainable_only", "model_args", "config"):
+            if state.get(what) != first.get(what):
+                differ = _differing(first.get(what), state.get(what)) if what == "config" else ""
+                raise UserError(f"{path.name} and {first_path.name} differ in {what.replace('_', ' ')}{differ}: "
+                                "only checkpoints of one run's settings can be averaged")
+        shapes = {k: tuple(v.shape) for k, v in state["model"].items()}
+        if shapes != {k: tuple(v.shape) for k, v in total.items()}:
+            raise UserError(f"{path.name} and {first_path.name} hold tensors of other names or shapes: only "
+                            "checkpoints of one model can be averaged")
+        for k, v in state["model"].items():
+            total[k] += v.float()
+    return {k: v / len(paths) for k, v in total.items()}, first, paths
+
+
+def _differing(a, b) -> str:
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return ""
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return f" ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})" if keys else ""
