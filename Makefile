@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/resample.py
 	$(BIN)/python bench/bench_generate.py
 	$(BIN)/python bench/bench_dpo.py
+	$(BIN)/python bench/low_memory.py
 
 # The GPU acceptance check, on a GPU machine with its own Python and PyTorch (no .venv needed; a missing
 # package comes from `make wheelhouse`, see the README). Writes gpu_check.md, .json and .log to GPU_CHECK_OUT.
