@@ -12,6 +12,11 @@ from csm.system.errors import UserError
 from csm.training import checkpoint, config, training
 
 
+@pytest.fixture(scope="module")
+def full_run(assets, tmp_path_factory):
+    return _run(assets, tmp_path_factory.mktemp("averaging"))
+
+
 def _run(assets, tmp_path, name="run", **overrides):
     data = write_token_file(tmp_path / "d.hdf5", n_train=8, n_val=2)
     cfg = config.make_config({"model": str(assets["model"]), "text_tokenizer": str(assets["text_tokenizer"]),
@@ -22,8 +27,8 @@ def _run(assets, tmp_path, name="run", **overrides):
     return tmp_path / name
 
 
-def test_the_average_of_two_checkpoints_is_their_mean_and_of_one_is_itself(assets, hf_dir, tmp_path):
-    run = _run(assets, tmp_path)
+def test_the_average_of_two_checkpoints_is_their_mean_and_of_one_is_itself(full_run, hf_dir, tmp_path):
+    run = full_run
     a, b = (torch.load(run / "checkpoints" / f"step_000000{s}.pt", weights_only=True)["model"] for s in (2, 4))
     assert export.main(["--model", str(run), "--average_last", "2", "--to", "official",
                         "--output", str(tmp_path / "avg")]) == 0
@@ -53,8 +58,9 @@ def test_a_lora_runs_averaged_adapters_are_merged_onto_its_base(assets, tmp_path
     assert changed and all(("attn" in k or "mlp" in k) for k in changed)  # only what LoRA adapts differs
 
 
-def test_checkpoints_of_other_settings_or_too_few_are_refused_in_one_line(assets, tmp_path):
-    run = _run(assets, tmp_path)
+def test_checkpoints_of_other_settings_or_too_few_are_refused_in_one_line(assets, full_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
     other = _run(assets, tmp_path, name="other", learning_rate=5e-4)
     shutil.copy(other / "checkpoints" / "step_0000004.pt", run / "checkpoints" / "step_0000006.pt")
     with pytest.raises(UserError, match=r"step_0000006.pt and step_0000004.pt differ in config \(learning_rate\)"):
