@@ -395,6 +395,9 @@ def check_low_memory(cfg: TrainConfig) -> None:
     if cfg.bf16_compensation == "kahan" and cfg.weight_dtype == "bf16" and cfg.optimizer_states != "full":
         raise UserError(f"bf16_compensation: kahan comes from torch-optimi, whose AdamW keeps full states: use "
                         f"bf16_compensation: stochastic_rounding with optimizer_states: {cfg.optimizer_states}")
+    if low and cfg.objective == "dpo":
+        raise UserError("weight_dtype, optimizer_states and optimizer_in_backward are for supervised finetuning "
+                        "(objective: sft); preference rounds train LoRA adapters (finetune: lora) or fp32 weights")
     if low and cfg.finetune == "lora":
         raise UserError("weight_dtype, optimizer_states and optimizer_in_backward shrink a full finetune's state; "
                         "LoRA's adapters are a few MiB, so they would save nothing: leave them at their defaults")

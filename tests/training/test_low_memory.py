@@ -133,6 +133,7 @@ def test_resume_is_bit_exact(assets, tmp_path, recipe):
     ({**LOW, "grad_acc_steps": 2}, "cannot accumulate over grad_acc_steps 2"),
     ({**LOW, "max_grad_norm": 1.0}, "cannot clip to max_grad_norm 1.0: set max_grad_norm: 0"),
     ({**LOW, "finetune": "lora"}, "LoRA's adapters are a few MiB"),
+    ({**LOW, "objective": "dpo"}, "are for supervised finetuning"),
     ({**LOW, "bf16_compensation": "kahan"}, "kahan comes from torch-optimi, whose AdamW keeps full states"),
     ({**LOW, "optimizer": "adamw8bit"}, "optimizer: adamw8bit is bitsandbytes' 8-bit AdamW for fp32 weights"),
     ({**LOW, "precision": "fp16"}, "weight_dtype: bf16 computes in bf16, not precision: fp16"),
