@@ -39,6 +39,7 @@ class LoopState:
     nonfinite_streak: int = 0
     # What picked best/ so far (select_best_by), as a score where lower is better (speaker_sim negated).
     best_score: float = float("inf")
+    best_ema_score: float = float("inf")  # the same for best_ema/ (ema_decay), by the average's val_loss
 
 
 def step_path(directory: Path, step: int) -> Path:
@@ -81,7 +82,7 @@ def _set_rng_state(state: dict, rt: Runtime) -> None:
 
 
 def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, loader, generator: torch.Generator,
-                    cfg, loop: LoopState, rt: Runtime) -> None:
+                    cfg, loop: LoopState, rt: Runtime, ema=None) -> None:
     """Write the full training state to `path` (rank 0 writes; every rank must call it)."""
     # Every rank draws its own decoder frames and its own GPU's dropout: keep each rank's, not just rank 0's.
     per_rank = [(generator.get_state(), _device_rng_state(rt))]
@@ -113,6 +114,8 @@ def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, loader, 
         "best_val_loss": loop.best_val_loss,
         "nonfinite_streak": loop.nonfinite_streak,
         "best_score": loop.best_score,
+        "ema": ema.state_dict() if ema is not None else None,
+        "best_ema_score": loop.best_ema_score,
         "best_by": cfg.select_best_by,
         "best_meaning": selection_meaning(cfg),
     }
@@ -154,7 +157,7 @@ def find_resume_checkpoint(resume: str, directory: Path) -> tuple[Path, dict] | 
 
 
 def restore_checkpoint(path: Path, state: dict, *, model, optimizer, scheduler, scaler, loader,
-                       generator: torch.Generator, cfg, rt: Runtime) -> LoopState:
+                       generator: torch.Generator, cfg, rt: Runtime, ema=None) -> LoopState:
     """Put every piece of a saved training state (as read_checkpoint returned it) back; returns the loop counters."""
     if len(state["rng"]["loss_generators"]) != rt.world_size:  # before anything that depends on it (the batches)
         raise UserError(f"{path} was saved by {len(state['rng']['loss_generators'])} process(es); "
@@ -171,6 +174,10 @@ def restore_checkpoint(path: Path, state: dict, *, model, optimizer, scheduler, 
         check_keys(model, clean_state_dict(state["model"]), path)  # a sharded model's shapes are the global ones
         load_full_state_dict(model, state["model"])
     load_optimizer_state_dict(model, optimizer, state["optimizer"])
+    if ema is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
+    elif ema is not None:
+        print0(f"note: {path} holds no weight average (ema_decay was 0): it starts from the resumed weights")
     scheduler.load_state_dict(state["scheduler"])
     restore_scaler(scaler, state["scaler"])
     changed = sorted(key for key, v in state["config"].items() if getattr(cfg, key, v) != v)
@@ -191,13 +198,16 @@ def restore_checkpoint(path: Path, state: dict, *, model, optimizer, scheduler, 
     now = selection_meaning(cfg)
     saved = state.get("best_meaning", now)
     meaning = [key for key in now if saved.get(key) != now[key]]
+    best_ema = state.get("best_ema_score", float("inf")) if state.get("ema") is not None else float("inf")
     if best_by != cfg.select_best_by or meaning:
         best_score = float("inf")
+    if meaning:
+        best_ema = float("inf")
     if meaning:
         best_val = float("inf")
         print0(f"note: {', '.join(f'{k} {saved.get(k)!r} -> {now[k]!r}' for k in meaning)} changes what "
                f"validation measures: best/ is chosen afresh from here")
-    return LoopState(state["step"], best_val, state["nonfinite_streak"], best_score)
+    return LoopState(state["step"], best_val, state["nonfinite_streak"], best_score, best_ema)
 
 
 # The config keys that decide what the validation numbers best/ is chosen by mean: the validation loss's terms and

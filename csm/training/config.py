@@ -16,6 +16,7 @@ import yaml
 from csm.model.adapters import FINETUNE_MODES, FREEZABLE, LORA_TARGETS, MODULES_TO_SAVE
 from csm.data.context import CONTEXT_LOSSES, CONTEXT_MODES
 from csm.judging.metrics import SELECTS_BEST
+from csm.training.ema import check_decay
 from csm.training.objectives import OBJECTIVES
 from csm.training.optim import COMPENSATIONS, LR_DECAYS, OPTIMIZER_STATES, OPTIMIZERS, WEIGHT_DTYPES
 from csm.training.parallel import DISTRIBUTED
@@ -199,6 +200,14 @@ class TrainConfig:
                             "normaliser, others its basic one.")
     select_best_by: str = _f("val_loss", "What picks best/: val_loss, or a quality metric (needs eval_every).",
                              choices=SELECTS_BEST)
+    # --- a moving average of the weights (see README: smoother voices)
+    ema_decay: float = _f(0.0, "Keep an exponential moving average of the trained weights, updated after every "
+                          "optimizer step with this decay (0: none; 0.999 averages about the last 1000 steps). The run "
+                          "then also writes best_ema/ (by the average's val_loss) and final_ema/.", min=0)
+    ema_start: int = _f(0, "Optimizer steps before the average begins; until then it is the weights themselves.",
+                        min=0)
+    ema_on_cpu: bool = _f(False, "Keep the average (fp32, 4 bytes a trained weight) in CPU memory instead of beside "
+                          "the weights.")
     # --- safety
     max_nonfinite_steps: int = _f(10, "Stop (with a checkpoint) after this many non-finite steps in a row.", min=1)
     # --- tracking
@@ -366,6 +375,14 @@ def make_config(values: dict, source: str = "config") -> TrainConfig:
         if not cfg.lora_targets:
             raise UserError("finetune: lora needs at least one name in lora_targets")
     check_low_memory(cfg)
+    if cfg.ema_decay:
+        check_decay(cfg.ema_decay)
+        if cfg.distributed == "fsdp":
+            raise UserError("ema_decay with distributed: fsdp is not supported yet (each process would keep its shard "
+                            "of the average): use distributed: ddp, or ema_decay: 0 and export.py --average_last")
+        if cfg.select_best_by != "val_loss":
+            raise UserError(f"ema_decay judges the average by val_loss only so far; select_best_by "
+                            f"{cfg.select_best_by} picks best/ but not best_ema/: set select_best_by: val_loss")
     if cfg.select_best_by != "val_loss" and not cfg.eval_every:
         raise UserError(f"select_best_by: {cfg.select_best_by} needs the quality evaluation: set eval_every > 0")
     if not cfg.eval_language.strip():

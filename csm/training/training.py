@@ -47,6 +47,7 @@ from csm.judging.evaluation import (
 from csm.model.hf_export import csm_tokenizer, DEFAULT_CODEC, export_transformers
 from csm.judging.metrics import QUALITY, lower_is_better
 from csm.training.objectives import make_objective, move_batch, validate, validation_sums
+from csm.training.ema import WeightEMA
 from csm.training.optim import StepInBackward, cast_weights, make_optimizer, make_scheduler
 from csm.training.tracking import Tracker, make_tracker
 from csm.system.runtime import print0, seed_everything
@@ -521,6 +522,7 @@ class Run:
     hf_exports: HFExports | None
     tracker: Tracker | None = None  # made once the run's first step is known (after a resume)
     val_sources: list[tuple[str, ResumableLoader]] = field(default_factory=list)  # several sources: each one's val
+    ema: WeightEMA | None = None  # the moving average of the trained weights (ema_decay)
 
     @property
     def objective(self):
@@ -534,7 +536,7 @@ class Run:
     def checkpoint_state(self) -> dict:
         """What save_checkpoint and restore_checkpoint take."""
         return dict(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-                    loader=self.train_loader, generator=self.generator, cfg=self.cfg, rt=self.rt)
+                    loader=self.train_loader, generator=self.generator, cfg=self.cfg, rt=self.rt, ema=self.ema)
 
     def save_checkpoint(self) -> None:
         save_checkpoint(step_path(self.checkpoints, self.loop.step), loop=self.loop, **self.checkpoint_state())
@@ -747,7 +749,9 @@ def setup_run(cfg: TrainConfig, data: str | list[str], out: Path, rt: Runtime, r
               torch.Generator().manual_seed(cfg.seed + rt.rank), LoopState(),
               tokenizer_dir=Path(text_tokenizer) if Path(text_tokenizer).is_dir() else None,
               samples=SampleWriter(cfg, out, speech), quality=quality, hf_exports=hf_exports,
-              val_sources=run_data.val_sources)
+              val_sources=run_data.val_sources,
+              ema=WeightEMA(model, cfg.ema_decay, cfg.ema_start, torch.device("cpu") if cfg.ema_on_cpu else None)
+              if cfg.ema_decay else None)
     found = find_resume_checkpoint(resume, run.checkpoints) if resume else None
     if resume and rt.distributed:
         check_same_resume_point(found, run.checkpoints, rt)
@@ -813,6 +817,8 @@ def fit(run: Run, on_eval: Callable[[int, dict], None] | None, progress: bool) -
                 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
                 run.scheduler.step()
             loop.step += 1
+            if run.ema is not None:
+                run.ema.update(loop.step)
             pbar.update(1)
             pbar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
             log_step(run, stats, lr, time.perf_counter() - t0)
@@ -880,6 +886,8 @@ def after_step(run: Run, whole: parallel.WholeModel, stopping: bool,
         best_model = whole.get()
         if rt.is_main:
             save_outputs(best_model, cfg, run.out, "best", run.tokenizer_dir, run.hf_exports, run.speakers)
+    if run.ema is not None and "val_loss" in evaluated:
+        ema_best(run, whole)
     if evaluated and on_eval is not None:
         on_eval(step, evaluated)
     if (cfg.save_every and step % cfg.save_every == 0) or last or stopping:
@@ -893,6 +901,21 @@ def after_step(run: Run, whole: parallel.WholeModel, stopping: bool,
     return evaluated.get("val_loss")
 
 
+def ema_best(run: Run, whole: parallel.WholeModel) -> None:
+    """The average's validation numbers (logged as ema_val_loss, ...), and best_ema/ when its val_loss is the
+    lowest yet. The average is swapped into the model for both, on every process (validation is collective)."""
+    with run.ema.swapped_in():
+        measured = {f"ema_{k}": v for k, v in validation(run).items()}
+        run.tracker.log(measured, run.loop.step)
+        if measured["ema_val_loss"] < run.loop.best_ema_score:  # NaN never becomes the best
+            run.loop.best_ema_score = measured["ema_val_loss"]
+            whole.drop()
+            model = whole.get()
+            if run.rt.is_main:
+                save_outputs(model, run.cfg, run.out, "best_ema", run.tokenizer_dir, run.hf_exports, run.speakers)
+            whole.drop()  # a gathered copy holds the average, not the weights
+
+
 def finish(run: Run, whole: parallel.WholeModel, final_val: float | None, stopped_early: bool) -> TrainResult:
     """final/ (unless stopped early), the tracker closed, and the run's last line."""
     cfg, rt, loop = run.cfg, run.rt, run.loop
@@ -900,6 +923,12 @@ def finish(run: Run, whole: parallel.WholeModel, final_val: float | None, stoppe
         final_model = whole.get()  # the last step's copy when it made one: the weights have not changed since
         if rt.is_main:
             save_outputs(final_model, cfg, run.out, "final", run.tokenizer_dir, run.hf_exports, run.speakers)
+        if run.ema is not None:
+            whole.drop()
+            with run.ema.swapped_in():
+                averaged = whole.get()
+                if rt.is_main:
+                    save_outputs(averaged, cfg, run.out, "final_ema", run.tokenizer_dir, run.hf_exports, run.speakers)
     whole.drop()
     run.tracker.finish()
     if rt.distributed:

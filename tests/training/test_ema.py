@@ -61,3 +61,91 @@ def test_only_what_trains_is_averaged_in_fp32():
 def test_bad_decays_are_refused_in_one_line(decay):
     with pytest.raises(UserError, match="ema_decay must be at least 0 and below 1"):
         WeightEMA(_model(), decay)
+
+
+# --------------------------------------------------------------------------- in training
+
+
+def _cfg(assets, **overrides):
+    from csm.training import config
+
+    return config.make_config({"model": str(assets["model"]), "text_tokenizer": str(assets["text_tokenizer"]),
+                               "mimi_weights": str(assets["mimi"]), "batch_size": 3, "learning_rate": 1e-3,
+                               "warmup_steps": 1, "max_steps": 6, "val_every": 2, "save_every": 3, "gen_every": 0,
+                               "log_every": 1, "wandb_mode": "disabled", "precision": "fp32", "seed": 0,
+                               "ema_decay": 0.8, "ema_start": 1, **overrides})
+
+
+def _metrics(out):
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("mode", [{}, {"finetune": "lora", "lora_rank": 4}])
+def test_a_run_with_an_average_writes_best_ema_and_final_ema_and_resumes_bitwise(assets, tmp_path, mode):
+    """best_ema/ and final_ema/ beside best/ and final/, in the same layout (a LoRA run's merged, its adapter
+    beside); the average's val_loss logged; killed after step 3 and resumed, final_ema/ equals the unbroken run's
+    bit for bit (the average is in every checkpoint)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from conftest import write_token_file
+    from csm.model import weights
+    from csm.training import training
+
+    data = write_token_file(tmp_path / "d.hdf5", n_train=10, n_val=3)
+    cfg = _cfg(assets, **mode)
+    full, part = tmp_path / "full", tmp_path / "part"
+    training.train(cfg, data, full, device="cpu", progress=False)
+    for name in ("best", "final", "best_ema", "final_ema"):
+        assert (full / name / "model.safetensors").is_file(), name
+        weights.load_model(full / name)  # what every command reads
+    if mode:
+        assert (full / "final_ema_adapter" / "adapter_model.safetensors").is_file()
+    final, averaged = (load_file(str(full / n / "model.safetensors")) for n in ("final", "final_ema"))
+    assert any(not torch.equal(final[k], averaged[k]) for k in final)
+    logged = _metrics(full)
+    assert [m["step"] for m in logged if "ema_val_loss" in m] == [2, 4, 6]
+
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copy(full / "checkpoints" / "step_0000003.pt", part / "checkpoints" / "step_0000003.pt")
+    (part / "metrics.jsonl").write_text("".join(__import__("json").dumps(m) + "\n" for m in logged if m["step"] <= 3))
+    training.train(cfg, data, part, device="cpu", resume="auto", progress=False)
+    again = load_file(str(part / "final_ema" / "model.safetensors"))
+    assert all(torch.equal(averaged[k], again[k]) for k in averaged)
+
+
+def test_the_average_of_a_run_is_the_closed_form_of_its_steps(assets, tmp_path):
+    """With decay d from step 1 on, final_ema/ is d^(n-1) w_1 + (1 - d) sum_{i=2..n} d^(n-i) w_i over the weights
+    after each step (read from a checkpoint saved after every step)."""
+    from safetensors.torch import load_file
+
+    from conftest import write_token_file
+    from csm.training import training
+
+    data = write_token_file(tmp_path / "d.hdf5", n_train=6, n_val=2)
+    n, d = 4, 0.7
+    training.train(_cfg(assets, max_steps=n, save_every=1, keep_checkpoints=n, ema_decay=d, val_every=0), data,
+                   tmp_path / "run", device="cpu", progress=False)
+    steps = [torch.load(tmp_path / "run" / "checkpoints" / f"step_000000{i}.pt", weights_only=True)["model"]
+             for i in range(1, n + 1)]
+    averaged = load_file(str(tmp_path / "run" / "final_ema" / "model.safetensors"))
+    for k in averaged:
+        closed = d ** (n - 1) * steps[0][k] + (1 - d) * sum(d ** (n - i) * steps[i - 1][k] for i in range(2, n + 1))
+        torch.testing.assert_close(averaged[k], closed, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"ema_decay": 1.0}, "ema_decay must be at least 0 and below 1"),
+    ({"ema_decay": float("nan")}, "ema_decay"),
+    ({"ema_decay": -0.5}, "ema_decay"),
+    ({"ema_decay": 0.9, "distributed": "fsdp"}, "ema_decay with distributed: fsdp is not supported yet"),
+    ({"ema_start": -1}, "ema_start"),
+])
+def test_bad_settings_of_the_average_are_refused_in_one_line(values, message):
+    from csm.training import config
+
+    with pytest.raises(UserError, match=message):
+        config.make_config({"wandb_mode": "disabled", **values})
