@@ -42,8 +42,9 @@ def _train_args(data, model, max_steps, *extra):
 def test_two_gloo_processes_match_one_process(assets, tmp_path, context):
     data = write_token_file(tmp_path / "d.hdf5", n_train=16, n_val=4,
                             speakers=3 if "context_mode=same_speaker" in context else 0)
+    # With a moving average of the weights: every process keeps it and swaps it in for its validation.
     common = _train_args(data, assets["model"], 5, "--val_every", "2", "--save_every", "0",
-                         "--set", "decoder_fraction=1.0", *context)
+                         "--set", "decoder_fraction=1.0", "--set", "ema_decay=0.5", *context)
     # One process, 4 micro-batches of 2 per step == 2 ranks x 2 micro-batches of 2 per step: DDP with accumulation
     # (no_sync on the first micro-batch of each step), which crashed at the first backward with static_graph.
     single = tmp_path / "single"
@@ -56,9 +57,13 @@ def test_two_gloo_processes_match_one_process(assets, tmp_path, context):
     assert len(train_1) == len(train_2) == 5 and len(val_1) == len(val_2) == 3
     assert train_2 == pytest.approx(train_1, rel=1e-5)
     assert val_2 == pytest.approx(val_1, rel=1e-5)
-    a, b = load_file(str(single / "final" / "model.safetensors")), load_file(str(ddp / "final" / "model.safetensors"))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    for name in ("final", "final_ema", "best_ema"):
+        a, b = (load_file(str(out / name / "model.safetensors")) for out in (single, ddp))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+    ema_val = [[json.loads(x)["ema_val_loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
+                if "ema_val_loss" in x] for out in (single, ddp)]
+    assert len(ema_val[0]) == 3 and ema_val[1] == pytest.approx(ema_val[0], rel=1e-5)
     # Only rank 0 writes: one metrics file, one set of checkpoints.
     assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["step_0000005.pt"]
 
