@@ -28,6 +28,7 @@ from csm.model import adapters  # noqa: E402
 from csm.training import config  # noqa: E402
 from csm.training import optim  # noqa: E402
 from csm.training import training  # noqa: E402
+from csm.training.ema import WeightEMA  # noqa: E402
 from csm.system import runtime  # noqa: E402
 from csm.model import weights  # noqa: E402
 from csm.model.csm_model import ModelArgs  # noqa: E402
@@ -63,8 +64,9 @@ def measure(data: Path, device: torch.device, args: ModelArgs, steps: int, warmu
 
     kept, loss.embed_frames = loss.embed_frames, embedding or loss.embed_frames
     try:
+        ema = WeightEMA(model, cfg.ema_decay, cfg.ema_start) if cfg.ema_decay else None
         frames, elapsed = _timed_steps(loss_model, batches, cfg, rt, precision, optimizer, scaler, generator, args,
-                                       device, steps, warmup)
+                                       device, steps, warmup, ema)
     finally:
         loss.embed_frames = kept
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
@@ -79,7 +81,7 @@ def measure(data: Path, device: torch.device, args: ModelArgs, steps: int, warmu
 
 
 def _timed_steps(loss_model, batches, cfg, rt, precision, optimizer, scaler, generator, args, device, steps: int,
-                 warmup: int) -> tuple[int, float]:
+                 warmup: int, ema=None) -> tuple[int, float]:
     frames, elapsed = 0, 0.0
     for i in range(steps + warmup):
         micro = [next(batches) for _ in range(cfg.grad_acc_steps)]
@@ -88,6 +90,8 @@ def _timed_steps(loss_model, batches, cfg, rt, precision, optimizer, scaler, gen
         t0 = time.perf_counter()
         stats = training.train_step(loss_model, micro, cfg, rt, precision, optimizer, scaler, generator,
                                  args.audio_num_codebooks)
+        if ema is not None:  # as the loop does after every optimizer step
+            ema.update(i + 1)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= warmup:
@@ -274,6 +278,8 @@ def main() -> None:
              dict(grad_acc_steps=4, **budget)),
             ("mid flavor, fp32, max_tokens=4096, compile: true (after 3 warm-up steps)", args.steps,
              dict(warmup=3, compile=True, **budget)),
+            ("mid flavor, fp32, max_tokens=4096, ema_decay=0.999 (the average updated after every step)", args.steps,
+             dict(ema_decay=0.999, **budget)),
         ]
         # Round after round over all rows: the machine's speed drifts over minutes, and a row measured in
         # every round sees the same drift as its baseline. The median of the rounds is reported.
