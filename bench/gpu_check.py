@@ -205,6 +205,18 @@ def row_compile(ctx: Context):
     return falls(train_tiny(ctx, "compile", compile=True))
 
 
+def row_ema(ctx: Context):
+    """ema_decay with the average in CPU memory (ema_on_cpu): the loss falls, and final_ema/ is written and differs
+    from final/."""
+    from safetensors.torch import load_file
+
+    ok, figure = falls(train_tiny(ctx, "ema", ema_decay=0.5, ema_on_cpu=True))
+    out = ctx.work / "runs" / "ema"
+    final, averaged = (load_file(str(out / name / "model.safetensors")) for name in ("final", "final_ema"))
+    differs = any(not final[k].equal(averaged[k]) for k in final)
+    return ok and differs, figure + f", final_ema/ {'differs from' if differs else 'EQUALS'} final/"
+
+
 def row_checkpointing(ctx: Context):
     return falls(train_tiny(ctx, "checkpointing", activation_checkpointing=True))
 
@@ -631,6 +643,7 @@ ROWS = [
     ("adamw8bit", "tiny model, 8-bit AdamW", row_adamw8bit, 2, 10),
     ("csm1b_low_memory", "CSM-1B, the 12 GB recipe (bf16 + stochastic rounding, 8-bit states, step in backward) "
      "beside fp32-weight AdamW", row_csm1b_low_memory, 3, 240),
+    ("ema", "tiny model, ema_decay with the average in CPU memory", row_ema, 3, 15),
 ]
 # Parts 1 and 2 fit one 15-minute GPU lease; part 3 (torchao compiles its update for each of CSM-1B's weight
 # shapes on its first step) is a lease of its own.
