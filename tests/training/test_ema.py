@@ -149,3 +149,21 @@ def test_bad_settings_of_the_average_are_refused_in_one_line(values, message):
 
     with pytest.raises(UserError, match=message):
         config.make_config({"wandb_mode": "disabled", **values})
+
+
+def test_the_average_of_bf16_weights_is_kept_in_fp32_with_the_12gb_recipe(assets, tmp_path):
+    """With bf16 weights, the step in backward and 8-bit states, the average still trains along and is written
+    (cast to the weights' bf16 in final_ema/)."""
+    from safetensors.torch import load_file
+
+    from conftest import write_token_file
+    from csm.training import training
+
+    data = write_token_file(tmp_path / "d.hdf5", n_train=6, n_val=2)
+    cfg = _cfg(assets, max_steps=3, val_every=3, save_every=0, precision="bf16", weight_dtype="bf16",
+               optimizer_states="8bit", optimizer_in_backward=True, max_grad_norm=0.0, ema_start=0)
+    run = training.train(cfg, data, tmp_path / "run", device="cpu", progress=False)
+    averaged = load_file(str(tmp_path / "run" / "final_ema" / "model.safetensors"))
+    final = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    assert {v.dtype for v in averaged.values()} == {torch.bfloat16} and run.step == 3
+    assert any(not torch.equal(final[k], averaged[k]) for k in final)
