@@ -18,7 +18,7 @@ from csm.model.adapters import is_partial, load_trainable_state, trainable_state
 from csm.training.parallel import (
     full_state_dict, is_sharded, load_full_state_dict, load_optimizer_state_dict, optimizer_state_dict,
 )
-from csm.system.outputs import content_digest
+from csm.system.outputs import content_digest, describe_change
 from csm.system.runtime import print0
 from csm.system.errors import UserError
 from csm.system.runtime import Runtime
@@ -261,7 +261,7 @@ def average_checkpoints(run_dir: Path, last: int) -> tuple[dict[str, torch.Tenso
         state = read_checkpoint(path)
         for what in ("trainable_only", "model_args", "config"):
             if state.get(what) != first.get(what):
-                differ = _differing(first.get(what), state.get(what)) if what == "config" else ""
+                differ = f" ({describe_change(first[what], state[what])})" if what == "config" else ""
                 raise UserError(f"{path.name} and {first_path.name} differ in {what.replace('_', ' ')}{differ}: "
                                 "only checkpoints of one run's settings can be averaged")
         shapes = {k: tuple(v.shape) for k, v in state["model"].items()}
@@ -272,9 +272,3 @@ def average_checkpoints(run_dir: Path, last: int) -> tuple[dict[str, torch.Tenso
             total[k] += v.float()
     return {k: v / len(paths) for k, v in total.items()}, first, paths
 
-
-def _differing(a, b) -> str:
-    if not isinstance(a, dict) or not isinstance(b, dict):
-        return ""
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    return f" ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})" if keys else ""

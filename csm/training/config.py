@@ -400,10 +400,17 @@ def make_config(values: dict, source: str = "config") -> TrainConfig:
     return cfg
 
 
+def low_memory_keys(cfg: TrainConfig) -> list[str]:
+    """The low-memory keys this config turns on, as a refusal names them."""
+    return [key for key, on in (("weight_dtype: bf16", cfg.weight_dtype == "bf16"),
+                                (f"optimizer_states: {cfg.optimizer_states}", cfg.optimizer_states != "full"),
+                                ("optimizer_in_backward", cfg.optimizer_in_backward)) if on]
+
+
 def check_low_memory(cfg: TrainConfig) -> None:
     """The low-memory keys' combinations that cannot train as asked, refused before anything loads (the device and
-    the process count are checked once they are known: optim.check_low_memory_launch)."""
-    low = cfg.weight_dtype == "bf16" or cfg.optimizer_states != "full" or cfg.optimizer_in_backward
+    the process count are checked once they are known: training.run_precision)."""
+    low = low_memory_keys(cfg)
     if cfg.weight_dtype == "bf16" and cfg.precision in ("fp32", "fp16"):
         raise UserError(f"weight_dtype: bf16 computes in bf16, not precision: {cfg.precision}: set precision: bf16")
     if cfg.optimizer == "adamw8bit" and (cfg.weight_dtype == "bf16" or cfg.optimizer_states != "full"):

@@ -385,9 +385,7 @@ def run_precision(cfg: TrainConfig, rt: Runtime) -> str:
     if cfg.weight_dtype == "bf16" and precision != "bf16":
         raise UserError(f"weight_dtype: bf16 computes in bf16, and precision: auto picks {precision} on {rt.device}: "
                         "set precision: bf16")
-    low = [k for k, on in (("weight_dtype: bf16", cfg.weight_dtype == "bf16"),
-                           (f"optimizer_states: {cfg.optimizer_states}", cfg.optimizer_states != "full"),
-                           ("optimizer_in_backward", cfg.optimizer_in_backward)) if on]
+    low = config_mod.low_memory_keys(cfg)
     if low and rt.distributed:
         raise UserError(f"{', '.join(low)} is tested in one process only, not with {rt.world_size} under "
                         "torchrun: run one process, or use distributed: fsdp to spread the state over the GPUs")

@@ -63,7 +63,8 @@ def test_checkpoints_of_other_settings_or_too_few_are_refused_in_one_line(assets
     shutil.copytree(full_run, run)
     other = _run(assets, tmp_path, name="other", learning_rate=5e-4)
     shutil.copy(other / "checkpoints" / "step_0000004.pt", run / "checkpoints" / "step_0000006.pt")
-    with pytest.raises(UserError, match=r"step_0000006.pt and step_0000004.pt differ in config \(learning_rate\)"):
+    with pytest.raises(UserError, match=r"step_0000006.pt and step_0000004.pt differ in config "
+                                        r"\(learning_rate 0.001 -> 0.0005\)"):
         checkpoint.average_checkpoints(run, 2)
     (run / "checkpoints" / "step_0000006.pt").unlink()
     rc, err = cli("export.py", "--model", run, "--average_last", "3", "--to", "official", "--output",
