@@ -27,9 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "bench"))
+from memory import LOW_MEMORY  # noqa: E402  (configs/finetune_12gb.yaml's recipe)
 
-LOW_MEMORY = {"precision": "bf16", "weight_dtype": "bf16", "bf16_compensation": "stochastic_rounding",
-              "optimizer_states": "8bit", "optimizer_in_backward": True}
 RECIPES = [
     ("fp32 weights, AdamW", {"precision": "bf16"}),
     ("bf16 weights + stochastic rounding, 8-bit states, step in backward (finetune_12gb)", LOW_MEMORY),

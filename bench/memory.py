@@ -50,9 +50,11 @@ OVERHEAD = 1.10  # allocator fragmentation and short-lived buffers, on top of wh
 CUDA_CONTEXT_GIB = 0.5  # an estimate (the driver's context and the kernels it loads): nothing here measures it
 README_MARKERS = ("<!-- memory:start -->", "<!-- memory:end -->")
 MODES = {"full": {}, "lora": {"finetune": "lora"}, "frozen_text": {"freeze": ["text_embeddings"]}}
-# The low-memory recipe (configs/finetune_12gb.yaml without its activation checkpointing, which the table varies).
-LOW_MEMORY = {"weight_dtype": "bf16", "bf16_compensation": "stochastic_rounding", "optimizer_states": "8bit",
-              "optimizer_in_backward": True, "max_grad_norm": 0.0, "precision": "bf16"}
+# The low-memory recipe: configs/finetune_12gb.yaml's keys that shrink the state (not its activation checkpointing,
+# which the table varies, nor its batch and schedule).
+LOW_MEMORY = {key: value for key, value in config.read_yaml(ROOT / "configs" / "finetune_12gb.yaml").items()
+              if key in ("precision", "weight_dtype", "bf16_compensation", "optimizer_states", "optimizer_in_backward",
+                         "max_grad_norm")}
 RECIPES = {"adamw": {}, "adamw8bit": {"optimizer": "adamw8bit"}, "low_memory": LOW_MEMORY}
 MEASURED_ROWS = 4096  # a table's rows are cut to this when its optimizer state is measured
 

@@ -29,6 +29,7 @@ from csm.training import config  # noqa: E402
 from csm.training import optim  # noqa: E402
 from csm.training import training  # noqa: E402
 from csm.training.ema import WeightEMA  # noqa: E402
+from memory import LOW_MEMORY  # noqa: E402
 from csm.system import runtime  # noqa: E402
 from csm.model import weights  # noqa: E402
 from csm.model.csm_model import ModelArgs  # noqa: E402
@@ -219,9 +220,7 @@ BIG_RUNS = [("1B, fp32, AdamW", {"precision": "fp32"}),
             ("1B, bf16, previous frame embedding", {"precision": "bf16", "embedding": "previous"}),
             ("1B, bf16, LoRA", {"precision": "bf16", "finetune": "lora"}),
             # configs/finetune_12gb.yaml's recipe
-            (LOW_MEMORY_RUN, {"precision": "bf16", "weight_dtype": "bf16", "bf16_compensation": "stochastic_rounding",
-                              "optimizer_states": "8bit", "optimizer_in_backward": True, "max_grad_norm": 0.0,
-                              "activation_checkpointing": True})]
+            (LOW_MEMORY_RUN, {**LOW_MEMORY, "activation_checkpointing": True})]
 DENSE_BF16 = {"h100 pcie": 756e12, "h100": 989e12, "h200": 989e12, "a100": 312e12}  # peak FLOP/s, vendor figures
 
 
