@@ -96,6 +96,7 @@ def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, loader, 
         # A LoRA or frozen run keeps only what trains (its base model is reloaded on resume): a small file.
         model_state = trainable_state_dict(model) if is_partial(model) else model.state_dict()
         optimizer_state = optimizer.state_dict()
+    ema_state = ema.state_dict() if ema is not None else None  # gathered from every process's shard (FSDP)
     if not rt.is_main:
         return
     state = {
@@ -114,7 +115,7 @@ def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, loader, 
         "best_val_loss": loop.best_val_loss,
         "nonfinite_streak": loop.nonfinite_streak,
         "best_score": loop.best_score,
-        "ema": ema.state_dict() if ema is not None else None,
+        "ema": ema_state,
         "best_ema_score": loop.best_ema_score,
         "best_by": cfg.select_best_by,
         "best_meaning": selection_meaning(cfg),

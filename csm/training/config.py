@@ -203,7 +203,9 @@ class TrainConfig:
     # --- a moving average of the weights (see README: smoother voices)
     ema_decay: float = _f(0.0, "Keep an exponential moving average of the trained weights, updated after every "
                           "optimizer step with this decay (0: none; 0.999 averages about the last 1000 steps). The run "
-                          "then also writes best_ema/ (by the average's val_loss) and final_ema/.", min=0)
+                          "then also writes final_ema/ and best_ema/, the average judged by select_best_by (val_loss unless "
+                          "set); every validation and quality evaluation also measures the average (ema_val_loss, "
+                          "ema_cer, ...; eval/step_N_ema/), so a quality evaluation takes twice as long.", min=0)
     ema_start: int = _f(0, "Optimizer steps before the average begins; until then it is the weights themselves.",
                         min=0)
     ema_on_cpu: bool = _f(False, "Keep the average (fp32, 4 bytes a trained weight) in CPU memory instead of beside "
@@ -377,12 +379,6 @@ def make_config(values: dict, source: str = "config") -> TrainConfig:
     check_low_memory(cfg)
     if cfg.ema_decay:
         check_decay(cfg.ema_decay)
-        if cfg.distributed == "fsdp":
-            raise UserError("ema_decay with distributed: fsdp is not supported yet (each process would keep its shard "
-                            "of the average): use distributed: ddp, or ema_decay: 0 and export.py --average_last")
-        if cfg.select_best_by != "val_loss":
-            raise UserError(f"ema_decay judges the average by val_loss only so far; select_best_by "
-                            f"{cfg.select_best_by} picks best/ but not best_ema/: set select_best_by: val_loss")
     if cfg.select_best_by != "val_loss" and not cfg.eval_every:
         raise UserError(f"select_best_by: {cfg.select_best_by} needs the quality evaluation: set eval_every > 0")
     if not cfg.eval_language.strip():

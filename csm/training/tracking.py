@@ -38,8 +38,9 @@ class Tracker:
 
             self.run.log({key: wandb.Audio(audio, sample_rate=sample_rate, caption=caption)}, step=step)
 
-    def log_eval_table(self, step: int, rows: list[dict], audio: dict) -> None:
-        """A quality evaluation's items as a W&B table: text, transcript, metrics, generated and reference audio."""
+    def log_eval_table(self, step: int, rows: list[dict], audio: dict, prefix: str = "") -> None:
+        """A quality evaluation's items as a W&B table (`prefix`eval_items): text, transcript, metrics, generated and
+        reference audio."""
         if self.run is None:
             return
         import wandb  # optional, and 0.6 s to import: W&B runs only
@@ -51,7 +52,7 @@ class Tracker:
         columns = ["id", "text", "transcript", "wer", "cer", "speaker_sim", "stopped_at_eos", "generated", "reference"]
         data = [[r["id"], r["text"], r.get("transcript"), r.get("wer"), r.get("cer"), r.get("speaker_sim"),
                  r.get("stopped_at_eos"), player(r["id"], "generated"), player(r["id"], "reference")] for r in rows]
-        self.run.log({"eval_items": wandb.Table(columns=columns, data=data)}, step=step)
+        self.run.log({f"{prefix}eval_items": wandb.Table(columns=columns, data=data)}, step=step)
 
     def finish(self) -> None:
         if self.run is not None:

@@ -246,21 +246,23 @@ class QualityEval:
         for row, reason in skipped:
             print0(f"warning: eval_data row {row} left out of the quality evaluation: {reason}", file=sys.stderr)
 
-    def __call__(self, model: nn.Module, step: int, tracker: Tracker, precision: str) -> dict:
+    def __call__(self, model: nn.Module, step: int, tracker: Tracker, precision: str, prefix: str = "") -> dict:
+        """The step's metrics, logged as `prefix` + name (ema_: the weight average's, in eval/step_N_ema/)."""
         try:
             settings = EvalSettings(max_audio_seconds=self.cfg.eval_max_seconds, seed=self.cfg.seed,
                                     precision=precision, context=self.speech.context,
                                     batch_size=self.cfg.eval_batch_size)
             result = evaluate_model(model, self.speech.tokenizer, self.speech.mimi, self.items, self.quality, settings,
                                     device=self.speech.device)
-            write_report(result, self.dir / f"step_{step:07d}", extra={"step": step})
+            write_report(result, self.dir / f"step_{step:07d}{'_' + prefix.rstrip('_') if prefix else ''}",
+                         extra={"step": step, "weights": "average" if prefix else "trained"})
         except Exception as e:  # noqa: BLE001 - a failed evaluation must not end hours of training
             _warn_failed(step, "the quality evaluation", e)
             return {}
         generated = result.summary["generated"]
         metrics = {k: generated[k] for k in QUALITY if generated.get(k) is not None}
-        tracker.log(metrics, step)
-        tracker.log_eval_table(step, result.rows, result.audio)
+        tracker.log({prefix + k: v for k, v in metrics.items()}, step)
+        tracker.log_eval_table(step, result.rows, result.audio, prefix)
         return metrics
 
 
@@ -875,7 +877,8 @@ def after_step(run: Run, whole: parallel.WholeModel, stopping: bool,
         run.tracker.log(measured, step)
         evaluated.update(measured)
         loop.best_val_loss = min(loop.best_val_loss, evaluated["val_loss"])  # NaN never becomes the best
-    if cfg.eval_every and (step % cfg.eval_every == 0 or last):
+    measured_quality = bool(cfg.eval_every and (step % cfg.eval_every == 0 or last))
+    if measured_quality:
         measured = run.quality(whole.get(), step, run.tracker, run.precision) if rt.is_main else {}
         evaluated.update(share_metrics(measured, rt))
     score = selection_score(cfg.select_best_by, evaluated)
@@ -884,8 +887,8 @@ def after_step(run: Run, whole: parallel.WholeModel, stopping: bool,
         best_model = whole.get()
         if rt.is_main:
             save_outputs(best_model, cfg, run.out, "best", run.tokenizer_dir, run.hf_exports, run.speakers)
-    if run.ema is not None and "val_loss" in evaluated:
-        ema_best(run, whole)
+    if run.ema is not None and (evaluated or measured_quality):
+        ema_best(run, whole, "val_loss" in evaluated, measured_quality)
     if evaluated and on_eval is not None:
         on_eval(step, evaluated)
     if (cfg.save_every and step % cfg.save_every == 0) or last or stopping:
@@ -899,19 +902,26 @@ def after_step(run: Run, whole: parallel.WholeModel, stopping: bool,
     return evaluated.get("val_loss")
 
 
-def ema_best(run: Run, whole: parallel.WholeModel) -> None:
-    """The average's validation numbers (logged as ema_val_loss, ...), and best_ema/ when its val_loss is the
-    lowest yet. The average is swapped into the model for both, on every process (validation is collective)."""
+def ema_best(run: Run, whole: parallel.WholeModel, validate_it: bool, evaluate_it: bool) -> None:
+    """The average measured as the step measured the weights (logged as ema_val_loss, ema_cer, ...; its quality
+    evaluation in eval/step_N_ema/), and best_ema/ when its select_best_by is the best yet. The average is swapped
+    into the model for all of it, on every process (validation is collective)."""
+    cfg, rt, step = run.cfg, run.rt, run.loop.step
     with run.ema.swapped_in():
-        measured = {f"ema_{k}": v for k, v in validation(run).items()}
-        run.tracker.log(measured, run.loop.step)
-        if measured["ema_val_loss"] < run.loop.best_ema_score:  # NaN never becomes the best
-            run.loop.best_ema_score = measured["ema_val_loss"]
-            whole.drop()
+        whole.drop()  # a copy gathered before the swap holds the weights, not the average
+        measured = validation(run) if validate_it else {}
+        if measured:
+            run.tracker.log({f"ema_{k}": v for k, v in measured.items()}, step)
+        if evaluate_it:
+            quality = run.quality(whole.get(), step, run.tracker, run.precision, "ema_") if rt.is_main else {}
+            measured.update(share_metrics(quality, rt))
+        score = selection_score(cfg.select_best_by, measured)
+        if score is not None and score < run.loop.best_ema_score:  # NaN never becomes the best
+            run.loop.best_ema_score = score
             model = whole.get()
-            if run.rt.is_main:
-                save_outputs(model, run.cfg, run.out, "best_ema", run.tokenizer_dir, run.hf_exports, run.speakers)
-            whole.drop()  # a gathered copy holds the average, not the weights
+            if rt.is_main:
+                save_outputs(model, cfg, run.out, "best_ema", run.tokenizer_dir, run.hf_exports, run.speakers)
+        whole.drop()  # the gathered copy holds the average, not the weights
 
 
 def finish(run: Run, whole: parallel.WholeModel, final_val: float | None, stopped_early: bool) -> TrainResult:

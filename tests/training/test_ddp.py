@@ -102,9 +102,8 @@ def _torchrun(*args, processes: int = 2):
 
 @pytest.mark.slow
 def test_fsdp_trains_like_ddp_and_both_resume_exactly(assets, tmp_path):
-    """distributed: fsdp (FSDP2 over 2 gloo processes, 2 micro-batches a step) gives DDP's losses and weights; its
-    checkpoints gather
-    the sharded weights and optimizer states and resume exactly; samples and best/ come from the whole model.
+    """distributed: fsdp (FSDP2 over 2 gloo processes, 2 micro-batches a step) gives DDP's losses, weights and weight
+    average; its checkpoints gather the sharded weights, optimizer states and average, and resume exactly; samples and best/ come from the whole model.
     A resumed DDP run repeats an unbroken one exactly too (each rank's decoder-frame generator is saved)."""
     import shutil
 
@@ -114,7 +113,7 @@ def test_fsdp_trains_like_ddp_and_both_resume_exactly(assets, tmp_path):
     data = write_token_file(tmp_path / "d.hdf5", n_train=16, n_val=4)
     # With accumulation: both wrappers skip the gradient sync of a step's first micro-batch.
     common = _train_args(data, assets["model"], 4, "--val_every", "2", "--save_every", "2", "--keep_checkpoints", "5",
-                         "--set", "max_grad_norm=0.5", "--grad_acc_steps", "2",
+                         "--set", "max_grad_norm=0.5", "--grad_acc_steps", "2", "--set", "ema_decay=0.5",
                          "--text_tokenizer", str(assets["text_tokenizer"]), "--mimi_weights", str(assets["mimi"]))
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     _torchrun(*common, "--output_dir", ddp)
@@ -122,22 +121,27 @@ def test_fsdp_trains_like_ddp_and_both_resume_exactly(assets, tmp_path):
               "--set", "gen_max_seconds=0.3")
     (train_d, val_d), (train_f, val_f) = _losses(ddp), _losses(fsdp)
     assert train_f == pytest.approx(train_d, rel=1e-5) and val_f == pytest.approx(val_d, rel=1e-5)
-    a, b = load_file(str(ddp / "final" / "model.safetensors")), load_file(str(fsdp / "final" / "model.safetensors"))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    # Each FSDP process averages its own shard: the average gathered into final_ema/ and best_ema/ is DDP's.
+    for name in ("final", "final_ema", "best_ema"):
+        a, b = (load_file(str(run / name / "model.safetensors")) for run in (ddp, fsdp))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
     assert list((fsdp / "samples").glob("step_0000004_*.wav"))
     load_model(fsdp / "best")
     state = read_checkpoint(fsdp / "checkpoints" / "step_0000002.pt")
+    a = load_file(str(ddp / "final" / "model.safetensors"))
     assert state["sharded"] and set(state["model"]) == set(a)  # whole weights, official names
+    assert {k: v.shape for k, v in state["ema"]["average"].items()} == {k: v.shape for k, v in state["model"].items()}
 
     for run, extra in ((fsdp, ("--set", "distributed=fsdp")), (ddp, ())):
         part = tmp_path / f"{run.name}-part"
         (part / "checkpoints").mkdir(parents=True)
         shutil.copy(run / "checkpoints" / "step_0000002.pt", part / "checkpoints")
         _torchrun(*common, "--output_dir", part, *extra, "--resume")
-        whole = load_file(str(run / "final" / "model.safetensors"))
-        c = load_file(str(part / "final" / "model.safetensors"))
-        assert all(torch.equal(whole[k], c[k]) for k in whole), run.name
+        for name in ("final", "final_ema"):  # the average too: each process takes its shard of the saved one
+            whole = load_file(str(run / name / "model.safetensors"))
+            c = load_file(str(part / name / "model.safetensors"))
+            assert all(torch.equal(whole[k], c[k]) for k in whole), (run.name, name)
         assert _losses(part)[0] == _losses(run)[0][2:], run.name
     # A sharded checkpoint is not resumed by DDP (its optimizer state is keyed by name): one clear line.
     other = tmp_path / "other"

@@ -141,7 +141,6 @@ def test_the_average_of_a_run_is_the_closed_form_of_its_steps(assets, tmp_path):
     ({"ema_decay": 1.0}, "ema_decay must be at least 0 and below 1"),
     ({"ema_decay": float("nan")}, "ema_decay"),
     ({"ema_decay": -0.5}, "ema_decay"),
-    ({"ema_decay": 0.9, "distributed": "fsdp"}, "ema_decay with distributed: fsdp is not supported yet"),
     ({"ema_start": -1}, "ema_start"),
 ])
 def test_bad_settings_of_the_average_are_refused_in_one_line(values, message):
