@@ -39,7 +39,7 @@ endif
 # subprocesses, imports and files, so two take about 0.6x the time of one.
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 demo: $(STAMP)
 	$(BIN)/python demo.py

@@ -24,6 +24,7 @@ import generate
 import prefer
 import prepare
 import pretokenize
+import report
 import sweep
 from csm.data import tiny_assets
 from csm.judging.metrics import BY_NAME
@@ -138,6 +139,26 @@ def preference_round(out: Path, model: Path, data: Path, assets: dict, common: l
     return dpo_run, dpo_eval
 
 
+def evaluate_best(out: Path, run: Path, assets: dict, common: list[str]) -> tuple[Path, dict]:
+    """evaluate.py on best/ and on best_ema/, and the two side by side with the validation loss each was picked by."""
+    summaries = {}
+    for name in ("best", "best_ema"):
+        where = out / ("evaluation" if name == "best" else "evaluation_ema")
+        evaluate.main(["--model", str(run / name), "--eval_data", str(SAMPLE / "val.json"), "--n", "4",
+                       "--output_dir", str(where), "--asr", str(assets["asr"]), "--speaker_model",
+                       str(assets["speaker_model"]), "--max_audio_seconds", "2", "--device", "cpu", *common])
+        summaries[name] = json.loads((where / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lowest = {key: min((r[key] for r in rows if key in r), default=float("nan"))
+              for key in ("val_loss", "ema_val_loss")}
+    print(f"  {'':12s} {'best/':>9s} {'best_ema/':>10s}")
+    print(f"  {'val_loss':12s} {lowest['val_loss']:9.4f} {lowest['ema_val_loss']:10.4f}   (what each was picked by)")
+    for key in ("cer", "speaker_sim", "eos_rate", "dnsmos_ovrl"):
+        print(f"  {key:12s} {BY_NAME[key].show(summaries['best']['generated'].get(key)):>9s} "
+              f"{BY_NAME[key].show(summaries['best_ema']['generated'].get(key)):>10s}")
+    return out / "evaluation", summaries["best"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = CommandParser(description=__doc__.splitlines()[0])
     p.add_argument("--output_dir", default=str(ROOT / "demo_out"))
@@ -177,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--gen_every", str(steps), "--log_every", "1", "--gen_sentence", "Hello from the demo.",
                 "--wandb_mode", "disabled", "--set", "learning_rate=2e-3", "--set", "warmup_steps=10",
                 "--set", "batch_size=4", "--set", "gen_max_seconds=2", "--set", "lr_decay=cosine",
+                "--set", f"ema_decay={0.8 if args.quick else 0.98}",
                 "--set", f"eval_every={max(steps // 2, 1)}", "--set", "eval_n=2", "--set", "eval_max_seconds=2",
                 "--set", f"eval_asr={assets['asr']}", "--set", f"eval_speaker_model={assets['speaker_model']}",
                 "--export_hf", "--export_codec", str(assets["mimi"]), *common])
@@ -188,14 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                    "--speaker", "0", "--output", str(wav), "--max_audio_seconds", "2", "--seed", "0",
                    "--device", "cpu", *common])
 
-    banner("6/8 evaluate the best model: WER/CER, speaker similarity, DNSMOS, EOS rate, with the reference and Mimi "
-           "ceilings")
-    evaluation = out / "evaluation"
-    evaluate.main(["--model", str(run / "best"), "--eval_data", str(SAMPLE / "val.json"), "--n", "4",
-                   "--output_dir", str(evaluation), "--asr", str(assets["asr"]), "--speaker_model",
-                   str(assets["speaker_model"]),
-                   "--max_audio_seconds", "2", "--device", "cpu", *common])
-    summary = json.loads((evaluation / "summary.json").read_text())
+    banner("6/8 evaluate best/ and best_ema/ (the weight average): WER/CER, speaker similarity, DNSMOS, EOS rate, "
+           "with the reference and Mimi ceilings")
+    evaluation, summary = evaluate_best(out, run, assets, common)
     ovrl = {what: (summary.get(what) or {}).get("dnsmos_ovrl") for what in ("reference", "codec", "generated")}
     shown = {what: "-" if value is None else f"{value:.2f}" for what, value in ovrl.items()}
     print(f"  DNSMOS overall quality (1-5, the real model): the recordings (real speech) {shown['reference']}, "
@@ -229,9 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         ("training metrics", run / "metrics.jsonl"), ("loss curve", out / "loss_curve.png"),
         ("checkpoints (full state, resumable)", run / "checkpoints"), ("best model (official layout)", run / "best"),
         ("final model (official layout)", run / "final"),
+        ("best weight average (official layout)", run / "best_ema"),
+        ("final weight average (official layout)", run / "final_ema"),
         ("best model, transformers layout", run / "best_hf"), ("audio samples from training", run / "samples"),
         ("generated speech", wav), ("quality during training", run / "eval"),
         ("evaluation report (open in a browser)", evaluation / "report.html"),
+        ("evaluation of the weight average", out / "evaluation_ema" / "report.html"),
         ("preference pairs", out / "prefs.hdf5"), ("every candidate's scores", out / "prefs.candidates.csv"),
         ("DPO run", dpo_run), ("evaluation after DPO", dpo_eval / "report.html"),
             ("sweep: best config", sweep_dir / "best_config.yaml"),
@@ -243,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {label:40s} {path}")
     print("\nThe tiny random models make noise, not speech, and their WER and speaker similarity mean nothing: "
           "see the README for finetuning and evaluating the real CSM-1B.")
+    page = out / "report.html"
+    report.main([str(run), str(dpo_run), "--output", str(page)])
+    print(f"\nOne page for the runs: curves, every evaluation with players, samples, best/ (open it in a browser):"
+          f"\n  {page}")
     return 0
 
 

@@ -202,10 +202,11 @@ class TrainConfig:
                              choices=SELECTS_BEST)
     # --- a moving average of the weights (see README: smoother voices)
     ema_decay: float = _f(0.0, "Keep an exponential moving average of the trained weights, updated after every "
-                          "optimizer step with this decay (0: none; 0.999 averages about the last 1000 steps). The run "
-                          "then also writes final_ema/ and best_ema/, the average judged by select_best_by (val_loss unless "
-                          "set); every validation and quality evaluation also measures the average (ema_val_loss, "
-                          "ema_cer, ...; eval/step_N_ema/), so a quality evaluation takes twice as long.", min=0)
+                          "optimizer step with this decay (0: none; 0.999 averages about the last 1000 steps). The "
+                          "run then also writes final_ema/ and best_ema/, the average judged by select_best_by "
+                          "(val_loss unless set); every validation and quality evaluation also measures the "
+                          "average (ema_val_loss, ema_cer, ...; eval/step_N_ema/), so a quality evaluation takes "
+                          "twice as long.", min=0)
     ema_start: int = _f(0, "Optimizer steps before the average begins; until then it is the weights themselves.",
                         min=0)
     ema_on_cpu: bool = _f(False, "Keep the average (fp32, 4 bytes a trained weight) in CPU memory instead of beside "

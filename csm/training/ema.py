@@ -46,7 +46,8 @@ class WeightEMA:
     @torch.no_grad()
     def update(self, step: int) -> None:
         """After optimizer step `step` (1-based): the weights themselves until `start`, then the moving average."""
-        weights = [_local(p).detach().to(device=a.device, dtype=torch.float32) for p, a in zip(self.params, self.average)]
+        weights = [_local(p).detach().to(device=a.device, dtype=torch.float32)
+                   for p, a in zip(self.params, self.average)]
         if step <= self.start or self.decay == 0:
             torch._foreach_copy_(self.average, weights)
         else:

@@ -28,6 +28,7 @@ from csm.training import config as config_mod
 from csm.judging.metrics import BY_NAME, SWEEPABLE, direction
 from csm.training.tracking import best_logged, last_logged
 from csm.system.errors import check_number, UserError
+from csm.training.report import REPORT_NAME, write_page
 from csm.system.outputs import atomic_path, claim_output_dir, clear_dir, dir_entries, inputs_of, write_text_atomic
 from dataloaders import source_paths
 from csm.training.training import (
@@ -463,7 +464,7 @@ def worker(index: int, run: SweepRun, base: dict, space: dict, lock, parent_pid:
 
 
 def write_reports(study, out: Path, base: dict) -> list[Path]:
-    """best_config.yaml (usable with train.py --config), trials.csv and HTML plots."""
+    """best_config.yaml (usable with train.py --config), trials.csv, HTML plots and report.html."""
     written = []
     df = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
     with atomic_path(out / "trials.csv") as tmp:
@@ -487,6 +488,10 @@ def write_reports(study, out: Path, base: dict) -> list[Path]:
             written.append(out / f"{name}.html")
         except Exception as e:  # e.g. importances need >= 2 complete trials with varying params
             print(f"skipped {name}.html: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    try:  # the trials, their runs' curves and evaluations, and the plots above, on one page
+        written.append(write_page([out], out / REPORT_NAME, study))
+    except Exception as e:  # noqa: BLE001 - the page is a view of the results above, which are written
+        print(f"skipped {REPORT_NAME}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     return written
 
 

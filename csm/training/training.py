@@ -48,6 +48,7 @@ from csm.model.hf_export import csm_tokenizer, DEFAULT_CODEC, export_transformer
 from csm.judging.metrics import QUALITY, lower_is_better
 from csm.training.objectives import make_objective, move_batch, validate, validation_sums
 from csm.training.ema import WeightEMA
+from csm.training.report import REPORT_NAME, write_page
 from csm.training.optim import StepInBackward, cast_weights, make_optimizer, make_scheduler
 from csm.training.tracking import Tracker, make_tracker
 from csm.system.runtime import print0, seed_everything
@@ -889,6 +890,8 @@ def after_step(run: Run, whole: parallel.WholeModel, stopping: bool,
             save_outputs(best_model, cfg, run.out, "best", run.tokenizer_dir, run.hf_exports, run.speakers)
     if run.ema is not None and (evaluated or measured_quality):
         ema_best(run, whole, "val_loss" in evaluated, measured_quality)
+    if (evaluated or measured_quality) and rt.is_main:
+        write_run_report(run)
     if evaluated and on_eval is not None:
         on_eval(step, evaluated)
     if (cfg.save_every and step % cfg.save_every == 0) or last or stopping:
@@ -900,6 +903,15 @@ def after_step(run: Run, whole: parallel.WholeModel, stopping: bool,
         if rt.is_main:
             run.samples(sampler, step, run.tracker, run.precision)  # after the checkpoint, and never fatal
     return evaluated.get("val_loss")
+
+
+def write_run_report(run: Run) -> None:
+    """report.html in the run directory, rewritten whole (atomically: a page kept open reloads the new one). A page
+    that cannot be made is reported and training goes on."""
+    try:
+        write_page([run.out], run.out / REPORT_NAME)
+    except Exception as e:  # noqa: BLE001 - a page is not worth a run
+        _warn_failed(run.loop.step, "writing report.html", e)
 
 
 def ema_best(run: Run, whole: parallel.WholeModel, validate_it: bool, evaluate_it: bool) -> None:
@@ -939,6 +951,8 @@ def finish(run: Run, whole: parallel.WholeModel, final_val: float | None, stoppe
                     save_outputs(averaged, cfg, run.out, "final_ema", run.tokenizer_dir, run.hf_exports, run.speakers)
     whole.drop()
     run.tracker.finish()
+    if rt.is_main:
+        write_run_report(run)
     if rt.distributed:
         dist.barrier()
     best, by = loop.best_val_loss, cfg.select_best_by
@@ -946,7 +960,8 @@ def finish(run: Run, whole: parallel.WholeModel, final_val: float | None, stoppe
     print0(f"{'stopped' if stopped_early else 'done'} at step {loop.step}; outputs in {run.out}"
            + (f"; best val loss {best:.4f}" if math.isfinite(best) else "")
            + (f"; best/ has the best {by}, {score:.4f}" if by != "val_loss" and math.isfinite(score) else "")
-           + ("" if (run.out / "best").is_dir() else f"; no best/ (no {by} was measured): use final/"))
+           + ("" if (run.out / "best").is_dir() else f"; no best/ (no {by} was measured): use final/")
+           + (f"; report: {run.out / REPORT_NAME}" if (run.out / REPORT_NAME).is_file() else ""))
     return TrainResult(loop.step, best, final_val, run.out, stopped_early)
 
 

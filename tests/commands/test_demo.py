@@ -6,13 +6,27 @@ import pytest
 import soundfile as sf
 import yaml
 
+import browser
 import demo
 
 
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """The quick demo, run once for this module's tests (they share an xdist group, so one worker runs both):
+    its output directory and what it printed."""
+    import contextlib
+    import io
+
+    out, printed = tmp_path_factory.mktemp("demo") / "demo", io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert demo.main(["--quick", "--output_dir", str(out)]) == 0
+    return out, printed.getvalue()
+
+
 @pytest.mark.slow
-def test_quick_demo_runs_every_step(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert demo.main(["--quick", "--output_dir", str(out)]) == 0
+@pytest.mark.xdist_group("demo")
+def test_quick_demo_runs_every_step(quick_demo):
+    out, printed = quick_demo
     prepared = (out / "recordings" / "metadata.csv").read_text().splitlines()
     assert len(prepared) == 21  # header + the 20 bundled training clips, found in the long recordings by the VAD
     with h5py.File(out / "data.hdf5") as f:
@@ -24,6 +38,9 @@ def test_quick_demo_runs_every_step(tmp_path, capsys):
     assert summary["generated"]["n"] > 0 and summary["reference"]["n"] > 0 and summary["codec"]["n"] > 0
     assert (out / "evaluation" / "report.html").is_file()
     assert (out / "run" / "best" / "model.safetensors").is_file()
+    # The run keeps a weight average; both best/ and best_ema/ are evaluated and shown side by side.
+    assert any("ema_val_loss" in m for m in metrics) and (out / "run" / "best_ema" / "model.safetensors").is_file()
+    assert json.loads((out / "evaluation_ema" / "summary.json").read_text())["generated"]["n"] > 0
     from transformers import CsmForConditionalGeneration
 
     _, info = CsmForConditionalGeneration.from_pretrained(str(out / "run" / "best_hf"), output_loading_info=True)
@@ -33,5 +50,41 @@ def test_quick_demo_runs_every_step(tmp_path, capsys):
     assert info.samplerate == 24000 and info.frames > 0
     assert yaml.safe_load((out / "sweep" / "best_config.yaml").read_text())["learning_rate"] > 0
     assert (out / "loss_curve.png").is_file()
-    printed = capsys.readouterr().out
     assert "generated speech" in printed and "noise, not speech" in printed
+    assert "best_ema/" in printed and "(what each was picked by)" in printed
+    assert printed.rstrip().endswith(str(out / "report.html"))  # the page is the last thing it says
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("demo")
+@pytest.mark.skipif(browser.find_browser() is None, reason=browser.MISSING)
+def test_the_demo_report_works_in_a_real_browser(quick_demo):
+    """The demo's page (the SFT run and the DPO run) in headless Chromium: no script error, every plot draws every
+    trace it was given, every player loads its wav, and the screenshot is not blank. Then picking another step and
+    one item shows that step's section and that item's row only."""
+    out, _ = quick_demo
+    with browser.open_file(out / "report.html") as page:
+        drawn = page.evaluate(browser.TRACES)
+        players = browser.audio_states(page)
+        shot = page.screenshot()
+        steps = page.evaluate("[...document.querySelectorAll('#eval-step option')].map(o => o.value)")
+        items = page.evaluate("[...document.querySelectorAll('#eval-item option')].map(o => o.value)")
+        page.evaluate(f"""(() => {{
+            const step = document.getElementById('eval-step'), item = document.getElementById('eval-item');
+            step.value = '{steps[0]}'; step.dispatchEvent(new Event('change'));
+            item.value = '{items[1]}'; item.dispatchEvent(new Event('change'));
+        }})()""")
+        shown = page.evaluate("""[[...document.querySelectorAll('.eval-step')].filter(s => !s.hidden)
+                                    .map(s => s.dataset.step),
+                                  [...document.querySelectorAll('.eval-step:not([hidden]) tr[data-item]')]
+                                    .filter(r => !r.hidden).map(r => r.dataset.item)]""")
+        errors = page.errors
+    assert not errors, errors
+    keys = [key for key, _, _ in drawn]
+    assert {"loss", "val_loss", "lr", "grad_norm", "cer", "speaker_sim", "dnsmos_ovrl"} <= set(keys), keys
+    assert all(given == n > 0 for _, given, n in drawn), drawn
+    # The SFT run's val_loss is drawn with its weight average's beside it, and the DPO run's: 3 traces.
+    assert dict((k, given) for k, given, _ in drawn)["val_loss"] == 3
+    assert len(players) >= 10 and all(state >= 1 and error is None for _, state, error in players), players
+    assert not browser.is_blank(shot)
+    assert len(steps) == 2 and shown == [[steps[0]], [items[1]]]

@@ -103,7 +103,8 @@ def _torchrun(*args, processes: int = 2):
 @pytest.mark.slow
 def test_fsdp_trains_like_ddp_and_both_resume_exactly(assets, tmp_path):
     """distributed: fsdp (FSDP2 over 2 gloo processes, 2 micro-batches a step) gives DDP's losses, weights and weight
-    average; its checkpoints gather the sharded weights, optimizer states and average, and resume exactly; samples and best/ come from the whole model.
+    average; its checkpoints gather the sharded weights, optimizer states and average, and resume exactly; samples and
+    best/ come from the whole model.
     A resumed DDP run repeats an unbroken one exactly too (each rank's decoder-frame generator is saved)."""
     import shutil
 
