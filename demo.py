@@ -264,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\nThe tiny random models make noise, not speech, and their WER and speaker similarity mean nothing: "
           "see the README for finetuning and evaluating the real CSM-1B.")
     page = out / "report.html"
-    report.main([str(run), str(dpo_run), "--output", str(page)])
-    print(f"\nOne page for the runs: curves, every evaluation with players, samples, best/ (open it in a browser):"
+    report.main([str(run), str(dpo_run), str(sweep_dir), "--output", str(page)])
+    print(f"\nOne page for the runs and the sweep: curves, every evaluation with players, samples, best/, the "
+          f"trials (open it in a browser):"
           f"\n  {page}")
     return 0
 

@@ -146,8 +146,9 @@ def open_file(path: Path, **kw) -> Page:
 MISSING = ("no headless browser: install Debian's chromium (apt-get install chromium) to run the tests of pages in a "
            "real browser; .ci/run installs it when it runs as root")
 
-# Each plot on the page: [its name, the traces it was given, the traces drawn in its SVG].
-TRACES = """[...document.querySelectorAll('.js-plotly-plot')].map(d => [d.dataset.key || d.id, d.data.length,
+# Each plot on the page: [its name, the traces it was given that hold points, the traces drawn in its SVG].
+TRACES = """[...document.querySelectorAll('.js-plotly-plot')].map(d => [d.dataset.key || d.id,
+  d.data.filter(t => (t.x || t.y || []).length > 0).length,
   d.querySelectorAll('.scatterlayer .trace, .barlayer .trace, .plot .trace, .parcoords .trace').length])"""
 
 # Every <audio> of the page, once each has loaded its metadata or failed (or `seconds` passed): [src, readyState,

@@ -59,9 +59,9 @@ def test_quick_demo_runs_every_step(quick_demo):
 @pytest.mark.xdist_group("demo")
 @pytest.mark.skipif(browser.find_browser() is None, reason=browser.MISSING)
 def test_the_demo_report_works_in_a_real_browser(quick_demo):
-    """The demo's page (the SFT run and the DPO run) in headless Chromium: no script error, every plot draws every
-    trace it was given, every player loads its wav, and the screenshot is not blank. Then picking another step and
-    one item shows that step's section and that item's row only."""
+    """The demo's page (the SFT run, the DPO run and the sweep's trials) in headless Chromium: no script error, every
+    plot draws every trace it was given, every player loads its wav, and the screenshot is not blank. Then picking
+    another step and one item shows that step's section and that item's row only."""
     out, _ = quick_demo
     with browser.open_file(out / "report.html") as page:
         drawn = page.evaluate(browser.TRACES)
@@ -78,13 +78,17 @@ def test_the_demo_report_works_in_a_real_browser(quick_demo):
                                     .map(s => s.dataset.step),
                                   [...document.querySelectorAll('.eval-step:not([hidden]) tr[data-item]')]
                                     .filter(r => !r.hidden).map(r => r.dataset.item)]""")
+        links = page.evaluate("[...document.querySelectorAll('table a[href^=\"#run-\"]')]"
+                              ".map(a => !!document.getElementById(a.getAttribute('href').slice(1)))")
         errors = page.errors
     assert not errors, errors
     keys = [key for key, _, _ in drawn]
     assert {"loss", "val_loss", "lr", "grad_norm", "cer", "speaker_sim", "dnsmos_ovrl"} <= set(keys), keys
     assert all(given == n > 0 for _, given, n in drawn), drawn
-    # The SFT run's val_loss is drawn with its weight average's beside it, and the DPO run's: 3 traces.
-    assert dict((k, given) for k, given, _ in drawn)["val_loss"] == 3
+    assert {"sweep: optimization history", "sweep: parallel coordinates"} <= set(keys), keys
+    # The SFT run's val_loss is drawn with its weight average's beside it, the DPO run's and each trial's.
+    assert dict((k, given) for k, given, _ in drawn)["val_loss"] == 3 + 2
     assert len(players) >= 10 and all(state >= 1 and error is None for _, state, error in players), players
     assert not browser.is_blank(shot)
     assert len(steps) == 2 and shown == [[steps[0]], [items[1]]]
+    assert links == [True, True]  # each trial of the sweep's table links to its run's section

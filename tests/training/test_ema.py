@@ -98,7 +98,10 @@ def test_a_run_with_an_average_writes_best_ema_and_final_ema_and_resumes_bitwise
     data = write_token_file(tmp_path / "d.hdf5", n_train=10, n_val=3)
     cfg = _cfg(assets, **mode)
     full, part = tmp_path / "full", tmp_path / "part"
-    training.train(cfg, data, full, device="cpu", progress=False)
+    pages = []  # after each validation the run's page is already rewritten, to that step
+    training.train(cfg, data, full, device="cpu", progress=False,
+                   on_eval=lambda step, _: pages.append(f"logged: {step}<" in (full / "report.html").read_text()))
+    assert pages == [True, True, True]
     for name in ("best", "final", "best_ema", "final_ema"):
         assert (full / name / "model.safetensors").is_file(), name
         weights.load_model(full / name)  # what every command reads
@@ -108,6 +111,12 @@ def test_a_run_with_an_average_writes_best_ema_and_final_ema_and_resumes_bitwise
     assert any(not torch.equal(final[k], averaged[k]) for k in final)
     logged = _metrics(full)
     assert [m["step"] for m in logged if "ema_val_loss" in m] == [2, 4, 6]
+    # The run's page, rewritten at the end: which step each of best/ and best_ema/ holds, the average dashed.
+    from csm.training.report import is_our_page
+
+    page = (full / "report.html").read_text()
+    assert is_our_page(full / "report.html") and "best/ holds step" in page and "best_ema/ holds step" in page
+    assert '"name": "full (average)"' in page
 
     (part / "checkpoints").mkdir(parents=True)
     shutil.copy(full / "checkpoints" / "step_0000003.pt", part / "checkpoints" / "step_0000003.pt")

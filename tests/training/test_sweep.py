@@ -67,6 +67,12 @@ model:
     best = config.load_config(out / "best_config.yaml")
     assert best.learning_rate == pytest.approx(study.best_params["learning_rate"])
     assert (out / "optimization_history.html").exists() and (out / "parallel_coordinate.html").exists()
+    # One page for the study: every trial with its state and parameters, a completed one linked to its run's curves.
+    page = (out / "report.html").read_text()
+    assert page.count("<td>FAIL</td>") == len(failed) and page.count("<td>COMPLETE</td>") == 3 - len(failed)
+    done = next(t.number for t in study.trials if t.state == TrialState.COMPLETE)
+    assert f'<a href="#run-sweep-trial_{done:04d}">{done}</a>' in page and f'id="run-sweep-trial_{done:04d}"' in page
+    assert 'data-key="sweep: optimization history"' in page
 
     # The same command again continues the study; a larger --n_trials adds only the difference.
     assert sweep.main(base_args(assets, token_file, out, "--sweep_config", str(space), "--n_trials", "3",
