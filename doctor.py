@@ -94,9 +94,9 @@ def max_tokens_lines(gpu_bytes: float) -> list[str]:
     sys.path.append(str(ROOT / "bench"))
     import memory  # see the note at the imports
 
-    guide = memory.read_guide((ROOT / "README.md").read_text())
+    guide = memory.read_guide((ROOT / "docs" / "training.md").read_text())
     if not guide:
-        return ["    max_tokens: the memory guide (README.md) is not here"]
+        return ["    max_tokens: the memory guide (docs/training.md) is not here"]
     parts = []
     for label in MODES:
         fits = [memory.max_tokens(gpu_bytes, *guide[label + suffix]) for suffix in ("", ", checkpointing")]

@@ -18,13 +18,17 @@ from csm.training.report import is_our_page, read_runs, write_page
 from utils import CommandParser, run_cli
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> CommandParser:
     p = CommandParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a train.py --output_dir or a sweep.py --output_dir")
     p.add_argument("--output", required=True, help="the page to write (.html)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --output if it is another file (a page this command wrote is replaced anyway)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     output = Path(args.output)
     if output.suffix.lower() not in (".html", ".htm"):
         raise UserError(f"--output {output}: give a file name ending in .html")

@@ -7,7 +7,7 @@ process (peak resident memory on CPU, peak allocated on a GPU): SFT with 4 examp
 pairs (the same 4 sequences). The baseline is the first row, measured in the same run.
 
 CPU (default): the mid-size flavor in fp32. --size 1b --device cuda: CSM-1B in bf16 with LoRA (random weights,
-no download), the GPU row of the README.
+no download), the GPU row of docs/benchmarks.md.
 
 Usage: python bench/bench_dpo.py [--steps 6] [--pairs 48] [--max_frames 150] [--size mid|1b|tiny] [--device auto]
 """

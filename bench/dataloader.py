@@ -12,7 +12,7 @@
    process adds (beyond the file's shared pages) and the time to assemble an 8192-token batch.
 
 Usage: python bench/dataloader.py [--examples 2000] [--scale 200000 2000000]
-Prints markdown tables for the README.
+Prints markdown tables for docs/benchmarks.md.
 """
 import argparse
 import json

@@ -20,10 +20,11 @@ With checkpointing it is of the size of all the saved activations, so it cannot 
 as if both were held at once (in the step they are not: an upper bound).
 The CUDA context (CUDA_CONTEXT_GIB) is an estimate: it cannot be measured without a GPU.
 
-    python bench/memory.py [--update_readme README.md]
+    python bench/memory.py [--update_page docs/training.md]
+    python bench/memory.py --ema [--update_page docs/training.md]
 
-The README's memory table is this script's output (a test checks that they agree). The fit assumes that
-memory is the CUDA context + state + activations + the transient (+ 10% for the allocator): a planning figure,
+The memory guide's table (docs/training.md) is this script's output (a test checks that they agree). The fit assumes
+that memory is the CUDA context + state + activations + the transient (+ 10% for the allocator): a planning figure,
 to be checked against `bench/train_step.py`'s measured peak on a GPU.
 """
 import argparse
@@ -48,7 +49,7 @@ GIB = 2**30
 GPU_SIZES_GB = (8, 12, 16, 24, 40, 80)
 OVERHEAD = 1.10  # allocator fragmentation and short-lived buffers, on top of what is counted
 CUDA_CONTEXT_GIB = 0.5  # an estimate (the driver's context and the kernels it loads): nothing here measures it
-README_MARKERS = ("<!-- memory:start -->", "<!-- memory:end -->")
+PAGE_MARKERS = ("<!-- memory:start -->", "<!-- memory:end -->")
 MODES = {"full": {}, "lora": {"finetune": "lora"}, "frozen_text": {"freeze": ["text_embeddings"]}}
 # The low-memory recipe: configs/finetune_12gb.yaml's keys that shrink the state (not its activation checkpointing,
 # which the table varies, nor its batch and schedule).
@@ -212,11 +213,31 @@ def max_tokens(gpu_bytes: float, state: float, per_frame: float, fixed: float, t
     return frames or None
 
 
+EMA_MARKERS = ("<!-- memory-ema:start -->", "<!-- memory-ema:end -->")
+
+
+def ema_table(page: str) -> str:
+    """The guide's checkpointing rows (read from `page`) with a weight average (ema_decay) kept on the GPU: 4 bytes
+    (fp32) a trained parameter added to the state, and the largest max_tokens again. With ema_on_cpu the GPU holds
+    what the guide says, and the CPU the average."""
+    guide = read_guide(page)
+    lines = ["| CSM-1B, checkpointing, with ema_decay (the average on the GPU) | average GiB | state + average GiB | "
+             + " | ".join(f"max_tokens, {gb} GB" for gb in GPU_SIZES_GB) + " |",
+             "|---|---|---|" + "---|" * len(GPU_SIZES_GB)]
+    for mode, recipe, label in ROWS:
+        state, per_frame, fixed, transient = guide[label + ", checkpointing"]
+        average = 4 * adapters.count_trainable(csm1b(mode, recipe))
+        fits = [max_tokens(gb * 1e9, state + average, per_frame, fixed, transient) for gb in GPU_SIZES_GB]
+        lines.append(f"| {label} | {average / GIB:.2f} | {(state + average) / GIB:.1f} | "
+                     + " | ".join(f"{n:,}" if n else "does not fit" for n in fits) + " |")
+    return "\n".join(lines)
+
+
 def read_guide(readme: str) -> dict[str, tuple[float, float, float, float]]:
     """{row label: (state bytes, activation bytes per frame, fixed activation bytes, transient bytes per frame)} from
-    the README's memory table, which this script wrote: the measured figures, for tools that cannot measure them
-    again (doctor.py)."""
-    start, end = README_MARKERS
+    the memory guide's table (docs/training.md), which this script wrote: the measured figures, for tools that cannot
+    measure them again (doctor.py)."""
+    start, end = PAGE_MARKERS
     if start not in readme or end not in readme:
         return {}
     rows = readme.split(start)[1].split(end)[0].strip().splitlines()[2:]
@@ -333,7 +354,11 @@ def table(short: int, long: int) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frames", type=int, nargs=2, default=(128, 384), help="the two batch lengths measured")
-    p.add_argument("--update_readme", metavar="README", help="write the table between the README's memory markers")
+    p.add_argument("--update_page", metavar="PAGE", help="write the table between the memory markers of PAGE "
+                                                        "(docs/training.md)")
+    p.add_argument("--ema", action="store_true",
+                   help="instead, the guide's checkpointing rows with a weight average on the GPU, from the table in "
+                        "docs/training.md (or --update_page's page)")
     p.add_argument("--embedding", action="store_true",
                    help="instead, measure the frame embedding's transient memory, official vs this (peak resident "
                         "memory of a process of its own; Linux)")
@@ -342,13 +367,14 @@ def main(argv=None) -> None:
     if args.embedding:
         print(embedding_table())
         return
-    text = table(*args.frames)
-    if args.update_readme:
+    page = Path(args.update_page or ROOT / "docs" / "training.md")
+    text, markers = (ema_table(page.read_text()), EMA_MARKERS) if args.ema else (table(*args.frames), PAGE_MARKERS)
+    if args.update_page:
         from csm.training.config import replace_between
         from csm.system.outputs import write_text_atomic
 
-        path = Path(args.update_readme)
-        write_text_atomic(path, replace_between(path.read_text(), README_MARKERS, text))
+        path = Path(args.update_page)
+        write_text_atomic(path, replace_between(path.read_text(), markers, text))
     print(text)
 
 

@@ -5,7 +5,7 @@ Each case runs in a fresh process, so its peak resident memory (VmHWM, Linux) is
 process's imports (torch, soundfile), measured alone in the first row. Audio: 11 s of the bundled speech.
 
 Usage: python bench/resample.py [--seconds 11]
-Prints a markdown table for the README.
+Prints a markdown table for docs/benchmarks.md.
 """
 import argparse
 import subprocess

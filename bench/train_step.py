@@ -199,11 +199,11 @@ def step_flops(args: ModelArgs, batch: int = 16, length: int = 256, decoder_frac
 def predicted_peak_gib(mode: str, optimizer: str, checkpointing: bool, frames: int) -> float:
     """bench/memory.py's planning figure for this configuration (state + activations + the largest transient; no
     overhead, and no CUDA context, which the allocator's peak it is compared with leaves out too), from the
-    README's memory table, which that script wrote (measuring again takes a minute of CPU)."""
+    memory guide's table (docs/training.md), which that script wrote (measuring again takes a minute of CPU)."""
     import memory
 
     label = next(label for m, o, label in memory.ROWS if (m, o) == (mode, optimizer))
-    guide = memory.read_guide((ROOT / "README.md").read_text())
+    guide = memory.read_guide((ROOT / "docs" / "training.md").read_text())
     state, per_frame, fixed, transient = guide[label + (", checkpointing" if checkpointing else "")]
     return memory.peak_bytes(state, per_frame, fixed, transient, frames, context=False) / 2**30
 

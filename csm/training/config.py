@@ -1,6 +1,6 @@
 """The one typed training configuration: defaults, YAML + CLI overrides, validation before any work.
 
-Every key is documented here; the README's config reference is generated from these fields.
+Every key is documented here; the config reference page (docs/config.md) is generated from these fields.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class TrainConfig:
     model: str = _f("sesame/csm-1b",
                     "Weights to finetune: hub id, directory (official or transformers layout), .safetensors or .pt.")
     model_revision: str | None = _f(None, "Branch, tag or commit of a hub `model` (default: main).")
-    train_from_scratch: bool = _f(False, "Ignore `model` and start from random weights (see README: initialisation).")
+    train_from_scratch: bool = _f(False, "Ignore `model` and start from random weights (see docs/training.md).")
     backbone_flavor: str = _f("llama-1B", "Backbone shape when training from scratch.")
     decoder_flavor: str = _f("llama-100M", "Decoder shape when training from scratch.")
     text_vocab_size: int = _f(128_256, "Text vocabulary size when training from scratch.", min=1)
@@ -57,7 +57,7 @@ class TrainConfig:
     export_codec: str | None = _f(None,
                                   "Mimi (MimiModel layout) for export_hf: a transformers CSM or kyutai/mimi (default: "
                                   "the model's own, else kyutai/mimi).")
-    # --- what trains (see README: LoRA and freezing)
+    # --- what trains (see docs/training.md: LoRA and freezing)
     finetune: str = _f("full",
                        "full: every weight trains (minus freeze); lora: peft LoRA adapters "
                        "(plus lora_modules_to_save).",
@@ -94,9 +94,9 @@ class TrainConfig:
                                            "(what pretokenize.py writes), which every process maps from the file.")
     num_workers: int | None = _f(None,
                                  "DataLoader worker processes; unset: 2 on CUDA (loading overlaps the GPU's step), 0 "
-                                 "on CPU (workers would take the cores the step runs on). See README: benchmarks.",
+                                 "on CPU (workers would take the cores the step runs on). See docs/benchmarks.md.",
                                  min=0, max=256)
-    # --- conversational context (see README: conversational context)
+    # --- conversational context (see docs/training.md: conversational context)
     context_mode: str = _f("none",
                            "Context before each target turn: none; conversation (its earlier turns); same_speaker "
                            "(other utterances of its speaker, re-drawn each epoch: a voice prompt).",
@@ -114,7 +114,7 @@ class TrainConfig:
     adam_eps: float = _f(1e-8, "AdamW epsilon.", gt=0)
     optimizer: str = _f("adamw", "adamw (fused on CUDA) or adamw8bit (bitsandbytes, CUDA only).", choices=OPTIMIZERS)
     max_grad_norm: float = _f(1.3, "Clip the global gradient norm to this (0 disables clipping).", min=0)
-    # --- low-memory full finetuning (see README: a full finetune on a 12 GB card)
+    # --- low-memory full finetuning (see docs/training.md: a full finetune on a 12 GB card)
     weight_dtype: str = _f("fp32", "fp32: fp32 weights (autocast computes in bf16 on a GPU); bf16: the weights "
                            "themselves in bf16, 2 bytes each, updated as `bf16_compensation` says (needs precision: "
                            "bf16).", choices=WEIGHT_DTYPES)
@@ -136,7 +136,7 @@ class TrainConfig:
     decoder_loss_weight: float = _f(0.5, "w in 2((1-w) c0_loss + w decoder_loss).", min=0, max=1)
     decoder_fraction: float = _f(1 / 16,
                                  "Fraction of audio frames the decoder trains on (compute amortization).", gt=0, max=1)
-    # --- preference finetuning (see README: preference finetuning)
+    # --- preference finetuning (see docs/preference.md)
     objective: str = _f("sft", "sft: imitate a token file's recordings; dpo: learn from a preference file's pairs "
                         "(prefer.py) with the DPO loss.", choices=OBJECTIVES)
     dpo_beta: float = _f(0.1, "DPO's beta: how far the policy may move from the reference; the implicit reward is "
@@ -178,7 +178,7 @@ class TrainConfig:
     gen_max_seconds: float = _f(10.0,
                                 "Longest sample, in seconds (the model's 2048 frames "
                                 "hold 160 s with the text).", gt=0, max=160)
-    # --- quality evaluation (WER/CER, speaker similarity, EOS rate; see README: evaluation)
+    # --- quality evaluation (WER/CER, speaker similarity, EOS rate; see docs/evaluation.md)
     eval_every: int = _f(0, "Quality evaluation of eval_n val items every N steps and at the end (0: never).", min=0)
     eval_data: str | None = _f(None, "What the quality evaluation speaks: a token file (its val split) or a metadata "
                                "file (default: --data's val split; a DPO run needs it, its preference file holding "
@@ -200,7 +200,7 @@ class TrainConfig:
                             "normaliser, others its basic one.")
     select_best_by: str = _f("val_loss", "What picks best/: val_loss, or a quality metric (needs eval_every).",
                              choices=SELECTS_BEST)
-    # --- a moving average of the weights (see README: smoother voices)
+    # --- a moving average of the weights (see docs/training.md: the weight average)
     ema_decay: float = _f(0.0, "Keep an exponential moving average of the trained weights, updated after every "
                           "optimizer step with this decay (0: none; 0.999 averages about the last 1000 steps). The "
                           "run then also writes final_ema/ and best_ema/, the average judged by select_best_by "
@@ -502,7 +502,7 @@ def type_name(key: str) -> str:
 
 
 def config_reference_markdown() -> str:
-    """The README's config table, generated from the dataclass so they cannot drift apart."""
+    """The config reference table (docs/config.md), generated from the dataclass so they cannot drift apart."""
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
     for f in fields(TrainConfig):
         default = f.default_factory() if f.default is MISSING else f.default
@@ -510,7 +510,7 @@ def config_reference_markdown() -> str:
     return "\n".join(rows)
 
 
-README_MARKERS = ("<!-- config-table:start -->", "<!-- config-table:end -->")
+PAGE_MARKERS = ("<!-- config-table:start -->", "<!-- config-table:end -->")
 
 
 def replace_between(text: str, markers: tuple[str, str], body: str) -> str:
@@ -524,13 +524,14 @@ def replace_between(text: str, markers: tuple[str, str], body: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(description="Print the config reference, or write it into the README.")
+    p = argparse.ArgumentParser(description="Print the config reference, or write it into its docs page.")
     p.add_argument("--markdown", action="store_true", help="print the config table as markdown")
-    p.add_argument("--update_readme", metavar="README", help="replace the table between the README's markers")
+    p.add_argument("--update_page", metavar="PAGE", help="replace the table between the page's markers "
+                                                        "(docs/config.md)")
     args = p.parse_args(argv)
-    if args.update_readme:
-        path = Path(args.update_readme)
-        write_text_atomic(path, replace_between(path.read_text(), README_MARKERS, config_reference_markdown()))
+    if args.update_page:
+        path = Path(args.update_page)
+        write_text_atomic(path, replace_between(path.read_text(), PAGE_MARKERS, config_reference_markdown()))
     else:
         print(config_reference_markdown())
     return 0

@@ -48,7 +48,8 @@ class RunData:
     config: dict = field(default_factory=dict)
     evaluations: list[Evaluation] = field(default_factory=list)
     samples: dict[int, list[Path]] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)  # what is missing or damaged, in words
+    notes: list[str] = field(default_factory=list)  # what is damaged, in words
+    absent: list[str] = field(default_factory=list)  # what the run's settings left out (no evaluations, samples)
 
     @property
     def anchor(self) -> str:
@@ -83,14 +84,14 @@ def read_run(path: Path, name: str) -> RunData:
             if evaluation is not None:
                 run.evaluations.append(evaluation)
     if not run.evaluations:
-        run.notes.append("no quality evaluations (eval/step_N/): train with eval_every > 0 to hear the model "
+        run.absent.append("no quality evaluations (eval/step_N/): train with eval_every > 0 to hear the model "
                          "as it trains")
     for wav in sorted((path / "samples").glob("step_*.wav")):
         match = SAMPLE.match(wav.name)
         if match:
             run.samples.setdefault(int(match.group(1)), []).append(wav)
     if not run.samples:
-        run.notes.append("no training samples (samples/): gen_every is 0, or no sample step was reached")
+        run.absent.append("no training samples (samples/): gen_every is 0, or no sample step was reached")
     for key, steps in _nonfinite(run.rows).items():
         shown = ", ".join(map(str, steps[:5])) + (", ..." if len(steps) > 5 else "")
         run.notes.append(f"{key}: {len(steps)} non-finite value(s) (NaN or inf), not drawn: step {shown}")
@@ -333,16 +334,18 @@ def samples_html(runs: list[RunData], page_dir: Path) -> str:
 
 
 def runs_html(runs: list[RunData]) -> str:
-    parts = []
+    """A row per run: its colour, name and folder, its last step, what best/ holds, and what it lacks."""
+    parts = ["<table class=runs><tr><th>run</th><th>last step</th><th>best</th><th>notes</th></tr>"]
     for i, run in enumerate(runs):
-        last = run.rows[-1]["step"] if run.rows else None
+        last = run.rows[-1]["step"] if run.rows else "none"
         colour = COLOURS[i % len(COLOURS)]
-        parts.append(f'<div class=run id="{run.anchor}"><h3><span class=swatch style="background:{colour}"></span>'
-                     f'{html.escape(run.name)}</h3><p class=path>{html.escape(str(run.path))}</p><ul>'
-                     f"<li>last step logged: {last if last is not None else 'none'}</li>"
-                     + "".join(f"<li>{html.escape(line)}</li>" for line in best_steps(run))
-                     + "".join(f"<li class=missing>{html.escape(note)}</li>" for note in run.notes) + "</ul></div>")
-    return "\n".join(parts)
+        notes = [f"<div class=missing>{html.escape(n)}</div>" for n in run.notes] + \
+            [f"<div class=note>{html.escape(n)}</div>" for n in run.absent]
+        parts.append(f'<tr id="{run.anchor}"><td><span class=swatch style="background:{colour}"></span>'
+                     f'<b>{html.escape(run.name)}</b><div class=path>{html.escape(str(run.path))}</div></td>'
+                     f"<td class=last>{last}</td><td>{'<br>'.join(html.escape(line) for line in best_steps(run))}</td>"
+                     f"<td>{''.join(notes) or '-'}</td></tr>")
+    return "\n".join(parts) + "</table>"
 
 
 def sweep_html(sweep: Path, trials: list[RunData], study=None) -> tuple[str, list[dict]]:
@@ -432,6 +435,7 @@ def build_page(paths: list[Path], page: Path, study=None) -> str:
     from plotly.offline import get_plotlyjs
 
     runs, sweeps = read_runs(paths)
+    title = ", ".join([*(run.name for run in runs), *(f"sweep {path.name}" for path, _ in sweeps)])
     page_dir = page.parent
     sweep_parts, plots = [], []
     for sweep, trials in sweeps:
@@ -442,15 +446,14 @@ def build_page(paths: list[Path], page: Path, study=None) -> str:
     figs = figures(runs) + plots
     for i, figure in enumerate(figs):
         figure["id"] = f"plot-{i}"
-    title = ", ".join(run.name for run in runs) or ", ".join(p.name for p, _ in sweeps)
     curves = "".join(f'<div id="{f["id"]}" class=plot data-key="{html.escape(f["key"])}"></div>' for f in figs) or \
         "<p class=note>Nothing logged yet to draw.</p>"
     body = [f"<h1>Training report: {html.escape(title)}</h1>",
-            *sweep_parts,
-            "<h2>Runs</h2>", runs_html(runs) or "<p class=note>No runs: the sweep has no trials yet.</p>",
+            "<h2>Runs</h2>", runs_html(runs) if runs else "<p class=note>No runs: the sweep has no trials yet.</p>",
             "<h2>Curves</h2>", f"<div class=plots>{curves}</div>",
             "<h2>Quality evaluations</h2>", evaluations_html(runs, page_dir),
-            "<h2>Training samples</h2>", samples_html(runs, page_dir)]
+            "<h2>Training samples</h2>", samples_html(runs, page_dir),
+            *sweep_parts]
     data = json.dumps(_finite([{"id": f["id"], "data": f["data"], "layout": f["layout"]} for f in figs]),
                       allow_nan=False, default=str).replace("</", "<\\/")
     return (f'<!doctype html><html><head><meta charset="utf-8"><meta name="generator" content="{GENERATOR}">'

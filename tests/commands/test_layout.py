@@ -8,7 +8,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTS = ("system", "model", "data", "judging", "training")  # each imports only those before it
-COMMANDS = {"train", "pretokenize", "sweep", "prepare", "generate", "evaluate", "prefer", "export", "demo", "doctor"}
+COMMANDS = {"train", "pretokenize", "sweep", "prepare", "generate", "evaluate", "prefer", "export", "report", "demo",
+            "doctor"}
 # The original repo's two modules stay on top by name. dataloaders.py batches the data part's token files for
 # training, so it sits between data and judging; utils.py is the commands' edge, above the whole library.
 RANK = {**{f"csm.{p}": i for i, p in enumerate(PARTS)}, "dataloaders": 2.5, "utils": len(PARTS),

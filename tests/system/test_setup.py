@@ -171,7 +171,7 @@ def test_doctor_never_fails_on_a_missing_part(tmp_path):
 
 
 def test_doctor_gives_the_memory_guides_max_tokens_for_each_gpu(monkeypatch):
-    """A simulated 80 GB GPU gets about the README's 80 GB column (the guide prints its figures rounded)."""
+    """A simulated 80 GB GPU gets about the memory guide's 80 GB column (the guide prints its figures rounded)."""
     import doctor
 
     import memory
@@ -182,8 +182,8 @@ def test_doctor_gives_the_memory_guides_max_tokens_for_each_gpu(monkeypatch):
                                                   "bf16": True}])
     lines = doctor.torch_lines()
     assert "  GPU 0: Simulated GPU, 74.5 GiB, compute capability 9.0, bf16: yes" in lines
-    text = (ROOT / "README.md").read_text()
-    table = text.split(memory.README_MARKERS[0])[1].split(memory.README_MARKERS[1])[0]
+    text = (ROOT / "docs" / "training.md").read_text()
+    table = text.split(memory.PAGE_MARKERS[0])[1].split(memory.PAGE_MARKERS[1])[0]
     readme = {row.split("|")[1].strip(): int(row.split("|")[-2].strip().replace(",", ""))
               for row in table.strip().splitlines()[2:] if "does not fit" not in row.split("|")[-2]}
     guide = next(line for line in lines if "largest max_tokens" in line)
