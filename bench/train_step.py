@@ -14,6 +14,7 @@ vs bf16, and peak memory with activation checkpointing and 8-bit AdamW.
 Usage: python bench/train_step.py [--steps 8] [--rounds 3] [--device auto] [--skip_1b]
 """
 import argparse
+import re
 import sys
 import tempfile
 import time
@@ -249,14 +250,17 @@ def big_model_report(data: Path, device: torch.device, big: ModelArgs, steps: in
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--examples", type=int, default=600)
     p.add_argument("--skip_1b", action="store_true", help="on a GPU, skip the 1B rows")
     p.add_argument("--rounds", type=int, default=3, help="rounds over the mid-flavor rows (median reported)")
-    args = p.parse_args()
+    p.add_argument("--only", nargs="+", metavar="REGEX",
+                   help="only the mid-flavor rows whose name matches one of these (the first row kept is the baseline "
+                        "of the ratios), and none of the other tables: e.g. --only '4096$' ema_decay")
+    args = p.parse_args(argv)
     device = runtime.resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "reference.hdf5"
@@ -280,6 +284,10 @@ def main() -> None:
             ("mid flavor, fp32, max_tokens=4096, ema_decay=0.999 (the average updated after every step)", args.steps,
              dict(ema_decay=0.999, **budget)),
         ]
+        if args.only:
+            specs = [s for s in specs if any(re.search(pattern, s[0]) for pattern in args.only)]
+            if not specs:
+                raise SystemExit(f"--only {' '.join(args.only)} matches no row")
         # Round after round over all rows: the machine's speed drifts over minutes, and a row measured in
         # every round sees the same drift as its baseline. The median of the rounds is reported.
         runs = {name: [] for name, _, _ in specs}
@@ -290,6 +298,8 @@ def main() -> None:
         print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
                                      f" ({torch.get_num_threads()} threads)"))
         print(table("training step (mid flavor)", rows, memory=device.type == "cuda"), end="\n\n")
+        if args.only:
+            return
         modes = [("full finetuning", {}),
                  ("LoRA r=16 on q/k/v/o and MLP (backbone and decoder)", {"finetune": "lora"}),
                  ("full, backbone frozen", {"freeze": ["backbone"]}),
