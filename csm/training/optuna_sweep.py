@@ -697,6 +697,9 @@ def _run_study(run: SweepRun, base: dict, space: dict) -> int:
 
     study = make_study(run.study, storage_for(run.storage))
     mark_interrupted_trials(study)  # a worker killed outright leaves its trial RUNNING
+    # A trial of this run stopped by a signal its worker got (Ctrl-C reaches the whole process group, and the kernel
+    # may hand the main process's copy to a thread other than the one waiting) leaves the study unfinished too.
+    interrupted = interrupted or any(t.user_attrs.get("interrupted") for t in study.trials[run.trials_at_start:])
     written = write_reports(study, out, base)
 
     states = [t.state for t in study.trials]

@@ -8,7 +8,9 @@ What a run lacks (no evaluations yet, a line cut short by a crash, NaN losses) i
 from __future__ import annotations
 
 import csv
+import functools
 import html
+import importlib.resources
 import json
 import math
 import os
@@ -71,8 +73,8 @@ def read_run(path: Path, name: str) -> RunData:
     if config.is_file():
         import yaml
 
-        try:
-            loaded = yaml.safe_load(config.read_text(errors="replace"))
+        try:  # the C loader where PyYAML has one: a run's config is read at every evaluation
+            loaded = yaml.load(config.read_text(errors="replace"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
             run.config = loaded if isinstance(loaded, dict) else {}
         except yaml.YAMLError:
             run.notes.append("config.yaml cannot be read: which metric picks best/ is not known")
@@ -432,8 +434,6 @@ for (const id of ['eval-step', 'eval-item']) {
 
 def build_page(paths: list[Path], page: Path, study=None) -> str:
     """The page's HTML for the runs and sweeps at `paths`, to be written at `page` (its links are relative to it)."""
-    from plotly.offline import get_plotlyjs
-
     runs, sweeps = read_runs(paths)
     title = ", ".join([*(run.name for run in runs), *(f"sweep {path.name}" for path, _ in sweeps)])
     page_dir = page.parent
@@ -458,8 +458,15 @@ def build_page(paths: list[Path], page: Path, study=None) -> str:
                       allow_nan=False, default=str).replace("</", "<\\/")
     return (f'<!doctype html><html><head><meta charset="utf-8"><meta name="generator" content="{GENERATOR}">'
             f"<title>{html.escape(title)}</title><style>{STYLE}</style>"
-            f"<script>{get_plotlyjs()}</script></head><body>{''.join(body)}"
+            f"<script>{plotly_js()}</script></head><body>{''.join(body)}"
             f"<script>const FIGURES = {data};{SCRIPT}</script></body></html>\n")
+
+
+@functools.lru_cache(maxsize=1)
+def plotly_js() -> str:
+    """plotly.js as the plotly wheel ships it (what plotly.offline.get_plotlyjs returns), read once a process and
+    without importing plotly's Python side: train.py writes a page after each evaluation."""
+    return (importlib.resources.files("plotly") / "package_data" / "plotly.min.js").read_text(encoding="utf-8")
 
 
 def _finite(value):

@@ -109,3 +109,13 @@ def test_a_damaged_run_page_has_no_script_error_in_a_browser(tmp_path):
         drawn = page.evaluate(browser.TRACES)
         assert not page.errors, page.errors
     assert drawn and all(n == expected and n > 0 for _, expected, n in drawn), drawn
+
+
+def test_the_inlined_script_is_the_one_plotly_ships():
+    """The page reads plotly.min.js from the wheel's files (no import of plotly per page): it is what plotly's own
+    get_plotlyjs gives."""
+    from plotly.offline import get_plotlyjs
+
+    from csm.training.report import plotly_js
+
+    assert plotly_js() == get_plotlyjs() and len(plotly_js()) > 1_000_000
