@@ -115,7 +115,7 @@ def prepare_recordings(out: Path, asr: Path) -> Path:
 
 
 def preference_round(out: Path, model: Path, data: Path, assets: dict, common: list[str], steps: int,
-                     prompts: int) -> tuple[Path, Path]:
+                     prompts: int, n: int) -> tuple[Path, Path]:
     """prefer.py on the SFT model's speech, train.py with objective: dpo from it, evaluate.py on the result: each
     step reads the one before's outputs as they are. (The tiny judges are random, so what the pairs prefer is too;
     the margin is low to find pairs among them.)"""
@@ -133,20 +133,22 @@ def preference_round(out: Path, model: Path, data: Path, assets: dict, common: l
     print(f"  DPO: validation reward accuracy {last.get('val_reward_accuracy', float('nan')):.2f}, "
           f"margin {last.get('val_reward_margin', float('nan')):.3f}")
     dpo_eval = out / "evaluation_dpo"
-    evaluate.main(["--model", str(dpo_run / "best"), "--eval_data", str(SAMPLE / "val.json"), "--n", "4",
+    evaluate.main(["--model", str(dpo_run / "best"), "--eval_data", str(SAMPLE / "val.json"), "--n", str(n),
                    "--output_dir", str(dpo_eval), *judges, "--max_audio_seconds", "2", "--device", "cpu",
                    "--no_ceilings", *common])
     return dpo_run, dpo_eval
 
 
-def evaluate_best(out: Path, run: Path, assets: dict, common: list[str]) -> tuple[Path, dict]:
-    """evaluate.py on best/ and on best_ema/, and the two side by side with the validation loss each was picked by."""
+def evaluate_best(out: Path, run: Path, assets: dict, common: list[str], n: int) -> tuple[Path, dict]:
+    """evaluate.py on best/ and on best_ema/ (the same items; the recordings' and Mimi's ceilings once, as they do not
+    depend on the model), and the two side by side with the validation loss each was picked by."""
     summaries = {}
     for name in ("best", "best_ema"):
         where = out / ("evaluation" if name == "best" else "evaluation_ema")
-        evaluate.main(["--model", str(run / name), "--eval_data", str(SAMPLE / "val.json"), "--n", "4",
+        evaluate.main(["--model", str(run / name), "--eval_data", str(SAMPLE / "val.json"), "--n", str(n),
                        "--output_dir", str(where), "--asr", str(assets["asr"]), "--speaker_model",
-                       str(assets["speaker_model"]), "--max_audio_seconds", "2", "--device", "cpu", *common])
+                       str(assets["speaker_model"]), "--max_audio_seconds", "2", "--device", "cpu", *common,
+                       *(["--no_ceilings"] if name == "best_ema" else [])])
         summaries[name] = json.loads((where / "summary.json").read_text())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     lowest = {key: min((r[key] for r in rows if key in r), default=float("nan"))
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
     banner("6/8 evaluate best/ and best_ema/ (the weight average): WER/CER, speaker similarity, DNSMOS, EOS rate, "
            "with the reference and Mimi ceilings")
-    evaluation, summary = evaluate_best(out, run, assets, common)
+    evaluation, summary = evaluate_best(out, run, assets, common, n=2 if args.quick else 4)
     ovrl = {what: (summary.get(what) or {}).get("dnsmos_ovrl") for what in ("reference", "codec", "generated")}
     shown = {what: "-" if value is None else f"{value:.2f}" for what, value in ovrl.items()}
     print(f"  DNSMOS overall quality (1-5, the real model): the recordings (real speech) {shown['reference']}, "
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
     banner("7/8 one round of preference finetuning: candidates judged by prefer.py, DPO, then evaluate.py again")
     dpo_run, dpo_eval = preference_round(out, run / "best", data, assets, common, steps=max(steps // 15, 6),
-                                         prompts=4 if args.quick else 8)
+                                         prompts=4 if args.quick else 8, n=2 if args.quick else 4)
     after = json.loads((dpo_eval / "summary.json").read_text())["generated"]
     for key in ("cer", "speaker_sim", "eos_rate", "dnsmos_ovrl"):
         print(f"  {key:12s} SFT {BY_NAME[key].show(summary['generated'].get(key)):>7s}   after DPO "

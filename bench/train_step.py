@@ -250,6 +250,14 @@ def big_model_report(data: Path, device: torch.device, big: ModelArgs, steps: in
     return "\n".join(lines)
 
 
+def only_rows(specs: list[tuple], patterns: list[str]) -> list[tuple]:
+    """The rows (name first) whose name matches one of `patterns` (regular expressions), in their order."""
+    kept = [spec for spec in specs if any(re.search(pattern, spec[0]) for pattern in patterns)]
+    if not kept:
+        raise SystemExit(f"--only {' '.join(patterns)} matches no row")
+    return kept
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=8)
@@ -285,9 +293,7 @@ def main(argv: list[str] | None = None) -> None:
              dict(ema_decay=0.999, **budget)),
         ]
         if args.only:
-            specs = [s for s in specs if any(re.search(pattern, s[0]) for pattern in args.only)]
-            if not specs:
-                raise SystemExit(f"--only {' '.join(args.only)} matches no row")
+            specs = only_rows(specs, args.only)
         # Round after round over all rows: the machine's speed drifts over minutes, and a row measured in
         # every round sees the same drift as its baseline. The median of the rounds is reported.
         runs = {name: [] for name, _, _ in specs}

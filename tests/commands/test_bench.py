@@ -22,18 +22,22 @@ def test_the_gpu_report_runs_every_kind_of_row(tmp_path):
     assert [a[:3] for a in asked] == [("lora" if "LoRA" in n else "full", "adamw", "checkpointing" in n) for n in bf16]
 
 
-def test_only_measures_the_rows_asked_for_against_the_first_of_them(capsys):
-    """--only keeps the mid-flavor rows that match (here the baseline and the weight average's), in order, and the
-    ratios are against the first kept; a pattern that matches nothing is one line."""
+def test_only_keeps_the_rows_asked_for_in_order_and_the_weight_average_row_measures(tmp_path):
+    """--only keeps the rows whose name matches (the first kept is the ratios' baseline); a pattern that matches
+    nothing is one line. The weight average's row runs the real step with the average updated after it (tiny
+    model)."""
     import pytest
+
+    from csm.data.tiny_assets import TINY_MODEL_ARGS
 
     import train_step
 
-    train_step.main(["--steps", "1", "--rounds", "1", "--examples", "40", "--device", "cpu",
-                     "--only", "4096$", "ema_decay"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| mid flavor")]
-    names = [r.split(" | ")[0].removeprefix("| mid flavor, fp32, ") for r in rows]
-    assert names == ["max_tokens=4096", "max_tokens=4096, ema_decay=0.999 (the average updated after every step)"]
-    assert " | 1.00x" in rows[0]  # the baseline: the first row kept
+    specs = [("a, max_tokens=4096", 1, {}), ("a, max_tokens=4096, checkpointing", 1, {}),
+             ("a, max_tokens=4096, ema_decay=0.999", 1, {})]
+    assert [s[0] for s in train_step.only_rows(specs, ["4096$", "ema_decay"])] == [specs[0][0], specs[2][0]]
     with pytest.raises(SystemExit, match="matches no row"):
-        train_step.main(["--steps", "1", "--rounds", "1", "--examples", "40", "--device", "cpu", "--only", "nothing"])
+        train_step.only_rows(specs, ["nothing"])
+    data = write_token_file(tmp_path / "d.hdf5", n_train=20, n_val=0)
+    result = train_step.measure(data, torch.device("cpu"), TINY_MODEL_ARGS, 2, max_tokens=512, max_seq_len=512,
+                                precision="fp32", ema_decay=0.999)
+    assert result["frames_per_s"] > 0

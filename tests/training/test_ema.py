@@ -82,7 +82,8 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("mode", [{}, {"finetune": "lora", "lora_rank": 4}])
+@pytest.mark.parametrize("mode", [{}, {"finetune": "lora", "lora_rank": 4}, {"freeze": ["backbone"]}],
+                         ids=["full", "lora", "frozen"])
 def test_a_run_with_an_average_writes_best_ema_and_final_ema_and_resumes_bitwise(assets, tmp_path, mode):
     """best_ema/ and final_ema/ beside best/ and final/, in the same layout (a LoRA run's merged, its adapter
     beside); the average's val_loss logged; killed after step 3 and resumed, final_ema/ equals the unbroken run's
@@ -106,7 +107,7 @@ def test_a_run_with_an_average_writes_best_ema_and_final_ema_and_resumes_bitwise
     for name in ("best", "final", "best_ema", "final_ema"):
         assert (full / name / "model.safetensors").is_file(), name
         weights.load_model(full / name)  # what every command reads
-    if mode:
+    if "finetune" in mode:
         assert (full / "final_ema_adapter" / "adapter_model.safetensors").is_file()
     final, averaged = (load_file(str(full / n / "model.safetensors")) for n in ("final", "final_ema"))
     assert any(not torch.equal(final[k], averaged[k]) for k in final)
@@ -127,9 +128,11 @@ def test_a_run_with_an_average_writes_best_ema_and_final_ema_and_resumes_bitwise
     assert all(torch.equal(averaged[k], again[k]) for k in averaged)
 
 
-def test_the_average_of_a_run_is_the_closed_form_of_its_steps(assets, tmp_path):
+@pytest.mark.parametrize("on_cpu", [False, True], ids=["beside", "ema_on_cpu"])
+def test_the_average_of_a_run_is_the_closed_form_of_its_steps(assets, tmp_path, on_cpu):
     """With decay d from step 1 on, final_ema/ is d^(n-1) w_1 + (1 - d) sum_{i=2..n} d^(n-i) w_i over the weights
-    after each step (read from a checkpoint saved after every step)."""
+    after each step (read from a checkpoint saved after every step); kept in CPU memory (ema_on_cpu) too. (On a GPU
+    that moves it off the device: the GPU check's ema row.)"""
     from safetensors.torch import load_file
 
     from conftest import write_token_file
@@ -137,7 +140,8 @@ def test_the_average_of_a_run_is_the_closed_form_of_its_steps(assets, tmp_path):
 
     data = write_token_file(tmp_path / "d.hdf5", n_train=6, n_val=2)
     n, d = 4, 0.7
-    training.train(_cfg(assets, max_steps=n, save_every=1, keep_checkpoints=n, ema_decay=d, val_every=0), data,
+    training.train(_cfg(assets, max_steps=n, save_every=1, keep_checkpoints=n, ema_decay=d, val_every=0,
+                        ema_on_cpu=on_cpu), data,
                    tmp_path / "run", device="cpu", progress=False)
     steps = [torch.load(tmp_path / "run" / "checkpoints" / f"step_000000{i}.pt", weights_only=True)["model"]
              for i in range(1, n + 1)]
