@@ -37,6 +37,7 @@ endif
 
 # Two workers (pytest-xdist): CI's and the developers' machines have 2 cores, and half the suite waits on
 # subprocesses, imports and files, so two take about 0.6x the time of one.
+# --dist loadgroup: tests marked with one xdist_group run on one worker, so the demo's two tests share one demo run.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
