@@ -36,7 +36,8 @@ class Page:
             os.dup2(ends[1], 4)
 
         self.process = subprocess.Popen(
-            [find_browser(), "--headless=new", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
+            [find_browser(), "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--remote-debugging-pipe",
              "--no-first-run", "--no-default-browser-check", "--allow-file-access-from-files",
              "--autoplay-policy=no-user-gesture-required", f"--window-size={width},{height}",
              f"--user-data-dir={self._profile.name}", "about:blank"],
