@@ -176,6 +176,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+PORT_TAKEN = "EADDRINUSE"  # torch's words when the rendezvous port was taken between free_port() and its bind
+
+
+def run_torchrun(cmd: list, attempts: int = 3, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run of a command with `--master_port PORT`, again with a new port while the port was taken before
+    torchrun could bind it (another test's process took it in between: free_port() can only say it was free). That
+    failure comes before any work, so a rerun is the same run."""
+    cmd = [str(c) for c in cmd]
+    for _ in range(attempts):
+        proc = subprocess.run(cmd, **{"capture_output": True, "text": True, **kwargs})
+        if proc.returncode == 0 or PORT_TAKEN not in proc.stderr:
+            return proc
+        cmd[cmd.index("--master_port") + 1] = str(free_port())
+    return proc
+
+
 def token_rows(path, split="train") -> tuple[list, list]:
     """A token file split's rows as ([codes of each row], [text ids of each row]), read with h5py alone (not the
     project's reader), in either format."""

@@ -382,10 +382,9 @@ def test_quality_evaluation_goes_to_wandb_as_a_table(assets, judges, pretokenize
 @pytest.mark.slow
 def test_two_gloo_processes_evaluate_once_and_agree_on_best(assets, judges, pretokenized, tmp_path):
     import os
-    import subprocess
     import sys
 
-    from conftest import free_port
+    from conftest import free_port, run_torchrun
     from csm.training.tracking import read_metrics
     from csm.model.weights import read_model_weights
 
@@ -399,8 +398,7 @@ def test_two_gloo_processes_evaluate_once_and_agree_on_best(assets, judges, pret
            "--set", "keep_checkpoints=5", "--set", "eval_every=1", "--set", "eval_n=2", "--set", "eval_max_seconds=0.5",
            "--set", f"eval_asr={judges['asr']}", "--set", f"eval_speaker_model={judges['speaker_model']}",
            "--set", "select_best_by=speaker_sim", "--set", "precision=fp32"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_torchrun(cmd, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "speaker_sim" in r]
     assert [r["step"] for r in rows] == [1, 2]  # rank 0 evaluates; rank 1 logs nothing

@@ -8,14 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import free_port, ROOT, write_token_file
+from conftest import free_port, ROOT, run_torchrun, write_token_file
 
 
 def _run(cmd, env_extra=None):
     # A crash prints every thread's Python stack (and C++ frames for torch's own errors).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1",
            "TORCH_SHOW_CPP_STACKTRACES": "1", **(env_extra or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    proc = run_torchrun(cmd, cwd=ROOT, env=env, timeout=300) if "--master_port" in cmd else \
+        subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     # Where a rank died, the first lines that say why (a faulthandler dump ends with a long list of modules).
     why = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line or "File " in line]
     assert proc.returncode == 0, "\n".join(why[:40]) + "\n" + proc.stderr[-1500:]
@@ -148,10 +149,9 @@ def test_fsdp_trains_like_ddp_and_both_resume_exactly(assets, tmp_path):
     other = tmp_path / "other"
     (other / "checkpoints").mkdir(parents=True)
     shutil.copy(fsdp / "checkpoints" / "step_0000002.pt", other / "checkpoints")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), "train.py", *common, "--output_dir", str(other), "--resume"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_torchrun([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                         str(free_port()), "train.py", *common, "--output_dir", str(other), "--resume"],
+                        cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0 and "distributed: fsdp" in proc.stderr
     # A DDP checkpoint resumed by one process: the number of processes is named (the loader's check came first and
     # blamed "the data, batch settings or number of processes").
@@ -201,13 +201,11 @@ def test_compiled_layers_under_ddp_train_like_eager_and_resume(assets, tmp_path)
 
 def test_compile_with_fsdp_is_refused_in_one_line(assets, tmp_path):
     data = write_token_file(tmp_path / "d.hdf5", n_train=8, n_val=0)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), "train.py",
-                           *_train_args(data, assets["model"], 2, "--set", "compile=true",
-                                                                        "--set", "distributed=fsdp"),
-                           "--output_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_torchrun([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                         str(free_port()), "train.py",
+                         *_train_args(data, assets["model"], 2, "--set", "compile=true", "--set", "distributed=fsdp"),
+                         "--output_dir", str(tmp_path / "out")], cwd=ROOT, timeout=300,
+                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0 and "compile: true with distributed: fsdp" in proc.stderr
     assert not (tmp_path / "out").exists()
 
@@ -241,3 +239,22 @@ def test_cleanup_frees_a_sharded_model_before_the_process_group_goes(tmp_path, m
         gc.enable()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_a_torchrun_whose_port_was_taken_meanwhile_is_run_again_on_another(tmp_path):
+    """run_torchrun, which these tests launch torchrun with: a --master_port another process holds fails with
+    EADDRINUSE before any work, and the helper runs it again on a fresh port."""
+    import socket
+
+    script = tmp_path / "hello.py"
+    script.write_text("import os\nprint('rank', os.environ['RANK'])\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), str(script)]
+        first = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        again = run_torchrun(cmd, timeout=120)
+    assert first.returncode != 0 and "EADDRINUSE" in first.stderr  # the premise: torch's words for it
+    assert again.returncode == 0 and "rank 0" in again.stdout
