@@ -39,7 +39,7 @@ class LoopState:
     nonfinite_streak: int = 0
     # What picked best/ so far (select_best_by), as a score where lower is better (speaker_sim negated).
     best_score: float = float("inf")
-    best_ema_score: float = float("inf")  # the same for best_ema/ (ema_decay), by the average's val_loss
+    best_ema_score: float = float("inf")  # the same for best_ema/ (ema_decay), by the average's select_best_by
 
 
 def step_path(directory: Path, step: int) -> Path:
@@ -200,10 +200,8 @@ def restore_checkpoint(path: Path, state: dict, *, model, optimizer, scheduler, 
     saved = state.get("best_meaning", now)
     meaning = [key for key in now if saved.get(key) != now[key]]
     best_ema = state.get("best_ema_score", float("inf")) if state.get("ema") is not None else float("inf")
-    if best_by != cfg.select_best_by or meaning:
-        best_score = float("inf")
-    if meaning:
-        best_ema = float("inf")
+    if best_by != cfg.select_best_by or meaning:  # best_ema/ is judged by select_best_by too
+        best_score = best_ema = float("inf")
     if meaning:
         best_val = float("inf")
         print0(f"note: {', '.join(f'{k} {saved.get(k)!r} -> {now[k]!r}' for k in meaning)} changes what "

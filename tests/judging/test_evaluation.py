@@ -299,22 +299,34 @@ def test_quality_metrics_are_logged_and_select_best(assets, judges, pretokenized
 @pytest.mark.slow
 def test_select_best_by_judges_the_average_by_its_own_quality_evaluation(assets, judges, pretokenized, tmp_path):
     """With ema_decay, each quality evaluation runs again on the average (eval/step_N_ema/, logged as ema_cer, ...),
-    and best_ema/ holds the average of the step whose ema_cer was lowest."""
+    and best_ema/ holds the average of the step whose ema_speaker_sim was highest. Resumed with another
+    select_best_by, best_ema/ is chosen afresh, as best/ is (the old best's score means something else)."""
+    import shutil
+
     from csm.training import training
     from csm.training.checkpoint import read_checkpoint
     from csm.training.tracking import read_metrics
     from csm.model.weights import read_model_weights
 
     out = tmp_path / "run"
-    training.train(train_cfg(assets, judges, select_best_by="cer", ema_decay=0.5, eval_dnsmos=False), pretokenized,
-                   out, device="cpu", progress=False)
-    rows = [r for r in read_metrics(out / "metrics.jsonl") if "ema_cer" in r]
-    assert [r["step"] for r in rows] == [1, 2, 3] and all("ema_speaker_sim" in r for r in rows)
+    training.train(train_cfg(assets, judges, select_best_by="speaker_sim", ema_decay=0.5, eval_dnsmos=False),
+                   pretokenized, out, device="cpu", progress=False)
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "ema_speaker_sim" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all("ema_cer" in r for r in rows)
     assert {p.name for p in (out / "eval").iterdir()} == {f"step_000000{i}{s}" for i in (1, 2, 3) for s in ("", "_ema")}
     assert json.loads((out / "eval" / "step_0000002_ema" / "summary.json").read_text())["weights"] == "average"
-    best = rows[int(np.argmin([r["ema_cer"] for r in rows]))]["step"]
+    best = rows[int(np.argmax([r["ema_speaker_sim"] for r in rows]))]["step"]
     saved, _ = read_model_weights(out / "best_ema")
     average = read_checkpoint(out / "checkpoints" / f"step_{best:07d}.pt")["ema"]["average"]
+    assert all(torch.equal(saved[k], average[k]) for k in average)
+
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copy(out / "checkpoints" / "step_0000002.pt", part / "checkpoints")
+    training.train(train_cfg(assets, judges, select_best_by="cer", ema_decay=0.5, eval_dnsmos=False), pretokenized,
+                   part, device="cpu", progress=False, resume="auto")
+    saved, _ = read_model_weights(part / "best_ema")  # step 3, the one cer measured since
+    average = read_checkpoint(part / "checkpoints" / "step_0000003.pt")["ema"]["average"]
     assert all(torch.equal(saved[k], average[k]) for k in average)
 
 
