@@ -21,6 +21,7 @@ from pathlib import Path
 from csm.judging.metrics import BY_NAME, QUALITY, lower_is_better
 from csm.system.errors import UserError
 from csm.system.outputs import write_text_atomic
+from csm.training.tracking import read_metrics
 
 REPORT_NAME = "report.html"  # what train.py and sweep.py keep up to date in their output directories
 GENERATOR = "csm-train report"  # the page's <meta name="generator">: a page of ours, which may be rewritten
@@ -101,16 +102,8 @@ def read_run(path: Path, name: str) -> RunData:
 
 
 def _read_rows(path: Path, notes: list[str]) -> list[dict]:
-    rows, bad = [], []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-        elif line.strip():
-            bad.append(number)
+    bad: list[int] = []
+    rows = read_metrics(path, skipped=bad)
     if bad:
         notes.append(f"metrics.jsonl: {len(bad)} line(s) not whole (line {', '.join(map(str, bad[:5]))}; a run killed "
                      "mid-write cuts its last line short): left out")

@@ -99,17 +99,19 @@ def make_tracker(cfg, out: Path, rt: Runtime, resumed_step: int) -> Tracker:
     return Tracker(metrics, run)
 
 
-def read_metrics(path: str | Path) -> list[dict]:
+def read_metrics(path: str | Path, skipped: list[int] | None = None) -> list[dict]:
     """The rows of a metrics.jsonl; lines that are not a whole JSON object with a step (a write cut short
-    by a crash) are skipped."""
+    by a crash) are skipped, and their line numbers (1-based; blank lines aside) added to `skipped`."""
     rows = []
-    for line in Path(path).read_text(errors="replace").splitlines():
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
         try:
             row = json.loads(line)
         except ValueError:
-            continue
+            row = None
         if isinstance(row, dict) and isinstance(row.get("step"), int):
             rows.append(row)
+        elif skipped is not None and line.strip():
+            skipped.append(number)
     return rows
 
 
