@@ -28,7 +28,7 @@ from csm.training import config as config_mod
 from csm.judging.metrics import BY_NAME, SWEEPABLE, direction
 from csm.training.tracking import best_logged, last_logged
 from csm.system.errors import check_number, UserError
-from csm.training.report import REPORT_NAME, write_page
+from csm.training.report import REPORT_NAME, sweep_figures, why_not_drawn, write_page
 from csm.system.outputs import atomic_path, claim_output_dir, clear_dir, dir_entries, inputs_of, write_text_atomic
 from dataloaders import source_paths
 from csm.training.training import (
@@ -476,20 +476,18 @@ def write_reports(study, out: Path, base: dict) -> list[Path]:
         cfg = config_mod.make_config({**base, **best.params}, "best trial")
         config_mod.save_yaml(cfg, out / "best_config.yaml")
         written.append(out / "best_config.yaml")
-    import optuna.visualization as vis  # plotly: 0.7 s to import, for the final reports only
-
-    plots = {"optimization_history": vis.plot_optimization_history, "param_importances": vis.plot_param_importances,
-             "parallel_coordinate": vis.plot_parallel_coordinate}
-    for name, plot in plots.items():
+    figures = sweep_figures(study)  # drawn once, for their own files and for the page
+    for name, figure in figures.items():
         try:
-            figure = plot(study)
+            if isinstance(figure, Exception):  # e.g. importances need >= 2 complete trials with varying params
+                raise figure
             with atomic_path(out / f"{name}.html") as tmp:
                 figure.write_html(str(tmp))
             written.append(out / f"{name}.html")
-        except Exception as e:  # e.g. importances need >= 2 complete trials with varying params
-            print(f"skipped {name}.html: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        except Exception as e:
+            print(f"skipped {name}.html: {why_not_drawn(e)}")
     try:  # the trials, their runs' curves and evaluations, and the plots above, on one page
-        written.append(write_page([out], out / REPORT_NAME, study))
+        written.append(write_page([out], out / REPORT_NAME, figures))
     except Exception as e:  # noqa: BLE001 - the page is a view of the results above, which are written
         print(f"skipped {REPORT_NAME}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     return written

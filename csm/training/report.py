@@ -207,7 +207,7 @@ def curve_keys(runs: list[RunData]) -> list[str]:
     return sorted(seen, key=lambda k: (place(k), seen.index(k)))
 
 
-def figures(runs: list[RunData]) -> list[dict]:
+def curve_figures(runs: list[RunData]) -> list[dict]:
     """One plot per logged number, every run a colour; the weight average's (ema_) dashed beside it."""
     out = []
     for key in curve_keys(runs):
@@ -343,9 +343,34 @@ def runs_html(runs: list[RunData]) -> str:
     return "\n".join(parts) + "</table>"
 
 
-def sweep_html(sweep: Path, trials: list[RunData], study=None) -> tuple[str, list[dict]]:
+# Optuna's plots of a sweep: the file stem sweep.py writes each to, the page's title, the optuna.visualization function.
+SWEEP_PLOTS = (("optimization_history", "optimization history", "plot_optimization_history"),
+               ("param_importances", "parameter importances", "plot_param_importances"),
+               ("parallel_coordinate", "parallel coordinates", "plot_parallel_coordinate"))
+
+
+def sweep_figures(study) -> dict[str, object]:
+    """Each of SWEEP_PLOTS of `study` by its file stem: a plotly figure, or the exception that kept it from being
+    drawn (e.g. importances need two finished trials with varied parameters)."""
+    import optuna.visualization as vis  # plotly: 0.7 s to import, for sweeps only
+
+    figures = {}
+    for stem, _, plot in SWEEP_PLOTS:
+        try:
+            figures[stem] = getattr(vis, plot)(study)
+        except Exception as e:  # noqa: BLE001 - said where the figure would be
+            figures[stem] = e
+    return figures
+
+
+def why_not_drawn(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def sweep_html(sweep: Path, trials: list[RunData], figures: dict | None = None) -> tuple[str, list[dict]]:
     """The trials table (number, state, value, parameters; each number links to its run's section) and Optuna's
-    plots, from the study when it can be opened (the sweep's own study.db, or the study sweep.py hands over)."""
+    plots: `figures` as sweep.py drew them (sweep_figures), else drawn from the sweep's own study.db when it can be
+    opened."""
     parts = [f"<h2>Sweep {html.escape(sweep.name)}</h2>"]
     anchors = {run.path.name: run.anchor for run in trials}
     table = sweep / "trials.csv"
@@ -366,23 +391,20 @@ def sweep_html(sweep: Path, trials: list[RunData], study=None) -> tuple[str, lis
     else:
         parts.append("<p class=missing>no trials.csv yet: the sweep writes it when it ends</p>")
     plots = []
-    study = study if study is not None else _open_study(sweep)
-    if study is None:
+    if figures is None:
+        study = _open_study(sweep)
+        figures = sweep_figures(study) if study is not None else None
+    if figures is None:
         parts.append("<p class=note>Optuna's plots: the sweep's study could not be opened here (a shared "
                      "--storage); its own HTML plots are in the sweep directory.</p>")
-    else:
-        import optuna.visualization as vis
-
-        for name, plot in (("optimization history", vis.plot_optimization_history),
-                           ("parameter importances", vis.plot_param_importances),
-                           ("parallel coordinates", vis.plot_parallel_coordinate)):
-            try:
-                figure = json.loads(plot(study).to_json())
-            except Exception as e:  # noqa: BLE001 - e.g. importances need two finished trials with varied params
-                why = str(e).splitlines()[0] if str(e) else type(e).__name__
-                parts.append(f"<p class=note>{name}: not drawn ({html.escape(why)})</p>")
-                continue
-            plots.append({"key": f"sweep: {name}", "data": figure["data"], "layout": figure["layout"]})
+        return "\n".join(parts), plots
+    for stem, name, _ in SWEEP_PLOTS:
+        figure = figures[stem]
+        if isinstance(figure, Exception):
+            parts.append(f"<p class=note>{name}: not drawn ({html.escape(why_not_drawn(figure))})</p>")
+            continue
+        drawn = json.loads(figure.to_json())
+        plots.append({"key": f"sweep: {name}", "data": drawn["data"], "layout": drawn["layout"]})
     return "\n".join(parts), plots
 
 
@@ -425,18 +447,18 @@ for (const id of ['eval-step', 'eval-item']) {
 """
 
 
-def build_page(paths: list[Path], page: Path, study=None) -> str:
+def build_page(paths: list[Path], page: Path, figures: dict | None = None) -> str:
     """The page's HTML for the runs and sweeps at `paths`, to be written at `page` (its links are relative to it)."""
     runs, sweeps = read_runs(paths)
     title = ", ".join([*(run.name for run in runs), *(f"sweep {path.name}" for path, _ in sweeps)])
     page_dir = page.parent
     sweep_parts, plots = [], []
     for sweep, trials in sweeps:
-        text, figs = sweep_html(sweep, trials, study)
+        text, figs = sweep_html(sweep, trials, figures)
         sweep_parts.append(text)
         plots += figs
         runs += trials
-    figs = figures(runs) + plots
+    figs = curve_figures(runs) + plots
     for i, figure in enumerate(figs):
         figure["id"] = f"plot-{i}"
     curves = "".join(f'<div id="{f["id"]}" class=plot data-key="{html.escape(f["key"])}"></div>' for f in figs) or \
@@ -482,6 +504,7 @@ def is_our_page(path: Path) -> bool:
         return False
 
 
-def write_page(paths: list[Path], page: Path, study=None) -> Path:
-    write_text_atomic(page, build_page(paths, page, study))
+def write_page(paths: list[Path], page: Path, figures: dict | None = None) -> Path:
+    """The page of `paths` at `page`; `figures`: a sweep's plots as sweep.py drew them (sweep_figures)."""
+    write_text_atomic(page, build_page(paths, page, figures))
     return page
