@@ -118,7 +118,14 @@ def _read_evaluation(folder: Path, step: int, average: bool, notes: list[str]) -
     except (OSError, ValueError) as e:
         notes.append(f"eval/{folder.name} cannot be read ({type(e).__name__}): left out")
         return None
-    return Evaluation(step, average, summary if isinstance(summary, dict) else {}, items, folder)
+    # Only the parts of the shapes evaluate.py writes: a hand-edited or foreign file loses the rest, not the page.
+    parts = ("generated", "reference", "codec")
+    summary = {k: v for k, v in summary.items() if isinstance(v, dict) or k not in parts} \
+        if isinstance(summary, dict) else {}
+    kept = [row for row in items if row.get("id")]
+    if len(kept) < len(items):
+        notes.append(f"eval/{folder.name}/items.csv: {len(items) - len(kept)} row(s) without an id: left out")
+    return Evaluation(step, average, summary, kept, folder)
 
 
 def _nonfinite(rows: list[dict]) -> dict[str, list[int]]:

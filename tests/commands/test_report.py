@@ -63,6 +63,22 @@ def test_a_run_killed_mid_write_and_nan_losses_are_drawn_with_a_word(tmp_path):
     assert "best/ holds step 6: the best val_loss logged, 6" in page
 
 
+def test_damaged_evaluations_are_left_out_with_a_word(tmp_path):
+    """An evaluation whose summary.json is cut short is left out, one whose items lack ids loses those rows, one whose
+    summary is not evaluate.py's shape loses those parts: each said, the page still written."""
+    run = _run(tmp_path / "run", _rows())
+    for step, summary, items in ((2, '{"generated": {"cer"', "id,text\na,hi\n"),
+                                 (4, '{"generated": [1, 2]}', "id,text\n,no id\nb,hello\n")):
+        folder = run / "eval" / f"step_{step:07d}"
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(summary)
+        (folder / "items.csv").write_text(items)
+    page = _page(tmp_path, run)
+    assert "eval/step_0000002 cannot be read (JSONDecodeError): left out" in page
+    assert "eval/step_0000004/items.csv: 1 row(s) without an id: left out" in page
+    assert '<option value="4" selected>4</option>' in page and 'data-item="b"' in page
+
+
 def test_several_runs_are_overlaid_a_colour_each(tmp_path):
     a, b = _run(tmp_path / "x" / "run", _rows()), _run(tmp_path / "y" / "run", _rows(n=4))
     figure = _figures(_page(tmp_path, a, b))[0]
