@@ -302,7 +302,9 @@ def _torchrun_row(ctx: Context, strategy: str):
            "--text_tokenizer", cfg.text_tokenizer, "--mimi_weights", cfg.mimi_weights,
            "--max_steps", str(cfg.max_steps),
            "--output_dir", str(out), "--device", ctx.device, "--wandb_mode", "disabled", "--overwrite",
-           *[a for s in settings for a in ("--set", s)]]
+           *[a for s in settings for a in ("--set", s)],
+           # FSDP: each process keeps the weight average of its own shard (DTensor), gathered into final_ema/
+           *(["--set", "ema_decay=0.5"] if strategy == "fsdp" else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     print(proc.stdout, proc.stderr, sep="\n")
     if proc.returncode != 0:
@@ -311,8 +313,11 @@ def _torchrun_row(ctx: Context, strategy: str):
     plain = baseline_losses(ctx)
     ok, worst = agree(list(logged_losses(out).values()), plain, train_tolerance(ctx))
     backend = "NCCL" if ctx.cuda else "gloo"
-    return ok and wrapped, (f"1 process on {backend}, {strategy.upper()} {'on' if wrapped else 'NOT applied'}; "
-                            f"losses within {worst:.1e} (rel) of one plain process")
+    averaged = strategy != "fsdp" or (out / "final_ema" / "model.safetensors").is_file()
+    return ok and wrapped and averaged, (
+        f"1 process on {backend}, {strategy.upper()} {'on' if wrapped else 'NOT applied'}; losses within {worst:.1e} "
+        f"(rel) of one plain process" + ("" if strategy != "fsdp" else
+                                          f"; sharded weight average {'written' if averaged else 'MISSING'}"))
 
 
 def _free_port() -> int:

@@ -65,6 +65,7 @@ def test_every_row_runs_on_the_cpu_with_only_a_stock_pytorch_and_the_wheelhouse(
     assert skipped == {"fp16", "compile", "adamw8bit", "csm1b_compile", "csm1b_generate_compiled"}
     assert "needs CUDA" in rows["fp16"]["figure"] and "needs CUDA" in rows["adamw8bit"]["figure"]
     assert "DDP on" in rows["ddp"]["figure"] and "FSDP on" in rows["fsdp"]["figure"]
+    assert "sharded weight average written" in rows["fsdp"]["figure"]
     assert "killed in step" in rows["resume"]["figure"]
     assert "3 of 3 greedy rows equal to eager" in rows["generate"]["figure"]
     table = (out / "gpu_check.md").read_text()
