@@ -23,7 +23,7 @@ def find_browser() -> str | None:
 class Page:
     """One tab of a fresh headless browser (a throwaway profile), at `url` once loaded."""
 
-    def __init__(self, url: str, timeout: float = 120.0, width: int = 1280, height: int = 2000):
+    def __init__(self, url: str, timeout: float = 300.0, width: int = 1280, height: int = 2000):
         self.timeout, self.errors, self._id, self._events = timeout, [], 0, []
         self._profile = tempfile.TemporaryDirectory()
         to_browser, self._to_browser = os.pipe()
@@ -165,7 +165,7 @@ AUDIO = """new Promise(resolve => {
 })"""
 
 
-def audio_states(page: Page, seconds: float = 60) -> list:
+def audio_states(page: Page, seconds: float = 240) -> list:
     return page.evaluate(AUDIO.replace("SECONDS", str(seconds)))
 
 
